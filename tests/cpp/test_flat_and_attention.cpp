@@ -1,0 +1,214 @@
+// Core v0: FlatIndex, exact blocked kNN, sparse/dense attention, LSE merge and the file format,
+// each against a naive double-precision reference on seeded random shapes.
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <fstream>
+
+#include "reference.h"
+#include "retrieval_attention/attention.h"
+#include "retrieval_attention/flat_index.h"
+#include "retrieval_attention/offloaded_layer.h"
+#include "retrieval_attention/topk.h"
+
+using namespace retrieval_attention;
+using ra_test::naive_attention;
+using ra_test::naive_topk;
+using ra_test::random_matrix;
+
+TEST_CASE("half and bfloat16 round trips", "[scalar]") {
+  for (float x : {0.f, 1.f, -2.5f, 65504.f, 6.1e-5f, 3e-7f, -1e-3f}) {
+    CHECK(to_float(from_float<Half>(x)) == Approx(x).epsilon(1e-3).margin(6e-8));
+    CHECK(to_float(from_float<BFloat16>(x)) == Approx(x).epsilon(8e-3).margin(1e-30));
+  }
+  CHECK(std::isinf(to_float(from_float<Half>(1e6f))));
+  CHECK(std::isnan(to_float(from_float<Half>(NAN))));
+  // every half bit pattern that is finite survives half -> float -> half
+  for (uint32_t b = 0; b < 0x7c00; ++b) REQUIRE(from_float<Half>(to_float(Half{uint16_t(b)})).bits == b);
+}
+
+TEMPLATE_TEST_CASE("FlatIndex returns the exact top-k", "[flat]", float, Half, BFloat16) {
+  for (uint32_t seed = 1; seed <= 4; ++seed) {
+    const int64_t n = 50 + 97 * seed, d = 8 * seed + 3, k = std::min<int64_t>(10 * seed, n);
+    // keys are rounded to the storage type first so the reference sees the same values
+    auto keys_t = ra_test::convert<TestType>(random_matrix(n, d, seed));
+    auto keys_f = ra_test::widen(keys_t);
+    auto store = std::make_shared<VectorStore<TestType>>(d);
+    store->append(keys_t.data(), n);
+    FlatIndex<TestType> idx(store);
+    auto q = random_matrix(5, d, 100 + seed);
+    std::vector<int64_t> ids(k), blocked_ids(5 * k);
+    std::vector<float> scores(k), blocked_scores(5 * k);
+    exact_topk(q.data(), 5, *store, n, k, blocked_ids.data(), blocked_scores.data());
+    for (int qi = 0; qi < 5; ++qi) {
+      CHECK(idx.search_one(q.data() + qi * d, k, {}, ids.data(), scores.data()) == n);
+      auto ref = naive_topk(q.data() + qi * d, keys_f, n, d, k);
+      // compare as sets plus score order (float vs double rounding may swap near-ties)
+      for (int64_t j = 0; j < k; ++j) {
+        double s_ref = 0;
+        for (int64_t c = 0; c < d; ++c) s_ref += double(q[qi * d + c]) * keys_f[ref[j] * d + c];
+        CHECK(scores[j] == Approx(s_ref).epsilon(1e-4).margin(1e-4));
+        CHECK(blocked_scores[qi * k + j] == Approx(s_ref).epsilon(1e-4).margin(1e-4));
+        if (j) CHECK(scores[j] <= scores[j - 1]);
+      }
+    }
+  }
+}
+
+TEST_CASE("FlatIndex pads with -1 when k exceeds n and indexes appended rows", "[flat]") {
+  const int64_t d = 4;
+  auto store = std::make_shared<VectorStore<float>>(d);
+  auto rows = random_matrix(3, d, 7);
+  store->append(rows.data(), 3);
+  FlatIndex<float> idx(store);
+  std::vector<int64_t> ids(5);
+  std::vector<float> sc(5);
+  idx.search_one(rows.data(), 5, {}, ids.data(), sc.data());
+  CHECK(ids[3] == -1);
+  CHECK(ids[4] == -1);
+  CHECK(std::isinf(sc[4]));
+  std::vector<float> big = {100, 100, 100, 100};
+  store->append(big.data(), 1);
+  idx.index_new_rows();
+  std::vector<float> q = {1, 1, 1, 1};
+  idx.search_one(q.data(), 1, {}, ids.data(), sc.data());
+  CHECK(ids[0] == 3);
+}
+
+TEMPLATE_TEST_CASE("sparse and dense attention match the double reference", "[attention]", float, Half, BFloat16) {
+  for (uint32_t seed = 1; seed <= 3; ++seed) {
+    const int64_t hkv = seed, hq = 2 * seed, m = seed, n = 40 * seed + 5, d = 16 + seed, dv = 8 + 2 * seed, k = 7 * seed;
+    auto kt = ra_test::convert<TestType>(random_matrix(hkv * n, d, seed));
+    auto vt = ra_test::convert<TestType>(random_matrix(hkv * n, dv, seed + 50));
+    auto kf = ra_test::widen(kt), vf = ra_test::widen(vt);
+    auto q = random_matrix(hq * m, d, seed + 99);
+    std::vector<int64_t> ids(hq * m * k);
+    std::mt19937 rng(seed);
+    for (auto& id : ids) id = int64_t(rng() % (n + 1)) - 1;  // includes -1 padding
+    const float scale = 1.f / std::sqrt(float(d));
+    std::vector<float> out(hq * m * dv), lse(hq * m);
+    sparse_attention_batch(q.data(), hq, m, d, kt.data(), vt.data(), hkv, n, dv, ids.data(), k, scale, out.data(), lse.data());
+    std::vector<float> dout(hq * m * dv), dlse(hq * m);
+    dense_attention_batch(q.data(), hq, m, d, kt.data(), vt.data(), hkv, n, dv, scale, true, dout.data(), dlse.data());
+    for (int64_t hm = 0; hm < hq * m; ++hm) {
+      const int64_t kv = (hm / m) / (hq / hkv), i = hm % m;
+      std::vector<float> kh(kf.begin() + kv * n * d, kf.begin() + (kv + 1) * n * d), vh(vf.begin() + kv * n * dv, vf.begin() + (kv + 1) * n * dv);
+      std::vector<int64_t> rows;
+      for (int64_t j = 0; j < k; ++j)
+        if (ids[hm * k + j] >= 0) rows.push_back(ids[hm * k + j]);
+      std::vector<double> ref;
+      double ref_lse = naive_attention(q.data() + hm * d, kh, vh, d, dv, rows, scale, ref);
+      if (rows.empty()) CHECK(std::isinf(lse[hm]));
+      else CHECK(lse[hm] == Approx(ref_lse).epsilon(1e-5).margin(1e-5));
+      for (int64_t c = 0; c < dv; ++c) CHECK(out[hm * dv + c] == Approx(ref[c]).margin(2e-5));
+      std::vector<int64_t> prefix(n - m + i + 1);
+      std::iota(prefix.begin(), prefix.end(), 0);
+      ref_lse = naive_attention(q.data() + hm * d, kh, vh, d, dv, prefix, scale, ref);
+      CHECK(dlse[hm] == Approx(ref_lse).epsilon(1e-5).margin(1e-5));
+      for (int64_t c = 0; c < dv; ++c) CHECK(dout[hm * dv + c] == Approx(ref[c]).margin(2e-5));
+    }
+  }
+}
+
+TEST_CASE("sparse attention rejects out-of-range ids before reading", "[attention]") {
+  std::vector<float> k(4 * 2, 1.f), v(4 * 2, 1.f), q(2, 1.f), out(2), lse(1);
+  std::vector<int64_t> ids = {0, 4};
+  CHECK_THROWS_AS(sparse_attention_batch(q.data(), 1, 1, 2, k.data(), v.data(), 1, 4, 2, ids.data(), 2, 1.f, out.data(), lse.data()),
+                  std::invalid_argument);
+  ids = {-2, 0};
+  CHECK_THROWS_AS(sparse_attention_batch(q.data(), 1, 1, 2, k.data(), v.data(), 1, 4, 2, ids.data(), 2, 1.f, out.data(), lse.data()),
+                  std::invalid_argument);
+}
+
+TEST_CASE("merging two disjoint halves equals attention over the union", "[merge]") {
+  const int64_t n = 300, d = 32, dv = 24;
+  auto kf = random_matrix(n, d, 3), vf = random_matrix(n, dv, 4), q = random_matrix(1, d, 5, 2.f);
+  std::vector<int64_t> a, b, all(n);
+  std::iota(all.begin(), all.end(), 0);
+  for (int64_t i = 0; i < n; ++i) (i % 3 ? a : b).push_back(i);
+  std::vector<float> oa(dv), ob(dv), o(dv);
+  float la, lb, l;
+  std::vector<float> sc;
+  std::vector<int64_t> rows;
+  la = attend_selected(q.data(), d, kf.data(), vf.data(), dv, n, a.data(), a.size(), 0.2f, oa.data(), sc, rows);
+  lb = attend_selected(q.data(), d, kf.data(), vf.data(), dv, n, b.data(), b.size(), 0.2f, ob.data(), sc, rows);
+  merge_batch(oa.data(), &la, ob.data(), &lb, 1, dv, o.data(), &l);
+  std::vector<double> ref;
+  const double ref_lse = naive_attention(q.data(), kf, vf, d, dv, all, 0.2, ref);
+  CHECK(l == Approx(ref_lse).epsilon(1e-5));
+  for (int64_t c = 0; c < dv; ++c) CHECK(o[c] == Approx(ref[c]).margin(1e-5));
+  // an empty side contributes nothing; two empty sides give zeros and -inf
+  const float ninf = kNegInf;
+  merge_batch(oa.data(), &la, ob.data(), &ninf, 1, dv, o.data(), &l);
+  CHECK(l == la);
+  for (int64_t c = 0; c < dv; ++c) CHECK(o[c] == Approx(oa[c]));
+  merge_batch(oa.data(), &ninf, ob.data(), &ninf, 1, dv, o.data(), &l);
+  CHECK(std::isinf(l));
+  CHECK(o[0] == 0.f);
+}
+
+TEST_CASE("OffloadedLayer in exactness mode equals dense attention", "[layer]") {
+  const int64_t hq = 4, hkv = 2, d = 16, dv = 16, t0 = 37, t1 = 21;
+  auto factory = [](std::shared_ptr<const VectorStore<float>> keys, const float*, int64_t) { return std::make_unique<FlatIndex<float>>(keys); };
+  OffloadedLayer<float> layer(hq, hkv, d, dv, factory);
+  auto k0 = random_matrix(hkv * t0, d, 1), v0 = random_matrix(hkv * t0, dv, 2);
+  auto k1 = random_matrix(hkv * t1, d, 3), v1 = random_matrix(hkv * t1, dv, 4);
+  auto train = random_matrix(hq * 5, d, 5);
+  layer.build(k0.data(), v0.data(), t0, train.data(), 5);
+  layer.append(k1.data(), v1.data(), t1);
+  REQUIRE(layer.size() == t0 + t1);
+  // the reference: per kv head, rows t0 then t1
+  std::vector<float> kall, vall;
+  for (int64_t h = 0; h < hkv; ++h) {
+    kall.insert(kall.end(), k0.begin() + h * t0 * d, k0.begin() + (h + 1) * t0 * d);
+    kall.insert(kall.end(), k1.begin() + h * t1 * d, k1.begin() + (h + 1) * t1 * d);
+    vall.insert(vall.end(), v0.begin() + h * t0 * dv, v0.begin() + (h + 1) * t0 * dv);
+    vall.insert(vall.end(), v1.begin() + h * t1 * dv, v1.begin() + (h + 1) * t1 * dv);
+  }
+  auto q = random_matrix(hq * 2, d, 6);
+  std::vector<float> out(hq * 2 * dv), lse(hq * 2), rout(hq * 2 * dv), rlse(hq * 2);
+  std::vector<int64_t> visited(hq * 2);
+  layer.retrieve_attend(q.data(), 2, 1000, {}, 0.25f, out.data(), lse.data(), visited.data(), nullptr);
+  dense_attention_batch(q.data(), hq, 2, d, kall.data(), vall.data(), hkv, t0 + t1, dv, 0.25f, false, rout.data(), rlse.data());
+  for (size_t i = 0; i < lse.size(); ++i) CHECK(lse[i] == Approx(rlse[i]).epsilon(1e-5));
+  for (size_t i = 0; i < out.size(); ++i) CHECK(out[i] == Approx(rout[i]).margin(1e-5));
+  CHECK(visited[0] == t0 + t1);
+}
+
+TEST_CASE("index files: round trip, corruption, truncation and foreign files are detected", "[serialize]") {
+  const std::string path = "ra_test_index.bin";
+  PayloadWriter w;
+  w.put<int64_t>(42);
+  w.put_vector(std::vector<int32_t>{1, 2, 3});
+  save_index_file(path, "flat", ScalarKind::Float16, w.bytes());
+  IndexFile f = read_index_file(path);
+  CHECK(f.type_name == "flat");
+  CHECK(f.kind == ScalarKind::Float16);
+  PayloadReader r(f.payload.data(), f.payload.size(), path);
+  CHECK(r.get<int64_t>() == 42);
+  CHECK(r.get_vector<int32_t>(10) == std::vector<int32_t>{1, 2, 3});
+  CHECK(r.at_end());
+  CHECK_THROWS_AS(r.get<int64_t>(), std::runtime_error);
+
+  std::vector<char> bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  auto write = [&](const std::vector<char>& b) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(b.data(), b.size());
+  };
+  for (size_t pos : {size_t(0), size_t(9), size_t(40), bytes.size() - 1}) {
+    auto flipped = bytes;
+    flipped[pos] ^= 0x10;
+    write(flipped);
+    CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
+  }
+  write(std::vector<char>(bytes.begin(), bytes.end() - 5));
+  CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
+  write(std::vector<char>{'h', 'e', 'l', 'l', 'o'});
+  CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
+  std::remove(path.c_str());
+  CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
+}
