@@ -31,6 +31,7 @@ namespace retrieval_attention {
 template <class T>
 class OffloadedLayer {
  public:
+  using Scalar = T;
   // (shared keys of the group, training queries (n_train x d float32), n_train) -> index over the keys
   using IndexFactory = std::function<std::unique_ptr<KeyIndex<T>>(std::shared_ptr<const VectorStore<T>>, const float*, int64_t)>;
 

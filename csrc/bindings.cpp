@@ -1,0 +1,260 @@
+// csrc/bindings.cpp -- pybind11 classes of retrieval_attention._C: standalone indexes and the offloaded
+// (CPU) half of an attention layer. Thin: checks tensors, dispatches on dtype, releases the GIL, calls the core.
+// Python-side wrappers (python/retrieval_attention/index.py, cache.py) do the user-facing validation.
+#include <torch/extension.h>
+
+#include <variant>
+
+#include "retrieval_attention/index_registry.h"
+#include "retrieval_attention/indexed_keys.h"
+#include "tensor_checks.h"
+
+namespace ra = retrieval_attention;
+namespace py = pybind11;
+using namespace ra_ext;
+
+namespace {
+
+ra::IndexSpec spec_from(const std::string& type, const py::dict& params) {
+  ra::IndexSpec spec;
+  spec.type = type;
+  ra::apply_index_params(spec, [&](const char* key, int64_t& value) {
+    if (params.contains(key)) value = params[key].cast<int64_t>();
+  });
+  for (auto item : params) {
+    const auto key = item.first.cast<std::string>();
+    TORCH_CHECK_VALUE(ra::index_param_known(spec, key), "unknown parameter '", key, "' for index type '", type, "'");
+  }
+  return spec;
+}
+
+at::Tensor rows_tensor(const at::Tensor& t, int64_t d, const char* name) {
+  check_cpu(t, name);
+  check_dim(t, 2, name, "(n, dim)");
+  TORCH_CHECK_VALUE(t.size(1) == d, name, " has dim ", t.size(1), ", expected ", d);
+  return t.contiguous();
+}
+
+template <class T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+class PyIndex {
+ public:
+  using Variant = std::variant<std::unique_ptr<ra::IndexedKeys<float>>, std::unique_ptr<ra::IndexedKeys<ra::Half>>,
+                               std::unique_ptr<ra::IndexedKeys<ra::BFloat16>>>;
+  explicit PyIndex(Variant v) : v_(std::move(v)) {}
+
+  static PyIndex build(const at::Tensor& keys, const c10::optional<at::Tensor>& train_queries, const std::string& type, const py::dict& params) {
+    check_cpu(keys, "keys");
+    check_dim(keys, 2, "keys", "(n, dim)");
+    check_float_storage(keys, "keys");
+    const ra::IndexSpec spec = spec_from(type, params);
+    at::Tensor train;
+    if (train_queries) train = rows_tensor(train_queries->to(at::kFloat), keys.size(1), "train_queries");
+    const auto kc = keys.contiguous();
+    return dispatch_storage(keys.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      py::gil_scoped_release no_gil;
+      auto builder = [&](std::shared_ptr<const ra::VectorStore<T>> store) {
+        return ra::build_index<T>(spec, store, train.defined() ? train.data_ptr<float>() : nullptr, train.defined() ? train.size(0) : 0);
+      };
+      return PyIndex(Variant(std::make_unique<ra::IndexedKeys<T>>(ptr<const T>(kc), kc.size(0), kc.size(1), builder)));
+    });
+  }
+
+  static PyIndex load(const std::string& path) {
+    py::gil_scoped_release no_gil;
+    const ra::IndexFile file = ra::read_index_file(path);
+    return dispatch_storage(dtype_of(file.kind), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      return PyIndex(Variant(ra::IndexedKeys<T>::load(file, path, &ra::load_index_payload<T>)));
+    });
+  }
+
+  py::tuple search(const at::Tensor& queries, int64_t k, int64_t ef) const {
+    return std::visit(
+        [&](const auto& idx) {
+          const at::Tensor q = rows_tensor(queries, idx->dim(), "queries");
+          TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat, "queries must be float32 here");
+          const int64_t m = q.size(0);
+          auto ids = at::empty({m, k}, at::kLong);
+          auto scores = at::empty({m, k}, at::kFloat);
+          auto visited = at::empty({m}, at::kLong);
+          {
+            py::gil_scoped_release no_gil;
+            translate_errors([&] {
+              ra::SearchParams p;
+              p.ef = ef;
+              idx->search(q.data_ptr<float>(), m, k, p, ids.data_ptr<int64_t>(), scores.data_ptr<float>(), visited.data_ptr<int64_t>());
+            });
+          }
+          return py::make_tuple(ids, scores, visited);
+        },
+        v_);
+  }
+
+  void add(const at::Tensor& rows) {
+    std::visit(
+        [&](auto& idx) {
+          using T = typename std::remove_reference_t<decltype(*idx)>::Scalar;
+          const at::Tensor r = rows_tensor(rows, idx->dim(), "new_keys");
+          TORCH_CHECK_TYPE(kind_of(r.scalar_type()) == ra::ScalarTraits<T>::kind, "new_keys dtype ", r.scalar_type(), " differs from the index dtype");
+          py::gil_scoped_release no_gil;
+          idx->add(ptr<const T>(r), r.size(0));
+        },
+        v_);
+  }
+
+  void save(const std::string& path) const {
+    std::visit(
+        [&](const auto& idx) {
+          py::gil_scoped_release no_gil;
+          idx->save(path);
+        },
+        v_);
+  }
+
+  int64_t size() const { return std::visit([](const auto& i) { return i->size(); }, v_); }
+  int64_t dim() const { return std::visit([](const auto& i) { return i->dim(); }, v_); }
+  std::string type_name() const { return std::visit([](const auto& i) { return i->type_name(); }, v_); }
+  int64_t vector_bytes() const { return std::visit([](const auto& i) { return i->vector_bytes(); }, v_); }
+  int64_t structure_bytes() const { return std::visit([](const auto& i) { return i->structure_bytes(); }, v_); }
+  at::ScalarType dtype() const {
+    return std::visit([](const auto& i) {
+      using T = typename std::remove_reference_t<decltype(*i)>::Scalar;
+      return dtype_of(ra::ScalarTraits<T>::kind);
+    }, v_);
+  }
+
+ private:
+  Variant v_;
+};
+
+class PyOffloadedLayer {
+ public:
+  using Variant = std::variant<std::unique_ptr<ra::OffloadedLayer<float>>, std::unique_ptr<ra::OffloadedLayer<ra::Half>>,
+                               std::unique_ptr<ra::OffloadedLayer<ra::BFloat16>>>;
+
+  PyOffloadedLayer(at::ScalarType dtype, int64_t hq, int64_t hkv, int64_t d, int64_t dv, const std::string& type, const py::dict& params)
+      : dtype_(dtype), hq_(hq), hkv_(hkv), d_(d), dv_(dv) {
+    const ra::IndexSpec spec = spec_from(type, params);
+    v_ = translate_errors([&] {
+      return dispatch_storage(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        return Variant(std::make_unique<ra::OffloadedLayer<T>>(hq, hkv, d, dv, ra::make_layer_factory<T>(spec)));
+      });
+    });
+  }
+
+  void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries) {
+    const int64_t t = check_kv(keys, values);
+    check_cpu(train_queries, "train_queries");
+    check_dim(train_queries, 3, "train_queries", "(q_heads, n_train, head_dim)");
+    TORCH_CHECK_VALUE(train_queries.size(0) == hq_ && train_queries.size(2) == d_, "train_queries shape ", train_queries.sizes(),
+                      " does not match (", hq_, ", n_train, ", d_, ")");
+    const auto tq = train_queries.to(at::kFloat).contiguous();
+    const auto kc = keys.contiguous(), vc = values.contiguous();
+    visit_layer([&](auto& layer, auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      layer.build(ptr<const T>(kc), ptr<const T>(vc), t, tq.data_ptr<float>(), tq.size(1));
+    });
+  }
+
+  void append(const at::Tensor& keys, const at::Tensor& values) {
+    const int64_t t = check_kv(keys, values);
+    const auto kc = keys.contiguous(), vc = values.contiguous();
+    visit_layer([&](auto& layer, auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      layer.append(ptr<const T>(kc), ptr<const T>(vc), t);
+    });
+  }
+
+  py::tuple retrieve_attend(const at::Tensor& q, int64_t top_k, int64_t ef, double scale) const {
+    check_cpu(q, "q");
+    check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
+    TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
+    const auto qf = q.to(at::kFloat).contiguous();
+    const int64_t m = q.size(1);
+    auto out = at::empty({hq_, m, dv_}, at::kFloat);
+    auto lse = at::empty({hq_, m}, at::kFloat);
+    auto visited = at::empty({hq_, m}, at::kLong);
+    const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
+      ra::SearchParams p;
+      p.ef = ef;
+      layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
+                            visited.data_ptr<int64_t>(), nullptr);
+    });
+    return py::make_tuple(out, lse, visited);
+  }
+
+  int64_t size() const { return std::visit([](const auto& l) { return l->size(); }, v_); }
+  int64_t vector_bytes() const { return std::visit([](const auto& l) { return l->vector_bytes(); }, v_); }
+  int64_t index_bytes() const { return std::visit([](const auto& l) { return l->index_bytes(); }, v_); }
+
+ private:
+  int64_t check_kv(const at::Tensor& keys, const at::Tensor& values) const {
+    check_cpu(keys, "keys");
+    check_cpu(values, "values");
+    check_dim(keys, 3, "keys", "(kv_heads, tokens, head_dim)");
+    check_dim(values, 3, "values", "(kv_heads, tokens, value_dim)");
+    TORCH_CHECK_TYPE(keys.scalar_type() == dtype_ && values.scalar_type() == dtype_, "keys/values must be ", dtype_, ", got ",
+                     keys.scalar_type(), "/", values.scalar_type());
+    TORCH_CHECK_VALUE(keys.size(0) == hkv_ && keys.size(2) == d_, "keys shape ", keys.sizes(), " does not match (", hkv_, ", t, ", d_, ")");
+    TORCH_CHECK_VALUE(values.size(0) == hkv_ && values.size(1) == keys.size(1) && values.size(2) == dv_, "values shape ", values.sizes(),
+                      " does not match keys");
+    return keys.size(1);
+  }
+
+  template <class Fn>
+  void visit_layer(Fn&& fn) {
+    std::visit(
+        [&](auto& layer) {
+          using T = typename std::remove_reference_t<decltype(*layer)>::Scalar;
+          py::gil_scoped_release no_gil;
+          translate_errors([&] { fn(*layer, static_cast<T*>(nullptr)); });
+        },
+        v_);
+  }
+
+  at::ScalarType dtype_;
+  int64_t hq_, hkv_, d_, dv_;
+  Variant v_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "retrieval_attention C++ core bindings (use the retrieval_attention package, not this module)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  py::class_<PyIndex>(m, "KeyIndex")
+      .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"))
+      .def_static("load", &PyIndex::load, py::arg("path"))
+      .def("search", &PyIndex::search, py::arg("queries"), py::arg("k"), py::arg("ef"))
+      .def("add", &PyIndex::add, py::arg("new_keys"))
+      .def("save", &PyIndex::save, py::arg("path"))
+      .def_property_readonly("size", &PyIndex::size)
+      .def_property_readonly("dim", &PyIndex::dim)
+      .def_property_readonly("type", &PyIndex::type_name)
+      .def_property_readonly("dtype", &PyIndex::dtype)
+      .def_property_readonly("vector_bytes", &PyIndex::vector_bytes)
+      .def_property_readonly("structure_bytes", &PyIndex::structure_bytes);
+
+  py::class_<PyOffloadedLayer>(m, "OffloadedLayer")
+      .def(py::init<at::ScalarType, int64_t, int64_t, int64_t, int64_t, const std::string&, const py::dict&>(), py::arg("dtype"),
+           py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("index_type"), py::arg("params"))
+      .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"))
+      .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
+      .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"))
+      .def_property_readonly("size", &PyOffloadedLayer::size)
+      .def_property_readonly("vector_bytes", &PyOffloadedLayer::vector_bytes)
+      .def_property_readonly("index_bytes", &PyOffloadedLayer::index_bytes);
+}

@@ -1,0 +1,114 @@
+// csrc/ops.cpp -- TORCH_LIBRARY schemas of the retrieval_attention ops and their CPU kernels.
+// Algorithms live in include/retrieval_attention/attention.h; this file checks tensors and calls them.
+// torch.ops calls reach these kernels with the GIL already released by torch's Python binding.
+// The CUDA kernels are registered in csrc/cuda/ops_cuda.cu; fake (meta) impls in python/.../ops.py.
+#include <torch/extension.h>
+
+#include "retrieval_attention/attention.h"
+#include "tensor_checks.h"
+
+namespace ra = retrieval_attention;
+using namespace ra_ext;
+
+namespace {
+
+struct AttnShapes {
+  int64_t hq, m, d, hkv, n, dv;
+};
+
+AttnShapes check_attention_args(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values) {
+  check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
+  check_dim(keys, 3, "keys", "(kv_heads, n_keys, head_dim)");
+  check_dim(values, 3, "values", "(kv_heads, n_keys, value_dim)");
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "q must be a floating tensor, got ", q.scalar_type());
+  check_float_storage(keys, "keys");
+  TORCH_CHECK_TYPE(values.scalar_type() == keys.scalar_type(), "values dtype ", values.scalar_type(), " differs from keys dtype ",
+                   keys.scalar_type());
+  AttnShapes s{q.size(0), q.size(1), q.size(2), keys.size(0), keys.size(1), values.size(2)};
+  TORCH_CHECK_VALUE(keys.size(2) == s.d, "keys head_dim ", keys.size(2), " != q head_dim ", s.d);
+  TORCH_CHECK_VALUE(values.size(0) == s.hkv && values.size(1) == s.n, "values shape ", values.sizes(), " does not match keys ", keys.sizes());
+  TORCH_CHECK_VALUE(s.hkv > 0 && s.hq % s.hkv == 0, "q_heads (", s.hq, ") must be a positive multiple of kv_heads (", s.hkv, ")");
+  TORCH_CHECK_VALUE(s.d > 0 && s.dv > 0, "head dims must be positive");
+  TORCH_CHECK_VALUE(q.device() == keys.device() && keys.device() == values.device(), "q, keys and values must be on one device");
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& ids,
+                                                        double scale) {
+  const AttnShapes s = check_attention_args(q, keys, values);
+  check_cpu(q, "q");
+  check_dim(ids, 3, "ids", "(q_heads, queries, k)");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.size(0) == s.hq && ids.size(1) == s.m, "ids shape ", ids.sizes(), " does not match q ", q.sizes());
+  check_cpu(ids, "ids");
+  const auto qf = q.to(at::kFloat).contiguous();
+  const auto kc = keys.contiguous(), vc = values.contiguous(), ic = ids.contiguous();
+  auto out = at::empty({s.hq, s.m, s.dv}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({s.hq, s.m}, q.options().dtype(at::kFloat));
+  const int64_t k = ids.size(2);
+  translate_errors([&] {
+    dispatch_storage(keys.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ra::sparse_attention_batch<T>(qf.data_ptr<float>(), s.hq, s.m, s.d, reinterpret_cast<const T*>(kc.data_ptr()),
+                                    reinterpret_cast<const T*>(vc.data_ptr()), s.hkv, s.n, s.dv, ic.data_ptr<int64_t>(), k,
+                                    static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>());
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_attention_cpu(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, double scale,
+                                                       bool causal) {
+  const AttnShapes s = check_attention_args(q, keys, values);
+  check_cpu(q, "q");
+  TORCH_CHECK_VALUE(!causal || s.m <= s.n, "causal attention needs at least as many keys (", s.n, ") as queries (", s.m, ")");
+  const auto qf = q.to(at::kFloat).contiguous();
+  const auto kc = keys.contiguous(), vc = values.contiguous();
+  auto out = at::empty({s.hq, s.m, s.dv}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({s.hq, s.m}, q.options().dtype(at::kFloat));
+  translate_errors([&] {
+    dispatch_storage(keys.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ra::dense_attention_batch<T>(qf.data_ptr<float>(), s.hq, s.m, s.d, reinterpret_cast<const T*>(kc.data_ptr()),
+                                   reinterpret_cast<const T*>(vc.data_ptr()), s.hkv, s.n, s.dv, static_cast<float>(scale), causal,
+                                   out.data_ptr<float>(), lse.data_ptr<float>());
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                                                       const at::Tensor& lse_b) {
+  TORCH_CHECK_VALUE(out_a.dim() >= 1 && out_a.sizes() == out_b.sizes(), "out_a ", out_a.sizes(), " and out_b ", out_b.sizes(),
+                    " must have the same shape (..., value_dim)");
+  TORCH_CHECK_VALUE(lse_a.sizes() == lse_b.sizes() && lse_a.sizes() == out_a.sizes().slice(0, out_a.dim() - 1), "lse_a ", lse_a.sizes(),
+                    " and lse_b ", lse_b.sizes(), " must have shape out.shape[:-1] = ", out_a.sizes().slice(0, out_a.dim() - 1));
+  for (const auto* t : {&out_a, &lse_a, &out_b, &lse_b}) {
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "merge_attention inputs must be floating tensors");
+    check_cpu(*t, "merge_attention inputs");
+  }
+  const auto oa = out_a.to(at::kFloat).contiguous(), ob = out_b.to(at::kFloat).contiguous();
+  const auto la = lse_a.to(at::kFloat).contiguous(), lb = lse_b.to(at::kFloat).contiguous();
+  auto out = at::empty(out_a.sizes(), out_a.options().dtype(at::kFloat));
+  auto lse = at::empty(lse_a.sizes(), lse_a.options().dtype(at::kFloat));
+  const int64_t dv = out_a.size(-1), rows = lse_a.numel();
+  {
+    ra::merge_batch(oa.data_ptr<float>(), la.data_ptr<float>(), ob.data_ptr<float>(), lb.data_ptr<float>(), rows, dv, out.data_ptr<float>(),
+                    lse.data_ptr<float>());
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(retrieval_attention, m) {
+  m.def("sparse_attention(Tensor q, Tensor keys, Tensor values, Tensor ids, float scale) -> (Tensor, Tensor)");
+  m.def("dense_attention(Tensor q, Tensor keys, Tensor values, float scale, bool causal=False) -> (Tensor, Tensor)");
+  m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
+  m.impl("sparse_attention", &sparse_attention_cpu);
+  m.impl("dense_attention", &dense_attention_cpu);
+  m.impl("merge_attention", &merge_attention_cpu);
+}

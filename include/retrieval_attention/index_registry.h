@@ -1,0 +1,56 @@
+// retrieval_attention/index_registry.h -- index types by name: construction parameters, builders, loaders.
+//
+// Contract
+//   * IndexSpec names an index type ("flat" or "query_guided") and carries its build parameters.
+//   * make_layer_factory(spec) gives the OffloadedLayer factory (keys + training queries -> index).
+//   * load_index_payload(type, keys, reader) restores an index of any registered type from a file payload.
+//   Adding an index type = its header + one branch in each function here + its binding + its test.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "flat_index.h"
+#include "offloaded_layer.h"
+
+namespace retrieval_attention {
+
+struct IndexSpec {
+  std::string type = "flat";
+};
+
+// Visits every integer build parameter of the spec as (name, reference) so bindings can fill them by name.
+template <class Fn>
+void apply_index_params(IndexSpec& spec, Fn&& fn) {
+  (void)spec;
+  (void)fn;
+}
+
+inline bool index_param_known(const IndexSpec& spec, const std::string& name) {
+  bool known = false;
+  IndexSpec copy = spec;
+  apply_index_params(copy, [&](const char* key, int64_t&) { known = known || name == key; });
+  return known;
+}
+
+template <class T>
+std::unique_ptr<KeyIndex<T>> build_index(const IndexSpec& spec, std::shared_ptr<const VectorStore<T>> keys, const float* /*train_queries*/,
+                                         int64_t /*n_train*/) {
+  if (spec.type == "flat") return std::make_unique<FlatIndex<T>>(std::move(keys));
+  throw std::invalid_argument("unknown index type '" + spec.type + "'");
+}
+
+template <class T>
+typename OffloadedLayer<T>::IndexFactory make_layer_factory(const IndexSpec& spec) {
+  return [spec](std::shared_ptr<const VectorStore<T>> keys, const float* train, int64_t n_train) {
+    return build_index<T>(spec, std::move(keys), train, n_train);
+  };
+}
+
+template <class T>
+std::unique_ptr<KeyIndex<T>> load_index_payload(const std::string& type, std::shared_ptr<const VectorStore<T>> keys, PayloadReader& r) {
+  if (type == "flat") return FlatIndex<T>::load(std::move(keys), r);
+  r.fail("unknown index type '" + type + "'");
+}
+
+}  // namespace retrieval_attention

@@ -1,0 +1,26 @@
+"""retrieval_attention: RetrievalAttention (Liu et al., 2024) for HuggingFace decoder models.
+
+The KV cache beyond a small static set (first n_sink + last n_window tokens, kept on the model's device) lives in
+CPU memory, searched per query head by a vector index; the two partial attentions are merged exactly by log-sum-exp.
+"""
+from ._version import __version__
+from . import _ext  # noqa: F401  (loads the C++ extension and registers the torch ops)
+from .ops import sparse_attention, dense_attention, merge_attention
+from .index import FlatIndex, load_index
+from .config import RetrievalConfig
+from .cache import RetrievalCache, RetrievalLayer
+from .hf import enable, retrieval_attention_forward
+
+__all__ = [
+    "__version__",
+    "sparse_attention",
+    "dense_attention",
+    "merge_attention",
+    "FlatIndex",
+    "load_index",
+    "RetrievalConfig",
+    "RetrievalCache",
+    "RetrievalLayer",
+    "enable",
+    "retrieval_attention_forward",
+]

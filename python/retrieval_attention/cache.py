@@ -1,0 +1,243 @@
+"""RetrievalCache: a transformers Cache whose layers keep a static set on the model's device and the rest on the CPU.
+
+Per decoder layer (RetrievalLayer):
+  * prefill: the whole prompt's K/V are returned for exact attention; then `finish_prefill(query)` keeps the first
+    `n_sink` and last `n_window` tokens on the device, moves the rest to a C++ OffloadedLayer on the CPU and builds
+    one index per (batch, query head) from the prefill queries.
+  * decode: new tokens join the device window; tokens pushed out of it are appended to the CPU store and inserted
+    into the indexes. Attention = exact attention over the static set (device) merged by log-sum-exp with exact
+    attention over the top_k keys each head's index retrieves on the CPU.
+Positions are never lost: get_seq_length() counts every token seen.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+
+import torch
+
+from . import _ext
+from .compat import Cache, CacheLayerMixin, model_attention_shape
+from .config import RetrievalConfig
+from .ops import dense_attention_any_device, merge_attention_any_device
+
+logger = logging.getLogger("retrieval_attention")
+
+
+class RetrievalLayer(CacheLayerMixin):
+    """One decoder layer's cache. Tensors on the device: keys/values (batch, kv_heads, static_tokens, head_dim)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cfg: RetrievalConfig, q_heads: int, kv_heads: int, head_dim: int, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.q_heads, self.kv_heads, self.head_dim, self.layer_idx = q_heads, kv_heads, head_dim, layer_idx
+        self._reset_state()
+
+    def _reset_state(self):
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.phase = "empty"  # -> "prefill_pending" (after the prompt's update) -> "decode" (after finish_prefill)
+        self.seen = 0
+        self.n_sink_kept = 0
+        self.offloaded = None
+        self.build_seconds = 0.0
+        self.last_visited_mean = 0.0
+        self.steps = 0
+        self.visited_sum = 0.0
+        self.cpu_candidates_sum = 0.0
+
+    # -- transformers CacheLayerMixin interface -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch = key_states.shape[0]
+        if key_states.shape[1] != self.kv_heads or key_states.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"layer {self.layer_idx}: key states of shape {tuple(key_states.shape)} do not match the cache's "
+                f"(batch, {self.kv_heads}, tokens, {self.head_dim}); was the cache built from this model's config?"
+            )
+        self.cpu_dtype = self.cfg.cpu_dtype or (self.dtype if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch:
+            raise ValueError(f"batch size changed from {self.batch} to {key_states.shape[0]} within one RetrievalCache")
+        if self.phase == "empty":
+            self.keys, self.values = key_states, value_states
+            self.phase = "prefill_pending"
+        elif self.phase == "prefill_pending":
+            raise RuntimeError(
+                "RetrievalCache was updated twice without the retrieval attention function running in between: load the model "
+                "with attn_implementation='retrieval_attention' or call retrieval_attention.enable(model, cfg)."
+            )
+        else:
+            self._evict_overflow()
+            self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
+            self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
+        self.seen += key_states.shape[-2]
+        # The attention function finds this layer through the key tensor it is handed.
+        self.keys._ra_layer = weakref.ref(self)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, *args, **kwargs):
+        query_length = args[0] if args else kwargs.get("query_length", kwargs.get("cache_position"))
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.seen + int(query_length), 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_state()
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("RetrievalCache does not support beam search (reorder_cache)")
+
+    def crop(self, max_length):
+        raise NotImplementedError("RetrievalCache cannot be cropped (assisted decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats):
+        raise NotImplementedError("RetrievalCache does not support expanding the batch after prefill")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("RetrievalCache does not support selecting batch rows")
+
+    def offload(self):  # the CPU part is already offloaded; the static set stays on the device
+        pass
+
+    def prefetch(self):
+        pass
+
+    # -- retrieval ---------------------------------------------------------------------------------------------
+    @property
+    def cpu_tokens(self) -> int:
+        return 0 if self.offloaded is None else self.offloaded.size
+
+    @property
+    def static_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def _flat_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, tokens, dim) -> (batch * heads, tokens, dim): every batch row gets its own heads."""
+        return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+    def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        return self._flat_heads(t).to("cpu", self.cpu_dtype).contiguous()
+
+    def finish_prefill(self, query: torch.Tensor) -> None:
+        """Split the prompt's KV into the static set and the CPU part, and build the CPU indexes."""
+        t0 = time.perf_counter()
+        T = self.keys.shape[-2]
+        cfg = self.cfg
+        n_sink = min(cfg.n_sink, T)
+        cpu_end = max(n_sink, T - cfg.n_window)
+        cpu_k, cpu_v = self.keys[:, :, n_sink:cpu_end], self.values[:, :, n_sink:cpu_end]
+        if cfg.index == "flat":
+            train = query.new_zeros((query.shape[0] * query.shape[1], 0, query.shape[-1]), device="cpu", dtype=torch.float32)
+        else:
+            q = query
+            if cfg.max_train_queries is not None and q.shape[2] > cfg.max_train_queries:
+                pos = torch.linspace(0, q.shape[2] - 1, cfg.max_train_queries, device=q.device).round().long()
+                q = q[:, :, pos]
+            train = self._flat_heads(q).to("cpu", torch.float32).contiguous()
+        self.offloaded = _ext._C.OffloadedLayer(
+            self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
+            dict(cfg.index_params),
+        )
+        self.offloaded.build(self._to_cpu(cpu_k), self._to_cpu(cpu_v), train)
+        self.keys = torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2)
+        self.n_sink_kept = n_sink
+        self.phase = "decode"
+        self.build_seconds += time.perf_counter() - t0
+
+    def _evict_overflow(self) -> None:
+        """Keep at most n_window window tokens before new ones arrive; promote to sinks first, then move to the CPU."""
+        window = self.keys.shape[-2] - self.n_sink_kept
+        overflow = window - self.cfg.n_window
+        if overflow <= 0:
+            return
+        promote = min(self.cfg.n_sink - self.n_sink_kept, overflow)
+        self.n_sink_kept += promote
+        overflow -= promote
+        if overflow <= 0:
+            return
+        s = self.n_sink_kept
+        t0 = time.perf_counter()
+        self.offloaded.append(self._to_cpu(self.keys[:, :, s : s + overflow]), self._to_cpu(self.values[:, :, s : s + overflow]))
+        self.build_seconds += time.perf_counter() - t0
+        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + overflow :]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + overflow :]], dim=-2)
+
+    def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query (batch, q_heads, m, d) -> attention output (batch, m, q_heads, dv) in the query dtype."""
+        B, H, m, d = query.shape
+        q = query.reshape(B * H, m, d)
+        n_cpu = self.cpu_tokens
+        # Copy the query to the CPU first, then launch the device's static attention (asynchronous on a GPU),
+        # so the CPU search below overlaps the device work.
+        q_cpu = q.to("cpu", torch.float32) if n_cpu else None
+        out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True)
+        if n_cpu:
+            out_c, lse_c, visited = self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.ef, scaling)
+            out, lse = merge_attention_any_device(out, lse, out_c.to(out.device), lse_c.to(out.device))
+            self.last_visited_mean = float(visited.double().mean())
+            self.visited_sum += self.last_visited_mean
+            self.cpu_candidates_sum += n_cpu
+        self.steps += 1
+        return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
+
+    def stats(self) -> dict:
+        gpu = 0 if self.keys is None else self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return {
+            "layer": self.layer_idx,
+            "static_tokens": self.static_tokens,
+            "cpu_tokens": self.cpu_tokens,
+            "scanned_frac": self.visited_sum / self.cpu_candidates_sum if self.cpu_candidates_sum else 0.0,
+            "index_build_s": self.build_seconds,
+            "device_kv_bytes": gpu,
+            "cpu_kv_bytes": 0 if self.offloaded is None else self.offloaded.vector_bytes,
+            "cpu_index_bytes": 0 if self.offloaded is None else self.offloaded.index_bytes,
+        }
+
+
+class RetrievalCache(Cache):
+    """A transformers Cache for RetrievalAttention: pass it as `past_key_values` to `generate` or `forward`.
+
+    cache = RetrievalCache(model.config, RetrievalConfig(n_sink=128, n_window=512, top_k=100))
+    """
+
+    def __init__(self, config, retrieval_config: RetrievalConfig | None = None):
+        if retrieval_config is None:
+            retrieval_config = RetrievalConfig()
+        if not isinstance(retrieval_config, RetrievalConfig):
+            raise TypeError(f"retrieval_config must be a RetrievalConfig, got {type(retrieval_config).__name__}")
+        n_layers, q_heads, kv_heads, head_dim = model_attention_shape(config)
+        self.retrieval_config = retrieval_config
+        layers = [RetrievalLayer(retrieval_config, q_heads, kv_heads, head_dim, i) for i in range(n_layers)]
+        super().__init__(layers=layers)
+
+    def stats(self) -> list[dict]:
+        """Per-layer figures: static/CPU tokens, fraction of CPU keys scanned per query, build time, bytes."""
+        return [layer.stats() for layer in self.layers]
+
+    def summary(self) -> dict:
+        s = self.stats()
+        cpu = sum(x["cpu_tokens"] for x in s)
+        return {
+            "device_kv_bytes": sum(x["device_kv_bytes"] for x in s),
+            "cpu_kv_bytes": sum(x["cpu_kv_bytes"] for x in s),
+            "cpu_index_bytes": sum(x["cpu_index_bytes"] for x in s),
+            "scanned_frac": sum(x["scanned_frac"] * x["cpu_tokens"] for x in s) / cpu if cpu else 0.0,
+            "index_build_s": sum(x["index_build_s"] for x in s),
+        }

@@ -1,0 +1,41 @@
+"""Everything that differs between transformers versions lives here (supported: transformers >= 4.56)."""
+from __future__ import annotations
+
+import transformers
+from packaging.version import Version
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: F401  (re-exported)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+MIN_TRANSFORMERS = Version("4.56")
+if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:
+    raise ImportError(f"retrieval_attention needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
+
+
+def model_attention_shape(config) -> tuple[int, int, int, int]:
+    """(layers, query heads, kv heads, head_dim) of a decoder config (Llama, Mistral, Qwen2 and alike)."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    try:
+        n_layers = config.num_hidden_layers
+        q_heads = config.num_attention_heads
+    except AttributeError as exc:
+        raise TypeError(f"expected a decoder model config with num_hidden_layers/num_attention_heads, got {type(config).__name__}") from exc
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    return n_layers, q_heads, kv_heads, head_dim
+
+
+def register_attention(name: str, fn) -> None:
+    AttentionInterface.register(name, fn)
+    # Without a mask function registered under the same name, transformers would pass no causal mask at all.
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older releases
+        model.config._attn_implementation = name

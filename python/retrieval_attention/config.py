@@ -1,0 +1,57 @@
+"""RetrievalConfig: how the KV cache is split between the model's device and the CPU, and how it is searched."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+INDEX_TYPES = ("flat", "query_guided")
+
+
+@dataclass
+class RetrievalConfig:
+    """Settings of RetrievalAttention (defaults from Liu et al., 2024, section 4).
+
+    n_sink:      first tokens kept on the model's device (attention sinks).
+    n_window:    most recent tokens kept on the model's device; older ones move to the CPU index.
+    top_k:       keys retrieved from the CPU per query head and step (top_k >= CPU tokens is exact attention).
+    index:       "query_guided" (the paper's attention-aware graph) or "flat" (exact scan of all CPU keys).
+    ef:          beam width of the graph search (larger: higher recall, more keys scanned).
+    index_params: build parameters passed to the index (e.g. {"degree": 32, "k_train": 100}).
+    max_train_queries: prefill queries per head used to build the graph (None: all).
+    cpu_dtype:   storage dtype of CPU keys/values (None: the model's KV dtype).
+    """
+
+    n_sink: int = 128
+    n_window: int = 512
+    top_k: int = 100
+    index: str = "query_guided"
+    ef: int = 128
+    index_params: dict = field(default_factory=dict)
+    max_train_queries: int | None = None
+    cpu_dtype: object = None
+
+    def __post_init__(self):
+        import torch
+
+        for name in ("n_sink", "n_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"RetrievalConfig.{name} must be an int >= 0, got {v!r}")
+        for name in ("top_k", "ef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"RetrievalConfig.{name} must be an int >= 1, got {v!r}")
+        if self.n_sink + self.n_window < 1:
+            raise ValueError("RetrievalConfig: n_sink + n_window must be >= 1 (the newest token stays on the device)")
+        if self.index not in INDEX_TYPES:
+            raise ValueError(f"RetrievalConfig.index must be one of {INDEX_TYPES}, got {self.index!r}")
+        if not isinstance(self.index_params, dict):
+            raise TypeError(f"RetrievalConfig.index_params must be a dict, got {type(self.index_params).__name__}")
+        if self.max_train_queries is not None and (not isinstance(self.max_train_queries, int) or self.max_train_queries < 1):
+            raise ValueError(f"RetrievalConfig.max_train_queries must be None or an int >= 1, got {self.max_train_queries!r}")
+        if self.cpu_dtype is not None and self.cpu_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"RetrievalConfig.cpu_dtype must be None, torch.float32, float16 or bfloat16, got {self.cpu_dtype!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cpu_dtype"] = None if self.cpu_dtype is None else str(self.cpu_dtype)
+        return d

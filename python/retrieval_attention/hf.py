@@ -1,0 +1,70 @@
+"""HuggingFace integration: the "retrieval_attention" attention function and `enable(model, cfg)`."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .cache import RetrievalCache
+from .compat import register_attention, sdpa_attention_forward, set_attn_implementation
+from .config import RetrievalConfig
+
+ATTN_NAME = "retrieval_attention"
+
+
+def _check_no_padding(attention_mask) -> None:
+    """Left/right padding would need per-row key masks on the CPU side, which are not implemented yet."""
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        return
+    last_row = attention_mask[:, :, -1, :]
+    visible = last_row if last_row.dtype == torch.bool else last_row == 0
+    if not bool(visible.all()):
+        raise NotImplementedError("RetrievalCache does not support padded batches yet: pass equal-length prompts (no attention_mask zeros)")
+
+
+def retrieval_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention function registered as "retrieval_attention" (same signature as transformers' sdpa_attention_forward).
+
+    With a RetrievalCache the layer is reached through the key tensor the cache returned; prefill is exact and builds
+    the CPU indexes, decode merges static-set attention with retrieved CPU attention. Without one (e.g. a DynamicCache
+    or no cache) this is plain exact SDPA attention.
+    """
+    ref = getattr(key, "_ra_layer", None)
+    layer = ref() if ref is not None else None
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if layer.phase == "prefill_pending":
+        _check_no_padding(attention_mask)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        layer.finish_prefill(query)
+        return out
+    return layer.decode_attention(query, scaling), None
+
+
+register_attention(ATTN_NAME, retrieval_attention_forward)
+
+
+def enable(model, cfg: RetrievalConfig | None = None):
+    """Switch a loaded model to retrieval attention. Afterwards `model.generate(...)` without `past_key_values`
+    creates a RetrievalCache with `cfg` itself. Returns the model."""
+    cfg = cfg or RetrievalConfig()
+    if not isinstance(cfg, RetrievalConfig):
+        raise TypeError(f"cfg must be a RetrievalConfig, got {type(cfg).__name__}")
+    if not hasattr(model, "generate") or not hasattr(model, "config"):
+        raise TypeError(f"enable() expects a transformers generative model, got {type(model).__name__}")
+    set_attn_implementation(model, ATTN_NAME)
+    model._retrieval_config = cfg
+    if not getattr(model, "_retrieval_generate_wrapped", False):
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+                kwargs["past_key_values"] = RetrievalCache(model.config, model._retrieval_config)
+            return original(*args, **kwargs)
+
+        model.generate = generate
+        model._retrieval_generate_wrapped = True
+    return model

@@ -1,0 +1,133 @@
+"""Key indexes for maximum-inner-product search: the exact FlatIndex and the QueryGuidedIndex.
+
+    idx = ra.FlatIndex(keys)                              # keys: (n, d) float32/float16/bfloat16, tensor or numpy
+    ids, scores = idx.search(queries, k=100)              # (m, d) -> (m, k) int64, (m, k) float32, best first
+    idx.last_search_stats["visited"]                      # (m,) int64: keys whose score was computed
+    idx.add(new_keys); idx.save(path); idx2 = ra.load_index(path)
+
+Keys are copied into the index (in their dtype); queries are used as float32. Searches release the GIL and run
+in parallel over queries; `add` may be called while other threads search (they see the index before or after).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from . import _ext
+from ._checks import FLOAT_STORAGE, as_tensor, check_finite, check_float, check_positive_int, check_rank
+
+
+def _prepare_keys(keys, name="keys") -> torch.Tensor:
+    t = as_tensor(keys, name)
+    check_rank(t, 2, name, "(n, dim)")
+    check_float(t, name, FLOAT_STORAGE)
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} must have a positive dimension")
+    check_finite(t, name)
+    return t.detach().to("cpu").contiguous()
+
+
+class _IndexBase:
+    """Shared behaviour of the index classes; use FlatIndex, QueryGuidedIndex or load_index."""
+
+    _type = ""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.last_search_stats: dict = {}
+        self.build_seconds: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self._handle.size
+
+    def __len__(self) -> int:
+        return self._handle.size
+
+    @property
+    def dim(self) -> int:
+        return self._handle.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._handle.dtype
+
+    @property
+    def index_type(self) -> str:
+        return self._handle.type
+
+    def memory_bytes(self) -> dict:
+        return {"vectors": self._handle.vector_bytes, "structure": self._handle.structure_bytes}
+
+    def search(self, queries, k: int = 100, ef: int = 128):
+        """Top-k keys by inner product for each query row. Returns (ids (m, k) int64, scores (m, k) float32)."""
+        q = as_tensor(queries, "queries")
+        if q.dim() == 1:
+            q = q.unsqueeze(0)
+        check_rank(q, 2, "queries", "(m, dim)")
+        check_float(q, "queries", FLOAT_STORAGE + (torch.float64,))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dim {q.shape[1]}, the index has dim {self.dim}")
+        check_finite(q, "queries")
+        k = check_positive_int(k, "k")
+        if k > self.size:
+            raise ValueError(f"k={k} exceeds the number of indexed keys ({self.size})")
+        ef = check_positive_int(ef, "ef")
+        q = q.detach().to("cpu", torch.float32).contiguous()
+        t0 = time.perf_counter()
+        ids, scores, visited = self._handle.search(q, k, ef)
+        elapsed = time.perf_counter() - t0
+        self.last_search_stats = {
+            "visited": visited,
+            "scanned_frac": float(visited.double().mean() / max(self.size, 1)) if visited.numel() else 0.0,
+            "seconds": elapsed,
+            "queries": int(q.shape[0]),
+        }
+        return ids, scores
+
+    def add(self, new_keys) -> None:
+        """Append keys (ids continue from the current size) and index them."""
+        t = _prepare_keys(new_keys, "new_keys")
+        if t.shape[1] != self.dim:
+            raise ValueError(f"new_keys have dim {t.shape[1]}, the index has dim {self.dim}")
+        if t.dtype != self.dtype:
+            raise TypeError(f"new_keys dtype {t.dtype} differs from the index dtype {self.dtype}")
+        self._handle.add(t)
+
+    def save(self, path) -> None:
+        """Write the index (keys included) to `path` atomically (temp file + rename)."""
+        self._handle.save(os.fspath(path))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.size}, dim={self.dim}, dtype={self.dtype})"
+
+
+class FlatIndex(_IndexBase):
+    """Exact maximum-inner-product search: scores every key. The reference for all other indexes."""
+
+    _type = "flat"
+
+    def __init__(self, keys):
+        t = _prepare_keys(keys)
+        t0 = time.perf_counter()
+        super().__init__(_ext._C.KeyIndex.build(t, None, "flat", {}))
+        self.build_seconds = time.perf_counter() - t0
+
+
+def load_index(path):
+    """Load an index saved with `.save(path)`; corrupt, truncated or foreign files raise RuntimeError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no index file at {path}")
+    handle = _ext._C.KeyIndex.load(path)
+    cls = _INDEX_CLASSES.get(handle.type, _IndexBase)
+    obj = cls.__new__(cls)
+    _IndexBase.__init__(obj, handle)
+    return obj
+
+
+_INDEX_CLASSES = {"flat": FlatIndex}

@@ -1,0 +1,97 @@
+"""The attention operators (also reachable as torch.ops.retrieval_attention.*).
+
+Shapes (GQA: query head h uses kv head h // (Hq // Hkv)):
+    q (Hq, m, d); keys (Hkv, n, d); values (Hkv, n, dv); ids (Hq, m, k) int64 with -1 as padding.
+    -> out (Hq, m, dv) float32, lse (Hq, m) float32 (natural log of sum_j exp(scale * q.k_j)).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from ._checks import check_float, check_rank
+
+_ops = torch.ops.retrieval_attention
+
+
+def _attention_args(q, keys, values):
+    for t, name in ((q, "q"), (keys, "keys"), (values, "values")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_rank(q, 3, "q", "(q_heads, queries, head_dim)")
+    check_rank(keys, 3, "keys", "(kv_heads, n_keys, head_dim)")
+    check_rank(values, 3, "values", "(kv_heads, n_keys, value_dim)")
+    check_float(q, "q")
+    check_float(keys, "keys")
+    check_float(values, "values")
+
+
+def sparse_attention(q, keys, values, ids, scale: float):
+    """Exact attention of each query over the keys named by `ids` only (-1 entries are skipped)."""
+    _attention_args(q, keys, values)
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    return _ops.sparse_attention(q, keys, values, ids, float(scale))
+
+
+def dense_attention(q, keys, values, scale: float, causal: bool = False):
+    """Exact attention over all keys; with causal=True the m queries are the last m key positions."""
+    _attention_args(q, keys, values)
+    return _ops.dense_attention(q, keys, values, float(scale), bool(causal))
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Exact log-sum-exp merge of two partial attention results over disjoint key sets."""
+    for t, name in ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return _ops.merge_attention(out_a, lse_a, out_b, lse_b)
+
+
+# Fake (meta) kernels so the ops trace under torch.compile / torch.export.
+@torch.library.register_fake("retrieval_attention::sparse_attention")
+def _sparse_attention_fake(q, keys, values, ids, scale):
+    hq, m, _ = q.shape
+    return q.new_empty((hq, m, values.shape[2]), dtype=torch.float32), q.new_empty((hq, m), dtype=torch.float32)
+
+
+@torch.library.register_fake("retrieval_attention::dense_attention")
+def _dense_attention_fake(q, keys, values, scale, causal=False):
+    hq, m, _ = q.shape
+    return q.new_empty((hq, m, values.shape[2]), dtype=torch.float32), q.new_empty((hq, m), dtype=torch.float32)
+
+
+@torch.library.register_fake("retrieval_attention::merge_attention")
+def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
+    return out_a.new_empty(out_a.shape, dtype=torch.float32), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
+
+
+def dense_attention_any_device(q, keys, values, scale: float, causal: bool):
+    """dense_attention on the tensors' device: the extension kernel where there is one, else torch math.
+
+    The torch fallback serves CUDA builds of torch where the package was compiled without its CUDA kernels.
+    """
+    if q.device.type == "cpu" or _ext.HAS_CUDA_KERNELS:
+        return _ops.dense_attention(q, keys, values, float(scale), bool(causal))
+    hq, m, _ = q.shape
+    group = hq // keys.shape[0]
+    k = keys.float().repeat_interleave(group, dim=0)
+    v = values.float().repeat_interleave(group, dim=0)
+    s = torch.matmul(q.float(), k.transpose(1, 2)) * scale
+    if causal:
+        n = k.shape[1]
+        allowed = torch.arange(n, device=q.device)[None, :] <= (n - m + torch.arange(m, device=q.device))[:, None]
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.softmax(s, dim=-1), v)
+    return out, lse
+
+
+def merge_attention_any_device(out_a, lse_a, out_b, lse_b):
+    if out_a.device.type == "cpu" or _ext.HAS_CUDA_KERNELS:
+        return _ops.merge_attention(out_a, lse_a, out_b, lse_b)
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    wa = torch.exp(lse_a.float() - lse_safe).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lse_b.float() - lse_safe).nan_to_num(0.0).unsqueeze(-1)
+    return wa * out_a.float() + wb * out_b.float(), lse

@@ -1,0 +1,73 @@
+"""Build of retrieval_attention: the Python package plus the `retrieval_attention._C` torch extension.
+
+CPU-only by default; the CUDA kernels in csrc/cuda/*.cu are added when torch is a CUDA build and a CUDA
+toolkit is found (set RA_FORCE_CPU=1 to skip them). Eigen headers are taken from EIGEN_INCLUDE_DIR,
+/usr/include/eigen3 or .deps/eigen3 (in that order).
+"""
+import glob
+import os
+import re
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    text = open(os.path.join(ROOT, "python", "retrieval_attention", "_version.py")).read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def eigen_include():
+    for cand in (os.environ.get("EIGEN_INCLUDE_DIR"), "/usr/include/eigen3", os.path.join(ROOT, ".deps", "eigen3")):
+        if cand and os.path.isfile(os.path.join(cand, "Eigen", "Core")):
+            return cand
+    sys.exit("retrieval_attention build: Eigen headers not found; install libeigen3-dev or set EIGEN_INCLUDE_DIR")
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc"), eigen_include()]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
+    use_cuda = (
+        os.environ.get("RA_FORCE_CPU", "0") != "1"
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and glob.glob(os.path.join("csrc", "cuda", "*.cu"))
+    )
+    if use_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        ext = cpp_extension.CUDAExtension(
+            "retrieval_attention._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + ["-DRA_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DRA_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "retrieval_attention._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="retrieval-attention",
+    version=read_version(),
+    description="RetrievalAttention: long-context decoding with a CPU KV cache searched by a query-guided proximity graph",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "tqdm"],
+    zip_safe=False,
+)
