@@ -154,7 +154,9 @@ class RetrievalLayer(CacheLayerMixin):
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
             dict(cfg.index_params),
         )
-        self.offloaded.build(self._to_cpu(cpu_k), self._to_cpu(cpu_v), train)
+        cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
+        self.offloaded.build(cpu_k, cpu_v, train)
+        self.on_cpu_tokens(cpu_k, cpu_v, train)
         self.keys = torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2)
         self.n_sink_kept = n_sink
@@ -174,7 +176,9 @@ class RetrievalLayer(CacheLayerMixin):
             return
         s = self.n_sink_kept
         t0 = time.perf_counter()
-        self.offloaded.append(self._to_cpu(self.keys[:, :, s : s + overflow]), self._to_cpu(self.values[:, :, s : s + overflow]))
+        moved_k, moved_v = self._to_cpu(self.keys[:, :, s : s + overflow]), self._to_cpu(self.values[:, :, s : s + overflow])
+        self.offloaded.append(moved_k, moved_v)
+        self.on_cpu_tokens(moved_k, moved_v, None)
         self.build_seconds += time.perf_counter() - t0
         self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + overflow :]], dim=-2)
         self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + overflow :]], dim=-2)
@@ -189,13 +193,21 @@ class RetrievalLayer(CacheLayerMixin):
         q_cpu = q.to("cpu", torch.float32) if n_cpu else None
         out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True)
         if n_cpu:
-            out_c, lse_c, visited = self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.ef, scaling)
+            out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
             out, lse = merge_attention_any_device(out, lse, out_c.to(out.device), lse_c.to(out.device))
             self.last_visited_mean = float(visited.double().mean())
             self.visited_sum += self.last_visited_mean
             self.cpu_candidates_sum += n_cpu
         self.steps += 1
         return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
+
+    # -- hooks for research baselines (subclass RetrievalLayer, pass layer_class= to RetrievalCache) ------------
+    def on_cpu_tokens(self, keys: torch.Tensor, values: torch.Tensor, train_queries) -> None:
+        """Called with (batch*kv_heads, t, d) CPU tensors each time tokens move to the CPU (train_queries at prefill)."""
+
+    def cpu_retrieve_attend(self, q_cpu: torch.Tensor, scaling: float):
+        """q_cpu (batch*q_heads, m, d) float32 -> (out, lse, visited) over the CPU tokens."""
+        return self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.ef, scaling)
 
     def stats(self) -> dict:
         gpu = 0 if self.keys is None else self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -217,14 +229,16 @@ class RetrievalCache(Cache):
     cache = RetrievalCache(model.config, RetrievalConfig(n_sink=128, n_window=512, top_k=100))
     """
 
-    def __init__(self, config, retrieval_config: RetrievalConfig | None = None):
+    def __init__(self, config, retrieval_config: RetrievalConfig | None = None, layer_class: type = RetrievalLayer):
         if retrieval_config is None:
             retrieval_config = RetrievalConfig()
         if not isinstance(retrieval_config, RetrievalConfig):
             raise TypeError(f"retrieval_config must be a RetrievalConfig, got {type(retrieval_config).__name__}")
         n_layers, q_heads, kv_heads, head_dim = model_attention_shape(config)
         self.retrieval_config = retrieval_config
-        layers = [RetrievalLayer(retrieval_config, q_heads, kv_heads, head_dim, i) for i in range(n_layers)]
+        if not (isinstance(layer_class, type) and issubclass(layer_class, RetrievalLayer)):
+            raise TypeError("layer_class must be a subclass of RetrievalLayer")
+        layers = [layer_class(retrieval_config, q_heads, kv_heads, head_dim, i) for i in range(n_layers)]
         super().__init__(layers=layers)
 
     def stats(self) -> list[dict]:

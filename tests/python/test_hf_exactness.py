@@ -1,0 +1,158 @@
+"""End to end through transformers: with top_k >= CPU tokens, RetrievalCache decoding equals full attention."""
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import retrieval_attention as ra
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+}
+
+
+def tiny_model(arch, seed=0):
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**TINY, **extra)
+    cfg._attn_implementation = "retrieval_attention"
+    model = model_cls(cfg).eval()
+    ra.enable(model, ra.RetrievalConfig(index="flat"))
+    return model
+
+
+def greedy(model, ids, cache, n):
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits)
+
+
+def assert_exact(model, ids, cfg, n_new):
+    full_seq, full_logits = greedy(model, ids, DynamicCache(), n_new)
+    cache = ra.RetrievalCache(model.config, cfg)
+    seq, logits = greedy(model, ids, cache, n_new)
+    assert torch.equal(seq, full_seq)
+    rel = (logits - full_logits).abs().max() / full_logits.abs().max()
+    assert rel < 1e-4, f"logits differ by {rel:.2e} (relative)"
+    stats = cache.stats()
+    total = ids.shape[1] + n_new - 1  # the last generated token never enters the cache
+    assert all(s["cpu_tokens"] + s["static_tokens"] == total for s in stats)
+    return cache
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_tiny_models_exact_with_eviction(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=10_000, index="flat")
+    cache = assert_exact(model, ids, cfg, 90)
+    s = cache.stats()[0]
+    # tokens were evicted from the window during decoding and inserted into the CPU index
+    assert s["static_tokens"] <= 4 + 16 + 1 and s["cpu_tokens"] == 150 + 89 - s["static_tokens"]
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_short_prompt_grows_sinks_then_offloads(arch):
+    """A prompt shorter than the static set: sinks fill first, then tokens start moving to the CPU mid-generation."""
+    model = tiny_model(arch, seed=1)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    assert_exact(model, ids, ra.RetrievalConfig(n_sink=8, n_window=8, top_k=10_000, index="flat"), 85)
+
+
+def test_batch_of_equal_length_prompts_is_exact():
+    model = tiny_model("qwen2", seed=2)
+    ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(3))
+    assert_exact(model, ids, ra.RetrievalConfig(n_sink=2, n_window=8, top_k=10_000, index="flat"), 20)
+
+
+def test_multi_token_continuation_after_prefill_is_exact():
+    """A second chunk of several tokens (e.g. the next chat turn) attends causally over static + CPU tokens."""
+    model = tiny_model("llama", seed=3)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(0, 97, (1, 80), generator=g), torch.randint(0, 97, (1, 12), generator=g)
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=8, top_k=10_000, index="flat")
+    cache, ref = ra.RetrievalCache(model.config, cfg), DynamicCache()
+    with torch.no_grad():
+        model(a, past_key_values=cache)
+        model(a, past_key_values=ref)
+        ours = model(b, past_key_values=cache).logits
+        full = model(b, past_key_values=ref).logits
+    torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-4)
+
+
+def test_bundled_model_exact_with_eviction(model_dir):
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention").eval()
+    text = b"The quick brown fox jumps over the lazy dog while the pass key is 40712. " * 8
+    ids = torch.tensor([[256] + list(text)])
+    assert_exact(model, ids, ra.RetrievalConfig(n_sink=16, n_window=32, top_k=100_000, index="flat"), 80)
+
+
+def test_sparse_mode_is_measured_not_exact(model_dir):
+    """top_k far below the CPU tokens: decoding still runs and reports what it scanned."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention").eval()
+    ids = torch.tensor([[256] + list(b"Some text that repeats. " * 20)])
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=4, n_window=8, top_k=5, index="flat"))
+    model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    s = cache.summary()
+    assert s["cpu_kv_bytes"] > 0 and s["device_kv_bytes"] > 0 and s["scanned_frac"] == 1.0  # flat scans everything
+
+
+def test_cache_without_retrieval_attention_raises_clearly():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(index="flat"))
+    with pytest.raises(RuntimeError, match="attn_implementation='retrieval_attention'"):
+        model.generate(torch.randint(0, 97, (1, 10)), past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_enable_creates_its_own_cache_and_falls_back_to_exact_without_one():
+    model = tiny_model("mistral")
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    a = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)  # enable() injects a RetrievalCache
+    b = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"n_sink": -1}, ValueError, "n_sink"),
+        ({"n_window": 1.5}, ValueError, "n_window"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"ef": True}, ValueError, "ef"),
+        ({"index": "hnsw"}, ValueError, "index"),
+        ({"n_sink": 0, "n_window": 0}, ValueError, "n_sink \\+ n_window"),
+        ({"index_params": [1]}, TypeError, "index_params"),
+        ({"max_train_queries": 0}, ValueError, "max_train_queries"),
+        ({"cpu_dtype": torch.int8}, ValueError, "cpu_dtype"),
+    ],
+)
+def test_config_validation(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ra.RetrievalConfig(**kwargs)
+
+
+def test_cache_and_enable_bad_arguments():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="RetrievalConfig"):
+        ra.RetrievalCache(model.config, {"top_k": 5})
+    with pytest.raises(TypeError, match="decoder model config"):
+        ra.RetrievalCache(object())
+    with pytest.raises(TypeError, match="generative model"):
+        ra.enable(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(index="flat", index_params={"bogus": 1}))
+        model(torch.randint(0, 97, (1, 30)), past_key_values=cache)
+
+
+def test_padded_batch_is_rejected():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(index="flat"))
+    with pytest.raises(NotImplementedError, match="padded"):
+        model(ids, attention_mask=mask, past_key_values=cache)

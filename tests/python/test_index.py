@@ -1,0 +1,193 @@
+"""FlatIndex (and every index type registered in INDEX_FACTORIES): exact results, add, persistence, bad inputs, threads."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import retrieval_attention as ra
+
+
+def make_flat(keys, train=None):
+    return ra.FlatIndex(keys)
+
+
+INDEX_FACTORIES = {"flat": make_flat}
+if hasattr(ra, "QueryGuidedIndex"):
+    INDEX_FACTORIES["query_guided"] = lambda keys, train=None: ra.QueryGuidedIndex(keys, train if train is not None else keys[:64].float())
+
+
+def exact_topk(keys, q, k):
+    return torch.topk(q.double() @ keys.double().T, k, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_flat_index_is_exact(dtype):
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(3000, 64, generator=g).to(dtype)
+    q = torch.randn(20, 64, generator=g)
+    idx = ra.FlatIndex(keys)
+    ids, scores = idx.search(q, k=50)
+    ref_scores, ref_ids = exact_topk(keys, q, 50)
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-4, atol=1e-4)
+    # ids agree wherever the reference scores are not near-tied
+    gaps = (ref_scores[:, :-1] - ref_scores[:, 1:]).abs() > 1e-3
+    assert (ids[:, :-1][gaps] == ref_ids[:, :-1][gaps]).all()
+    stats = idx.last_search_stats
+    assert stats["visited"].dtype == torch.int64 and (stats["visited"] == 3000).all()
+    assert stats["scanned_frac"] == 1.0
+
+
+def test_numpy_inputs_and_single_query():
+    keys = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)  # unit keys: each key is its own best inner-product match
+    idx = ra.FlatIndex(keys)
+    ids, scores = idx.search(keys[3] * 100, k=1)
+    assert ids.shape == (1, 1) and ids[0, 0] == 3
+
+
+@pytest.mark.parametrize("kind", list(INDEX_FACTORIES))
+def test_add_then_search_finds_new_keys(kind):
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(500, 32, generator=g)
+    idx = INDEX_FACTORIES[kind](keys)
+    new = torch.randn(50, 32, generator=g) * 3  # larger norms: each new key is the best match of its own direction
+    idx.add(new)
+    assert idx.size == 550
+    ids, _ = idx.search(new * 10, k=1, ef=64)
+    assert (ids[:, 0] >= 500).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("kind", list(INDEX_FACTORIES))
+def test_save_load_round_trip_and_corruption(kind, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(400, 16, generator=g).to(torch.float16)
+    idx = INDEX_FACTORIES[kind](keys)
+    q = torch.randn(10, 16, generator=g)
+    path = tmp_path / "a.raidx"
+    idx.save(path)
+    idx2 = ra.load_index(path)
+    assert type(idx2) is type(idx) and idx2.size == 400 and idx2.dtype == torch.float16
+    a, b = idx.search(q, k=10), idx2.search(q, k=10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    data = path.read_bytes()
+    for pos in (0, 20, len(data) // 2, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x5A
+        (tmp_path / "bad").write_bytes(bytes(bad))
+        with pytest.raises(RuntimeError, match="index file"):
+            ra.load_index(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(data[:-9])
+    with pytest.raises(RuntimeError, match="index file"):
+        ra.load_index(tmp_path / "short")
+    (tmp_path / "foreign").write_bytes(b"PK\x03\x04 definitely not an index" * 10)
+    with pytest.raises(RuntimeError, match="bad magic"):
+        ra.load_index(tmp_path / "foreign")
+    with pytest.raises(FileNotFoundError):
+        ra.load_index(tmp_path / "missing")
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    idx = ra.FlatIndex(torch.randn(10, 4))
+    path = tmp_path / "idx"
+    idx.save(path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        idx.save(tmp_path / "no_such_dir" / "idx")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp files left behind
+
+
+@pytest.mark.parametrize(
+    "keys,exc,match",
+    [
+        (torch.randn(10), ValueError, "keys must have shape"),
+        (torch.zeros(0, 4), ValueError, "must not be empty"),
+        (torch.randn(5, 4).int(), TypeError, "keys must have dtype"),
+        (torch.tensor([[1.0, float("nan")]]), ValueError, "NaN"),
+        ([[1.0, 2.0]], TypeError, "torch.Tensor or numpy"),
+    ],
+)
+def test_bad_keys(keys, exc, match):
+    with pytest.raises(exc, match=match):
+        ra.FlatIndex(keys)
+
+
+def test_bad_search_and_add_arguments():
+    idx = ra.FlatIndex(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="exceeds the number of indexed keys"):
+        idx.search(torch.randn(2, 4), k=11)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        idx.search(torch.randn(2, 4), k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        idx.search(torch.randn(2, 4), k=2.5)
+    with pytest.raises(ValueError, match="dim"):
+        idx.search(torch.randn(2, 5), k=1)
+    with pytest.raises(ValueError, match="NaN"):
+        idx.search(torch.tensor([[float("inf"), 0, 0, 0]]), k=1)
+    with pytest.raises(ValueError, match="ef must be >= 1"):
+        idx.search(torch.randn(1, 4), k=1, ef=0)
+    with pytest.raises(TypeError, match="dtype"):
+        idx.add(torch.randn(3, 4).half())
+    with pytest.raises(ValueError, match="dim"):
+        idx.add(torch.randn(3, 5))
+    assert idx.size == 10  # failed adds changed nothing
+
+
+@pytest.mark.parametrize("kind", list(INDEX_FACTORIES))
+def test_concurrent_searches_match_sequential_and_release_the_gil(kind):
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(20000, 64, generator=g)
+    idx = INDEX_FACTORIES[kind](keys)
+    queries = [torch.randn(64, 64, generator=g) for _ in range(6)]
+    expected = [idx.search(q, k=20, ef=64)[0] for q in queries]
+    results = [None] * len(queries)
+    ticks = []
+    stop = threading.Event()
+
+    def ticker():  # runs only if the searches release the GIL
+        while not stop.is_set():
+            ticks.append(1)
+            stop.wait(0.001)
+
+    def worker(i):
+        for _ in range(3):
+            results[i] = idx.search(queries[i], k=20, ef=64)[0]
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(queries))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stop.set()
+    t.join()
+    for r, e in zip(results, expected):
+        assert torch.equal(r, e)
+    assert len(ticks) > 1
+
+
+@pytest.mark.parametrize("kind", list(INDEX_FACTORIES))
+def test_add_while_searching_is_safe(kind):
+    g = torch.Generator().manual_seed(5)
+    idx = INDEX_FACTORIES[kind](torch.randn(2000, 16, generator=g))
+    errors = []
+
+    def searcher():
+        try:
+            for _ in range(20):
+                ids, _ = idx.search(torch.randn(8, 16), k=10, ef=32)
+                assert ((ids >= 0) & (ids < idx.size)).all()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for _ in range(10):
+        idx.add(torch.randn(20, 16))
+    for th in threads:
+        th.join()
+    assert not errors and idx.size == 2200

@@ -1,0 +1,150 @@
+"""The torch ops against a float64 torch reference, opcheck, and bad inputs."""
+import pytest
+import torch
+
+import retrieval_attention as ra
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}  # storage is exact; math is float32
+
+
+def reference(q, keys, values, mask, scale):
+    """float64 attention with a boolean (Hq, m, n) mask of visible keys."""
+    hq, hkv = q.shape[0], keys.shape[0]
+    k = keys.double().repeat_interleave(hq // hkv, 0)
+    v = values.double().repeat_interleave(hq // hkv, 0)
+    s = torch.einsum("hmd,hnd->hmn", q.double(), k) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def ids_mask(ids, n):
+    hq, m, _ = ids.shape
+    mask = torch.zeros(hq, m, n + 1, dtype=torch.bool)  # column n collects the -1 padding
+    mask.scatter_(2, torch.where(ids >= 0, ids, n), True)
+    return mask[..., :n]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,m,n,d,dv,k", [(1, 1, 1, 1, 8, 8, 1), (6, 2, 1, 300, 64, 64, 50), (8, 2, 3, 129, 32, 16, 129), (4, 4, 2, 1000, 128, 128, 7)])
+def test_sparse_attention_matches_reference(dtype, hq, hkv, m, n, d, dv, k):
+    g = torch.Generator().manual_seed(hq * 100 + n)
+    q = torch.randn(hq, m, d, generator=g)
+    keys = torch.randn(hkv, n, d, generator=g).to(dtype)
+    values = torch.randn(hkv, n, dv, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(n, generator=g)[: min(k, n)] for _ in range(hq * m)]).reshape(hq, m, -1)
+    ids[..., ::3] = -1  # padding entries
+    out, lse = ra.sparse_attention(q, keys, values, ids, d**-0.5)
+    ref_out, ref_lse = reference(q, keys, values, ids_mask(ids, n), d**-0.5)
+    assert out.dtype == torch.float32 and out.shape == (hq, m, dv)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(lse[~finite]).all()
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_attention_matches_reference(dtype, causal):
+    g = torch.Generator().manual_seed(7)
+    hq, hkv, m, n, d = 6, 2, 4, 77, 64
+    q = torch.randn(hq, m, d, generator=g) * 2
+    keys = torch.randn(hkv, n, d, generator=g).to(dtype)
+    values = torch.randn(hkv, n, d, generator=g).to(dtype)
+    out, lse = ra.dense_attention(q, keys, values, 0.125, causal=causal)
+    mask = torch.ones(hq, m, n, dtype=torch.bool)
+    if causal:
+        mask = torch.arange(n)[None, None, :] <= (n - m + torch.arange(m))[None, :, None]
+        mask = mask.expand(hq, m, n)
+    ref_out, ref_lse = reference(q, keys, values, mask, 0.125)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_of_two_halves_equals_full_attention():
+    g = torch.Generator().manual_seed(3)
+    hq, hkv, m, n, d = 4, 2, 2, 200, 32
+    q = torch.randn(hq, m, d, generator=g)
+    keys, values = torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
+    perm = torch.randperm(n, generator=g)
+    ids_a = perm[:120].expand(hq, m, 120).contiguous()
+    ids_b = perm[120:].expand(hq, m, 80).contiguous()
+    oa, la = ra.sparse_attention(q, keys, values, ids_a, 0.2)
+    ob, lb = ra.sparse_attention(q, keys, values, ids_b, 0.2)
+    out, lse = ra.merge_attention(oa, la, ob, lb)
+    full_out, full_lse = ra.dense_attention(q, keys, values, 0.2)
+    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, full_lse, rtol=1e-6, atol=1e-6)
+    # one empty side: result is the other side; both empty: zeros and -inf
+    ninf = torch.full_like(la, float("-inf"))
+    out2, lse2 = ra.merge_attention(oa, la, ob, ninf)
+    torch.testing.assert_close(out2, oa)
+    out3, lse3 = ra.merge_attention(oa, ninf, ob, ninf)
+    assert (out3 == 0).all() and torch.isinf(lse3).all()
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 2, 16, generator=g)
+    keys, values = torch.randn(2, 30, 16, generator=g), torch.randn(2, 30, 16, generator=g)
+    ids = torch.randint(-1, 30, (4, 2, 5), generator=g)
+    torch.library.opcheck(torch.ops.retrieval_attention.sparse_attention.default, (q, keys, values, ids, 0.25))
+    torch.library.opcheck(torch.ops.retrieval_attention.dense_attention.default, (q, keys, values, 0.25, True))
+    o, l = ra.dense_attention(q, keys, values, 0.25)
+    torch.library.opcheck(torch.ops.retrieval_attention.merge_attention.default, (o, l, o.clone(), l.clone()))
+
+
+def test_ops_under_torch_compile():
+    q = torch.randn(4, 1, 16)
+    keys, values = torch.randn(2, 30, 16), torch.randn(2, 30, 16)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(q, k, v):
+        o, l = torch.ops.retrieval_attention.dense_attention(q, k, v, 0.25, False)
+        return torch.ops.retrieval_attention.merge_attention(o, l, o, l)
+
+    out, lse = f(q, keys, values)
+    ref, ref_lse = ra.dense_attention(q, keys, values, 0.25)
+    torch.testing.assert_close(out, ref)
+
+
+def _ok_args():
+    return torch.randn(4, 1, 8), torch.randn(2, 10, 8), torch.randn(2, 10, 8), torch.zeros(4, 1, 3, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: (a[0].double().int(), *a[1:]), TypeError, "q must have dtype"),
+        (lambda a: (a[0], a[1].int(), *a[2:]), TypeError, "keys must have dtype"),
+        (lambda a: (a[0][0], *a[1:]), ValueError, "q must have shape"),
+        (lambda a: (a[0], a[1][:, :, :4], *a[2:]), ValueError, "head_dim"),
+        (lambda a: (a[0], a[1], a[2][:, :5], a[3]), ValueError, "values shape"),
+        (lambda a: (torch.randn(3, 1, 8), *a[1:3], torch.zeros(3, 1, 3, dtype=torch.long)), ValueError, "multiple of kv_heads"),
+        (lambda a: (*a[:3], a[3].int()), TypeError, "ids must be int64"),
+        (lambda a: (*a[:3], torch.full((4, 1, 3), 10, dtype=torch.long)), ValueError, "out of range"),
+        (lambda a: (*a[:3], torch.full((4, 1, 3), -5, dtype=torch.long)), ValueError, "out of range"),
+        (lambda a: (*a[:3], torch.zeros(4, 2, 3, dtype=torch.long)), ValueError, "ids shape"),
+        (lambda a: (a[0], a[1].to(torch.float16), *a[2:]), TypeError, "differs from keys dtype"),
+        (lambda a: ("q", *a[1:]), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_sparse_attention_bad_inputs(mutate, exc, match):
+    args = mutate(_ok_args())
+    with pytest.raises(exc, match=match):
+        ra.sparse_attention(*args, 0.5)
+
+
+def test_dense_and_merge_bad_inputs():
+    q, k, v, _ = _ok_args()
+    with pytest.raises(ValueError, match="causal"):
+        ra.dense_attention(torch.randn(4, 11, 8), k, v, 0.5, causal=True)
+    o, l = ra.dense_attention(q, k, v, 0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        ra.merge_attention(o, l, o[:, :, :4], l)
+    with pytest.raises(ValueError, match="lse_a"):
+        ra.merge_attention(o, l[:2], o, l)
+    with pytest.raises(TypeError, match="out_b must be a torch.Tensor"):
+        ra.merge_attention(o, l, None, l)
