@@ -4,7 +4,7 @@
 #   1. tests/cuda/compile_check.cu (torch-free; instantiates every kernel template) for sm_90 and sm_80,
 #      with torch's half/bf16 "no implicit conversion" macros, ptxas spill warnings, warnings as errors.
 #   2. csrc/cuda/ops_cuda.cu (the torch launchers) for sm_90 against the torch headers of the installed
-#      torch. A CPU-only torch wheel ships ATen/cuda and c10/cuda headers but not the generated
+#      torch, with the nvcc flags setup.py gives (-O3 -std=c++17 --use_fast_math -DRA_WITH_CUDA) plus torch's. A CPU-only torch wheel ships ATen/cuda and c10/cuda headers but not the generated
 #      c10/cuda/impl/cuda_cmake_macros.h; when it is missing, a one-line shim (the value a shared-library
 #      CUDA build of torch generates) is put on the include path of this check only. If torch is not
 #      importable the step is skipped (reported as SKIP, not OK).
@@ -86,8 +86,8 @@ PY
     INCS+=("-I$TMP/shim")
     SHIM_NOTE=", with the cuda_cmake_macros.h shim"
   fi
-  run_step "launchers: csrc/cuda/ops_cuda.cu against torch $TV (torch.version.cuda=$TCUDA$SHIM_NOTE, sm_90, -std=c++20)" "$TMP/launchers.log" \
-    "$NVCC" -std=c++20 -O3 -I"$ROOT/include" "${INCS[@]}" -isystem "$PYINC" "${TORCH_NVCC_FLAGS[@]}" \
+  run_step "launchers: csrc/cuda/ops_cuda.cu against torch $TV (torch.version.cuda=$TCUDA$SHIM_NOTE; setup.py's nvcc flags, sm_90)" "$TMP/launchers.log" \
+    "$NVCC" -std=c++17 -O3 --use_fast_math -DRA_WITH_CUDA -I"$ROOT/include" "${INCS[@]}" -isystem "$PYINC" "${TORCH_NVCC_FLAGS[@]}" \
     -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI="$ABI" --compiler-options -fPIC \
     -gencode=arch=compute_90,code=sm_90 -Xcompiler -Wall -Xcompiler -Werror=return-type \
     -c "$ROOT/csrc/cuda/ops_cuda.cu" -o "$TMP/ops_cuda.o"

@@ -1,7 +1,8 @@
 // csrc/cuda/ops_cuda.cu -- CUDA implementations of the retrieval_attention ops (schemas live in csrc/ops.cpp).
 //
-// Thin launchers only: validate tensors (device, dtype, rank, shape, contiguity), convert the small inputs
-// (queries, merge inputs) to contiguous float32, allocate outputs and split-K workspace with the caching
+// Thin launchers only: validate tensors (device, dtype, rank, shape, dims), convert the small inputs
+// (queries, ids, merge inputs) to contiguous float32 / int64, pass keys / values with their strides (copied
+// only when the last dim is not unit-stride), allocate outputs and the split-K workspace with the caching
 // allocator, and enqueue the kernels of include/retrieval_attention/cuda/decode_attention.cuh on the current
 // CUDA stream of the inputs' device. The algorithms live in that header.
 //
@@ -28,53 +29,57 @@ namespace {
 namespace rac = retrieval_attention::cuda;
 using at::Tensor;
 
-void check_cuda(const Tensor& t, const char* name, const Tensor& ref) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(), " (the device of q / the first input), got one on ",
-              t.device());
+// Errors use the Python exception types of the CPU impls (csrc/ops.cpp): TypeError for dtypes, ValueError
+// for everything else, each message naming the argument.
+void check_on_device_of(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor (on ", ref.device(), " like ", ref_name, "), got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device(), " like ", ref_name, ", got device ", t.device());
 }
 
 void check_rank(const Tensor& t, const char* name, int64_t rank, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, name, ": expected a ", rank, "-D tensor ", layout, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == rank, name, " must have shape ", layout, " (", rank, " dims), got ", t.sizes());
 }
 
 void check_kv_dtype(const Tensor& t, const char* name) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name, ": expected float32, float16 or bfloat16, got ", s);
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name, " must be float32, float16 or bfloat16, got ", s);
 }
 
-void check_contiguous(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous (row-major) tensor; call .contiguous() first");
+// keys / values: the kernels take any head and row strides but need a unit-stride last dim; anything else is
+// copied (as the CPU impl does), so a slice of a larger cache buffer is read in place.
+Tensor unit_last_stride(const Tensor& t) {
+  return (t.size(2) <= 1 || t.stride(2) == 1) ? t : t.contiguous();
 }
 
-Tensor queries_f32(const Tensor& q) {
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q: expected a floating-point tensor, got ", q.scalar_type());
-  return q.to(at::kFloat).contiguous();
-}
-
-// Shared validation of q / keys / values; returns the float32 contiguous queries.
-Tensor check_qkv(const Tensor& q, const Tensor& keys, const Tensor& values) {
-  TORCH_CHECK(q.defined() && q.is_cuda(), "q: expected a CUDA tensor, got one on ", q.defined() ? q.device() : at::Device(at::kCPU));
-  check_cuda(keys, "keys", q);
-  check_cuda(values, "values", q);
-  check_rank(q, "q", 3, "(Hq, m, d)");
-  check_rank(keys, "keys", 3, "(Hkv, n, d)");
-  check_rank(values, "values", 3, "(Hkv, n, dv)");
+// Shared validation of q / keys / values (same rules as the CPU impl, plus device and dim-limit checks).
+void check_qkv(const Tensor& q, const Tensor& keys, const Tensor& values) {
+  check_on_device_of(keys, "keys", q, "q");
+  check_on_device_of(values, "values", q, "q");
+  check_rank(q, "q", 3, "(q_heads, queries, head_dim)");
+  check_rank(keys, "keys", 3, "(kv_heads, n_keys, head_dim)");
+  check_rank(values, "values", 3, "(kv_heads, n_keys, value_dim)");
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "q must be a floating tensor, got ", q.scalar_type());
   check_kv_dtype(keys, "keys");
-  TORCH_CHECK(values.scalar_type() == keys.scalar_type(), "values: expected the dtype of keys (", keys.scalar_type(), "), got ",
-              values.scalar_type());
-  check_contiguous(keys, "keys");
-  check_contiguous(values, "values");
+  TORCH_CHECK_TYPE(values.scalar_type() == keys.scalar_type(), "values dtype ", values.scalar_type(), " differs from keys dtype ",
+                   keys.scalar_type());
   const int64_t hq = q.size(0), hkv = keys.size(0);
-  TORCH_CHECK(hq > 0 && hkv > 0, "q, keys: the number of heads must be positive, got Hq=", hq, ", Hkv=", hkv);
-  TORCH_CHECK(hq % hkv == 0, "q, keys: query heads (", hq, ") must be a multiple of key/value heads (", hkv, ")");
-  TORCH_CHECK(q.size(2) == keys.size(2), "q, keys: head dim mismatch: q has d=", q.size(2), ", keys have d=", keys.size(2));
-  TORCH_CHECK(values.size(0) == hkv && values.size(1) == keys.size(1), "values: expected shape (", hkv, ", ", keys.size(1),
-              ", dv) to match keys ", keys.sizes(), ", got ", values.sizes());
-  TORCH_CHECK(rac::supports_dims(keys.size(2), values.size(2)), "keys, values: the CUDA kernels support d, dv <= ", rac::kMaxHeadDim,
-              ", got d=", keys.size(2), ", dv=", values.size(2));
-  return queries_f32(q);
+  TORCH_CHECK_VALUE(keys.size(2) == q.size(2), "keys head_dim ", keys.size(2), " != q head_dim ", q.size(2));
+  TORCH_CHECK_VALUE(values.size(0) == hkv && values.size(1) == keys.size(1), "values shape ", values.sizes(), " does not match keys ",
+                    keys.sizes());
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q_heads (", hq, ") must be a positive multiple of kv_heads (", hkv, ")");
+  TORCH_CHECK_VALUE(q.size(2) > 0 && values.size(2) > 0, "head dims must be positive, got head_dim ", q.size(2), ", value_dim ",
+                    values.size(2));
+  TORCH_CHECK_VALUE(rac::supports_dims(keys.size(2), values.size(2)), "keys, values: the CUDA kernels support head_dim and value_dim <= ",
+                    rac::kMaxHeadDim, ", got ", keys.size(2), " and ", values.size(2));
+}
+
+// Element stride of dim `dim`, replaced by the contiguous value for a size-1 dim (whose stride is arbitrary).
+int64_t stride_of(const Tensor& t, int64_t dim) {
+  if (t.size(dim) > 1) return t.stride(dim);
+  int64_t s = 1;
+  for (int64_t i = dim + 1; i < t.dim(); ++i) s *= t.size(i);
+  return s;
 }
 
 template <class T>
@@ -89,13 +94,16 @@ rac::AttentionParams<T> make_params(const Tensor& q32, const Tensor& keys, const
   p.hkv = keys.size(0);
   p.n = keys.size(1);
   p.dv = values.size(2);
+  p.k_head_stride = stride_of(keys, 0);
+  p.k_row_stride = stride_of(keys, 1);
+  p.v_head_stride = stride_of(values, 0);
+  p.v_row_stride = stride_of(values, 1);
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   return p;
 }
 
-// Allocates the split-K workspace (if any) and launches. `sparse` selects the kernel family.
 template <class T>
 void run_attention(rac::AttentionParams<T>& p, bool sparse, const Tensor& like) {
   const int64_t rows = p.hq * p.m;
@@ -136,68 +144,74 @@ std::tuple<Tensor, Tensor> sparse_typed(const Tensor& q32, const Tensor& keys, c
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor> dense_attention_cuda(const Tensor& q, const Tensor& keys, const Tensor& values, double scale, bool causal) {
-  TORCH_CHECK(q.defined() && q.is_cuda(), "q: expected a CUDA tensor");
+std::tuple<Tensor, Tensor> dense_attention_cuda(const Tensor& q, const Tensor& keys_in, const Tensor& values_in, double scale, bool causal) {
+  TORCH_CHECK_VALUE(q.defined() && q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  const Tensor q32 = check_qkv(q, keys, values);
-  TORCH_CHECK(!causal || q32.size(1) <= keys.size(1), "causal attention needs at least as many keys as queries: m=", q32.size(1),
-              ", n=", keys.size(1));
+  check_qkv(q, keys_in, values_in);
+  TORCH_CHECK_VALUE(!causal || q.size(1) <= keys_in.size(1), "causal attention needs at least as many keys (", keys_in.size(1),
+                    ") as queries (", q.size(1), ")");
+  const Tensor q32 = q.to(at::kFloat).contiguous();
+  const Tensor keys = unit_last_stride(keys_in), values = unit_last_stride(values_in);
   switch (keys.scalar_type()) {
     case at::kFloat: return dense_typed<float>(q32, keys, values, scale, causal);
     case at::kHalf: return dense_typed<__half>(q32, keys, values, scale, causal);
     case at::kBFloat16: return dense_typed<__nv_bfloat16>(q32, keys, values, scale, causal);
     default: break;
   }
-  TORCH_CHECK(false, "keys: unsupported dtype ", keys.scalar_type());
+  TORCH_CHECK_TYPE(false, "keys: unsupported dtype ", keys.scalar_type());
   return {};
 }
 
-std::tuple<Tensor, Tensor> sparse_attention_cuda(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& ids, double scale) {
-  TORCH_CHECK(q.defined() && q.is_cuda(), "q: expected a CUDA tensor");
+std::tuple<Tensor, Tensor> sparse_attention_cuda(const Tensor& q, const Tensor& keys_in, const Tensor& values_in, const Tensor& ids_in,
+                                                 double scale) {
+  TORCH_CHECK_VALUE(q.defined() && q.is_cuda(), "q must be a CUDA tensor, got device ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  const Tensor q32 = check_qkv(q, keys, values);
-  check_cuda(ids, "ids", q);
-  check_rank(ids, "ids", 3, "(Hq, m, k)");
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "ids: expected int64, got ", ids.scalar_type());
-  check_contiguous(ids, "ids");
-  TORCH_CHECK(ids.size(0) == q32.size(0) && ids.size(1) == q32.size(1), "ids: expected shape (", q32.size(0), ", ", q32.size(1),
-              ", k) to match q ", q.sizes(), ", got ", ids.sizes());
-  const int64_t n = keys.size(1);
+  check_qkv(q, keys_in, values_in);
+  check_on_device_of(ids_in, "ids", q, "q");
+  check_rank(ids_in, "ids", 3, "(q_heads, queries, k)");
+  TORCH_CHECK_TYPE(ids_in.scalar_type() == at::kLong, "ids must be int64, got ", ids_in.scalar_type());
+  TORCH_CHECK_VALUE(ids_in.size(0) == q.size(0) && ids_in.size(1) == q.size(1), "ids shape ", ids_in.sizes(), " does not match q ",
+                    q.sizes());
+  const Tensor ids = ids_in.contiguous();
+  const int64_t n = keys_in.size(1);
   if (ids.numel() > 0) {
-    // Same contract as the CPU op: any id other than -1 outside [0, n) is an error (costs one sync).
+    // Same contract as the CPU op: any id other than -1 outside [0, n) is an error (costs one device sync).
     const Tensor bad = at::logical_or(ids.lt(-1), ids.ge(n));
     if (bad.any().item<bool>()) {
-      const int64_t first = ids.masked_select(bad).flatten()[0].item<int64_t>();
-      TORCH_CHECK_INDEX(false, "ids: key id ", first, " is out of range [0, ", n, ")");
+      const int64_t first = ids.masked_select(bad)[0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, "ids: key id ", first, " is out of range [0, ", n, ")");
     }
   }
+  const Tensor q32 = q.to(at::kFloat).contiguous();
+  const Tensor keys = unit_last_stride(keys_in), values = unit_last_stride(values_in);
   switch (keys.scalar_type()) {
     case at::kFloat: return sparse_typed<float>(q32, keys, values, ids, scale);
     case at::kHalf: return sparse_typed<__half>(q32, keys, values, ids, scale);
     case at::kBFloat16: return sparse_typed<__nv_bfloat16>(q32, keys, values, ids, scale);
     default: break;
   }
-  TORCH_CHECK(false, "keys: unsupported dtype ", keys.scalar_type());
+  TORCH_CHECK_TYPE(false, "keys: unsupported dtype ", keys.scalar_type());
   return {};
 }
 
 std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tensor& lse_a, const Tensor& out_b, const Tensor& lse_b) {
-  TORCH_CHECK(out_a.defined() && out_a.is_cuda(), "out_a: expected a CUDA tensor");
+  TORCH_CHECK_VALUE(out_a.defined() && out_a.is_cuda(), "out_a must be a CUDA tensor, got device ", out_a.device());
   const c10::cuda::CUDAGuard guard(out_a.device());
-  check_cuda(lse_a, "lse_a", out_a);
-  check_cuda(out_b, "out_b", out_a);
-  check_cuda(lse_b, "lse_b", out_a);
+  check_on_device_of(lse_a, "lse_a", out_a, "out_a");
+  check_on_device_of(out_b, "out_b", out_a, "out_a");
+  check_on_device_of(lse_b, "lse_b", out_a, "out_a");
+  TORCH_CHECK_VALUE(out_a.dim() >= 1 && out_a.sizes() == out_b.sizes(), "out_a ", out_a.sizes(), " and out_b ", out_b.sizes(),
+                    " must have the same shape (..., value_dim)");
+  const auto lead = out_a.sizes().slice(0, out_a.dim() - 1);
+  TORCH_CHECK_VALUE(lse_a.sizes() == lse_b.sizes() && lse_a.sizes() == lead, "lse_a ", lse_a.sizes(), " and lse_b ", lse_b.sizes(),
+                    " must have shape out.shape[:-1] = ", lead);
   const struct {
     const Tensor* t;
     const char* name;
   } all[] = {{&out_a, "out_a"}, {&lse_a, "lse_a"}, {&out_b, "out_b"}, {&lse_b, "lse_b"}};
   for (const auto& e : all)
-    TORCH_CHECK(at::isFloatingType(e.t->scalar_type()), e.name, ": expected a floating-point tensor, got ", e.t->scalar_type());
-  TORCH_CHECK(out_a.dim() >= 1, "out_a: expected shape (..., dv), got a 0-D tensor");
-  TORCH_CHECK(out_b.sizes() == out_a.sizes(), "out_b: expected the shape of out_a ", out_a.sizes(), ", got ", out_b.sizes());
-  const auto lead = out_a.sizes().slice(0, out_a.dim() - 1);
-  TORCH_CHECK(lse_a.sizes() == lead, "lse_a: expected shape ", lead, " (out_a's shape without the last dim), got ", lse_a.sizes());
-  TORCH_CHECK(lse_b.sizes() == lead, "lse_b: expected shape ", lead, " (out_a's shape without the last dim), got ", lse_b.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(e.t->scalar_type()), "merge_attention inputs must be floating tensors; ", e.name, " is ",
+                     e.t->scalar_type());
 
   const Tensor oa = out_a.to(at::kFloat).contiguous(), ob = out_b.to(at::kFloat).contiguous();
   const Tensor la = lse_a.to(at::kFloat).contiguous(), lb = lse_b.to(at::kFloat).contiguous();

@@ -3,7 +3,10 @@
 // exact LSE merge of two partial results.
 //
 // Contract (same semantics as include/retrieval_attention/attention.h, float32 math, natural-log LSE)
-//   * Layout: all buffers are device pointers, row-major and contiguous.
+//   * Layout: all buffers are device pointers, row-major. q, ids, out, lse, the workspace and the merge
+//     buffers are contiguous. keys / values need unit stride only in the last dim: element (h, j, c) is at
+//     keys[h * k_head_stride + j * k_row_stride + c] (likewise v_*), so a slice of a larger cache buffer
+//     can be passed without a copy. Strides are in elements, >= 0.
 //       q       (Hq, m, d)   float32            (the caller converts other query dtypes to float32)
 //       keys    (Hkv, n, d)  T in {float, __half, __nv_bfloat16}
 //       values  (Hkv, n, dv) T (same T as keys)
@@ -62,6 +65,8 @@ struct AttentionParams {
   const T* values = nullptr;         // (Hkv, n, dv)
   const int64_t* ids = nullptr;      // (Hq, m, k); null for dense
   int64_t hq = 0, m = 0, d = 0, hkv = 0, n = 0, dv = 0, k = 0;
+  int64_t k_head_stride = 0, k_row_stride = 0;  // keys element strides (dims 0 and 1)
+  int64_t v_head_stride = 0, v_row_stride = 0;  // values element strides (dims 0 and 1)
   float scale = 1.f;
   bool causal = false;               // dense only
   float* out = nullptr;              // (Hq, m, dv)
@@ -197,8 +202,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionPara
   int64_t hi = lo + chunk;
   if (hi > total) hi = total;
 
-  const T* __restrict__ kbase = p.keys + kvh * p.n * p.d;
-  const T* __restrict__ vbase = p.values + kvh * p.n * p.dv;
+  const T* __restrict__ kbase = p.keys + kvh * p.k_head_stride;
+  const T* __restrict__ vbase = p.values + kvh * p.v_head_stride;
   const int64_t* __restrict__ ids = kSparse ? p.ids + row * p.k : nullptr;
 
   float qf[EPL];
@@ -235,10 +240,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionPara
     F kf[B], vf[B];
 #pragma unroll
     for (int b = 0; b < B; ++b)
-      if (valid[b]) SH::load(kbase + key[b] * p.d, lig, d, kf[b]);
+      if (valid[b]) SH::load(kbase + key[b] * p.k_row_stride, lig, d, kf[b]);
 #pragma unroll
     for (int b = 0; b < B; ++b)
-      if (valid[b]) SH::load(vbase + key[b] * p.dv, lig, dv, vf[b]);
+      if (valid[b]) SH::load(vbase + key[b] * p.v_row_stride, lig, dv, vf[b]);
 
     float sc[B];
     float bm = neg_inf();
@@ -372,14 +377,12 @@ cudaError_t launch_shape(const AttentionParams<T>& p, int splits, float* workspa
   return cudaGetLastError();
 }
 
-template <class T>
-bool aligned16(const void* ptr) {
-  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
-}
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 template <class T, bool kSparse>
 cudaError_t launch_attention(const AttentionParams<T>& p, int splits, float* workspace, cudaStream_t stream) {
   if (p.hq <= 0 || p.hkv <= 0 || p.hq % p.hkv != 0 || p.m < 0 || p.n < 0 || p.k < 0 || !supports_dims(p.d, p.dv)) return cudaErrorInvalidValue;
+  if (p.k_head_stride < 0 || p.k_row_stride < 0 || p.v_head_stride < 0 || p.v_row_stride < 0) return cudaErrorInvalidValue;
   if (!kSparse && p.causal && p.m > p.n) return cudaErrorInvalidValue;
   const int64_t rows = p.hq * p.m;
   if (rows == 0) return cudaSuccess;
@@ -387,7 +390,10 @@ cudaError_t launch_attention(const AttentionParams<T>& p, int splits, float* wor
   if (splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   if (rows * static_cast<int64_t>(splits) > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   constexpr int kVecElems = static_cast<int>(16 / sizeof(T));
-  const bool vec_ok = p.d == p.dv && aligned16<T>(p.keys) && aligned16<T>(p.values);
+  const int64_t bytes = static_cast<int64_t>(sizeof(T));
+  const bool strides16 = (p.k_head_stride * bytes) % 16 == 0 && (p.k_row_stride * bytes) % 16 == 0 && (p.v_head_stride * bytes) % 16 == 0 &&
+                         (p.v_row_stride * bytes) % 16 == 0;
+  const bool vec_ok = p.d == p.dv && strides16 && aligned16(p.keys) && aligned16(p.values);
   if (vec_ok && p.d == 64) return launch_shape<T, Shape<T, 64 / kVecElems, kVecElems, true>, kSparse>(p, splits, workspace, stream);
   if (vec_ok && p.d == 128) return launch_shape<T, Shape<T, 128 / kVecElems, kVecElems, true>, kSparse>(p, splits, workspace, stream);
   return launch_shape<T, Shape<T, 32, kMaxHeadDim / 32, false>, kSparse>(p, splits, workspace, stream);
