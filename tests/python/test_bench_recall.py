@@ -1,0 +1,150 @@
+"""Smoke test of benchmarks/recall.py: the --quick --json code path on tiny data, the JSON fields of DESIGN.md §6,
+the hnswlib scan counter (a replay of hnswlib's search) and the --build-time mode. A few seconds."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCH)
+
+REQUIRED = {"bench": str, "data": str, "index": str, "n": int, "d": int, "k": int, "param": dict,
+            "recall": float, "scanned_frac": float, "qps": float, "build_s": float}
+
+
+def _has_query_guided():
+    try:
+        import retrieval_attention as ra
+    except Exception:
+        return False
+    return hasattr(ra, "QueryGuidedIndex")
+
+
+def _run(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "recall.py"), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.strip()]
+    return lines, p.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_lines(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recall")
+    lines, err = _run("--quick", "--json", "--data", "real,synthetic_ood,in_distribution", "--layers", "3",
+                      "--heads", "0", "--n", "1024", "--n-eval", "8", "--k", "100,10", "--ef-construction", "64",
+                      "--out", str(out))
+    return lines, err, out
+
+
+def test_recall_json_fields(quick_lines):
+    lines, err, out = quick_lines
+    rows = [r for r in lines if r["bench"] == "recall"]
+    assert rows, err[-2000:]
+    for r in rows:
+        for key, typ in REQUIRED.items():
+            assert key in r, (key, r)
+            assert isinstance(r[key], (int, float) if typ is float else typ), (key, r)
+        assert r["data"] in ("real", "model_qk", "synthetic_ood", "in_distribution")
+        assert r["index"] in ("query_guided", "flat", "hnswlib", "faiss_ivf", "faiss_hnsw")
+        assert r["k"] in (10, 100)
+        assert 0.0 <= r["recall"] <= 1.0
+        # distance computations / n: HNSW may exceed 1 at tiny n (upper levels, large ef); the rest cannot
+        assert 0.0 < r["scanned_frac"] <= (2.0 if r["index"] in ("hnswlib", "faiss_hnsw") else 1.0 + 1e-9)
+        assert r["qps"] > 0 and r["build_s"] >= 0
+    got = {(r["data"], r["index"]) for r in rows}
+    expect_idx = {"hnswlib", "faiss_ivf", "faiss_hnsw"} | ({"query_guided"} if _has_query_guided() else set())
+    for dname in ("real", "synthetic_ood", "in_distribution"):
+        for iname in expect_idx:
+            assert (dname, iname) in got, (dname, iname, sorted(got))
+    for r in rows:
+        if r["data"] == "real":
+            assert r["n"] == 8192 - 8 and r["d"] == 64   # keys = positions before the 8 eval queries
+        if r["index"] == "flat":
+            assert r["recall"] == 1.0 and r["scanned_frac"] == pytest.approx(1.0)
+        if r["index"] == "faiss_ivf" and r["n"] == 1024 and r["param"]["nprobe"] >= 32:   # nlist=32: exhaustive
+            assert r["recall"] == 1.0
+    # recall grows with the beam for the graph baselines
+    for iname in ("hnswlib", "faiss_hnsw"):
+        rs = sorted([r for r in rows if r["index"] == iname and r["data"] == "in_distribution" and r["k"] == 100],
+                    key=lambda r: r["param"]["ef"])
+        assert rs[-1]["recall"] >= rs[0]["recall"] and rs[-1]["scanned_frac"] > rs[0]["scanned_frac"]
+
+
+def test_summary_and_outputs(quick_lines):
+    lines, err, out = quick_lines
+    summ = [r for r in lines if r["bench"] == "recall_summary"]
+    assert summ
+    for s in summ:
+        assert {"data", "index", "k", "target_recall", "scanned_frac_at_target", "ratio_vs_query_guided"} <= set(s)
+        if s["scanned_frac_at_target"] is not None:
+            assert 0 < s["scanned_frac_at_target"] <= s["scanned_frac_measured"] <= 2.0
+    assert (out / "recall_quick.png").stat().st_size > 1000
+    assert len((out / "recall_quick.jsonl").read_text().splitlines()) == len(lines)
+    assert "replay agreement with hnswlib results: 1.000" in err or "replay agreement" in err
+
+
+def test_hnswlib_replay_matches_hnswlib():
+    import hnswlib
+    import recall
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2000, 16)).astype(np.float32) + 1.0
+    q = rng.standard_normal((20, 16)).astype(np.float32)
+    idx = hnswlib.Index(space="ip", dim=16)
+    idx.init_index(max_elements=2000, M=8, ef_construction=50, random_seed=1)
+    idx.add_items(keys, np.arange(2000))
+    idx.set_ef(40)
+    labels, _ = idx.knn_query(q, k=10, num_threads=1)
+    rep = recall.HnswlibReplay(idx, keys)
+    same = 0
+    for i in range(len(q)):
+        ids, ndis = rep.search(q[i], 10, 40)
+        same += set(ids.tolist()) == set(labels[i].tolist())
+        assert 10 <= ndis <= 2000 + 200
+    assert same >= 19
+
+
+def test_recall_metric_tie_tolerant():
+    import qk_data
+    keys = np.array([[1.0, 0], [1.0, 0], [0.5, 0], [0, 1]], np.float32)   # keys 0 and 1 tie
+    q = np.array([[1.0, 0]], np.float32)
+    ids, sc = qk_data.exact_topk(keys, q, 1)
+    assert qk_data.recall_per_query(np.array([[1]]), keys, q, sc[:, 0], 1)[0] == 1.0   # the other tied key counts
+    assert qk_data.recall_per_query(np.array([[2]]), keys, q, sc[:, 0], 1)[0] == 0.0
+    ids, sc = qk_data.exact_topk(keys, q, 2)
+    assert qk_data.recall_per_query(np.array([[0, 0]]), keys, q, sc[:, 1], 2)[0] == 0.5    # duplicates count once
+    assert qk_data.recall_per_query(np.array([[-1, 1]]), keys, q, sc[:, 1], 2)[0] == 0.5   # -1 padding
+
+
+def test_synthetic_ood_is_out_of_distribution():
+    import qk_data
+    ood = qk_data.make_synthetic("synthetic_ood", n=2048, d=32, n_eval=64)[0]
+    ind = qk_data.make_synthetic("in_distribution", n=2048, d=32, n_eval=64)[0]
+    assert qk_data.mahalanobis_ratio(ood) > 2.0
+    assert 0.8 < qk_data.mahalanobis_ratio(ind) < 1.25
+    assert ood.train_q.shape == (2048, 32) and ood.eval_q.shape == (64, 32)
+    assert not np.shares_memory(ood.train_q, ood.eval_q)
+
+
+def test_real_split_has_no_eval_queries_in_training():
+    import qk_data
+    p = qk_data.load_real(layers=[3], heads=[0])[0]
+    assert p.keys.shape == (8128, 64) and p.eval_q.shape == (64, 64) and p.train_q.shape == (63, 64)
+    # no training query equals an evaluation query
+    assert not any(np.array_equal(t, e) for t in p.train_q for e in p.eval_q)
+
+
+def test_build_time_mode():
+    lines, err = _run("--build-time", "--quick", "--json", "--bt-n", "1024", "--bt-d", "32", "--bt-heads", "2",
+                      "--bt-kv-heads", "1", "--bt-layers", "1", "--bt-indexes", "hnswlib,faiss_ivf,faiss_hnsw" +
+                      (",query_guided" if _has_query_guided() else ""))
+    assert lines, err[-2000:]
+    for r in lines:
+        assert r["bench"] == "build_time"
+        assert r["builds_done"] == r["builds"] and r["total_s"] is not None and r["total_s"] >= 0
+        assert r["builds"] == (2 if r["index"] == "query_guided" else 1)
