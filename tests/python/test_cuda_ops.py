@@ -1,0 +1,463 @@
+"""The CUDA impls of the retrieval_attention ops against a float64 torch reference, and against the CPU impls.
+
+Every test is marked `gpu` and skipped (with a reason) when torch.cuda is not available. On a CUDA machine the
+extension must have been built with its CUDA kernels; if it was not, the tests fail (not skip) and say so.
+
+Inputs are fresh random tensors from a per-case seed; RA_TEST_SEED=<int> changes the base seed. The reference
+is computed in float64 from the *same* stored (possibly float16/bfloat16-rounded) keys and values and the
+float32-rounded queries, so the error bounds measure only the kernels' float32 accumulation, whatever the
+storage dtype. The ops allocate their outputs, so they cannot be poisoned directly; instead the CUDA caching
+allocator is filled with NaN blocks right before each call (freed blocks are handed out again unchanged), so an
+output element the kernels forget to write very likely shows up as NaN.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+import retrieval_attention  # noqa: F401  (registers torch.ops.retrieval_attention)
+
+ops = torch.ops.retrieval_attention
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# float32 accumulation error only (see module docstring); a little wider for long key sets and peaky softmax.
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+LSE_TOL = 2e-5
+BASE_SEED = int(os.environ.get("RA_TEST_SEED", "1234"))
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_kernels_registered():
+    for op in ("dense_attention", "sparse_attention", "merge_attention"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"retrieval_attention::{op}", "CUDA"), (
+            f"retrieval_attention::{op} has no CUDA kernel: the extension was built without csrc/cuda/*.cu "
+            "(rebuild with a CUDA torch and the CUDA toolkit, RA_FORCE_CPU unset)"
+        )
+
+
+def gen(*key):
+    g = torch.Generator()
+    g.manual_seed(BASE_SEED + zlib.crc32(repr(key).encode()))  # stable across processes (unlike hash())
+    return g
+
+
+def poison_allocator():
+    """Fill the caching allocator's free blocks with NaN: small-pool (< 1 MiB) and large-pool allocations."""
+    blocks = [torch.full((64 * 1024,), float("nan"), device="cuda") for _ in range(32)]  # 256 KiB each
+    blocks += [torch.full((n,), float("nan"), device="cuda") for n in (1 << 20, 4 << 20, 16 << 20, 64 << 20)]
+    torch.cuda.synchronize()
+    del blocks
+
+
+def make_qkv(g, hq, hkv, m, n, d, dv, dtype, q_scale=1.0):
+    q = torch.randn(hq, m, d, generator=g) * q_scale
+    keys = torch.randn(hkv, n, d, generator=g).to(dtype)
+    values = torch.randn(hkv, n, dv, generator=g).to(dtype)
+    return q, keys, values
+
+
+def reference(q, keys, values, mask, scale):
+    """float64 attention over a boolean (Hq, m, n) mask of visible keys (computed on the tensors' device)."""
+    hq, hkv = q.shape[0], keys.shape[0]
+    k = keys.double().repeat_interleave(hq // hkv, 0)
+    v = values.double().repeat_interleave(hq // hkv, 0)
+    s = torch.einsum("hmd,hnd->hmn", q.float().double(), k) * scale
+    s = s.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def causal_mask(hq, m, n, device):
+    j = torch.arange(n, device=device)[None, None, :]
+    last = (n - m + torch.arange(m, device=device))[None, :, None]
+    return (j <= last).expand(hq, m, n)
+
+
+def sparse_reference(q, keys, values, ids, scale):
+    """float64 attention over the ids of each row (-1 skipped, duplicates counted), by gathering."""
+    hq, hkv = q.shape[0], keys.shape[0]
+    k = keys.double().repeat_interleave(hq // hkv, 0)
+    v = values.double().repeat_interleave(hq // hkv, 0)
+    valid = ids >= 0
+    idx = ids.clamp(min=0)
+    h = torch.arange(hq, device=ids.device)[:, None, None]
+    kg, vg = k[h, idx], v[h, idx]  # (hq, m, k, d), (hq, m, k, dv)
+    s = torch.einsum("hmd,hmkd->hmk", q.float().double(), kg) * scale
+    s = s.masked_fill(~valid, NEG_INF)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.einsum("hmk,hmkv->hmv", p, vg), lse
+
+
+def check_result(out, lse, ref_out, ref_lse, out_tol, what):
+    hq, m, dv = ref_out.shape
+    assert out.is_cuda and lse.is_cuda, what
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32, what
+    assert out.shape == (hq, m, dv) and lse.shape == (hq, m), f"{what}: shapes {tuple(out.shape)}, {tuple(lse.shape)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN in out (unwritten or bad math)"
+    assert not torch.isnan(lse).any(), f"{what}: NaN in lse"
+    assert torch.isfinite(out).all(), f"{what}: non-finite out"
+    finite = torch.isfinite(ref_lse)
+    assert torch.isfinite(lse[finite]).all(), f"{what}: lse not finite where the reference is"
+    assert (lse[~finite] == NEG_INF).all(), f"{what}: empty key sets must give lse = -inf"
+    assert (out[~finite] == 0).all(), f"{what}: empty key sets must give out = 0"
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=LSE_TOL, atol=LSE_TOL, msg=lambda s: f"{what}: lse: {s}")
+    torch.testing.assert_close(out.double(), ref_out, rtol=out_tol, atol=out_tol, msg=lambda s: f"{what}: out: {s}")
+
+
+# --------------------------------------------------------------------------------------------------
+# dense (and causal) attention
+# --------------------------------------------------------------------------------------------------
+# (hq, hkv, m, n, d, dv, causal): GQA ratios 1/3/4, n from 1 to 5000, d = 64 / 128 (16-byte vector path) and
+# other dims (generic path), rows few (many key splits) and many (one split), causal with m = 1, m < n, m = n.
+DENSE_CASES = [
+    (1, 1, 1, 1, 64, 64, False),
+    (4, 4, 1, 7, 128, 128, False),
+    (6, 2, 3, 129, 128, 128, False),
+    (32, 8, 1, 640, 128, 128, False),  # Llama-3-8B decode over the default static set
+    (32, 8, 1, 4096, 128, 128, False),
+    (8, 2, 4, 5000, 64, 64, False),
+    (1, 1, 1, 5000, 128, 128, False),  # one row: the most key splits
+    (3, 1, 2, 2000, 64, 64, False),
+    (32, 8, 64, 300, 128, 128, False),  # 2048 rows: one split
+    (6, 2, 1, 640, 64, 64, True),  # decode step: m = 1 sees everything
+    (6, 2, 16, 1000, 64, 64, True),
+    (4, 4, 37, 37, 128, 128, True),  # prefill: m = n
+    (3, 1, 5, 2000, 128, 128, True),
+    (2, 1, 1, 5000, 128, 128, True),
+    (32, 8, 8, 4096, 128, 128, True),
+    (6, 2, 2, 333, 96, 96, False),  # generic path: d not 64/128
+    (4, 2, 3, 700, 64, 32, True),  # generic path: d != dv
+    (2, 2, 1, 50, 256, 256, False),  # generic path: largest supported dim
+    (1, 1, 1, 3000, 8, 8, False),
+    (4, 1, 2, 1, 1, 1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,m,n,d,dv,causal", DENSE_CASES)
+def test_dense_attention_matches_float64_reference(dtype, hq, hkv, m, n, d, dv, causal):
+    q, keys, values = make_qkv(gen("dense", hq, hkv, m, n, d, dv, causal, str(dtype)), hq, hkv, m, n, d, dv, dtype)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    scale = d**-0.5
+    poison_allocator()
+    out, lse = ops.dense_attention(q, keys, values, scale, causal)
+    mask = causal_mask(hq, m, n, "cuda") if causal else torch.ones(hq, m, n, dtype=torch.bool, device="cuda")
+    ref_out, ref_lse = reference(q, keys, values, mask, scale)
+    check_result(out, lse, ref_out, ref_lse, OUT_TOL[dtype], f"dense {dtype} hq={hq} hkv={hkv} m={m} n={n} d={d} dv={dv} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [200, 4096])
+def test_dense_peaky_softmax_with_late_maximum(dtype, n):
+    """Large scores (no overflow: max subtraction) whose maximum sits in the last key (online rescaling)."""
+    g = gen("peaky", n, str(dtype))
+    hq, hkv, m, d = 8, 2, 1, 128
+    q, keys, values = make_qkv(g, hq, hkv, m, n, d, d, dtype, q_scale=2.0)
+    keys[:, -1] = (1.5 * q.reshape(hkv, hq // hkv, d).mean(1)).to(dtype)  # aligned with its group's queries: score ~190
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    scale = 1.0  # scores in the hundreds: exp would overflow without the running max
+    poison_allocator()
+    out, lse = ops.dense_attention(q, keys, values, scale, False)
+    ref_out, ref_lse = reference(q, keys, values, torch.ones(hq, m, n, dtype=torch.bool, device="cuda"), scale)
+    assert ref_lse.min() > 100  # exp(score) overflows float32 (> 88) unless the running max is subtracted
+    # scores ~128 carry float32 dot-product error ~1e-4 absolute, which the weights inherit
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.double(), ref_out, rtol=5e-4, atol=5e-4)
+
+
+def test_dense_empty_key_set_gives_zero_and_neg_inf():
+    q = torch.randn(4, 3, 64, device="cuda")
+    keys = torch.empty(2, 0, 64, device="cuda", dtype=torch.float16)
+    values = torch.empty(2, 0, 64, device="cuda", dtype=torch.float16)
+    poison_allocator()
+    out, lse = ops.dense_attention(q, keys, values, 0.125, False)
+    assert out.shape == (4, 3, 64) and lse.shape == (4, 3)
+    assert (out == 0).all() and (lse == NEG_INF).all()
+
+
+def test_dense_zero_queries():
+    q = torch.randn(4, 0, 64, device="cuda")
+    keys = torch.randn(2, 10, 64, device="cuda")
+    out, lse = ops.dense_attention(q, keys, keys, 0.125, True)
+    assert out.shape == (4, 0, 64) and lse.shape == (4, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_strided_and_misaligned_keys(dtype):
+    """keys/values as slices of a larger buffer (read in place through strides), and 16-byte-misaligned storage
+    (falls back to the generic kernel); both must match the contiguous result."""
+    g = gen("strided", str(dtype))
+    hq, hkv, m, n, d, cap = 8, 2, 2, 700, 128, 1000
+    q = torch.randn(hq, m, d, generator=g).cuda()
+    kbuf = torch.randn(hkv, cap, d, generator=g).to(dtype).cuda()
+    vbuf = torch.randn(hkv, cap, d, generator=g).to(dtype).cuda()
+    keys, values = kbuf[:, 100 : 100 + n], vbuf[:, 100 : 100 + n]  # non-contiguous, unit last stride
+    assert not keys.is_contiguous()
+    want_out, want_lse = reference(q, keys, values, torch.ones(hq, m, n, dtype=torch.bool, device="cuda"), d**-0.5)
+    out, lse = ops.dense_attention(q, keys, values, d**-0.5, False)
+    check_result(out, lse, want_out, want_lse, OUT_TOL[dtype], "strided")
+    flat_k = torch.empty(keys.numel() + 1, dtype=dtype, device="cuda")
+    flat_v = torch.empty(values.numel() + 1, dtype=dtype, device="cuda")
+    mk = flat_k[1:].view(hkv, n, d)  # storage offset of one element: not 16-byte aligned
+    mv = flat_v[1:].view(hkv, n, d)
+    mk.copy_(keys)
+    mv.copy_(values)
+    out2, lse2 = ops.dense_attention(q, mk, mv, d**-0.5, False)
+    check_result(out2, lse2, want_out, want_lse, OUT_TOL[dtype], "misaligned")
+    # last dim not unit-stride: copied by the launcher, same result
+    kt = keys.transpose(1, 2).contiguous().transpose(1, 2)
+    out3, lse3 = ops.dense_attention(q, kt, values, d**-0.5, False)
+    check_result(out3, lse3, want_out, want_lse, OUT_TOL[dtype], "last-dim strided")
+
+
+def test_dense_query_dtypes_and_noncontiguous_query():
+    g = gen("qdtype")
+    hq, hkv, m, n, d = 6, 2, 3, 300, 64
+    q, keys, values = make_qkv(g, hq, hkv, m, n, d, d, torch.bfloat16)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    for qq in (q.half(), q.bfloat16(), q.double(), q.transpose(0, 1).contiguous().transpose(0, 1)):
+        out, lse = ops.dense_attention(qq, keys, values, 0.1, True)
+        ref_out, ref_lse = reference(qq, keys, values, causal_mask(hq, m, n, "cuda"), 0.1)
+        check_result(out, lse, ref_out, ref_lse, 2e-5, f"q dtype {qq.dtype}, contiguous={qq.is_contiguous()}")
+
+
+def test_dense_is_deterministic():
+    g = gen("det")
+    q, keys, values = make_qkv(g, 32, 8, 1, 4096, 128, 128, torch.float16)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    a = ops.dense_attention(q, keys, values, 0.088, False)
+    b = ops.dense_attention(q, keys, values, 0.088, False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_dense_runs_on_the_current_stream():
+    g = gen("stream")
+    q, keys, values = make_qkv(g, 8, 2, 1, 2000, 128, 128, torch.float16)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    want = ops.dense_attention(q, keys, values, 0.088, False)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = ops.dense_attention(q, keys, values, 0.088, False)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse attention
+# --------------------------------------------------------------------------------------------------
+def make_ids(g, hq, m, n, k, pad_frac):
+    ids = torch.randint(0, n, (hq, m, k), generator=g)  # duplicates allowed: they count twice
+    pad = torch.rand(hq, m, k, generator=g) < pad_frac
+    ids[pad] = -1
+    if hq * m > 1:
+        ids[0, 0] = -1  # one row with nothing to attend
+    return ids
+
+
+# (hq, hkv, m, n, k, d, dv, pad_frac)
+SPARSE_CASES = [
+    (1, 1, 1, 1, 1, 64, 64, 0.0),
+    (4, 4, 2, 100, 16, 64, 64, 0.2),
+    (6, 2, 3, 5000, 100, 128, 128, 0.2),  # paper default top_k
+    (32, 8, 1, 4096, 2000, 128, 128, 0.1),  # top_k for key-value retrieval: key splits
+    (8, 2, 4, 640, 300, 64, 64, 0.5),
+    (3, 1, 2, 50, 200, 128, 128, 0.3),  # k > n: many duplicates
+    (4, 2, 2, 500, 64, 80, 48, 0.2),  # generic path
+    (2, 1, 3, 1000, 1, 128, 128, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,m,n,k,d,dv,pad_frac", SPARSE_CASES)
+def test_sparse_attention_matches_float64_reference(dtype, hq, hkv, m, n, k, d, dv, pad_frac):
+    g = gen("sparse", hq, hkv, m, n, k, d, dv, str(dtype))
+    q, keys, values = make_qkv(g, hq, hkv, m, n, d, dv, dtype)
+    ids = make_ids(g, hq, m, n, k, pad_frac)
+    q, keys, values, ids = q.cuda(), keys.cuda(), values.cuda(), ids.cuda()
+    scale = d**-0.5
+    poison_allocator()
+    out, lse = ops.sparse_attention(q, keys, values, ids, scale)
+    ref_out, ref_lse = sparse_reference(q, keys, values, ids, scale)
+    check_result(out, lse, ref_out, ref_lse, OUT_TOL[dtype], f"sparse {dtype} hq={hq} hkv={hkv} m={m} n={n} k={k} d={d} dv={dv}")
+
+
+def test_sparse_all_padding_and_k_zero():
+    q = torch.randn(4, 2, 64, device="cuda")
+    keys = torch.randn(2, 30, 64, device="cuda")
+    ids = torch.full((4, 2, 5), -1, dtype=torch.long, device="cuda")
+    poison_allocator()
+    out, lse = ops.sparse_attention(q, keys, keys, ids, 0.125)
+    assert (out == 0).all() and (lse == NEG_INF).all()
+    out, lse = ops.sparse_attention(q, keys, keys, ids[..., :0], 0.125)
+    assert out.shape == (4, 2, 64) and (out == 0).all() and (lse == NEG_INF).all()
+
+
+def test_sparse_with_all_ids_equals_dense():
+    g = gen("sparse=dense")
+    hq, hkv, m, n, d = 8, 2, 2, 1500, 128
+    q, keys, values = make_qkv(g, hq, hkv, m, n, d, d, torch.float16)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    ids = torch.arange(n, device="cuda").expand(hq, m, n).contiguous()
+    so, sl = ops.sparse_attention(q, keys, values, ids, 0.09)
+    do, dl = ops.dense_attention(q, keys, values, 0.09, False)
+    torch.testing.assert_close(so, do, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sl, dl, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-2, 30, 1 << 40])
+def test_sparse_rejects_out_of_range_ids(bad):
+    q = torch.randn(2, 1, 64, device="cuda")
+    keys = torch.randn(1, 30, 64, device="cuda")
+    ids = torch.tensor([[[0, 5, -1]], [[1, bad, 2]]], device="cuda")
+    with pytest.raises(ValueError, match="out of range"):
+        ops.sparse_attention(q, keys, keys, ids, 0.125)
+
+
+# --------------------------------------------------------------------------------------------------
+# merge
+# --------------------------------------------------------------------------------------------------
+def merge_reference(oa, la, ob, lb):
+    oa, la, ob, lb = (t.double() for t in (oa, la, ob, lb))
+    lse = torch.logaddexp(la, lb)
+    wa = torch.exp(la - lse).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lb - lse).nan_to_num(0.0).unsqueeze(-1)
+    return wa * oa + wb * ob, lse
+
+
+@pytest.mark.parametrize("shape", [(32, 1, 128), (5, 7, 3, 64), (10, 1), (128,), (4, 4, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_merge_matches_float64_reference(shape, dtype):
+    g = gen("merge", shape, str(dtype))
+    oa, ob = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    la, lb = torch.randn(shape[:-1], generator=g) * 20, torch.randn(shape[:-1], generator=g) * 20
+    if la.numel() >= 4:  # empty a, empty b, both empty
+        la.view(-1)[0] = NEG_INF
+        lb.view(-1)[1] = NEG_INF
+        la.view(-1)[2] = NEG_INF
+        lb.view(-1)[2] = NEG_INF
+        oa.view(-1, shape[-1])[[0, 2]] = 0
+        ob.view(-1, shape[-1])[[1, 2]] = 0
+    oa, la, ob, lb = (t.to(dtype).cuda() for t in (oa, la, ob, lb))
+    poison_allocator()
+    out, lse = ops.merge_attention(oa, la, ob, lb)
+    ref_out, ref_lse = merge_reference(oa, la, ob, lb)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.shape == oa.shape and lse.shape == la.shape
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    tol = 1e-5  # the reference sees the same rounded inputs
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    if la.numel() >= 4:
+        assert lse.view(-1)[2] == NEG_INF and (out.view(-1, shape[-1])[2] == 0).all()
+
+
+def test_split_attention_merged_equals_dense():
+    """dense over the first part (as the GPU static set) + sparse over the rest (as the CPU part), merged."""
+    g = gen("split-merge")
+    hq, hkv, m, n, d, split = 32, 8, 1, 3000, 128, 640
+    q, keys, values = make_qkv(g, hq, hkv, m, n, d, d, torch.bfloat16)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    oa, la = ops.dense_attention(q, keys[:, :split].contiguous(), values[:, :split].contiguous(), 0.088, False)
+    ids = (split + torch.arange(n - split, device="cuda")).expand(hq, m, n - split).contiguous()
+    ob, lb = ops.sparse_attention(q, keys, values, ids, 0.088)
+    out, lse = ops.merge_attention(oa, la, ob, lb)
+    full_out, full_lse = ops.dense_attention(q, keys, values, 0.088, False)
+    torch.testing.assert_close(out, full_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, full_lse, rtol=2e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU vs CUDA: the same op on the same inputs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,m,n,d,causal", [(6, 2, 1, 640, 64, True), (32, 8, 2, 1200, 128, False), (4, 4, 9, 9, 128, True), (3, 1, 2, 257, 96, False)])
+def test_dense_cpu_and_cuda_agree(dtype, hq, hkv, m, n, d, causal):
+    q, keys, values = make_qkv(gen("cpu-cuda-dense", hq, hkv, m, n, d, causal, str(dtype)), hq, hkv, m, n, d, d, dtype)
+    cpu = ops.dense_attention(q, keys, values, d**-0.5, causal)
+    gpu = ops.dense_attention(q.cuda(), keys.cuda(), values.cuda(), d**-0.5, causal)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,m,n,k,d", [(6, 2, 1, 3000, 100, 64), (32, 8, 1, 5000, 2000, 128), (4, 2, 3, 50, 80, 48)])
+def test_sparse_cpu_and_cuda_agree(dtype, hq, hkv, m, n, k, d):
+    g = gen("cpu-cuda-sparse", hq, hkv, m, n, k, d, str(dtype))
+    q, keys, values = make_qkv(g, hq, hkv, m, n, d, d, dtype)
+    ids = make_ids(g, hq, m, n, k, 0.2)
+    cpu = ops.sparse_attention(q, keys, values, ids, d**-0.5)
+    gpu = ops.sparse_attention(q.cuda(), keys.cuda(), values.cuda(), ids.cuda(), d**-0.5)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=2e-5, atol=2e-5)
+
+
+def test_merge_cpu_and_cuda_agree():
+    g = gen("cpu-cuda-merge")
+    oa, ob = torch.randn(32, 3, 128, generator=g), torch.randn(32, 3, 128, generator=g)
+    la, lb = torch.randn(32, 3, generator=g) * 10, torch.randn(32, 3, generator=g) * 10
+    la[0, 0] = NEG_INF
+    lb[1, 1] = NEG_INF
+    la[2, 2] = lb[2, 2] = NEG_INF
+    cpu = ops.merge_attention(oa, la, ob, lb)
+    gpu = ops.merge_attention(oa.cuda(), la.cuda(), ob.cuda(), lb.cuda())
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad inputs: clear Python errors, never a crash
+# --------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(4, 1, 64, device="cuda")
+    keys = torch.randn(2, 10, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="keys must be a CUDA tensor"):
+        ops.dense_attention(q, keys.cpu(), keys, 0.1, False)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        ops.dense_attention(q[:3], keys, keys, 0.1, False)
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.dense_attention(q[..., :32], keys, keys, 0.1, False)
+    with pytest.raises(ValueError, match="q must have shape"):
+        ops.dense_attention(q[0], keys, keys, 0.1, False)
+    with pytest.raises(TypeError, match="keys must be float32, float16 or bfloat16"):
+        ops.dense_attention(q, keys.double(), keys.double(), 0.1, False)
+    with pytest.raises(TypeError, match="values dtype"):
+        ops.dense_attention(q, keys, keys.float(), 0.1, False)
+    with pytest.raises(ValueError, match="causal attention needs"):
+        ops.dense_attention(torch.randn(4, 11, 64, device="cuda"), keys, keys, 0.1, True)
+    with pytest.raises(ValueError, match="value_dim <= 256"):
+        big = torch.randn(2, 10, 512, device="cuda")
+        ops.dense_attention(torch.randn(4, 1, 512, device="cuda"), big, big, 0.1, False)
+    with pytest.raises(TypeError, match="ids must be int64"):
+        ops.sparse_attention(q, keys, keys, torch.zeros(4, 1, 3, device="cuda", dtype=torch.int32), 0.1)
+    with pytest.raises(ValueError, match="ids shape"):
+        ops.sparse_attention(q, keys, keys, torch.zeros(4, 2, 3, device="cuda", dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="lse_a"):
+        ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(5, device="cuda"), torch.zeros(4, 8, device="cuda"),
+                            torch.zeros(5, device="cuda"))
+    with pytest.raises(ValueError, match="out_b must be a CUDA tensor"):
+        ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(4, device="cuda"), torch.zeros(4, 8),
+                            torch.zeros(4, device="cuda"))
+    torch.cuda.synchronize()  # the context is still healthy
+
+
+def test_opcheck_on_cuda():
+    """Schema, fake (meta) impl and dispatch of the CUDA impls (the fake impls live in retrieval_attention.ops)."""
+    g = gen("opcheck")
+    q, keys, values = make_qkv(g, 4, 2, 2, 300, 64, 64, torch.float16)
+    q, keys, values = q.cuda(), keys.cuda(), values.cuda()
+    ids = make_ids(g, 4, 2, 300, 40, 0.2).cuda()
+    torch.library.opcheck(ops.sparse_attention.default, (q, keys, values, ids, 0.125))
+    torch.library.opcheck(ops.dense_attention.default, (q, keys, values, 0.125, True))
+    o, l = ops.dense_attention(q, keys, values, 0.125, False)
+    torch.library.opcheck(ops.merge_attention.default, (o, l, o.clone(), l.clone()))
