@@ -1,0 +1,135 @@
+"""Fast tests of the accuracy benchmark: task generators (benchmarks/tasks.py) and a tiny end-to-end run of
+benchmarks/accuracy.py (all baseline layers, small static set so the CPU part is exercised)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import tasks as T  # noqa: E402
+
+MODEL = os.path.join(REPO, "models", "tinyllama-byte-32k")
+
+
+@pytest.fixture(scope="module")
+def hay():
+    return T.load_haystack(1 << 18, sources="generated")[0]
+
+
+def test_haystack_sources():
+    text, desc = T.load_haystack(1 << 18)
+    assert len(text) >= 1 << 18 and text.isascii()
+    assert "bytes from" in desc
+    gen, gdesc = T.load_haystack(5000, sources="generated")
+    assert len(gen) >= 5000 and "generated" in gdesc
+    assert T.generated_text(3000, seed=7) == T.generated_text(3000, seed=7)
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+@pytest.mark.parametrize("context", [512, 1024, 3000])
+def test_sample_shape_and_answer(task, context, hay):
+    samples = T.make_samples(task, context, 4, seed=3, haystack=hay)
+    for s in samples:
+        assert len(s.ids) == context and s.ids[0] == T.BOS
+        assert all(0 <= i < 256 for i in s.ids[1:])
+        p = s.prompt
+        assert re.fullmatch(r"\d+", s.answer)
+        assert len(s.answer) == {"passkey": 5, "kv": 6, "niah": 7, "niah_multi": 7}[task]
+        if task == "passkey":
+            assert p.endswith("\nWhat is the pass key? The pass key is ")
+            assert f"The pass key is {s.answer}. Remember it. {s.answer} is the pass key.\n" in p
+        elif task == "kv":
+            key = re.search(r"What is the value of (key-[a-z0-9]{6})\? \1: $", p).group(1)
+            assert f"\n{key}: {s.answer}\n" in p or p.startswith(f"{key}: {s.answer}\n")
+            assert len(re.findall(r"key-[a-z0-9]{6}: \d{6}\n", p)) == 16
+        else:
+            word = re.search(r"What is the special magic number for (\w+)\? The special magic number for \1 is: $", p).group(1)
+            assert f"The special magic number for {word} is: {s.answer}.\n" in p
+            assert len(re.findall(r"The special magic number for \w+ is: \d{7}\.\n", p)) == (1 if task == "niah" else 4)
+    # depth sweep: the queried needle moves from the start to the end of the haystack
+    for s in samples:
+        target = s.depth * s.meta["haystack_chars"]
+        assert target - 400 <= s.meta["queried_position"] <= target + 1
+    assert samples[0].meta["queried_position"] < samples[-1].meta["queried_position"]
+
+
+def test_deterministic_and_distinct(hay):
+    a = T.make_samples("niah_multi", 1024, 3, seed=1, haystack=hay)
+    b = T.make_samples("niah_multi", 1024, 3, seed=1, haystack=hay)
+    c = T.make_samples("niah_multi", 1024, 3, seed=2, haystack=hay)
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert [s.ids for s in a] != [s.ids for s in c]
+    assert len({s.answer for s in a}) == 3
+
+
+def test_too_short_context_raises(hay):
+    with pytest.raises(ValueError):
+        T.make_sample("kv", 300, 0, 1, haystack=hay)
+
+
+def test_score_and_natural_text(hay):
+    assert T.score("57213", "57213.")
+    assert T.score("57213", " 57213\n")
+    assert not T.score("57213", "572134")
+    assert not T.score("57213", "5721.")
+    assert not T.score("57213", "abc")
+    ids = T.natural_text_ids(600, 5, haystack=hay)
+    assert len(ids) == 605 and ids[0] == T.BOS  # context + continuation
+
+
+@pytest.mark.skipif(not os.path.isdir(MODEL), reason="bundled model missing")
+def test_harness_end_to_end(tmp_path, capsys):
+    pytest.importorskip("faiss")
+    import accuracy as A
+
+    methods = "full,flat_topk,ivf_topk,quest,static_only"
+    results, kl = A.main(["--json", "--contexts", "640", "--samples", "1", "--tasks", "passkey", "--methods", methods,
+                          "--n-sink", "16", "--n-window", "64", "--top-k", "32", "--kl-contexts", "400",
+                          "--kl-tokens", "3", "--device", "cpu", "--out", str(tmp_path), "--analysis"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    acc = [r for r in lines if r["bench"] == "accuracy"]
+    assert [r["method"] for r in acc] == methods.split(",")
+    for r in acc:
+        for key in ("task", "context", "method", "accuracy", "samples", "scanned_frac"):
+            assert key in r
+        assert r["context"] == 640 and r["samples"] == 1 and 0.0 <= r["accuracy"] <= 1.0
+    by = {r["method"]: r for r in acc}
+    assert by["full"]["scanned_frac"] == 1.0 and by["flat_topk"]["scanned_frac"] == pytest.approx(1.0)
+    assert by["static_only"]["scanned_frac"] == 0.0
+    assert 0.0 < by["quest"]["scanned_frac"] < 1.0 and 0.0 < by["ivf_topk"]["scanned_frac"] <= 1.0
+    assert by["flat_topk"]["topk_mass_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert by["static_only"]["topk_mass_ratio"] == 0.0
+    kls = {r["method"]: r for r in lines if r["bench"] == "accuracy_kl"}
+    assert set(kls) == set(methods.split(",")) - {"full"}
+    assert all(r["kl"] >= -1e-6 for r in kls.values())
+    assert kls["flat_topk"]["cpu_mass_recovered"] <= 1.0 + 1e-4
+    for f in ("accuracy.jsonl", "accuracy.md", "accuracy.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+def test_exactness_mode_matches_full(hay):
+    """With top_k >= all CPU tokens, flat_topk and quest must reproduce full attention's next-token distribution."""
+    if not os.path.isdir(MODEL):
+        pytest.skip("bundled model missing")
+    pytest.importorskip("faiss")
+    import torch
+
+    import accuracy as A
+
+    args = A.parse_args(["--device", "cpu", "--n-sink", "8", "--n-window", "32", "--top-k", "1000"])
+    runner = A.Runner(args)
+    ids = T.natural_text_ids(300, 4, haystack=hay)
+    from transformers import DynamicCache
+
+    ref = runner.teacher_forced_logprobs([ids], 300, DynamicCache())
+    for method in ("flat_topk", "quest", "ivf_topk"):
+        if method == "ivf_topk":
+            runner.layers["ivf_topk"].target_scan = 1.0
+        lp = runner.teacher_forced_logprobs([ids], 300, runner.make_cache(method))
+        assert torch.allclose(lp, ref, atol=2e-3), (method, (lp - ref).abs().max())
