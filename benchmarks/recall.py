@@ -55,6 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--qg-args", default="{}", help="extra QueryGuidedIndex kwargs as JSON, e.g. '{\"device\":\"cuda\"}'")
+    ap.add_argument("--qg-device", default=None,
+                    help="pass keys and training queries on this torch device (cuda: GPU kNN) to QueryGuidedIndex; "
+                         "the host->device copy is inside build_s")
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=200, help="hnswlib and faiss_hnsw efConstruction")
     ap.add_argument("--nlist", type=int, default=None, help="faiss_ivf lists (default: power of 2 near sqrt(n))")
@@ -228,7 +231,10 @@ class QueryGuided(Adapter):
 
     def build(self, p):
         import torch
-        return self.ra.QueryGuidedIndex(torch.from_numpy(p.keys), torch.from_numpy(p.train_q),
+        keys, train = torch.from_numpy(p.keys), torch.from_numpy(p.train_q)
+        if self.args.qg_device:  # keys and training queries on e.g. cuda: the bipartite kNN runs there
+            keys, train = keys.to(self.args.qg_device), train.to(self.args.qg_device)
+        return self.ra.QueryGuidedIndex(keys, train,
                                         degree=self.args.degree, k_train=min(self.args.k_train, p.n), **self.extra)
 
     def search(self, idx, q, k, param):
@@ -474,7 +480,9 @@ def evaluate(datasets, adapters, ks, args):
                 try:
                     state = ad.build(p)
                 except Exception as e:
-                    log(f"[recall] {dname}/{ad.name}/{p.name}: build failed: {type(e).__name__}: {e}")
+                    msg = str(e).replace("\n", " ")
+                    log(f"[recall] {dname}/{ad.name}/{p.name}: build failed, index skipped: {type(e).__name__}: "
+                        f"{msg[:400]}{' ...' if len(msg) > 400 else ''}")
                     state = None
                     break
                 build.append(time.perf_counter() - t0)
@@ -637,11 +645,19 @@ def build_time(args, emit):
             prob = qk_data.Problem(f"L{l}H{h}", keys, train, train[:0])
             gen_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            state = ad.build(prob)
+            try:
+                state = ad.build(prob)
+            except Exception as e:
+                msg = str(e).replace("\n", " ")
+                log(f"[build_time] {ad.name}: build failed, index skipped: {type(e).__name__}: {msg[:400]}")
+                times = []
+                break
             times.append(time.perf_counter() - t0)
             del state
             log(f"[build_time] {ad.name} L{l} {'H' if per_q else 'KV'}{h}: {times[-1]:.2f}s")
         done = len(times)
+        if not done:
+            continue
         emit({"bench": "build_time", "index": ad.name, "data": "synthetic_ood", "layers": L, "q_heads": H,
               "kv_heads": KV, "n": n, "d": d, "train_queries": m if ad.name == "query_guided" else 0,
               "per": "query_head" if per_q else "kv_head", "builds": len(units), "builds_done": done,
