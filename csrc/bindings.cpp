@@ -46,7 +46,8 @@ class PyIndex {
                                std::unique_ptr<ra::IndexedKeys<ra::BFloat16>>>;
   explicit PyIndex(Variant v) : v_(std::move(v)) {}
 
-  static PyIndex build(const at::Tensor& keys, const c10::optional<at::Tensor>& train_queries, const std::string& type, const py::dict& params) {
+  static PyIndex build(const at::Tensor& keys, const c10::optional<at::Tensor>& train_queries, const std::string& type, const py::dict& params,
+                       const c10::optional<at::Tensor>& knn) {
     check_cpu(keys, "keys");
     check_dim(keys, 2, "keys", "(n, dim)");
     check_float_storage(keys, "keys");
@@ -54,13 +55,25 @@ class PyIndex {
     at::Tensor train;
     if (train_queries) train = rows_tensor(train_queries->to(at::kFloat), keys.size(1), "train_queries");
     const auto kc = keys.contiguous();
+    at::Tensor knn_c;
+    if (knn) {
+      TORCH_CHECK_VALUE(train.defined(), "knn needs train_queries");
+      check_cpu(*knn, "knn");
+      check_dim(*knn, 2, "knn", "(n_train, k)");
+      TORCH_CHECK_TYPE(knn->scalar_type() == at::kLong, "knn must be int64");
+      TORCH_CHECK_VALUE(knn->size(0) == train.size(0), "knn has ", knn->size(0), " rows, train_queries ", train.size(0));
+      knn_c = knn->contiguous();
+      TORCH_CHECK_VALUE(knn_c.numel() == 0 || (knn_c.min().item<int64_t>() >= -1 && knn_c.max().item<int64_t>() < keys.size(0)),
+                        "knn ids must be in [-1, n_keys)");
+    }
     return dispatch_storage(keys.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       py::gil_scoped_release no_gil;
       auto builder = [&](std::shared_ptr<const ra::VectorStore<T>> store) {
-        return ra::build_index<T>(spec, store, train.defined() ? train.data_ptr<float>() : nullptr, train.defined() ? train.size(0) : 0);
+        return ra::build_index<T>(spec, store, train.defined() ? train.data_ptr<float>() : nullptr, train.defined() ? train.size(0) : 0,
+                                  knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr, knn_c.defined() ? knn_c.size(1) : 0);
       };
-      return PyIndex(Variant(std::make_unique<ra::IndexedKeys<T>>(ptr<const T>(kc), kc.size(0), kc.size(1), builder)));
+      return translate_errors([&] { return PyIndex(Variant(std::make_unique<ra::IndexedKeys<T>>(ptr<const T>(kc), kc.size(0), kc.size(1), builder))); });
     });
   }
 
@@ -148,7 +161,7 @@ class PyOffloadedLayer {
     });
   }
 
-  void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries) {
+  void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries, const c10::optional<at::Tensor>& knn) {
     const int64_t t = check_kv(keys, values);
     check_cpu(train_queries, "train_queries");
     check_dim(train_queries, 3, "train_queries", "(q_heads, n_train, head_dim)");
@@ -156,9 +169,19 @@ class PyOffloadedLayer {
                       " does not match (", hq_, ", n_train, ", d_, ")");
     const auto tq = train_queries.to(at::kFloat).contiguous();
     const auto kc = keys.contiguous(), vc = values.contiguous();
+    at::Tensor knn_c;
+    if (knn) {
+      check_cpu(*knn, "knn");
+      check_dim(*knn, 3, "knn", "(q_heads, n_train, k)");
+      TORCH_CHECK_TYPE(knn->scalar_type() == at::kLong, "knn must be int64");
+      TORCH_CHECK_VALUE(knn->size(0) == hq_ && knn->size(1) == tq.size(1), "knn shape ", knn->sizes(), " does not match train_queries");
+      knn_c = knn->contiguous();
+      TORCH_CHECK_VALUE(knn_c.numel() == 0 || (knn_c.min().item<int64_t>() >= -1 && knn_c.max().item<int64_t>() < t), "knn ids must be in [-1, tokens)");
+    }
     visit_layer([&](auto& layer, auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      layer.build(ptr<const T>(kc), ptr<const T>(vc), t, tq.data_ptr<float>(), tq.size(1));
+      layer.build(ptr<const T>(kc), ptr<const T>(vc), t, tq.data_ptr<float>(), tq.size(1), knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr,
+                  knn_c.defined() ? knn_c.size(2) : 0);
     });
   }
 
@@ -236,7 +259,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   py::class_<PyIndex>(m, "KeyIndex")
-      .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"))
+      .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none())
       .def_static("load", &PyIndex::load, py::arg("path"))
       .def("search", &PyIndex::search, py::arg("queries"), py::arg("k"), py::arg("ef"))
       .def("add", &PyIndex::add, py::arg("new_keys"))
@@ -251,7 +274,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<PyOffloadedLayer>(m, "OffloadedLayer")
       .def(py::init<at::ScalarType, int64_t, int64_t, int64_t, int64_t, const std::string&, const py::dict&>(), py::arg("dtype"),
            py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("index_type"), py::arg("params"))
-      .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"))
+      .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none())
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"))
       .def_property_readonly("size", &PyOffloadedLayer::size)

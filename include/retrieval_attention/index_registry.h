@@ -12,18 +12,23 @@
 
 #include "flat_index.h"
 #include "offloaded_layer.h"
+#include "query_guided_graph.h"
 
 namespace retrieval_attention {
 
 struct IndexSpec {
   std::string type = "flat";
+  QueryGuidedParams query_guided;
 };
 
 // Visits every integer build parameter of the spec as (name, reference) so bindings can fill them by name.
 template <class Fn>
 void apply_index_params(IndexSpec& spec, Fn&& fn) {
-  (void)spec;
-  (void)fn;
+  if (spec.type == "query_guided") {
+    fn("degree", spec.query_guided.degree);
+    fn("k_train", spec.query_guided.k_train);
+    fn("ef_build", spec.query_guided.ef_build);
+  }
 }
 
 inline bool index_param_known(const IndexSpec& spec, const std::string& name) {
@@ -33,23 +38,30 @@ inline bool index_param_known(const IndexSpec& spec, const std::string& name) {
   return known;
 }
 
+// knn_ids (n_train x knn_k, best-first, -1 padding) may carry the training queries' exact neighbours computed
+// elsewhere (e.g. on a GPU); null means the index computes them itself if it needs them.
 template <class T>
-std::unique_ptr<KeyIndex<T>> build_index(const IndexSpec& spec, std::shared_ptr<const VectorStore<T>> keys, const float* /*train_queries*/,
-                                         int64_t /*n_train*/) {
+std::unique_ptr<KeyIndex<T>> build_index(const IndexSpec& spec, std::shared_ptr<const VectorStore<T>> keys, const float* train_queries,
+                                         int64_t n_train, const int64_t* knn_ids = nullptr, int64_t knn_k = 0) {
   if (spec.type == "flat") return std::make_unique<FlatIndex<T>>(std::move(keys));
+  if (spec.type == "query_guided") {
+    if (knn_ids) return QueryGuidedGraph<T>::build_from_neighbors(std::move(keys), train_queries, n_train, knn_ids, knn_k, spec.query_guided);
+    return QueryGuidedGraph<T>::build(std::move(keys), train_queries, n_train, spec.query_guided);
+  }
   throw std::invalid_argument("unknown index type '" + spec.type + "'");
 }
 
 template <class T>
 typename OffloadedLayer<T>::IndexFactory make_layer_factory(const IndexSpec& spec) {
-  return [spec](std::shared_ptr<const VectorStore<T>> keys, const float* train, int64_t n_train) {
-    return build_index<T>(spec, std::move(keys), train, n_train);
+  return [spec](std::shared_ptr<const VectorStore<T>> keys, const float* train, int64_t n_train, const int64_t* knn, int64_t knn_k) {
+    return build_index<T>(spec, std::move(keys), train, n_train, knn, knn_k);
   };
 }
 
 template <class T>
 std::unique_ptr<KeyIndex<T>> load_index_payload(const std::string& type, std::shared_ptr<const VectorStore<T>> keys, PayloadReader& r) {
   if (type == "flat") return FlatIndex<T>::load(std::move(keys), r);
+  if (type == "query_guided") return QueryGuidedGraph<T>::load(std::move(keys), r);
   r.fail("unknown index type '" + type + "'");
 }
 

@@ -32,8 +32,10 @@ template <class T>
 class OffloadedLayer {
  public:
   using Scalar = T;
-  // (shared keys of the group, training queries (n_train x d float32), n_train) -> index over the keys
-  using IndexFactory = std::function<std::unique_ptr<KeyIndex<T>>(std::shared_ptr<const VectorStore<T>>, const float*, int64_t)>;
+  // (shared keys of the group, training queries (n_train x d float32), n_train, optional precomputed exact
+  // neighbours of the training queries (n_train x knn_k int64, or null), knn_k) -> index over the keys
+  using IndexFactory =
+      std::function<std::unique_ptr<KeyIndex<T>>(std::shared_ptr<const VectorStore<T>>, const float*, int64_t, const int64_t*, int64_t)>;
 
   OffloadedLayer(int64_t hq, int64_t hkv, int64_t d, int64_t dv, IndexFactory factory)
       : hq_(hq), hkv_(hkv), d_(d), dv_(dv), factory_(std::move(factory)) {
@@ -54,14 +56,15 @@ class OffloadedLayer {
   }
   bool indexed() const { return indexes_[0] != nullptr; }
 
-  void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m) {
+  // knn (Hq, m, knn_k) optional: exact neighbours (row ids of this layer's first t tokens) of each training query.
+  void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0) {
     std::unique_lock<std::shared_mutex> lock(mu_);
     require(!indexed() && keys_[0]->size() == 0, "layer already built");
-    require(m >= 0 && t >= 0, "counts must be non-negative");
+    require(m >= 0 && t >= 0 && knn_k >= 0, "counts must be non-negative");
     train_q_.assign(train_q, train_q + hq_ * m * d_);
     n_train_ = m;
     append_rows(keys, values, t);
-    if (t > 0) make_indexes();
+    if (t > 0) make_indexes(knn, knn_k);
   }
 
   void append(const T* keys, const T* values, int64_t t) {
@@ -127,11 +130,14 @@ class OffloadedLayer {
       values_[h]->append(values + h * t * dv_, t);
     }
   }
-  void make_indexes() {
+  void make_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0) {
     const int64_t group = hq_ / hkv_;
     parallel_for(hq_, [&](int64_t h) {
-      indexes_[static_cast<size_t>(h)] = factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_);
+      indexes_[static_cast<size_t>(h)] =
+          factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_, knn ? knn + h * n_train_ * knn_k : nullptr, knn_k);
     });
+    std::vector<float>().swap(train_q_);  // the graphs keep no query vectors
+    n_train_ = 0;
   }
 
   int64_t hq_, hkv_, d_, dv_;

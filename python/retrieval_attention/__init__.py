@@ -6,7 +6,7 @@ CPU memory, searched per query head by a vector index; the two partial attention
 from ._version import __version__
 from . import _ext  # noqa: F401  (loads the C++ extension and registers the torch ops)
 from .ops import sparse_attention, dense_attention, merge_attention
-from .index import FlatIndex, load_index
+from .index import FlatIndex, QueryGuidedIndex, load_index
 from .config import RetrievalConfig
 from .cache import RetrievalCache, RetrievalLayer
 from .hf import enable, retrieval_attention_forward
@@ -17,6 +17,7 @@ __all__ = [
     "dense_attention",
     "merge_attention",
     "FlatIndex",
+    "QueryGuidedIndex",
     "load_index",
     "RetrievalConfig",
     "RetrievalCache",

@@ -20,6 +20,7 @@ import torch
 from . import _ext
 from .compat import Cache, CacheLayerMixin, model_attention_shape
 from .config import RetrievalConfig
+from .index import exact_knn
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
@@ -154,8 +155,13 @@ class RetrievalLayer(CacheLayerMixin):
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
             dict(cfg.index_params),
         )
+        knn = None
+        if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
+            # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
+            k_train = int(cfg.index_params.get("k_train", 100))
+            knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
         cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
-        self.offloaded.build(cpu_k, cpu_v, train)
+        self.offloaded.build(cpu_k, cpu_v, train, knn)
         self.on_cpu_tokens(cpu_k, cpu_v, train)
         self.keys = torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2)

@@ -118,6 +118,63 @@ class FlatIndex(_IndexBase):
         self.build_seconds = time.perf_counter() - t0
 
 
+def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
+    """Exact top-k key ids (by inner product) of each query, on the tensors' device, in query blocks.
+
+    keys (G, n, d), queries (H, m, d) with H a multiple of G (query head h uses key group h // (H // G)) ->
+    ids (H, m, min(k, n)) int64. This is the bipartite kNN of the query-guided graph build; on a GPU it is a
+    batched GEMM + topk and only the id lists travel to the CPU.
+    """
+    groups, n, _ = keys.shape
+    heads, m, _ = queries.shape
+    per = heads // groups
+    k = min(k, n)
+    out = torch.empty((heads, m, k), dtype=torch.int64, device=keys.device)
+    # GPUs score in the keys' 16-bit dtype (tensor cores); the CPU scores in float32
+    dtype = keys.dtype if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    kf = keys.to(dtype)
+    for h0 in range(0, heads):
+        kh = kf[h0 // per]
+        for s in range(0, m, block):
+            scores = queries[h0, s : s + block].to(dtype) @ kh.T
+            out[h0, s : s + block] = torch.topk(scores.float(), k, dim=1, sorted=True).indices
+    return out
+
+
+class QueryGuidedIndex(_IndexBase):
+    """The query-guided proximity graph (RetrievalAttention / RoarGraph): maximum-inner-product search for queries
+    that come from another distribution than the keys.
+
+    keys (n, d) and train_queries (m, d) (e.g. prefill attention queries). If both are CUDA tensors, the bipartite
+    kNN (each training query's exact top-k_train keys) runs on the GPU and only the neighbour lists go to the CPU.
+    degree: max out-degree; k_train: neighbours per training query; ef_build: beam width while linking keys.
+    """
+
+    _type = "query_guided"
+
+    def __init__(self, keys, train_queries, degree: int = 32, k_train: int = 100, ef_build: int = 128):
+        params = {
+            "degree": check_positive_int(degree, "degree", 2),
+            "k_train": check_positive_int(k_train, "k_train"),
+            "ef_build": check_positive_int(ef_build, "ef_build"),
+        }
+        t0 = time.perf_counter()
+        device_keys = as_tensor(keys, "keys")
+        tq = as_tensor(train_queries, "train_queries")
+        check_rank(tq, 2, "train_queries", "(m, dim)")
+        check_float(tq, "train_queries", FLOAT_STORAGE + (torch.float64,))
+        check_finite(tq, "train_queries")
+        k = _prepare_keys(device_keys)
+        if tq.shape[1] != k.shape[1]:
+            raise ValueError(f"train_queries have dim {tq.shape[1]}, keys have dim {k.shape[1]}")
+        knn = None
+        if device_keys.is_cuda and tq.is_cuda and tq.shape[0] > 0:
+            knn = exact_knn(device_keys.unsqueeze(0), tq.float().unsqueeze(0), params["k_train"])[0].cpu()
+        tq = tq.detach().to("cpu", torch.float32).contiguous()
+        super().__init__(_ext._C.KeyIndex.build(k, tq, "query_guided", params, knn))
+        self.build_seconds = time.perf_counter() - t0
+
+
 def load_index(path):
     """Load an index saved with `.save(path)`; corrupt, truncated or foreign files raise RuntimeError."""
     path = os.fspath(path)
@@ -130,4 +187,4 @@ def load_index(path):
     return obj
 
 
-_INDEX_CLASSES = {"flat": FlatIndex}
+_INDEX_CLASSES = {"flat": FlatIndex, "query_guided": QueryGuidedIndex}

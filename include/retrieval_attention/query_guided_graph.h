@@ -1,0 +1,590 @@
+// retrieval_attention/query_guided_graph.h -- the query-guided proximity graph (RoarGraph-style) of
+// RetrievalAttention: maximum-inner-product search for out-of-distribution queries.
+//
+// Contract
+//   * QueryGuidedGraph<T> indexes rows [0, size()) of a shared key store (std::shared_ptr<const
+//     VectorStore<T>>, n x d, T = float/Half/BFloat16, never copied) under the inner product q.k.
+//   * build(keys, train_queries (m x d float32 row-major), m, params): exact bipartite kNN query -> key
+//     (exact_topk, k_train per query), projection onto the keys, k->k linking of keys the projection left
+//     with few out-edges, and a connectivity pass. build_from_neighbors() takes the kNN lists precomputed by
+//     the caller (m x knn_k int64 row-major, best-first, -1 = padding; e.g. from a GPU) and skips the kNN.
+//     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point
+//     after build() and after load() of a graph that was (checked by reachable_count()).
+//   * Graph: each key has at most max_degree() = degree + slack out-neighbours (ids uint32), stored in one
+//     fixed-stride array (n x (max_degree + 1) uint32; slot 0 of a row holds its count) for locality. Pruned
+//     neighbour lists hold at most `degree`; the slack slots only take connectivity edges.
+//   * search_one(): best-first beam search with beam max(ef, k) from the entry point; returns the number of
+//     keys whose score was computed. Fewer than k keys -> the tail is (-1, -inf). const and thread-safe:
+//     scratch (visited epochs, beam) lives in thread_local buffers, nothing O(n) is allocated per query
+//     once a thread's buffers have grown.
+//   * index_new_rows(): inserts rows appended to the store since the last call (also from an empty graph):
+//     each new key searches the graph for itself, links to the pruned result, and gets reverse edges (with
+//     re-pruning) plus, if none survived, one slack edge from its best neighbour so it is reachable at once.
+//     Re-pruning may rarely cut an older key off; a full repair (repair_connectivity()) runs whenever the
+//     graph has grown by 1/8 since the last one, so the cost stays amortised O(degree) per row. Exclusive
+//     access as in index.h.
+//   * Payload: u32 version | params | n, dim, stride, entry | adjacency; load() validates all of it against
+//     the key store and fails with std::runtime_error (PayloadReader::fail) on any inconsistency.
+//   * Build and insert are OpenMP-parallel through parallel_for (exceptions reach the caller).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "index.h"
+#include "parallel.h"
+#include "topk.h"
+
+namespace retrieval_attention {
+
+struct QueryGuidedParams {
+  int64_t degree = 32;     // max out-degree of a pruned neighbour list (the graph adds degree/8 slack slots)
+  int64_t k_train = 100;   // exact key neighbours per training query (bipartite kNN)
+  int64_t ef_build = 64;   // beam width of the k->k searches in build and insert (128: same recall, 2x time)
+  uint64_t seed = 0x5eed;  // order of insertions; the build is deterministic for a given seed
+
+  void validate() const {
+    require(degree >= 2 && degree <= 1024, "query_guided: degree must be in [2, 1024]");
+    require(k_train >= 1 && k_train <= 100000, "query_guided: k_train must be in [1, 100000]");
+    require(ef_build >= 1 && ef_build <= 100000, "query_guided: ef_build must be in [1, 100000]");
+  }
+};
+
+template <class T>
+class QueryGuidedGraph final : public KeyIndex<T> {
+ public:
+  // An empty graph over `keys`; index_new_rows() inserts the rows already in the store.
+  QueryGuidedGraph(std::shared_ptr<const VectorStore<T>> keys, const QueryGuidedParams& params) : keys_(std::move(keys)), p_(params) {
+    require(keys_ != nullptr, "query_guided: key store is null");
+    p_.validate();
+    stride_ = max_degree() + 1;
+  }
+
+  static std::unique_ptr<QueryGuidedGraph> build(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries, int64_t m,
+                                                  const QueryGuidedParams& params = {}) {
+    auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), params);
+    check_queries(train_queries, m, g->keys_->dim());
+    const int64_t n = g->keys_->size(), kt = std::min<int64_t>(g->p_.k_train, n);
+    std::vector<int64_t> knn;
+    if (m > 0 && n > 0) {
+      knn.resize(static_cast<size_t>(m * kt));
+      exact_topk(train_queries, m, *g->keys_, n, kt, knn.data(), nullptr);
+    }
+    g->build_graph(train_queries, m, knn.data(), kt);
+    return g;
+  }
+
+  // Same as build() with the bipartite kNN given: knn_ids (m x knn_k), each row best-first, -1 = padding.
+  static std::unique_ptr<QueryGuidedGraph> build_from_neighbors(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries,
+                                                                int64_t m, const int64_t* knn_ids, int64_t knn_k,
+                                                                const QueryGuidedParams& params = {}) {
+    auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), params);
+    check_queries(train_queries, m, g->keys_->dim());
+    require(m == 0 || (knn_ids != nullptr && knn_k > 0), "query_guided: neighbour lists must be (m x knn_k) with knn_k > 0");
+    const int64_t n = g->keys_->size();
+    for (int64_t i = 0; i < m * knn_k; ++i)
+      require(knn_ids[i] >= -1 && knn_ids[i] < n, "query_guided: neighbour id out of range [-1, n)");
+    g->build_graph(train_queries, m, knn_ids, knn_k);
+    return g;
+  }
+
+  int64_t size() const override { return n_; }
+  int64_t dim() const override { return keys_->dim(); }
+  std::string type_name() const override { return "query_guided"; }
+  int64_t structure_bytes() const override { return static_cast<int64_t>(adj_.size() * sizeof(uint32_t) + sq_.size() * sizeof(float)); }
+  const QueryGuidedParams& params() const { return p_; }
+  int64_t max_degree() const { return p_.degree + std::max<int64_t>(2, p_.degree / 8); }
+  int64_t entry_point() const { return entry_; }
+  int64_t out_degree(int64_t i) const { return adj_[static_cast<size_t>(i * stride_)]; }
+  const uint32_t* neighbors(int64_t i) const { return adj_.data() + i * stride_ + 1; }
+  int64_t edge_count() const {
+    int64_t e = 0;
+    for (int64_t i = 0; i < n_; ++i) e += out_degree(i);
+    return e;
+  }
+
+  // Number of keys reachable from the entry point along out-edges (== size() for a healthy graph).
+  int64_t reachable_count() const {
+    std::vector<uint8_t> seen;
+    return bfs_mark(seen);
+  }
+  bool is_connected() const { return reachable_count() == n_; }
+
+  int64_t search_one(const float* q, int64_t k, const SearchParams& params, int64_t* ids, float* scores) const override {
+    require(k > 0, "k must be positive");
+    require(params.ef > 0, "ef must be positive");
+    Scratch& s = scratch();
+    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s);
+    const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
+    for (int64_t j = 0; j < k; ++j) {
+      ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
+      if (scores) scores[j] = j < found ? s.beam[static_cast<size_t>(j)].score : -std::numeric_limits<float>::infinity();
+    }
+    return visited;
+  }
+
+  void index_new_rows() override {
+    const int64_t n_new = keys_->size();
+    if (n_new <= n_) return;
+    require(n_new < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
+    const int64_t first = n_;
+    grow(n_new);
+    if (first == 0) entry_ = 0;  // empty start: the first row is the entry until a build picks a better one
+    std::vector<uint32_t> order(static_cast<size_t>(n_new - first));
+    std::iota(order.begin(), order.end(), static_cast<uint32_t>(first));
+    if (first == 0) order.erase(order.begin());
+    insert_batched(keys_->data(), order, /*guarantee_in_edge=*/true);
+    if (n_ - repaired_at_ >= std::max<int64_t>(64, repaired_at_ / 8)) repair_connectivity();
+  }
+
+  // Makes every key reachable from the entry point again (links each unreached key from a reached key
+  // found by searching for it, using slack slots). Called by build and periodically by index_new_rows.
+  void repair_connectivity() { repair_with(keys_->data()); }
+
+  void write_payload(PayloadWriter& w) const override {
+    w.put<uint32_t>(kPayloadVersion);
+    w.put<int64_t>(p_.degree);
+    w.put<int64_t>(p_.k_train);
+    w.put<int64_t>(p_.ef_build);
+    w.put<uint64_t>(p_.seed);
+    w.put<int64_t>(n_);
+    w.put<int64_t>(keys_->dim());
+    w.put<int64_t>(stride_);
+    w.put<int64_t>(entry_);
+    w.put<int64_t>(repaired_at_);
+    w.put_vector(adj_);
+  }
+
+  static std::unique_ptr<QueryGuidedGraph> load(std::shared_ptr<const VectorStore<T>> keys, PayloadReader& r) {
+    if (r.get<uint32_t>() != kPayloadVersion) r.fail("unsupported query_guided payload version");
+    QueryGuidedParams p;
+    p.degree = r.get<int64_t>();
+    p.k_train = r.get<int64_t>();
+    p.ef_build = r.get<int64_t>();
+    p.seed = r.get<uint64_t>();
+    try {
+      p.validate();
+    } catch (const std::invalid_argument& e) {
+      r.fail(e.what());
+    }
+    auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), p);
+    const int64_t n = r.get<int64_t>(), d = r.get<int64_t>(), stride = r.get<int64_t>(), entry = r.get<int64_t>();
+    const int64_t repaired_at = r.get<int64_t>();
+    if (n != g->keys_->size()) r.fail("query_guided row count does not match the stored keys");
+    if (d != g->keys_->dim()) r.fail("query_guided dimension does not match the stored keys");
+    if (stride != g->stride_) r.fail("query_guided adjacency stride does not match its degree");
+    if (n == 0 ? entry != -1 : (entry < 0 || entry >= n)) r.fail("query_guided entry point out of range");
+    if (repaired_at < 0 || repaired_at > n) r.fail("query_guided repair counter out of range");
+    std::vector<uint32_t> adj = r.get_vector<uint32_t>(n * stride);
+    if (static_cast<int64_t>(adj.size()) != n * stride) r.fail("query_guided adjacency size does not match the row count");
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t* row = adj.data() + i * stride;
+      if (row[0] > static_cast<uint32_t>(stride - 1)) r.fail("query_guided neighbour count out of range at row " + std::to_string(i));
+      for (uint32_t j = 1; j <= row[0]; ++j)
+        if (row[j] >= static_cast<uint64_t>(n) || row[j] == static_cast<uint32_t>(i))
+          r.fail("query_guided neighbour id out of range at row " + std::to_string(i));
+    }
+    if (!r.at_end()) r.fail("trailing bytes after the query_guided payload");
+    g->grow(n);
+    g->adj_ = std::move(adj);
+    g->entry_ = entry;
+    g->repaired_at_ = repaired_at;
+    return g;
+  }
+
+ private:
+  static constexpr uint32_t kPayloadVersion = 1;
+  struct Cand {
+    float score;
+    uint32_t id;
+    bool expanded;
+  };
+  struct Scratch {
+    std::vector<uint32_t> mark;  // visited epochs, grown to the largest graph this thread searched
+    uint32_t epoch = 0;
+    std::vector<Cand> beam;
+    std::vector<uint32_t> fresh;
+    std::vector<float> qf;
+  };
+  static Scratch& scratch() {
+    thread_local Scratch s;
+    return s;
+  }
+
+  static void check_queries(const float* q, int64_t m, int64_t d) {
+    require(m >= 0, "query_guided: number of training queries must be non-negative");
+    require(m == 0 || q != nullptr, "query_guided: training queries are null");
+    for (int64_t i = 0; i < m * d; ++i) require(std::isfinite(q[i]), "query_guided: training queries must be finite");
+  }
+
+  void grow(int64_t n_new) {
+    const int64_t d = keys_->dim();
+    adj_.resize(static_cast<size_t>(n_new * stride_), 0u);
+    sq_.resize(static_cast<size_t>(n_new));
+    std::vector<float> row(static_cast<size_t>(d));
+    for (int64_t i = n_; i < n_new; ++i) {
+      const T* src = keys_->row(i);
+      for (int64_t c = 0; c < d; ++c) row[static_cast<size_t>(c)] = to_float(src[c]);
+      sq_[static_cast<size_t>(i)] = dot_row(row.data(), row.data(), d);
+    }
+    n_ = n_new;
+  }
+
+  static void prefetch_row(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+    const char* c = static_cast<const char*>(p);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+  }
+
+  // Beam search over rows of `base` (the store's T rows, or a float32 copy during build). Leaves the best
+  // `beam` candidates best-first in s.beam. Returns the number of scores computed. l2: rank by
+  // q.k - |k|^2/2, i.e. by Euclidean nearness to q, used when a key searches for its own neighbours
+  // (measured on real Q/K: slightly better graphs than linking keys by inner product).
+  template <class R>
+  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false) const {
+    s.beam.clear();
+    if (n_ == 0) return 0;
+    const int64_t d = keys_->dim();
+    if (static_cast<int64_t>(s.mark.size()) < n_) s.mark.resize(static_cast<size_t>(n_), 0u);
+    if (++s.epoch == 0) {  // wrapped: old marks could collide with new epochs
+      std::fill(s.mark.begin(), s.mark.end(), 0u);
+      s.epoch = 1;
+    }
+    const uint32_t ep = s.epoch;
+    uint32_t* mark = s.mark.data();
+    const uint32_t* adj = adj_.data();
+    s.beam.reserve(static_cast<size_t>(beam + 1));
+    mark[entry_] = ep;
+    s.beam.push_back({dot_row(q, base + entry_ * d, d) - (l2 ? 0.5f * sq_[entry_] : 0.f), static_cast<uint32_t>(entry_), false});
+    int64_t visited = 1;
+    size_t next = 0;  // first candidate that may be unexpanded
+    while (next < s.beam.size()) {
+      if (s.beam[next].expanded) {
+        ++next;
+        continue;
+      }
+      s.beam[next].expanded = true;
+      const uint32_t* row = adj + static_cast<int64_t>(s.beam[next].id) * stride_;
+      const uint32_t cnt = row[0];
+      s.fresh.clear();
+      for (uint32_t j = 1; j <= cnt; ++j) {
+        const uint32_t v = row[j];
+        if (mark[v] != ep) {
+          mark[v] = ep;
+          s.fresh.push_back(v);
+          prefetch_row(base + static_cast<int64_t>(v) * d, d * static_cast<int64_t>(sizeof(R)));
+        }
+      }
+      size_t lowest = s.beam.size();  // smallest position an insertion landed at
+      for (uint32_t v : s.fresh) {
+        const float sc = dot_row(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * sq_[v] : 0.f);
+        ++visited;
+        const bool full = static_cast<int64_t>(s.beam.size()) >= beam;
+        if (full && sc <= s.beam.back().score) continue;
+        // insert keeping the beam sorted best-first
+        auto it = std::upper_bound(s.beam.begin(), s.beam.end(), sc, [](float a, const Cand& c) { return a > c.score; });
+        const size_t pos = static_cast<size_t>(it - s.beam.begin());
+        if (full) s.beam.pop_back();
+        s.beam.insert(s.beam.begin() + static_cast<std::ptrdiff_t>(pos), Cand{sc, v, false});
+        lowest = std::min(lowest, pos);
+      }
+      if (lowest < next) next = lowest;
+    }
+    return visited;
+  }
+
+  // Float view of key i for pruning: either the build's float copy or a widened row in `buf`.
+  template <class R>
+  const float* row_f(const R* base, int64_t i, std::vector<float>& buf) const {
+    const int64_t d = keys_->dim();
+    if constexpr (std::is_same<R, float>::value) {
+      (void)buf;
+      return base + i * d;
+    } else {
+      buf.resize(static_cast<size_t>(d));
+      for (int64_t c = 0; c < d; ++c) buf[static_cast<size_t>(c)] = to_float(base[i * d + c]);
+      return buf.data();
+    }
+  }
+
+  // RNG-style pruning of p's candidate set down to max_keep neighbours, written to out.
+  // Inner product is not a metric, so the pruning geometry is Euclidean between keys (|a|^2 + |b|^2 - 2 a.b
+  // from cached squared norms): candidates are taken nearest-first and c is dropped when an already kept r is
+  // closer to c than p is. This keeps edges spread over directions around p (what navigation needs); the
+  // MIPS ranking itself is left to the search, which scores by q.k.
+  template <class R>
+  void prune(const R* base, uint32_t p, std::vector<uint32_t>& cand, int64_t max_keep, std::vector<uint32_t>& out) const {
+    thread_local std::vector<std::pair<float, uint32_t>> scored;
+    thread_local std::vector<float> pbuf, cbuf;
+    thread_local std::vector<uint32_t> kept;
+    const int64_t d = keys_->dim();
+    std::sort(cand.begin(), cand.end());
+    cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
+    const float* pf = row_f(base, p, pbuf);
+    const float sp = sq_[p];
+    scored.clear();
+    for (uint32_t c : cand) {
+      if (c == p) continue;
+      scored.emplace_back(sp + sq_[c] - 2.f * dot_row(pf, base + static_cast<int64_t>(c) * d, d), c);
+    }
+    std::sort(scored.begin(), scored.end());
+    kept.clear();
+    for (const auto& e : scored) {
+      if (static_cast<int64_t>(kept.size()) >= max_keep) break;
+      const float* cf = row_f(base, e.second, cbuf);
+      bool keep = true;
+      for (uint32_t r : kept) {
+        const float drc = sq_[r] + sq_[e.second] - 2.f * dot_row(cf, base + static_cast<int64_t>(r) * d, d);
+        if (drc < e.first) {
+          keep = false;
+          break;
+        }
+      }
+      if (keep) kept.push_back(e.second);
+    }
+    out.assign(kept.begin(), kept.end());
+  }
+
+  void set_row(uint32_t i, const std::vector<uint32_t>& nb) {
+    uint32_t* row = adj_.data() + static_cast<int64_t>(i) * stride_;
+    const size_t cnt = std::min<size_t>(nb.size(), static_cast<size_t>(stride_ - 1));
+    row[0] = static_cast<uint32_t>(cnt);
+    std::copy(nb.begin(), nb.begin() + static_cast<std::ptrdiff_t>(cnt), row + 1);
+  }
+
+  // Adds the edges (src -> dst) of `edges`; rows that overflow `degree` are re-pruned. Parallel by source.
+  template <class R>
+  void add_edges(const R* base, std::vector<std::pair<uint32_t, uint32_t>>& edges) {
+    std::sort(edges.begin(), edges.end());
+    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    std::vector<size_t> starts;
+    for (size_t i = 0; i < edges.size(); ++i)
+      if (i == 0 || edges[i].first != edges[i - 1].first) starts.push_back(i);
+    starts.push_back(edges.size());
+    parallel_for(static_cast<int64_t>(starts.size()) - 1, [&](int64_t g) {
+      thread_local std::vector<uint32_t> cand, out;
+      const uint32_t src = edges[starts[static_cast<size_t>(g)]].first;
+      const uint32_t* row = adj_.data() + static_cast<int64_t>(src) * stride_;
+      cand.assign(row + 1, row + 1 + row[0]);
+      for (size_t e = starts[static_cast<size_t>(g)]; e < starts[static_cast<size_t>(g) + 1]; ++e) {
+        const uint32_t dst = edges[e].second;
+        if (dst != src && std::find(cand.begin(), cand.end(), dst) == cand.end()) cand.push_back(dst);
+      }
+      if (static_cast<int64_t>(cand.size()) > p_.degree) {
+        prune(base, src, cand, p_.degree, out);
+        set_row(src, out);
+      } else {
+        set_row(src, cand);
+      }
+    });
+  }
+
+  // Inserts keys `order` (already counted in n_) in batches: each batch searches the graph as it stood
+  // before the batch (read-only, in parallel), sets the new keys' pruned lists, then adds reverse edges.
+  // Batches grow with the graph so a batch never outnumbers the keys it can link to.
+  template <class R>
+  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge) {
+    const int64_t d = keys_->dim();
+    std::vector<std::vector<uint32_t>> lists;
+    std::vector<std::pair<uint32_t, uint32_t>> edges;
+    size_t done = 0;
+    int64_t linked = std::max<int64_t>(1, n_ - static_cast<int64_t>(order.size()));
+    while (done < order.size()) {
+      const size_t batch = std::min(order.size() - done, static_cast<size_t>(std::clamp<int64_t>(linked / 2, 1, 4096)));
+      lists.assign(batch, {});
+      parallel_for(static_cast<int64_t>(batch), [&](int64_t b) {
+        Scratch& s = scratch();
+        const uint32_t x = order[done + static_cast<size_t>(b)];
+        thread_local std::vector<float> xbuf;
+        thread_local std::vector<uint32_t> cand;
+        const float* xf = row_f(base, x, xbuf);
+        s.qf.assign(xf, xf + d);  // the search may reuse row_f's buffer through prune, so copy the query
+        beam_search(base, s.qf.data(), p_.ef_build, s, /*l2=*/true);
+        const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
+        cand.assign(row + 1, row + 1 + row[0]);
+        for (const Cand& c : s.beam) cand.push_back(c.id);
+        prune(base, x, cand, p_.degree, lists[static_cast<size_t>(b)]);
+      });
+      edges.clear();
+      for (size_t b = 0; b < batch; ++b) {
+        const uint32_t x = order[done + b];
+        set_row(x, lists[b]);
+        for (uint32_t y : lists[b]) edges.emplace_back(y, x);
+      }
+      add_edges(base, edges);
+      if (guarantee_in_edge) {
+        // a new key whose reverse edges were all pruned away gets one slack edge from its nearest neighbour
+        for (size_t b = 0; b < batch; ++b) {
+          const uint32_t x = order[done + b];
+          bool has_in = false;
+          for (uint32_t y : lists[b]) {
+            const uint32_t* row = adj_.data() + static_cast<int64_t>(y) * stride_;
+            if (std::find(row + 1, row + 1 + row[0], x) != row + 1 + row[0]) {
+              has_in = true;
+              break;
+            }
+          }
+          if (has_in) continue;
+          for (uint32_t y : lists[b]) {
+            uint32_t* row = adj_.data() + static_cast<int64_t>(y) * stride_;
+            if (row[0] < static_cast<uint32_t>(stride_ - 1)) {
+              row[1 + row[0]++] = x;
+              break;
+            }
+          }
+        }
+      }
+      done += batch;
+      linked += static_cast<int64_t>(batch);
+    }
+  }
+
+  int64_t bfs_mark(std::vector<uint8_t>& seen) const {
+    seen.assign(static_cast<size_t>(n_), 0);
+    if (n_ == 0) return 0;
+    std::vector<uint32_t> stack = {static_cast<uint32_t>(entry_)};
+    seen[static_cast<size_t>(entry_)] = 1;
+    return 1 + bfs_from(stack, seen);
+  }
+  int64_t bfs_from(std::vector<uint32_t>& stack, std::vector<uint8_t>& seen) const {
+    int64_t count = 0;
+    while (!stack.empty()) {
+      const uint32_t u = stack.back();
+      stack.pop_back();
+      const uint32_t* row = adj_.data() + static_cast<int64_t>(u) * stride_;
+      for (uint32_t j = 1; j <= row[0]; ++j)
+        if (!seen[row[j]]) {
+          seen[row[j]] = 1;
+          ++count;
+          stack.push_back(row[j]);
+        }
+    }
+    return count;
+  }
+
+  template <class R>
+  void repair_with(const R* base) {
+    repaired_at_ = n_;
+    if (n_ == 0) return;
+    const int64_t d = keys_->dim();
+    std::vector<uint8_t> seen;
+    int64_t reached = bfs_mark(seen);
+    if (reached == n_) return;
+    Scratch& s = scratch();
+    std::vector<float> xbuf;
+    std::vector<uint32_t> stack;
+    for (int64_t x = 0; x < n_ && reached < n_; ++x) {
+      if (seen[static_cast<size_t>(x)]) continue;
+      const float* xf = row_f(base, x, xbuf);
+      s.qf.assign(xf, xf + d);
+      beam_search(base, s.qf.data(), p_.ef_build, s, /*l2=*/true);  // only reaches reached keys
+      int64_t from = -1;
+      for (const Cand& c : s.beam)
+        if (adj_[static_cast<size_t>(c.id * stride_)] < static_cast<uint32_t>(stride_ - 1)) {
+          from = c.id;
+          break;
+        }
+      for (int64_t y = 0; from < 0 && y < n_; ++y)  // rare: every key the search found is full
+        if (seen[static_cast<size_t>(y)] && adj_[static_cast<size_t>(y * stride_)] < static_cast<uint32_t>(stride_ - 1)) from = y;
+      if (from < 0) from = entry_;  // cannot happen while any reached key has a free slot; overwrite one
+      uint32_t* row = adj_.data() + from * stride_;
+      if (row[0] < static_cast<uint32_t>(stride_ - 1)) row[0]++;
+      row[row[0]] = static_cast<uint32_t>(x);
+      seen[static_cast<size_t>(x)] = 1;
+      stack.assign(1, static_cast<uint32_t>(x));
+      reached += 1 + bfs_from(stack, seen);
+    }
+    // an overwrite in the fallback above could in principle cut something off; verify
+    if (bfs_mark(seen) != n_) repair_with(base);
+  }
+
+  void build_graph(const float* train_queries, int64_t m, const int64_t* knn, int64_t kk) {
+    const int64_t n = keys_->size(), d = keys_->dim();
+    require(n < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
+    if (n == 0) return;
+    grow(n);
+    // float32 copy of the keys for the build (16-bit rows would be widened on every distance)
+    std::vector<float> widened;
+    const float* base;
+    if constexpr (std::is_same<T, float>::value) {
+      base = keys_->data();
+    } else {
+      widened.resize(static_cast<size_t>(n * d));
+      parallel_for(n, [&](int64_t i) {
+        for (int64_t c = 0; c < d; ++c) widened[static_cast<size_t>(i * d + c)] = to_float(keys_->row(i)[c]);
+      }, false);
+      base = widened.data();
+    }
+
+    // entry point: the key scoring best against the mean training query (the largest norm without queries)
+    std::vector<float> mean(static_cast<size_t>(d), 0.f);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < d; ++c) mean[static_cast<size_t>(c)] += train_queries[i * d + c] / static_cast<float>(m);
+    entry_ = 0;
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) {
+      const float s = m > 0 ? dot_row(mean.data(), base + i * d, d) : sq_[static_cast<size_t>(i)];
+      if (s > best) best = s, entry_ = i;
+    }
+
+    // projection: each training query's nearest key (pivot) gets the query's other neighbours as candidates
+    std::vector<std::vector<uint32_t>> pool(static_cast<size_t>(n));
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t* row = knn + i * kk;
+      int64_t j = 0;
+      while (j < kk && row[j] < 0) ++j;
+      if (j == kk) continue;
+      auto& pl = pool[static_cast<size_t>(row[j])];
+      for (int64_t t = j + 1; t < kk; ++t)
+        if (row[t] >= 0) pl.push_back(static_cast<uint32_t>(row[t]));
+    }
+    std::vector<std::pair<uint32_t, uint32_t>> edges;
+    {
+      std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
+      parallel_for(n, [&](int64_t p) {
+        auto& pl = pool[static_cast<size_t>(p)];
+        if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
+        std::vector<uint32_t>().swap(pl);
+      });
+      for (int64_t p = 0; p < n; ++p) {
+        set_row(static_cast<uint32_t>(p), lists[static_cast<size_t>(p)]);
+        for (uint32_t c : lists[static_cast<size_t>(p)]) edges.emplace_back(c, static_cast<uint32_t>(p));
+      }
+    }
+    add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
+
+    // keys the projection left with few out-edges (untouched by the training queries) link to keys found
+    // by searching the graph for themselves; without this many keys are unreachable and recall stalls
+    std::vector<uint32_t> weak;
+    for (int64_t i = 0; i < n; ++i)
+      if (out_degree(i) < p_.degree / 2 && i != entry_) weak.push_back(static_cast<uint32_t>(i));
+    std::mt19937_64 rng(p_.seed);
+    std::shuffle(weak.begin(), weak.end(), rng);
+    insert_batched(base, weak, /*guarantee_in_edge=*/false);
+    repair_with(base);
+  }
+
+
+  std::shared_ptr<const VectorStore<T>> keys_;
+  QueryGuidedParams p_;
+  int64_t stride_ = 0;
+  int64_t n_ = 0;
+  int64_t entry_ = -1;
+  int64_t repaired_at_ = 0;
+  std::vector<uint32_t> adj_;  // n x stride: [count, ids...]
+  std::vector<float> sq_;      // squared key norms (pruning geometry); recomputed on load
+};
+
+}  // namespace retrieval_attention
