@@ -14,18 +14,19 @@ ARCHS = {
 }
 
 
-def tiny_model(arch, seed=0):
+def tiny_model(arch, seed=0, device="cpu"):
     cfg_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
     cfg = cfg_cls(**TINY, **extra)
     cfg._attn_implementation = "retrieval_attention"
-    model = model_cls(cfg).eval()
+    model = model_cls(cfg).eval().to(device)
     ra.enable(model, ra.RetrievalConfig(index="flat"))
     return model
 
 
 def greedy(model, ids, cache, n):
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+    ids = ids.to(model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, torch.stack(out.logits)
 
@@ -37,6 +38,8 @@ def assert_exact(model, ids, cfg, n_new):
     assert torch.equal(seq, full_seq)
     rel = (logits - full_logits).abs().max() / full_logits.abs().max()
     assert rel < 1e-4, f"logits differ by {rel:.2e} (relative)"
+    if model.device.type == "cuda":  # the static set stayed on the GPU, the rest went to the CPU
+        assert cache.layers[0].keys.is_cuda and cache.summary()["cpu_kv_bytes"] > 0
     stats = cache.stats()
     total = ids.shape[1] + n_new - 1  # the last generated token never enters the cache
     assert all(s["cpu_tokens"] + s["static_tokens"] == total for s in stats)
@@ -44,8 +47,8 @@ def assert_exact(model, ids, cfg, n_new):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_tiny_models_exact_with_eviction(arch):
-    model = tiny_model(arch)
+def test_tiny_models_exact_with_eviction(arch, device):
+    model = tiny_model(arch, device=device)
     ids = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
     cfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=10_000, index="flat")
     cache = assert_exact(model, ids, cfg, 90)
@@ -83,8 +86,16 @@ def test_multi_token_continuation_after_prefill_is_exact():
     torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-4)
 
 
-def test_bundled_model_exact_with_eviction(model_dir):
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention").eval()
+def test_query_guided_default_index_matches_full_attention_in_exactness_mode():
+    """With top_k >= CPU tokens the graph index must return every CPU key, so the result is exact too."""
+    model = tiny_model("llama", seed=5)
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(6))
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=10_000, index="query_guided", ef=10_000)
+    assert_exact(model, ids, cfg, 40)
+
+
+def test_bundled_model_exact_with_eviction(model_dir, device):
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention").eval().to(device)
     text = b"The quick brown fox jumps over the lazy dog while the pass key is 40712. " * 8
     ids = torch.tensor([[256] + list(text)])
     assert_exact(model, ids, ra.RetrievalConfig(n_sink=16, n_window=32, top_k=100_000, index="flat"), 80)

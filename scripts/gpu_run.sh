@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call on the GPU machine: build with CUDA (sm_90), GPU tests, demo, recall, accuracy and build-time
+# benchmarks, each under its own time limit; logs and JSON lines under $OUT. Needs .deps/eigen3 carried
+# (cp -r /usr/include/eigen3 .deps/eigen3 here first).   usage: bash scripts/gpu_run.sh [steps...]
+set -u
+OUT=${OUT:-/tmp/ra_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 EIGEN_INCLUDE_DIR=$PWD/.deps/eigen3 PYTHONPATH=$PWD/python
+steps=${*:-"build tests demo recall accuracy buildtime"}
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+for s in $steps; do case $s in
+build) stamp build; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
+       python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)";;
+tests) stamp tests; timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_hf_exactness.py tests/python/test_index.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; tail -4 "$OUT/pytest_gpu.log";;
+demo) stamp demo; timeout 120 python3 examples/passkey_demo.py --context 8000 2>&1 | grep -v Warn | tee "$OUT/demo.log" | tail -6;;
+recall) stamp recall; timeout 200 python3 benchmarks/recall.py --json --data real,model_qk --dump-if-missing --threads 16 --qg-device cuda --out "$OUT" > "$OUT/recall.jsonl" 2> "$OUT/recall.err"; echo "recall rc=$?"; grep recall_summary "$OUT/recall.jsonl" | cut -c1-300;;
+accuracy) stamp accuracy; timeout 240 python3 benchmarks/accuracy.py --json --contexts 4096,16384 --samples 10 --tasks passkey,kv --methods full,retrieval_attention,flat_topk,static_only --out "$OUT" > "$OUT/accuracy.jsonl" 2> "$OUT/accuracy.err"; echo "accuracy rc=$?"; cut -c1-200 "$OUT/accuracy.jsonl";;
+buildtime) stamp buildtime; timeout 150 python3 benchmarks/recall.py --build-time --json --bt-layers 2 --bt-heads 32 --bt-kv-heads 8 --bt-n 131072 --bt-d 128 --threads 16 --qg-device cuda > "$OUT/buildtime.jsonl" 2> "$OUT/buildtime.err"; echo "buildtime rc=$?"; tail -3 "$OUT/buildtime.jsonl" | cut -c1-300;;
+esac; done
+stamp done
