@@ -25,7 +25,9 @@ def _has_query_guided():
 
 
 def _run(*args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.environ.get("PYTHONPATH", "")]))
+    # the repo's python/ goes last: an installed or PYTHONPATH-given retrieval_attention wins, as in this process
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [x for x in (os.environ.get("PYTHONPATH", ""), os.path.join(REPO, "python")) if x]))
     p = subprocess.run([sys.executable, os.path.join(BENCH, "recall.py"), *args], capture_output=True, text=True,
                        timeout=timeout, cwd=REPO, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
