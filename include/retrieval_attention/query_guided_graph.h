@@ -341,8 +341,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     }
     std::sort(scored.begin(), scored.end());
     kept.clear();
+    const int64_t n_ip = std::min<int64_t>(static_cast<int64_t>(scored.size()), max_keep / 4), n_rng = max_keep - n_ip;
     for (const auto& e : scored) {
-      if (static_cast<int64_t>(kept.size()) >= max_keep) break;
+      if (static_cast<int64_t>(kept.size()) >= n_rng) break;
       const float* cf = row_f(base, e.second, cbuf);
       bool keep = true;
       for (uint32_t r : kept) {
@@ -353,6 +354,16 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         }
       }
       if (keep) kept.push_back(e.second);
+    }
+    // MIPS edges: the rest of the budget goes to the candidates with the largest p.c (those further out in
+    // p's direction). L2-RNG alone cuts the edges towards large-norm keys, which MIPS answers are made of.
+    if (static_cast<int64_t>(kept.size()) < max_keep && kept.size() < scored.size()) {
+      for (auto& e : scored) e.first = -(sp + sq_[e.second] - e.first);  // -2 p.c
+      std::sort(scored.begin(), scored.end());
+      for (const auto& e : scored) {
+        if (static_cast<int64_t>(kept.size()) >= max_keep) break;
+        if (std::find(kept.begin(), kept.end(), e.second) == kept.end()) kept.push_back(e.second);
+      }
     }
     out.assign(kept.begin(), kept.end());
   }
