@@ -88,7 +88,7 @@ def test_harness_end_to_end(tmp_path, capsys):
     pytest.importorskip("faiss")
     import accuracy as A
 
-    methods = "full,flat_topk,ivf_topk,quest,static_only"
+    methods = "full,retrieval_attention,flat_topk,ivf_topk,quest,static_only"
     results, kl = A.main(["--json", "--contexts", "640", "--samples", "1", "--tasks", "passkey", "--methods", methods,
                           "--n-sink", "16", "--n-window", "64", "--top-k", "32", "--kl-contexts", "400",
                           "--kl-tokens", "3", "--device", "cpu", "--out", str(tmp_path), "--analysis"])
@@ -103,6 +103,8 @@ def test_harness_end_to_end(tmp_path, capsys):
     assert by["full"]["scanned_frac"] == 1.0 and by["flat_topk"]["scanned_frac"] == pytest.approx(1.0)
     assert by["static_only"]["scanned_frac"] == 0.0
     assert 0.0 < by["quest"]["scanned_frac"] < 1.0 and 0.0 < by["ivf_topk"]["scanned_frac"] <= 1.0
+    assert 0.0 < by["retrieval_attention"]["scanned_frac"] <= 1.0
+    assert by["ivf_topk"]["target_scan"] == by["retrieval_attention"]["scanned_frac"]  # matched scan budget
     assert by["flat_topk"]["topk_mass_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert by["static_only"]["topk_mass_ratio"] == 0.0
     kls = {r["method"]: r for r in lines if r["bench"] == "accuracy_kl"}
@@ -128,7 +130,7 @@ def test_exactness_mode_matches_full(hay):
     from transformers import DynamicCache
 
     ref = runner.teacher_forced_logprobs([ids], 300, DynamicCache())
-    for method in ("flat_topk", "quest", "ivf_topk"):
+    for method in ("flat_topk", "quest", "ivf_topk", "retrieval_attention"):
         if method == "ivf_topk":
             runner.layers["ivf_topk"].target_scan = 1.0
         lp = runner.teacher_forced_logprobs([ids], 300, runner.make_cache(method))
