@@ -24,6 +24,21 @@ def _attention_args(q, keys, values):
     check_float(q, "q")
     check_float(keys, "keys")
     check_float(values, "values")
+    # Checked here as well as in C++ so bad input never reaches a kernel (see the closing note of issue 2).
+    if values.dtype != keys.dtype:
+        raise TypeError(f"values dtype {values.dtype} differs from keys dtype {keys.dtype}")
+    hq, _, d = q.shape
+    hkv, n, _ = keys.shape
+    if keys.shape[2] != d:
+        raise ValueError(f"keys head_dim {keys.shape[2]} != q head_dim {d}")
+    if values.shape[0] != hkv or values.shape[1] != n:
+        raise ValueError(f"values shape {tuple(values.shape)} does not match keys {tuple(keys.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q_heads ({hq}) must be a positive multiple of kv_heads ({hkv})")
+    if d == 0 or values.shape[2] == 0:
+        raise ValueError("head dims must be positive")
+    if not (q.device == keys.device == values.device):
+        raise ValueError(f"q, keys and values must be on one device, got {q.device}, {keys.device}, {values.device}")
 
 
 def sparse_attention(q, keys, values, ids, scale: float):
@@ -31,12 +46,26 @@ def sparse_attention(q, keys, values, ids, scale: float):
     _attention_args(q, keys, values)
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    check_rank(ids, 3, "ids", "(q_heads, queries, k)")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"ids must be int64, got {ids.dtype}")
+    if ids.shape[0] != q.shape[0] or ids.shape[1] != q.shape[1]:
+        raise ValueError(f"ids shape {tuple(ids.shape)} does not match q {tuple(q.shape)}")
+    if ids.device != q.device:
+        raise ValueError(f"ids must be on {q.device}, got {ids.device}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= keys.shape[1]:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"ids: key id {bad} is out of range [0, {keys.shape[1]}) (-1 marks padding)")
     return _ops.sparse_attention(q, keys, values, ids, float(scale))
 
 
 def dense_attention(q, keys, values, scale: float, causal: bool = False):
     """Exact attention over all keys; with causal=True the m queries are the last m key positions."""
     _attention_args(q, keys, values)
+    if causal and q.shape[1] > keys.shape[1]:
+        raise ValueError(f"causal attention needs at least as many keys ({keys.shape[1]}) as queries ({q.shape[1]})")
     return _ops.dense_attention(q, keys, values, float(scale), bool(causal))
 
 
@@ -45,6 +74,13 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     for t, name in ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_float(t, name, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if out_a.dim() < 1 or out_a.shape != out_b.shape:
+        raise ValueError(f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must have the same shape (..., value_dim)")
+    if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
+        raise ValueError(f"lse_a {tuple(lse_a.shape)} and lse_b {tuple(lse_b.shape)} must have shape out.shape[:-1] = {tuple(out_a.shape[:-1])}")
+    if len({t.device for t in (out_a, lse_a, out_b, lse_b)}) != 1:
+        raise ValueError("merge_attention inputs must be on one device")
     return _ops.merge_attention(out_a, lse_a, out_b, lse_b)
 
 
