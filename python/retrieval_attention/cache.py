@@ -11,6 +11,7 @@ Positions are never lost: get_seq_length() counts every token seen.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 import weakref
@@ -24,6 +25,17 @@ from .index import exact_knn
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
+
+
+_EXECUTOR = None
+
+
+def _build_executor():
+    """One background thread for index builds: layers are built one after another, each using all OpenMP threads."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-index-build")
+    return _EXECUTOR
 
 
 class RetrievalLayer(CacheLayerMixin):
@@ -51,6 +63,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.steps = 0
         self.visited_sum = 0.0
         self.cpu_candidates_sum = 0.0
+        self._build_future = None
 
     # -- transformers CacheLayerMixin interface -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -99,6 +112,8 @@ class RetrievalLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        if getattr(self, "_build_future", None) is not None:
+            self._build_future.result()
         self._reset_state()
 
     def reorder_cache(self, beam_idx):
@@ -122,6 +137,7 @@ class RetrievalLayer(CacheLayerMixin):
     # -- retrieval ---------------------------------------------------------------------------------------------
     @property
     def cpu_tokens(self) -> int:
+        self._wait_for_build()
         return 0 if self.offloaded is None else self.offloaded.size
 
     @property
@@ -161,16 +177,34 @@ class RetrievalLayer(CacheLayerMixin):
             k_train = int(cfg.index_params.get("k_train", 100))
             knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
         cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
-        self.offloaded.build(cpu_k, cpu_v, train, knn)
-        self.on_cpu_tokens(cpu_k, cpu_v, train)
         self.keys = torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2)
         self.values = torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2)
         self.n_sink_kept = n_sink
         self.phase = "decode"
         self.build_seconds += time.perf_counter() - t0
 
+        def build():
+            t1 = time.perf_counter()
+            self.offloaded.build(cpu_k, cpu_v, train, knn)  # C++, GIL released
+            self.on_cpu_tokens(cpu_k, cpu_v, train)
+            self.build_seconds += time.perf_counter() - t1
+
+        run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
+        if run_async:
+            # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ...; the first
+            # use of this layer's CPU part waits for it (_wait_for_build).
+            self._build_future = _build_executor().submit(build)
+        else:
+            build()
+
+    def _wait_for_build(self) -> None:
+        future, self._build_future = self._build_future, None
+        if future is not None:
+            future.result()  # re-raises a build error here
+
     def _evict_overflow(self) -> None:
         """Keep at most n_window window tokens before new ones arrive; promote to sinks first, then move to the CPU."""
+        self._wait_for_build()
         window = self.keys.shape[-2] - self.n_sink_kept
         overflow = window - self.cfg.n_window
         if overflow <= 0:
@@ -216,6 +250,7 @@ class RetrievalLayer(CacheLayerMixin):
         return self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.ef, scaling)
 
     def stats(self) -> dict:
+        self._wait_for_build()
         gpu = 0 if self.keys is None else self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return {
             "layer": self.layer_idx,

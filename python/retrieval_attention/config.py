@@ -18,6 +18,8 @@ class RetrievalConfig:
     index_params: build parameters passed to the index (e.g. {"degree": 32, "k_train": 100}).
     max_train_queries: prefill queries per head used to build the graph (None: all).
     cpu_dtype:   storage dtype of CPU keys/values (None: the model's KV dtype).
+    async_build: build each layer's indexes in a background thread while later layers compute
+                 (None: only when the KV lives on a GPU).
     """
 
     n_sink: int = 128
@@ -28,6 +30,7 @@ class RetrievalConfig:
     index_params: dict = field(default_factory=dict)
     max_train_queries: int | None = None
     cpu_dtype: object = None
+    async_build: bool | None = None
 
     def __post_init__(self):
         import torch
@@ -50,6 +53,9 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.max_train_queries must be None or an int >= 1, got {self.max_train_queries!r}")
         if self.cpu_dtype is not None and self.cpu_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"RetrievalConfig.cpu_dtype must be None, torch.float32, float16 or bfloat16, got {self.cpu_dtype!r}")
+
+        if self.async_build is not None and not isinstance(self.async_build, bool):
+            raise TypeError(f"RetrievalConfig.async_build must be None or a bool, got {self.async_build!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -86,6 +86,16 @@ def test_multi_token_continuation_after_prefill_is_exact():
     torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("async_build", [False, True])
+def test_background_index_build_is_exact(async_build):
+    """Index builds may run in a background thread while later layers compute; results must not change."""
+    model = tiny_model("qwen2", seed=7)
+    ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(8))
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=8, top_k=10_000, index="query_guided", ef=10_000, async_build=async_build)
+    cache = assert_exact(model, ids, cfg, 20)
+    assert all(s["index_build_s"] > 0 for s in cache.stats())
+
+
 def test_query_guided_default_index_matches_full_attention_in_exactness_mode():
     """With top_k >= CPU tokens the graph index must return every CPU key, so the result is exact too."""
     model = tiny_model("llama", seed=5)
@@ -139,6 +149,7 @@ def test_enable_creates_its_own_cache_and_falls_back_to_exact_without_one():
         ({"index_params": [1]}, TypeError, "index_params"),
         ({"max_train_queries": 0}, ValueError, "max_train_queries"),
         ({"cpu_dtype": torch.int8}, ValueError, "cpu_dtype"),
+        ({"async_build": "yes"}, TypeError, "async_build"),
     ],
 )
 def test_config_validation(kwargs, exc, match):
