@@ -226,7 +226,9 @@ def make_layer_classes():
     class IVFLayer(StoreLayer):
         """faiss IndexIVFFlat (inner product) per (batch, kv head): trained on the CPU keys present at the first
         search (the prefill's), later evicted keys are added without retraining. Queries of a group share it.
-        nprobe = round(target_scan * nlist) (class attribute `target_scan`, set by the harness per cell)."""
+        nprobe: calibrated per index on the first decode step's queries: the smallest nprobe whose measured scanned
+        fraction (faiss ndis / keys) reaches `target_scan` (class attribute, set by the harness per cell); it is then
+        kept for the rest of the generation."""
 
         target_scan = 0.1
         nlist = None
@@ -237,7 +239,28 @@ def make_layer_classes():
             self._ivf = None
             self._indexed = 0
 
-        def _build(self):
+        def _calibrate(self, idx, q, nl, k):
+            """Smallest nprobe with ndis / n >= target_scan on these queries (ndis grows with nprobe: bisection)."""
+            import faiss
+
+            def frac(p):
+                idx.nprobe = p
+                faiss.cvar.indexIVF_stats.reset()
+                idx.search(q, k)
+                return faiss.cvar.indexIVF_stats.ndis / (len(q) * idx.ntotal)
+
+            lo, hi = 1, nl
+            if frac(lo) >= self.target_scan:
+                return lo
+            while lo + 1 < hi:
+                mid = (lo + hi) // 2
+                if frac(mid) >= self.target_scan:
+                    hi = mid
+                else:
+                    lo = mid
+            return hi
+
+        def _build(self, q_cpu):
             import faiss
 
             t0 = time.perf_counter()
@@ -255,8 +278,12 @@ def make_layer_classes():
                 idx.train(np.ascontiguousarray(keys[h]))
                 faiss.omp_set_num_threads(1)
                 idx.add(np.ascontiguousarray(keys[h]))
-                idx.nprobe = max(1, min(nl, int(round(self.target_scan * nl))))
                 self._ivf.append((idx, quant))
+            H, m, d = q_cpu.shape
+            G = H // len(self._ivf)
+            qn = q_cpu.reshape(len(self._ivf), G * m, d).numpy()
+            for h, (idx, _) in enumerate(self._ivf):
+                idx.nprobe = self._calibrate(idx, np.ascontiguousarray(qn[h]), nl, min(self.cfg.top_k, n))
             self._nlist_used = nl
             self._indexed = n
             self.build_seconds += time.perf_counter() - t0  # reported in index_build_s like the library's builds
@@ -265,7 +292,7 @@ def make_layer_classes():
             import faiss
 
             if self._ivf is None:
-                self._build()
+                self._build(q_cpu)
             elif self._indexed < self._n:
                 new = self._ck[:, self._indexed : self._n].float().numpy()
                 for h, (idx, _) in enumerate(self._ivf):
