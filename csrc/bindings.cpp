@@ -194,7 +194,8 @@ class PyOffloadedLayer {
     });
   }
 
-  py::tuple retrieve_attend(const at::Tensor& q, int64_t top_k, int64_t ef, double scale) const {
+  // Returns (out, lse, visited), plus the retrieved ids (Hq, m, top_k; -1 padded) when return_ids.
+  py::tuple retrieve_attend(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, bool return_ids) const {
     check_cpu(q, "q");
     check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
     TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
@@ -203,12 +204,15 @@ class PyOffloadedLayer {
     auto out = at::empty({hq_, m, dv_}, at::kFloat);
     auto lse = at::empty({hq_, m}, at::kFloat);
     auto visited = at::empty({hq_, m}, at::kLong);
+    TORCH_CHECK_VALUE(top_k >= 1, "top_k must be >= 1, got ", top_k);
+    at::Tensor ids = return_ids ? at::empty({hq_, m, top_k}, at::kLong) : at::Tensor();
     const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
       ra::SearchParams p;
       p.ef = ef;
       layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
-                            visited.data_ptr<int64_t>(), nullptr);
+                            visited.data_ptr<int64_t>(), return_ids ? ids.data_ptr<int64_t>() : nullptr);
     });
+    if (return_ids) return py::make_tuple(out, lse, visited, ids);
     return py::make_tuple(out, lse, visited);
   }
 
@@ -276,7 +280,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("index_type"), py::arg("params"))
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none())
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
-      .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"))
+      .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
+           py::arg("return_ids") = false)
       .def_property_readonly("size", &PyOffloadedLayer::size)
       .def_property_readonly("vector_bytes", &PyOffloadedLayer::vector_bytes)
       .def_property_readonly("index_bytes", &PyOffloadedLayer::index_bytes);
