@@ -111,6 +111,9 @@ class RetrievalLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # transformers < 5 name of get_max_length
+        return -1
+
     def reset(self) -> None:
         if getattr(self, "_build_future", None) is not None:
             self._build_future.result()
