@@ -28,6 +28,17 @@ def model_attention_shape(config) -> tuple[int, int, int, int]:
     return n_layers, q_heads, kv_heads, head_dim
 
 
+def cache_kwarg(model) -> str:
+    """Name of the cache argument of forward/generate: "cache" in the newest transformers, else "past_key_values"."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def register_attention(name: str, fn) -> None:
     AttentionInterface.register(name, fn)
     # Without a mask function registered under the same name, transformers would pass no causal mask at all.

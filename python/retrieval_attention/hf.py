@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .cache import RetrievalCache
-from .compat import register_attention, sdpa_attention_forward, set_attn_implementation
+from .compat import cache_kwarg, register_attention, sdpa_attention_forward, set_attn_implementation
 from .config import RetrievalConfig
 
 ATTN_NAME = "retrieval_attention"
@@ -62,7 +62,7 @@ def enable(model, cfg: RetrievalConfig | None = None):
         @functools.wraps(original)
         def generate(*args, **kwargs):
             if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-                kwargs["past_key_values"] = RetrievalCache(model.config, model._retrieval_config)
+                kwargs[cache_kwarg(model)] = RetrievalCache(model.config, model._retrieval_config)
             return original(*args, **kwargs)
 
         model.generate = generate
