@@ -5,8 +5,10 @@
 //   * QueryGuidedGraph<T> indexes rows [0, size()) of a shared key store (std::shared_ptr<const
 //     VectorStore<T>>, n x d, T = float/Half/BFloat16, never copied) under the inner product q.k.
 //   * build(keys, train_queries (m x d float32 row-major), m, params): exact bipartite kNN query -> key
-//     (exact_topk, k_train per query), projection onto the keys, k->k linking of keys the projection left
-//     with few out-edges, and a connectivity pass. build_from_neighbors() takes the kNN lists precomputed by
+//     (exact_topk, k_train per query), projection onto the keys (each of a query's first kPivots = 4 keys is
+//     a pivot that gets the query's other neighbours as candidates, RNG-pruned), reverse edges, k->k linking of
+//     keys the projection left with few out-edges, in-degree balancing (every key gets up to degree/2 in-edges
+//     from its own out-neighbours), and a connectivity pass. build_from_neighbors() takes the kNN lists precomputed by
 //     the caller (m x knn_k int64 row-major, best-first, -1 = padding; e.g. from a GPU) and skips the kNN.
 //     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point
 //     after build() and after load() of a graph that was (checked by reachable_count()).
@@ -202,6 +204,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
 
  private:
   static constexpr uint32_t kPayloadVersion = 1;
+  static constexpr int64_t kPivots = 4;        // leading keys of each training query's list that act as pivots
   struct Cand {
     float score;
     uint32_t id;
@@ -521,6 +524,39 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     if (bfs_mark(seen) != n_) repair_with(base);
   }
 
+  // Keys with few in-edges are hard to reach: give each key up to min_in in-edges from its own out-neighbours
+  // (which are near it), taking a free slot or replacing that neighbour's edge to its most popular target.
+  void balance_in_degree() {
+    const int32_t min_in = static_cast<int32_t>(p_.degree / 2);
+    std::vector<int32_t> indeg(static_cast<size_t>(n_), 0);
+    for (int64_t i = 0; i < n_; ++i)
+      for (int64_t j = 0; j < out_degree(i); ++j) indeg[neighbors(i)[j]]++;
+    const int32_t hub = static_cast<int32_t>(2 * p_.degree);
+    for (int64_t x = 0; x < n_; ++x) {
+      if (indeg[static_cast<size_t>(x)] >= min_in) continue;
+      const int64_t od = out_degree(x);
+      std::vector<uint32_t> outs(neighbors(x), neighbors(x) + od);
+      for (uint32_t y : outs) {
+        if (indeg[static_cast<size_t>(x)] >= min_in) break;
+        uint32_t* row = adj_.data() + static_cast<int64_t>(y) * stride_;
+        if (std::find(row + 1, row + 1 + row[0], static_cast<uint32_t>(x)) != row + 1 + row[0]) continue;
+        if (row[0] < static_cast<uint32_t>(p_.degree)) {
+          row[1 + row[0]++] = static_cast<uint32_t>(x);
+          indeg[static_cast<size_t>(x)]++;
+          continue;
+        }
+        uint32_t best = 0;
+        int32_t best_in = hub - 1;
+        for (uint32_t j = 1; j <= row[0]; ++j)
+          if (indeg[row[j]] > best_in) best_in = indeg[row[j]], best = j;
+        if (best == 0) continue;
+        indeg[row[best]]--;
+        row[best] = static_cast<uint32_t>(x);
+        indeg[static_cast<size_t>(x)]++;
+      }
+    }
+  }
+
   void build_graph(const float* train_queries, int64_t m, const int64_t* knn, int64_t kk) {
     const int64_t n = keys_->size(), d = keys_->dim();
     require(n < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
@@ -550,24 +586,43 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       if (s > best) best = s, entry_ = i;
     }
 
-    // projection: each training query's nearest key (pivot) gets the query's other neighbours as candidates
-    std::vector<std::vector<uint32_t>> pool(static_cast<size_t>(n));
+    // projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as
+    // candidates. Inverted lists (CSR): for key p, the training queries that have p among their first pivots.
+    const int64_t n_piv = kPivots;
+    std::vector<int64_t> first(static_cast<size_t>(m), kk);
+    std::vector<uint32_t> inv_start(static_cast<size_t>(n) + 1, 0u), inv;
     for (int64_t i = 0; i < m; ++i) {
       const int64_t* row = knn + i * kk;
       int64_t j = 0;
       while (j < kk && row[j] < 0) ++j;
-      if (j == kk) continue;
-      auto& pl = pool[static_cast<size_t>(row[j])];
-      for (int64_t t = j + 1; t < kk; ++t)
-        if (row[t] >= 0) pl.push_back(static_cast<uint32_t>(row[t]));
+      first[static_cast<size_t>(i)] = j;
+      for (int64_t r = j; r < std::min(kk, j + n_piv); ++r)
+        if (row[r] >= 0) inv_start[static_cast<size_t>(row[r]) + 1]++;
+    }
+    for (int64_t p = 0; p < n; ++p) inv_start[static_cast<size_t>(p) + 1] += inv_start[static_cast<size_t>(p)];
+    inv.resize(inv_start[static_cast<size_t>(n)]);
+    {
+      std::vector<uint32_t> fill(inv_start.begin(), inv_start.end() - 1);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t* row = knn + i * kk;
+        const int64_t j = first[static_cast<size_t>(i)];
+        for (int64_t r = j; r < std::min(kk, j + n_piv); ++r)
+          if (row[r] >= 0) inv[fill[static_cast<size_t>(row[r])]++] = static_cast<uint32_t>(i);
+      }
     }
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     {
       std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
       parallel_for(n, [&](int64_t p) {
-        auto& pl = pool[static_cast<size_t>(p)];
+        thread_local std::vector<uint32_t> pl;
+        pl.clear();
+        for (uint32_t e = inv_start[static_cast<size_t>(p)]; e < inv_start[static_cast<size_t>(p) + 1]; ++e) {
+          const int64_t i = inv[e];
+          const int64_t* row = knn + i * kk;
+          for (int64_t t = first[static_cast<size_t>(i)]; t < kk; ++t)
+            if (row[t] >= 0 && row[t] != p) pl.push_back(static_cast<uint32_t>(row[t]));
+        }
         if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
-        std::vector<uint32_t>().swap(pl);
       });
       for (int64_t p = 0; p < n; ++p) {
         set_row(static_cast<uint32_t>(p), lists[static_cast<size_t>(p)]);
@@ -584,6 +639,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::mt19937_64 rng(p_.seed);
     std::shuffle(weak.begin(), weak.end(), rng);
     insert_batched(base, weak, /*guarantee_in_edge=*/false);
+    balance_in_degree();
     repair_with(base);
   }
 

@@ -83,7 +83,14 @@ TEMPLATE_TEST_CASE("query-guided graph: recall on out-of-distribution queries, e
   CHECK(g->type_name() == "query_guided");
   CHECK(g->reachable_count() == n);
   CHECK(g->structure_bytes() >= n * (p.degree + 1) * 4);
-  for (int64_t i = 0; i < n; ++i) REQUIRE(g->out_degree(i) <= g->max_degree());
+  for (int64_t i = 0; i < n; ++i) {
+    REQUIRE(g->out_degree(i) <= g->max_degree());
+    // multi-pivot projection and in-degree balancing never add self-loops or duplicate edges
+    std::vector<uint32_t> nb(g->neighbors(i), g->neighbors(i) + g->out_degree(i));
+    REQUIRE(std::find(nb.begin(), nb.end(), static_cast<uint32_t>(i)) == nb.end());
+    std::sort(nb.begin(), nb.end());
+    REQUIRE(std::adjacent_find(nb.begin(), nb.end()) == nb.end());
+  }
   const RecallStats r = measure(*g, flat, data.test, d, 10, 64);
   INFO("recall@10 " << r.recall << " visited " << r.visited_frac);
   CHECK(r.recall >= 0.9);
