@@ -16,6 +16,7 @@ import zlib
 import pytest
 import torch
 
+from conftest import in_subprocess
 import retrieval_attention  # noqa: F401  (registers torch.ops.retrieval_attention)
 
 ops = torch.ops.retrieval_attention
@@ -316,6 +317,7 @@ def test_sparse_with_all_ids_equals_dense():
 
 
 @pytest.mark.parametrize("bad", [-2, 30, 1 << 40])
+@in_subprocess
 def test_sparse_rejects_out_of_range_ids(bad):
     q = torch.randn(2, 1, 64, device="cuda")
     keys = torch.randn(1, 30, 64, device="cuda")
@@ -418,6 +420,7 @@ def test_merge_cpu_and_cuda_agree():
 # --------------------------------------------------------------------------------------------------
 # bad inputs: clear Python errors, never a crash
 # --------------------------------------------------------------------------------------------------
+@in_subprocess
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(4, 1, 64, device="cuda")
     keys = torch.randn(2, 10, 64, device="cuda", dtype=torch.float16)
