@@ -92,8 +92,7 @@ class RetrievalLayer(CacheLayerMixin):
             )
         else:
             self._evict_overflow()
-            self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
-            self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
+            self._append_static(key_states.to(self.dtype), value_states.to(self.dtype))
         self.seen += key_states.shape[-2]
         # The attention function finds this layer through the key tensor it is handed.
         self.keys._ra_layer = weakref.ref(self)
@@ -180,8 +179,10 @@ class RetrievalLayer(CacheLayerMixin):
             k_train = int(cfg.index_params.get("k_train", 100))
             knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
         cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
-        self.keys = torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2)
-        self.values = torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2)
+        self._set_static(
+            torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2),
+            torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2),
+        )
         self.n_sink_kept = n_sink
         self.phase = "decode"
         self.build_seconds += time.perf_counter() - t0
@@ -205,13 +206,37 @@ class RetrievalLayer(CacheLayerMixin):
         if future is not None:
             future.result()  # re-raises a build error here
 
+    # -- the static set lives in preallocated device buffers: appending a token writes in place --------------
+    def _set_static(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[-2]
+        cap = max(n, self.cfg.n_sink + self.cfg.n_window) + self.cfg.evict_chunk + 8
+        self._kbuf = keys.new_empty(keys.shape[:2] + (cap, keys.shape[-1]))
+        self._vbuf = values.new_empty(values.shape[:2] + (cap, values.shape[-1]))
+        self._kbuf[:, :, :n] = keys
+        self._vbuf[:, :, :n] = values
+        self._set_len(n)
+
+    def _set_len(self, n: int) -> None:
+        self._len = n
+        self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
+    def _append_static(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        t, n = keys.shape[-2], self._len
+        if n + t > self._kbuf.shape[-2]:  # e.g. a long second prompt chunk: grow once
+            self._set_static(torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2))
+            return
+        self._kbuf[:, :, n : n + t] = keys
+        self._vbuf[:, :, n : n + t] = values
+        self._set_len(n + t)
+
     def _evict_overflow(self) -> None:
-        """Keep at most n_window window tokens before new ones arrive; promote to sinks first, then move to the CPU."""
+        """Before new tokens arrive, shrink the window back to n_window once it has grown by evict_chunk tokens:
+        the oldest window tokens become sinks while there are fewer than n_sink, the rest move to the CPU index."""
         self._wait_for_build()
         window = self.keys.shape[-2] - self.n_sink_kept
-        overflow = window - self.cfg.n_window
-        if overflow <= 0:
+        if window < self.cfg.n_window + self.cfg.evict_chunk:
             return
+        overflow = window - self.cfg.n_window
         promote = min(self.cfg.n_sink - self.n_sink_kept, overflow)
         self.n_sink_kept += promote
         overflow -= promote
@@ -223,8 +248,10 @@ class RetrievalLayer(CacheLayerMixin):
         self.offloaded.append(moved_k, moved_v)
         self.on_cpu_tokens(moved_k, moved_v, None)
         self.build_seconds += time.perf_counter() - t0
-        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + overflow :]], dim=-2)
-        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + overflow :]], dim=-2)
+        n = self._len
+        self._kbuf[:, :, s : n - overflow] = self._kbuf[:, :, s + overflow : n].clone()  # source and target overlap
+        self._vbuf[:, :, s : n - overflow] = self._vbuf[:, :, s + overflow : n].clone()
+        self._set_len(n - overflow)
 
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query (batch, q_heads, m, d) -> attention output (batch, m, q_heads, dv) in the query dtype."""

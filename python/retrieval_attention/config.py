@@ -18,6 +18,8 @@ class RetrievalConfig:
     index_params: build parameters passed to the index (e.g. {"degree": 32, "k_train": 100}).
     max_train_queries: prefill queries per head used to build the graph (None: all).
     cpu_dtype:   storage dtype of CPU keys/values (None: the model's KV dtype).
+    evict_chunk: the device window may grow to n_window + evict_chunk tokens before the oldest evict_chunk of them
+                 move to the CPU in one batch (amortises transfers and index inserts; exactness is unaffected).
     async_build: build each layer's indexes in a background thread while later layers compute
                  (None: only when the KV lives on a GPU).
     """
@@ -31,6 +33,7 @@ class RetrievalConfig:
     max_train_queries: int | None = None
     cpu_dtype: object = None
     async_build: bool | None = None
+    evict_chunk: int = 64
 
     def __post_init__(self):
         import torch
@@ -39,7 +42,7 @@ class RetrievalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"RetrievalConfig.{name} must be an int >= 0, got {v!r}")
-        for name in ("top_k", "ef"):
+        for name in ("top_k", "ef", "evict_chunk"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"RetrievalConfig.{name} must be an int >= 1, got {v!r}")
