@@ -21,3 +21,13 @@ def test_passkey_demo_small():
     out = run("examples/passkey_demo.py", "--context", "1500", "--new-tokens", "4", "--device", "cpu")
     assert "full attention" in out and "retrieval attention" in out
     assert "answers match" in out  # both methods give the same answer on this input
+
+
+def test_chat_long_document_quick():
+    out = run("examples/chat_long_document.py", "--quick", "--device", "cpu")
+    assert "full attention" in out and "retrieval attention" in out
+    for name in ("pass key", "key-", "magic number for"):
+        assert name in out  # one question of each of the model's three formats
+    # a 1,500-token document with three facts in the CPU part: both methods answer every question
+    assert "full attention: 3/3 correct; retrieval attention: 3/3 correct" in out
+    assert "keys scanned per query" in out
