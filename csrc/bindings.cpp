@@ -216,6 +216,14 @@ class PyOffloadedLayer {
     return py::make_tuple(out, lse, visited);
   }
 
+  void set_min_ids(const at::Tensor& min_ids) {
+    check_cpu(min_ids, "min_ids");
+    check_dim(min_ids, 1, "min_ids", "(kv_heads,)");
+    TORCH_CHECK_TYPE(min_ids.scalar_type() == at::kLong, "min_ids must be int64");
+    const auto c = min_ids.contiguous();
+    visit_layer([&](auto& layer, auto*) { layer.set_min_ids(c.data_ptr<int64_t>(), c.numel()); });
+  }
+
   int64_t size() const { return std::visit([](const auto& l) { return l->size(); }, v_); }
   int64_t vector_bytes() const { return std::visit([](const auto& l) { return l->vector_bytes(); }, v_); }
   int64_t index_bytes() const { return std::visit([](const auto& l) { return l->index_bytes(); }, v_); }
@@ -282,6 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)
+      .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def_property_readonly("size", &PyOffloadedLayer::size)
       .def_property_readonly("vector_bytes", &PyOffloadedLayer::vector_bytes)
       .def_property_readonly("index_bytes", &PyOffloadedLayer::index_bytes);

@@ -34,17 +34,16 @@ class FlatIndex final : public KeyIndex<T> {
     return idx;
   }
 
-  int64_t search_one(const float* q, int64_t k, const SearchParams&, int64_t* ids, float* scores) const override {
+  int64_t search_one(const float* q, int64_t k, const SearchParams& params, int64_t* ids, float* scores) const override {
     require(k > 0, "k must be positive");
-    const int64_t d = keys_->dim();
+    const int64_t d = keys_->dim(), first = std::max<int64_t>(0, params.min_id);
     TopK best(k);
-    for (int64_t i = 0; i < n_; ++i) {
+    for (int64_t i = first; i < n_; ++i) {
       const float s = dot_row(q, keys_->row(i), d);
       if (!best.full() || s >= best.threshold()) best.push(s, i);
     }
     best.sorted_into(ids, scores);
-    (void)d;
-    return n_;
+    return std::max<int64_t>(0, n_ - first);
   }
 
  private:

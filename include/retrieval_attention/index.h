@@ -22,7 +22,8 @@
 namespace retrieval_attention {
 
 struct SearchParams {
-  int64_t ef = 128;  // beam width of graph search; ignored by exact indexes
+  int64_t ef = 128;     // beam width of graph search; ignored by exact indexes
+  int64_t min_id = 0;   // rows below this id are excluded from results (e.g. left padding); exact indexes skip them
 };
 
 template <class T>

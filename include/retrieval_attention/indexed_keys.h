@@ -32,6 +32,7 @@ class IndexedKeys {
 
   IndexedKeys(const T* keys, int64_t n, int64_t d, const IndexBuilder& build) : store_(std::make_shared<VectorStore<T>>(d)) {
     require(n > 0, "keys must not be empty");
+    require(all_finite(keys, n * d), "keys contain NaN or Inf");
     store_->append(keys, n);
     index_ = build(store_);
   }
@@ -57,10 +58,12 @@ class IndexedKeys {
     const int64_t n = index_->size(), d = store_->dim();
     require(k >= 1 && k <= n, "k must be in [1, " + std::to_string(n) + "] (the number of indexed keys), got " + std::to_string(k));
     require(params.ef >= 1, "ef must be positive");
+    require(all_finite(queries, m * d), "queries contain NaN or Inf");
     parallel_for(m, [&](int64_t i) { visited[i] = index_->search_one(queries + i * d, k, params, ids + i * k, scores + i * k); });
   }
 
   void add(const T* rows, int64_t count) {
+    require(all_finite(rows, count * store_->dim()), "new keys contain NaN or Inf");
     std::unique_lock<std::shared_mutex> lock(mu_);
     store_->append(rows, count);
     index_->index_new_rows();
@@ -79,10 +82,12 @@ class IndexedKeys {
   static std::unique_ptr<IndexedKeys> load(const IndexFile& file, const std::string& source, const IndexLoader& loader) {
     PayloadReader r(file.payload.data(), file.payload.size(), source);
     const int64_t n = r.get<int64_t>(), d = r.get<int64_t>();
-    if (n <= 0 || d <= 0 || d > (1 << 20) || static_cast<uint64_t>(n) * static_cast<uint64_t>(d) * sizeof(T) > file.payload.size())
+    // compare by division so a huge n cannot overflow n * d
+    if (n <= 0 || d <= 0 || d > (1 << 20) || static_cast<uint64_t>(n) > file.payload.size() / (static_cast<uint64_t>(d) * sizeof(T)))
       r.fail("implausible key count or dimension");
     std::vector<T> rows(static_cast<size_t>(n * d));
     r.get_bytes(rows.data(), rows.size() * sizeof(T));
+    if (!all_finite(rows.data(), static_cast<int64_t>(rows.size()))) r.fail("non-finite key values");
     std::unique_ptr<IndexedKeys> out(new IndexedKeys(d));
     out->store_->append(rows.data(), n);
     out->index_ = loader(file.type_name, out->store_, r);

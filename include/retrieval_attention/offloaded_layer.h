@@ -58,6 +58,7 @@ class OffloadedLayer {
 
   // knn (Hq, m, knn_k) optional: exact neighbours (row ids of this layer's first t tokens) of each training query.
   void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0) {
+    require(all_finite(keys, hkv_ * t * d_) && all_finite(train_q, hq_ * m * d_), "keys or training queries contain NaN or Inf");
     std::unique_lock<std::shared_mutex> lock(mu_);
     require(!indexed() && keys_[0]->size() == 0, "layer already built");
     require(m >= 0 && t >= 0 && knn_k >= 0, "counts must be non-negative");
@@ -68,6 +69,7 @@ class OffloadedLayer {
   }
 
   void append(const T* keys, const T* values, int64_t t) {
+    require(all_finite(keys, hkv_ * t * d_), "keys contain NaN or Inf");
     std::unique_lock<std::shared_mutex> lock(mu_);
     require(t >= 0, "token count must be non-negative");
     if (t == 0) return;
@@ -79,11 +81,21 @@ class OffloadedLayer {
     }
   }
 
+  // Rows [0, min_ids[kv]) of kv head kv are never retrieved (left padding of that batch row). Indexes that cannot
+  // skip them during search still never return them: such ids are dropped from the results.
+  void set_min_ids(const int64_t* min_ids, int64_t count) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    require(count == hkv_, "min_ids needs one entry per kv head");
+    for (int64_t i = 0; i < count; ++i) require(min_ids[i] >= 0, "min_ids must be non-negative");
+    min_ids_.assign(min_ids, min_ids + count);
+  }
+
   // q (Hq, m, d) -> out (Hq, m, dv), lse (Hq, m); visited (Hq, m) and ids_out (Hq, m, top_k) may be null.
   void retrieve_attend(const float* q, int64_t m, int64_t top_k, const SearchParams& params, float scale, float* out, float* lse,
                        int64_t* visited, int64_t* ids_out) const {
     std::shared_lock<std::shared_mutex> lock(mu_);
     require(top_k > 0, "top_k must be positive");
+    require(all_finite(q, hq_ * m * d_), "queries contain NaN or Inf");
     const int64_t n = keys_[0]->size(), k = std::min(top_k, n), group = hq_ / hkv_;
     parallel_for(hq_ * m, [&](int64_t hm) {
       const int64_t h = hm / m, kv = h / group;
@@ -97,7 +109,11 @@ class OffloadedLayer {
       } else {
         ids.assign(static_cast<size_t>(k), -1);
         scores.assign(static_cast<size_t>(k), kNegInf);
-        const int64_t vis = indexes_[static_cast<size_t>(h)]->search_one(q + hm * d_, k, params, ids.data(), scores.data());
+        SearchParams p = params;
+        p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
+        const int64_t vis = indexes_[static_cast<size_t>(h)]->search_one(q + hm * d_, k, p, ids.data(), scores.data());
+        for (auto& id : ids)
+          if (id >= 0 && id < p.min_id) id = -1;
         if (visited) visited[hm] = vis;
         lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, ids.data(), k, scale, out + hm * dv_, sc, rows);
       }
@@ -146,6 +162,7 @@ class OffloadedLayer {
   std::vector<std::unique_ptr<KeyIndex<T>>> indexes_;
   std::vector<float> train_q_;
   int64_t n_train_ = 0;
+  std::vector<int64_t> min_ids_;
   mutable std::shared_mutex mu_;
 };
 

@@ -121,6 +121,14 @@ inline void axpy_row(float w, const T* row, float* out, int64_t d) {
   for (int64_t i = 0; i < d; ++i) out[i] += w * to_float(row[i]);
 }
 
+// True when every value is finite; graph search orders candidates by score and needs comparable (non-NaN) scores.
+template <class T>
+inline bool all_finite(const T* v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i)
+    if (!std::isfinite(to_float(v[i]))) return false;
+  return true;
+}
+
 // The core reports bad input with std::invalid_argument (pybind11 maps it to ValueError) and
 // broken files with std::runtime_error; it never aborts.
 inline void require(bool ok, const std::string& what) {

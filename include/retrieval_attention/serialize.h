@@ -69,6 +69,7 @@ class PayloadReader {
     return v;
   }
   void get_bytes(void* dst, size_t n) {
+    if (n == 0) return;  // dst may be the null data() of an empty vector
     if (n > n_ - pos_) fail("payload truncated");
     std::memcpy(dst, p_ + pos_, n);
     pos_ += n;

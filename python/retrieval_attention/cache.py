@@ -64,6 +64,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.visited_sum = 0.0
         self.cpu_candidates_sum = 0.0
         self._build_future = None
+        self.static_pad = self.cpu_pad = None  # (batch,) pad tokens at the front of the static set / CPU ids
 
     # -- transformers CacheLayerMixin interface -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -153,13 +154,21 @@ class RetrievalLayer(CacheLayerMixin):
     def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
         return self._flat_heads(t).to("cpu", self.cpu_dtype).contiguous()
 
-    def finish_prefill(self, query: torch.Tensor) -> None:
-        """Split the prompt's KV into the static set and the CPU part, and build the CPU indexes."""
+    def finish_prefill(self, query: torch.Tensor, left_padding: torch.Tensor | None = None) -> None:
+        """Split the prompt's KV into the static set and the CPU part, and build the CPU indexes.
+
+        left_padding (batch,) int64: leading pad tokens per row; they stay masked in the static set and are never
+        retrieved from the CPU."""
         t0 = time.perf_counter()
         T = self.keys.shape[-2]
         cfg = self.cfg
         n_sink = min(cfg.n_sink, T)
         cpu_end = max(n_sink, T - cfg.n_window)
+        if left_padding is not None:
+            pad = left_padding.clamp(0, T)
+            # pads are a prefix of positions; static positions are [0, n_sink) then [cpu_end, T)
+            self.static_pad = pad.clamp(max=n_sink) + (pad - cpu_end).clamp(min=0)
+            self.cpu_pad = (pad.clamp(max=cpu_end) - n_sink).clamp(min=0)
         cpu_k, cpu_v = self.keys[:, :, n_sink:cpu_end], self.values[:, :, n_sink:cpu_end]
         if cfg.index == "flat":
             train = query.new_zeros((query.shape[0] * query.shape[1], 0, query.shape[-1]), device="cpu", dtype=torch.float32)
@@ -173,6 +182,8 @@ class RetrievalLayer(CacheLayerMixin):
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
             dict(cfg.index_params),
         )
+        if self.cpu_pad is not None:
+            self.offloaded.set_min_ids(self.cpu_pad.repeat_interleave(self.kv_heads))
         knn = None
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
@@ -243,6 +254,12 @@ class RetrievalLayer(CacheLayerMixin):
         if overflow <= 0:
             return
         s = self.n_sink_kept
+        if self.static_pad is not None and bool((self.static_pad > s).any()):
+            # pad tokens among the evicted ones (tiny, heavily padded prompts) stay excluded on the CPU side
+            moved_pads = (self.static_pad - s).clamp(0, overflow)
+            self.static_pad = self.static_pad - moved_pads
+            self.cpu_pad = self.cpu_pad + moved_pads
+            self.offloaded.set_min_ids(self.cpu_pad.repeat_interleave(self.kv_heads))
         t0 = time.perf_counter()
         moved_k, moved_v = self._to_cpu(self.keys[:, :, s : s + overflow]), self._to_cpu(self.values[:, :, s : s + overflow])
         self.offloaded.append(moved_k, moved_v)
@@ -261,7 +278,9 @@ class RetrievalLayer(CacheLayerMixin):
         # Copy the query to the CPU first, then launch the device's static attention (asynchronous on a GPU),
         # so the CPU search below overlaps the device work.
         q_cpu = q.to("cpu", torch.float32) if n_cpu else None
-        out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True)
+        key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
+        out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True,
+                                              key_start=key_start)
         if n_cpu:
             out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
             out, lse = merge_attention_any_device(out, lse, out_c.to(out.device), lse_c.to(out.device))

@@ -12,14 +12,19 @@ from .config import RetrievalConfig
 ATTN_NAME = "retrieval_attention"
 
 
-def _check_no_padding(attention_mask) -> None:
-    """Left/right padding would need per-row key masks on the CPU side, which are not implemented yet."""
+def _left_padding(attention_mask, kv_length: int):
+    """Per batch row, the number of leading key positions the prompt's last query may not see (left padding),
+    read from the 4D mask transformers built; None when nothing is padded. Other padding patterns are rejected."""
     if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
-        return
-    last_row = attention_mask[:, :, -1, :]
+        return None
+    last_row = attention_mask[:, 0, -1, :kv_length]
     visible = last_row if last_row.dtype == torch.bool else last_row == 0
-    if not bool(visible.all()):
-        raise NotImplementedError("RetrievalCache does not support padded batches yet: pass equal-length prompts (no attention_mask zeros)")
+    if bool(visible.all()):
+        return None
+    pad = (~visible).int().cumprod(dim=-1).sum(dim=-1)  # length of the invisible prefix
+    if not bool((visible.sum(dim=-1) == kv_length - pad).all()):
+        raise NotImplementedError("RetrievalCache supports left padding only (pad tokens before the prompt), as generate() uses")
+    return pad.to("cpu", torch.int64)
 
 
 def retrieval_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -36,9 +41,8 @@ def retrieval_attention_forward(module, query, key, value, attention_mask, dropo
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if layer.phase == "prefill_pending":
-        _check_no_padding(attention_mask)
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        layer.finish_prefill(query)
+        layer.finish_prefill(query, left_padding=_left_padding(attention_mask, key.shape[-2]))
         return out
     return layer.decode_attention(query, scaling), None
 

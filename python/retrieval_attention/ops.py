@@ -102,22 +102,26 @@ def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
     return out_a.new_empty(out_a.shape, dtype=torch.float32), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
 
 
-def dense_attention_any_device(q, keys, values, scale: float, causal: bool):
+def dense_attention_any_device(q, keys, values, scale: float, causal: bool, key_start=None):
     """dense_attention on the tensors' device: the extension kernel where there is one, else torch math.
 
-    The torch fallback serves CUDA builds of torch where the package was compiled without its CUDA kernels.
+    key_start (kv_heads,) int64, optional: keys [0, key_start[h]) of kv head h are masked (left padding); this rare
+    case and CUDA builds of torch without the package's CUDA kernels use the torch math below.
     """
-    if q.device.type == "cpu" or _ext.HAS_CUDA_KERNELS:
+    if key_start is None and (q.device.type == "cpu" or _ext.HAS_CUDA_KERNELS):
         return _ops.dense_attention(q, keys, values, float(scale), bool(causal))
     hq, m, _ = q.shape
     group = hq // keys.shape[0]
     k = keys.float().repeat_interleave(group, dim=0)
     v = values.float().repeat_interleave(group, dim=0)
     s = torch.matmul(q.float(), k.transpose(1, 2)) * scale
+    n = k.shape[1]
     if causal:
-        n = k.shape[1]
         allowed = torch.arange(n, device=q.device)[None, :] <= (n - m + torch.arange(m, device=q.device))[:, None]
         s = s.masked_fill(~allowed, float("-inf"))
+    if key_start is not None:
+        start = key_start.to(q.device).repeat_interleave(group)
+        s = s.masked_fill(torch.arange(n, device=q.device)[None, None, :] < start[:, None, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.softmax(s, dim=-1), v)
     return out, lse

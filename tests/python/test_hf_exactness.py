@@ -171,11 +171,50 @@ def test_cache_and_enable_bad_arguments():
         model(torch.randint(0, 97, (1, 30)), past_key_values=cache)
 
 
-def test_padded_batch_is_rejected():
-    model = tiny_model("llama")
-    ids = torch.randint(0, 97, (2, 20))
+@pytest.mark.parametrize("pads,n_sink,n_window", [((30, 0, 7), 4, 16), ((3, 50, 0), 8, 8), ((2, 0, 1), 64, 4)])
+def test_left_padded_batch_is_exact_and_never_retrieves_pads(pads, n_sink, n_window):
+    """Left padding (what generate() does for unequal prompts): pads are masked in the static set and never retrieved
+    from the CPU, so the padded batch decodes exactly like full attention on the same padded batch."""
+    model = tiny_model("llama", seed=9)
+    g = torch.Generator().manual_seed(10)
+    T = 90
+    ids = torch.randint(1, 97, (len(pads), T), generator=g)
     mask = torch.ones_like(ids)
-    mask[0, :5] = 0
+    for b, p in enumerate(pads):
+        ids[b, :p], mask[b, :p] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    full = model.generate(ids, past_key_values=DynamicCache(), **kw)
+    cfg = ra.RetrievalConfig(n_sink=n_sink, n_window=n_window, top_k=10_000, index="flat", evict_chunk=4)
+    cache = ra.RetrievalCache(model.config, cfg)
+    ours = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(ours.sequences, full.sequences)
+    lf, lo = torch.stack(full.logits), torch.stack(ours.logits)
+    assert ((lf - lo).abs().max() / lf.abs().max()) < 1e-4
+
+
+def test_left_padded_batch_sparse_mode_never_attends_pads():
+    """With a small top_k the pads (whose keys are identical) must still never be among the retrieved ids."""
+    model = tiny_model("llama", seed=11)
+    ids = torch.randint(1, 97, (2, 120), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    ids[0, :60], mask[0, :60] = 0, 0
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=4, n_window=8, top_k=5, index="query_guided"))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.cpu_pad.tolist() == [56, 0] and layer.static_pad.tolist() == [4, 0]
+    q = torch.randn(2 * 4, 1, 16)
+    _, _, _, got = layer.offloaded.retrieve_attend(q, 5, 64, 0.25, return_ids=True)
+    row0 = got[:4]  # query heads of batch row 0
+    assert ((row0 == -1) | (row0 >= 56)).all()
+
+
+def test_right_padding_is_rejected():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
     cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(index="flat"))
-    with pytest.raises(NotImplementedError, match="padded"):
+    with pytest.raises(NotImplementedError, match="left padding"):
         model(ids, attention_mask=mask, past_key_values=cache)
