@@ -262,13 +262,7 @@ class PyOffloadedLayer {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "retrieval_attention C++ core bindings (use the retrieval_attention package, not this module)";
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const std::invalid_argument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
+  // pybind11 itself maps std::invalid_argument to ValueError and std::runtime_error to RuntimeError.
 
   py::class_<PyIndex>(m, "KeyIndex")
       .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none())
