@@ -352,3 +352,34 @@ TEST_CASE("query-guided graph: concurrent searches equal sequential ones", "[que
     CHECK(vis[t] == seq_vis);
   }
 }
+
+TEST_CASE("query-guided graph: one-row inserts keep every key reachable and O(degree) edges, also after load", "[query_guided]") {
+  const int64_t n0 = 1500, n_new = 180, d = 24;  // 180 < n0/8: no periodic repair runs in between
+  auto data = make_ood(n0 + n_new, d, 300, 30, 53);
+  auto conv = ra_test::convert<BFloat16>(data.keys);
+  auto store = std::make_shared<VectorStore<BFloat16>>(d);
+  store->append(conv.data(), n0);
+  QueryGuidedParams p;
+  p.degree = 12;
+  p.k_train = 30;
+  auto g = QueryGuidedGraph<BFloat16>::build(store, data.train.data(), 300, p);
+  for (int64_t i = n0; i < n0 + n_new; ++i) {
+    if (i == n0 + n_new / 2) {  // continue on a reloaded graph (in-degrees are rebuilt on first use)
+      PayloadWriter w;
+      g->write_payload(w);
+      PayloadReader r(w.bytes().data(), w.bytes().size(), "mem");
+      g = QueryGuidedGraph<BFloat16>::load(store, r);
+    }
+    store->append(conv.data() + i * d, 1);
+    g->index_new_rows();
+    if (i % 30 == 0) CHECK(g->reachable_count() == i + 1);
+  }
+  REQUIRE(g->size() == n0 + n_new);
+  CHECK(g->is_connected());
+  for (int64_t i = 0; i < g->size(); ++i) REQUIRE(g->out_degree(i) <= g->max_degree());
+  int64_t linked = 0;  // every inserted key got out-edges
+  for (int64_t i = n0; i < n0 + n_new; ++i) linked += g->out_degree(i) > 0;
+  CHECK(linked == n_new);
+  FlatIndex<BFloat16> flat(store);
+  CHECK(measure(*g, flat, data.test, d, 10, 64).recall >= 0.8);
+}
