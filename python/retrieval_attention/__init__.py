@@ -10,6 +10,7 @@ from .index import FlatIndex, QueryGuidedIndex, load_index
 from .config import RetrievalConfig
 from .cache import RetrievalCache, RetrievalLayer
 from .hf import enable, retrieval_attention_forward
+from .plotting import plot_stats
 
 __all__ = [
     "__version__",
@@ -24,4 +25,5 @@ __all__ = [
     "RetrievalLayer",
     "enable",
     "retrieval_attention_forward",
+    "plot_stats",
 ]

@@ -152,7 +152,7 @@ class QueryGuidedIndex(_IndexBase):
 
     _type = "query_guided"
 
-    def __init__(self, keys, train_queries, degree: int = 32, k_train: int = 100, ef_build: int = 128):
+    def __init__(self, keys, train_queries, degree: int = 32, k_train: int = 100, ef_build: int = 64):
         params = {
             "degree": check_positive_int(degree, "degree", 2),
             "k_train": check_positive_int(k_train, "k_train"),
