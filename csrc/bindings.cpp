@@ -150,13 +150,14 @@ class PyOffloadedLayer {
   using Variant = std::variant<std::unique_ptr<ra::OffloadedLayer<float>>, std::unique_ptr<ra::OffloadedLayer<ra::Half>>,
                                std::unique_ptr<ra::OffloadedLayer<ra::BFloat16>>>;
 
-  PyOffloadedLayer(at::ScalarType dtype, int64_t hq, int64_t hkv, int64_t d, int64_t dv, const std::string& type, const py::dict& params)
+  PyOffloadedLayer(at::ScalarType dtype, int64_t hq, int64_t hkv, int64_t d, int64_t dv, const std::string& type, const py::dict& params,
+                   int64_t max_unindexed)
       : dtype_(dtype), hq_(hq), hkv_(hkv), d_(d), dv_(dv) {
     const ra::IndexSpec spec = spec_from(type, params);
     v_ = translate_errors([&] {
       return dispatch_storage(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        return Variant(std::make_unique<ra::OffloadedLayer<T>>(hq, hkv, d, dv, ra::make_layer_factory<T>(spec)));
+        return Variant(std::make_unique<ra::OffloadedLayer<T>>(hq, hkv, d, dv, ra::make_layer_factory<T>(spec), max_unindexed));
       });
     });
   }
@@ -278,8 +279,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("structure_bytes", &PyIndex::structure_bytes);
 
   py::class_<PyOffloadedLayer>(m, "OffloadedLayer")
-      .def(py::init<at::ScalarType, int64_t, int64_t, int64_t, int64_t, const std::string&, const py::dict&>(), py::arg("dtype"),
-           py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("index_type"), py::arg("params"))
+      .def(py::init<at::ScalarType, int64_t, int64_t, int64_t, int64_t, const std::string&, const py::dict&, int64_t>(), py::arg("dtype"),
+           py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("index_type"), py::arg("params"),
+           py::arg("max_unindexed") = 0)
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none())
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),

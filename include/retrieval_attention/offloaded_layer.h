@@ -8,7 +8,9 @@
 //   * build(): first tokens plus the training queries (the layer's prefill queries) -> one index per query
 //     head, made by the IndexFactory. With no tokens yet, the training queries are kept and the indexes
 //     are made when the first tokens arrive through append().
-//   * append(): tokens evicted from the GPU window; stored and inserted into every index.
+//   * append(): tokens evicted from the GPU window; stored at once. They join the indexes in batches: while at most
+//     `max_unindexed` rows are not yet indexed, searches scan those rows exactly and merge them with the index's
+//     results (exact for them), so inserting into the graphs costs nothing per decode step.
 //   * retrieve_attend(): for each (query head, query) finds the top-k keys with its index and attends
 //     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact.
 //   * Layouts: keys (Hkv, t, d), values (Hkv, t, dv), queries (Hq, m, d) float32; all row-major contiguous.
@@ -25,6 +27,7 @@
 #include "attention.h"
 #include "index.h"
 #include "parallel.h"
+#include "topk.h"
 
 namespace retrieval_attention {
 
@@ -37,9 +40,10 @@ class OffloadedLayer {
   using IndexFactory =
       std::function<std::unique_ptr<KeyIndex<T>>(std::shared_ptr<const VectorStore<T>>, const float*, int64_t, const int64_t*, int64_t)>;
 
-  OffloadedLayer(int64_t hq, int64_t hkv, int64_t d, int64_t dv, IndexFactory factory)
-      : hq_(hq), hkv_(hkv), d_(d), dv_(dv), factory_(std::move(factory)) {
+  OffloadedLayer(int64_t hq, int64_t hkv, int64_t d, int64_t dv, IndexFactory factory, int64_t max_unindexed = 0)
+      : hq_(hq), hkv_(hkv), d_(d), dv_(dv), max_unindexed_(max_unindexed), factory_(std::move(factory)) {
     check_gqa(hq, hkv);
+    require(max_unindexed >= 0, "max_unindexed must be non-negative");
     require(d > 0 && dv > 0, "head dimensions must be positive");
     for (int64_t h = 0; h < hkv; ++h) {
       keys_.push_back(std::make_shared<VectorStore<T>>(d));
@@ -76,7 +80,7 @@ class OffloadedLayer {
     append_rows(keys, values, t);
     if (!indexed()) {
       make_indexes();
-    } else {
+    } else if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_) {
       parallel_for(hq_, [&](int64_t h) { indexes_[static_cast<size_t>(h)]->index_new_rows(); });
     }
   }
@@ -111,7 +115,19 @@ class OffloadedLayer {
         scores.assign(static_cast<size_t>(k), kNegInf);
         SearchParams p = params;
         p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
-        const int64_t vis = indexes_[static_cast<size_t>(h)]->search_one(q + hm * d_, k, p, ids.data(), scores.data());
+        const KeyIndex<T>& index = *indexes_[static_cast<size_t>(h)];
+        int64_t vis = index.search_one(q + hm * d_, k, p, ids.data(), scores.data());
+        if (index.size() < n) {  // rows not indexed yet: scan them exactly and merge
+          TopK best(k);
+          for (int64_t j = 0; j < k; ++j)
+            if (ids[static_cast<size_t>(j)] >= 0) best.push(scores[static_cast<size_t>(j)], ids[static_cast<size_t>(j)]);
+          for (int64_t i = std::max(index.size(), p.min_id); i < n; ++i) {
+            const float s = dot_row(q + hm * d_, keys_[kv]->row(i), d_);
+            if (!best.full() || s >= best.threshold()) best.push(s, i);
+          }
+          best.sorted_into(ids.data(), scores.data());
+          vis += n - index.size();
+        }
         for (auto& id : ids)
           if (id >= 0 && id < p.min_id) id = -1;
         if (visited) visited[hm] = vis;
@@ -156,7 +172,7 @@ class OffloadedLayer {
     n_train_ = 0;
   }
 
-  int64_t hq_, hkv_, d_, dv_;
+  int64_t hq_, hkv_, d_, dv_, max_unindexed_;
   IndexFactory factory_;
   std::vector<std::shared_ptr<VectorStore<T>>> keys_, values_;
   std::vector<std::unique_ptr<KeyIndex<T>>> indexes_;

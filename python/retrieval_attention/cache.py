@@ -180,7 +180,7 @@ class RetrievalLayer(CacheLayerMixin):
             train = self._flat_heads(q).to("cpu", torch.float32).contiguous()
         self.offloaded = _ext._C.OffloadedLayer(
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
-            dict(cfg.index_params),
+            dict(cfg.index_params), cfg.max_unindexed_tokens,
         )
         if self.cpu_pad is not None:
             self.offloaded.set_min_ids(self.cpu_pad.repeat_interleave(self.kv_heads))

@@ -20,6 +20,8 @@ class RetrievalConfig:
     cpu_dtype:   storage dtype of CPU keys/values (None: the model's KV dtype).
     evict_chunk: the device window may grow to n_window + evict_chunk tokens before the oldest evict_chunk of them
                  move to the CPU in one batch (amortises transfers and index inserts; exactness is unaffected).
+    max_unindexed_tokens: tokens moved to the CPU during decoding are searched exactly (a flat scan) until this many
+                 have accumulated, then inserted into the indexes in one batch (0: insert at every eviction).
     async_build: build each layer's indexes in a background thread while later layers compute
                  (None: only when the KV lives on a GPU).
     """
@@ -34,11 +36,12 @@ class RetrievalConfig:
     cpu_dtype: object = None
     async_build: bool | None = None
     evict_chunk: int = 64
+    max_unindexed_tokens: int = 4096
 
     def __post_init__(self):
         import torch
 
-        for name in ("n_sink", "n_window"):
+        for name in ("n_sink", "n_window", "max_unindexed_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"RetrievalConfig.{name} must be an int >= 0, got {v!r}")

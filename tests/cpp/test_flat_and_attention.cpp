@@ -175,6 +175,35 @@ TEST_CASE("OffloadedLayer in exactness mode equals dense attention", "[layer]") 
   CHECK(visited[0] == t0 + t1);
 }
 
+TEST_CASE("OffloadedLayer: rows waiting to be indexed are scanned exactly and merged", "[layer]") {
+  const int64_t hq = 2, hkv = 1, d = 8, t0 = 30;
+  // an index that only ever covers the rows present when it was made, so everything appended stays in the tail
+  struct FrozenFlat final : KeyIndex<float> {
+    explicit FrozenFlat(std::shared_ptr<const VectorStore<float>> k) : inner(k) {}
+    FlatIndex<float> inner;
+    int64_t size() const override { return inner.size(); }
+    int64_t dim() const override { return inner.dim(); }
+    int64_t search_one(const float* q, int64_t k, const SearchParams& p, int64_t* ids, float* sc) const override { return inner.search_one(q, k, p, ids, sc); }
+    void index_new_rows() override {}
+    std::string type_name() const override { return "frozen"; }
+    int64_t structure_bytes() const override { return 0; }
+    void write_payload(PayloadWriter&) const override {}
+  };
+  auto factory = [](std::shared_ptr<const VectorStore<float>> keys, const float*, int64_t, const int64_t*, int64_t) { return std::make_unique<FrozenFlat>(keys); };
+  OffloadedLayer<float> layer(hq, hkv, d, d, factory, /*max_unindexed=*/1000);
+  auto k0 = random_matrix(t0, d, 1), v0 = random_matrix(t0, d, 2);
+  layer.build(k0.data(), v0.data(), t0, nullptr, 0);
+  std::vector<float> big(d, 5.f), val(d, 1.f);  // a dominant key in the tail must be found
+  layer.append(big.data(), val.data(), 1);
+  auto q = std::vector<float>(hq * d, 1.f);
+  std::vector<float> out(hq * d), lse(hq);
+  std::vector<int64_t> visited(hq), ids(hq * 3);
+  layer.retrieve_attend(q.data(), 1, 3, {}, 1.f, out.data(), lse.data(), visited.data(), ids.data());
+  CHECK(ids[0] == t0);
+  CHECK(visited[0] == t0 + 1);
+  CHECK(layer.index(0)->size() == t0);
+}
+
 TEST_CASE("index files: round trip, corruption, truncation and foreign files are detected", "[serialize]") {
   const std::string path = "ra_test_index.bin";
   PayloadWriter w;

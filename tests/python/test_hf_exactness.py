@@ -96,6 +96,17 @@ def test_background_index_build_is_exact(async_build):
     assert all(s["index_build_s"] > 0 for s in cache.stats())
 
 
+@pytest.mark.parametrize("max_unindexed", [0, 6, 4096])
+def test_unindexed_tail_is_searched_exactly(max_unindexed):
+    """Evicted tokens wait in an exactly-scanned tail before joining the graphs in a batch; either way nothing is lost."""
+    model = tiny_model("llama", seed=13)
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(14))
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=8, top_k=10_000, index="query_guided", ef=10_000, evict_chunk=4,
+                             max_unindexed_tokens=max_unindexed)
+    cache = assert_exact(model, ids, cfg, 40)
+    assert cache.layers[0].cpu_tokens > 48 + 20
+
+
 def test_query_guided_default_index_matches_full_attention_in_exactness_mode():
     """With top_k >= CPU tokens the graph index must return every CPU key, so the result is exact too."""
     model = tiny_model("llama", seed=5)
@@ -151,6 +162,7 @@ def test_enable_creates_its_own_cache_and_falls_back_to_exact_without_one():
         ({"cpu_dtype": torch.int8}, ValueError, "cpu_dtype"),
         ({"async_build": "yes"}, TypeError, "async_build"),
         ({"evict_chunk": 0}, ValueError, "evict_chunk"),
+        ({"max_unindexed_tokens": -1}, ValueError, "max_unindexed_tokens"),
     ],
 )
 def test_config_validation(kwargs, exc, match):
