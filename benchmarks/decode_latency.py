@@ -62,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--n-sink", type=int, default=128)
     ap.add_argument("--n-window", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--max-unindexed", type=int, default=4096,
+                    help="RetrievalConfig.max_unindexed_tokens: evicted tokens scanned exactly before one batch insert (0: insert each)")
     ap.add_argument("--ef", type=int, default=128, help="beam width of the query-guided search (RetrievalConfig.ef)")
     ap.add_argument("--index-params", default="{}", help="JSON RetrievalConfig.index_params (default: library defaults)")
     ap.add_argument("--max-train-queries", type=int, default=None,
@@ -514,7 +516,9 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     params = dict(args.index_params)
     cfg = ra.RetrievalConfig(n_sink=args.n_sink, n_window=args.n_window, top_k=args.top_k, index=LIB_INDEX[method], ef=args.ef,
                              index_params=params if method == "ours" else {},
-                             max_train_queries=None if args.max_train_queries == 0 else args.max_train_queries)
+                             max_train_queries=None if args.max_train_queries == 0 else args.max_train_queries,
+                             evict_chunk=1,  # one token moves to the CPU per step: CPU id i <-> position n_sink + i below
+                             max_unindexed_tokens=args.max_unindexed)
     cls = classes[method]
     extra = {}
     if method == "ivf":
