@@ -13,7 +13,7 @@ echo "== C++ core tests + fuzz loop under AddressSanitizer + UndefinedBehaviorSa
 # A separate build of the same tests with -fsanitize=address,undefined (any report aborts the test), plus the seeded
 # fuzz loop over build/search/insert/load (tests/cpp/fuzz_index.cpp) for RA_FUZZ_SECONDS (default 20 s).
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRA_SANITIZE=ON -DRA_FUZZ_SECONDS="${RA_FUZZ_SECONDS:-20}" >/dev/null \
-  && cmake --build build-asan -j 2 >/dev/null \
+  && { cmake --build build-asan -j 2 >build-asan/build.log 2>&1 || { tail -n 60 build-asan/build.log; false; }; } \
   && (cd build-asan && ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1}" UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}" \
       ctest --output-on-failure -j 2) || status=1
 
