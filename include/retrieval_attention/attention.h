@@ -34,7 +34,13 @@ float softmax_weighted_sum(const float* scores, int64_t count, RowOf row_of, con
   std::fill(out, out + dv, 0.f);
   if (count == 0) return kNegInf;
   float mx = kNegInf;
-  for (int64_t j = 0; j < count; ++j) mx = std::max(mx, scores[j]);
+  for (int64_t j = 0; j < count; ++j) {
+    if (std::isnan(scores[j])) {  // a NaN query or key: propagate it rather than hide it
+      std::fill(out, out + dv, std::numeric_limits<float>::quiet_NaN());
+      return std::numeric_limits<float>::quiet_NaN();
+    }
+    mx = std::max(mx, scores[j]);
+  }
   if (mx == kNegInf) return kNegInf;  // all scores -inf: nothing to attend
   double sum = 0.0;
   for (int64_t j = 0; j < count; ++j) {

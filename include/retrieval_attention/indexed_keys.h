@@ -12,6 +12,7 @@
 //     index's own payload. The index type is dispatched by name through the IndexLoader given to load.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -59,7 +60,9 @@ class IndexedKeys {
     require(k >= 1 && k <= n, "k must be in [1, " + std::to_string(n) + "] (the number of indexed keys), got " + std::to_string(k));
     require(params.ef >= 1, "ef must be positive");
     require(all_finite(queries, m * d), "queries contain NaN or Inf");
-    parallel_for(m, [&](int64_t i) { visited[i] = index_->search_one(queries + i * d, k, params, ids + i * k, scores + i * k); });
+    SearchParams p = params;
+    p.ef = std::min(p.ef, n);  // a beam wider than the index changes nothing
+    parallel_for(m, [&](int64_t i) { visited[i] = index_->search_one(queries + i * d, k, p, ids + i * k, scores + i * k); });
   }
 
   void add(const T* rows, int64_t count) {

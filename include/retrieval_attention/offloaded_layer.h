@@ -115,6 +115,7 @@ class OffloadedLayer {
         scores.assign(static_cast<size_t>(k), kNegInf);
         SearchParams p = params;
         p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
+        p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
         const KeyIndex<T>& index = *indexes_[static_cast<size_t>(h)];
         int64_t vis = index.search_one(q + hm * d_, k, p, ids.data(), scores.data());
         if (index.size() < n) {  // rows not indexed yet: scan them exactly and merge

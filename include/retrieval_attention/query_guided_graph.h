@@ -325,7 +325,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const uint32_t* adj = adj_.data();
     s.beam.reserve(static_cast<size_t>(beam + 1));
     mark[entry_] = ep;
-    s.beam.push_back({qg_detail::dot(q, base + entry_ * d, d) - (l2 ? 0.5f * sq_[entry_] : 0.f), static_cast<uint32_t>(entry_), false});
+    // A NaN score (e.g. huge finite vectors whose products overflow) would break the beam's ordering: rank it last.
+    const auto ordered = [](float x) { return x == x ? x : -std::numeric_limits<float>::infinity(); };
+    s.beam.push_back({ordered(qg_detail::dot(q, base + entry_ * d, d) - (l2 ? 0.5f * sq_[entry_] : 0.f)), static_cast<uint32_t>(entry_), false});
     int64_t visited = 1;
     size_t next = 0;  // first candidate that may be unexpanded
     while (next < s.beam.size()) {
@@ -347,7 +349,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       }
       size_t lowest = s.beam.size();  // smallest position an insertion landed at
       for (uint32_t v : s.fresh) {
-        const float sc = qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * sq_[v] : 0.f);
+        const float sc = ordered(qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * sq_[v] : 0.f));
         ++visited;
         const bool full = static_cast<int64_t>(s.beam.size()) >= beam;
         if (full && sc <= s.beam.back().score) continue;

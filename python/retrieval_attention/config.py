@@ -55,7 +55,9 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.index must be one of {INDEX_TYPES}, got {self.index!r}")
         if not isinstance(self.index_params, dict):
             raise TypeError(f"RetrievalConfig.index_params must be a dict, got {type(self.index_params).__name__}")
-        if self.max_train_queries is not None and (not isinstance(self.max_train_queries, int) or self.max_train_queries < 1):
+        if self.max_train_queries is not None and (
+            isinstance(self.max_train_queries, bool) or not isinstance(self.max_train_queries, int) or self.max_train_queries < 1
+        ):
             raise ValueError(f"RetrievalConfig.max_train_queries must be None or an int >= 1, got {self.max_train_queries!r}")
         if self.cpu_dtype is not None and self.cpu_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"RetrievalConfig.cpu_dtype must be None, torch.float32, float16 or bfloat16, got {self.cpu_dtype!r}")

@@ -76,7 +76,7 @@ class _IndexBase:
         k = check_positive_int(k, "k")
         if k > self.size:
             raise ValueError(f"k={k} exceeds the number of indexed keys ({self.size})")
-        ef = check_positive_int(ef, "ef")
+        ef = min(check_positive_int(ef, "ef"), self.size)  # a beam wider than the index changes nothing
         q = q.detach().to("cpu", torch.float32).contiguous()
         t0 = time.perf_counter()
         ids, scores, visited = self._handle.search(q, k, ef)
@@ -100,7 +100,10 @@ class _IndexBase:
 
     def save(self, path) -> None:
         """Write the index (keys included) to `path` atomically (temp file + rename)."""
-        self._handle.save(os.fspath(path))
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ValueError(f"path must be a non-empty file name without NUL bytes, got {path!r}")
+        self._handle.save(path)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={self.size}, dim={self.dim}, dtype={self.dtype})"
