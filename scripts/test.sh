@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: install what is needed, then the C++ core tests (ctest; again under ASan + UBSan with the fuzz loop),
-# the CUDA compile check (nvcc, no GPU needed) and the Python tests (pytest; GPU tests run only where there is a GPU).
+# the CUDA compile check (nvcc, no GPU needed), the HF tests under the oldest supported transformers, and the Python
+# tests (pytest; GPU tests run only where there is a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh || exit 1
@@ -26,6 +27,11 @@ if [ "${RA_SKIP_CUDA_COMPILE:-0}" != 1 ]; then
   fi
 fi
 
-echo "== Python tests (pytest) =="
+if [ "${RA_SKIP_OLDEST_TRANSFORMERS:-0}" != 1 ]; then
+  # the HF integration under the oldest supported transformers, in its own virtualenv (the newest runs below)
+  bash scripts/test_transformers_oldest.sh || status=1
+fi
+
+echo "== Python tests (pytest, newest transformers) =="
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests/python || status=1
 exit $status
