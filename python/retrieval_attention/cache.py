@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import sys
+import threading
 import time
 import weakref
 
@@ -28,6 +30,7 @@ logger = logging.getLogger("retrieval_attention")
 
 
 _EXECUTOR = None
+_PROGRESS_LOCK = threading.Lock()
 
 
 def _build_executor():
@@ -64,6 +67,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.visited_sum = 0.0
         self.cpu_candidates_sum = 0.0
         self._build_future = None
+        self.on_built = getattr(self, "on_built", None)  # set by RetrievalCache: progress reporting
         self.static_pad = self.cpu_pad = None  # (batch,) pad tokens at the front of the static set / CPU ids
 
     # -- transformers CacheLayerMixin interface -------------------------------------------------------------
@@ -203,6 +207,10 @@ class RetrievalLayer(CacheLayerMixin):
             self.offloaded.build(cpu_k, cpu_v, train, knn)  # C++, GIL released
             self.on_cpu_tokens(cpu_k, cpu_v, train)
             self.build_seconds += time.perf_counter() - t1
+            logger.info("layer %d: %d CPU tokens indexed (%s) in %.2f s", self.layer_idx, cpu_k.shape[1], cfg.index,
+                        time.perf_counter() - t1)
+            if self.on_built is not None:
+                self.on_built(cpu_k.shape[1])
 
         run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
         if run_async:
@@ -330,6 +338,26 @@ class RetrievalCache(Cache):
             raise TypeError("layer_class must be a subclass of RetrievalLayer")
         layers = [layer_class(retrieval_config, q_heads, kv_heads, head_dim, i) for i in range(n_layers)]
         super().__init__(layers=layers)
+        self._progress = None
+        for layer in layers:
+            layer.on_built = self._layer_built
+
+    def _layer_built(self, cpu_tokens: int) -> None:
+        """A progress bar over the layers' index builds: shown for long prompts on a terminal (RetrievalConfig.progress)."""
+        show = self.retrieval_config.progress
+        if show is None:
+            show = cpu_tokens >= 8192 and sys.stderr.isatty()
+        if not show:
+            return
+        with _PROGRESS_LOCK:
+            if self._progress is None:
+                from tqdm.auto import tqdm
+
+                self._progress = tqdm(total=len(self.layers), desc="retrieval_attention: building CPU indexes", unit="layer", leave=False)
+            self._progress.update(1)
+            if self._progress.n >= len(self.layers):
+                self._progress.close()
+                self._progress = None
 
     def stats(self) -> list[dict]:
         """Per-layer figures: static/CPU tokens, fraction of CPU keys scanned per query, build time, bytes."""

@@ -22,6 +22,7 @@ class RetrievalConfig:
                  move to the CPU in one batch (amortises transfers and index inserts; exactness is unaffected).
     max_unindexed_tokens: tokens moved to the CPU during decoding are searched exactly (a flat scan) until this many
                  have accumulated, then inserted into the indexes in one batch (0: insert at every eviction).
+    progress:    a tqdm progress bar over the layers' index builds (None: on a terminal, for prompts of 8K+ CPU tokens).
     async_build: build each layer's indexes in a background thread while later layers compute
                  (None: only when the KV lives on a GPU).
     """
@@ -37,6 +38,7 @@ class RetrievalConfig:
     async_build: bool | None = None
     evict_chunk: int = 64
     max_unindexed_tokens: int = 4096
+    progress: bool | None = None
 
     def __post_init__(self):
         import torch
@@ -62,6 +64,8 @@ class RetrievalConfig:
         if self.cpu_dtype is not None and self.cpu_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"RetrievalConfig.cpu_dtype must be None, torch.float32, float16 or bfloat16, got {self.cpu_dtype!r}")
 
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise TypeError(f"RetrievalConfig.progress must be None or a bool, got {self.progress!r}")
         if self.async_build is not None and not isinstance(self.async_build, bool):
             raise TypeError(f"RetrievalConfig.async_build must be None or a bool, got {self.async_build!r}")
 

@@ -163,6 +163,7 @@ def test_enable_creates_its_own_cache_and_falls_back_to_exact_without_one():
         ({"async_build": "yes"}, TypeError, "async_build"),
         ({"evict_chunk": 0}, ValueError, "evict_chunk"),
         ({"max_unindexed_tokens": -1}, ValueError, "max_unindexed_tokens"),
+        ({"progress": 1}, TypeError, "progress"),
     ],
 )
 def test_config_validation(kwargs, exc, match):
@@ -230,3 +231,19 @@ def test_right_padding_is_rejected():
     cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(index="flat"))
     with pytest.raises(NotImplementedError, match="left padding"):
         model(ids, attention_mask=mask, past_key_values=cache)
+
+
+def test_progress_bar_and_logging(capsys, caplog):
+    """progress=True shows a tqdm bar over the layers' builds; each build is logged at INFO on 'retrieval_attention'."""
+    import logging
+
+    model = tiny_model("llama", seed=15)
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=4, n_window=8, index="flat", progress=True))
+    with caplog.at_level(logging.INFO, logger="retrieval_attention"), torch.no_grad():
+        model(torch.randint(0, 97, (1, 50)), past_key_values=cache)
+    assert "building CPU indexes" in capsys.readouterr().err
+    assert sum("CPU tokens indexed" in r.getMessage() for r in caplog.records) == model.config.num_hidden_layers
+    quiet = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=4, n_window=8, index="flat", progress=False))
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 50)), past_key_values=quiet)
+    assert "building CPU indexes" not in capsys.readouterr().err
