@@ -247,3 +247,18 @@ def test_progress_bar_and_logging(capsys, caplog):
     with torch.no_grad():
         model(torch.randint(0, 97, (1, 50)), past_key_values=quiet)
     assert "building CPU indexes" not in capsys.readouterr().err
+
+
+def test_sampling_matches_full_attention_in_exactness_mode():
+    """do_sample=True: with the same seed and exact attention, the sampled tokens are the same as full attention's."""
+    model = tiny_model("qwen2", seed=16)
+    ids = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(17))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30, do_sample=True, top_k=20, temperature=1.3,
+              pad_token_id=0)
+    torch.manual_seed(123)
+    full = model.generate(ids, past_key_values=DynamicCache(), **kw)
+    torch.manual_seed(123)
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=4, n_window=8, top_k=10_000, index="flat", evict_chunk=4))
+    ours = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(ours, full)
+    assert len(set(full[0, 70:].tolist())) > 3  # it really sampled
