@@ -121,27 +121,29 @@ class FlatIndex(_IndexBase):
         self.build_seconds = time.perf_counter() - t0
 
 
-def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
+def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int = 1 << 30) -> torch.Tensor:
     """Exact top-k key ids (by inner product) of each query, on the tensors' device, in query blocks.
 
     keys (G, n, d), queries (H, m, d) with H a multiple of G (query head h uses key group h // (H // G)) ->
-    ids (H, m, min(k, n)) int64. This is the bipartite kNN of the query-guided graph build; on a GPU it is a
-    batched GEMM + topk and only the id lists travel to the CPU.
+    ids (H, m, min(k, n)) int64. This is the bipartite kNN of the query-guided graph build; on a GPU it is one batched
+    GEMM + topk per block of queries (all heads at once) and only the id lists travel to the CPU.
     """
-    groups, n, _ = keys.shape
+    groups, n, d = keys.shape
     heads, m, _ = queries.shape
     per = heads // groups
     k = min(k, n)
-    out = torch.empty((heads, m, k), dtype=torch.int64, device=keys.device)
     # GPUs score in the keys' 16-bit dtype (tensor cores); the CPU scores in float32
     dtype = keys.dtype if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    kf = keys.to(dtype)
-    for h0 in range(0, heads):
-        kh = kf[h0 // per]
-        for s in range(0, m, block):
-            scores = queries[h0, s : s + block].to(dtype) @ kh.T
-            out[h0, s : s + block] = torch.topk(scores.float(), k, dim=1, sorted=True).indices
-    return out
+    kt = keys.to(dtype).transpose(1, 2)  # (G, d, n)
+    q = queries.to(dtype).reshape(groups, per, m, d)
+    block = max(1, min(m, max_block_bytes // max(1, heads * n * 4)))  # bounds the (G, per*block, n) score matrix
+    out = torch.empty((groups, per, m, k), dtype=torch.int64, device=keys.device)
+    for s in range(0, m, block):
+        qb = q[:, :, s : s + block]
+        b = qb.shape[2]
+        scores = torch.bmm(qb.reshape(groups, per * b, d), kt)  # (G, per*b, n)
+        out[:, :, s : s + b] = torch.topk(scores.float(), k, dim=-1, sorted=True).indices.reshape(groups, per, b, k)
+    return out.reshape(heads, m, k)
 
 
 class QueryGuidedIndex(_IndexBase):

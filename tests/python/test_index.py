@@ -191,3 +191,16 @@ def test_add_while_searching_is_safe(kind):
     for th in threads:
         th.join()
     assert not errors and idx.size == 2200
+
+
+def test_exact_knn_matches_topk_per_head():
+    """The bipartite kNN used for graph builds (GQA groups, query blocks) equals a per-head torch.topk."""
+    from retrieval_attention.index import exact_knn
+
+    g = torch.Generator().manual_seed(6)
+    keys, queries = torch.randn(2, 300, 16, generator=g), torch.randn(6, 50, 16, generator=g)
+    got = exact_knn(keys, queries, 7, max_block_bytes=6 * 300 * 4 * 8)  # forces several query blocks
+    for h in range(6):
+        ref = torch.topk(queries[h] @ keys[h // 3].T, 7, dim=1).indices
+        assert torch.equal(got[h], ref)
+    assert exact_knn(keys, queries, 1000).shape == (6, 50, 300)  # k clamped to n
