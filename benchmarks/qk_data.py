@@ -64,6 +64,24 @@ def _f32(x):
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
+def _head_problems(K, Q, key_end, train_idx, eval_idx, layers, heads, meta):
+    """One Problem per (layer, query head): keys [0, key_end) of its kv head (GQA), training and evaluation queries."""
+    n_layers, n_kv = K.shape[:2]
+    n_q = Q.shape[1]
+    group = n_q // n_kv
+    out = []
+    for l in (range(n_layers) if layers is None else layers):
+        for h in (range(n_q) if heads is None else heads):
+            out.append(Problem(
+                name=f"L{l}H{h}",
+                keys=_f32(K[l, h // group, :key_end]),
+                train_q=_f32(Q[l, h, train_idx]),
+                eval_q=_f32(Q[l, h, eval_idx]),
+                meta={"layer": int(l), "head": int(h), "kv_head": int(h // group), **meta},
+            ))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- real
 def load_real(path: str | None = None, layers=None, heads=None, n_eval: int = 64) -> list[Problem]:
     """One problem per (layer, query head) of data/qk/qk_passkey.npz (see module docstring)."""
@@ -72,27 +90,13 @@ def load_real(path: str | None = None, layers=None, heads=None, n_eval: int = 64
         raise FileNotFoundError(f"{path} not found (copy shared/data/qk/qk_passkey.npz to data/qk/)")
     z = np.load(path)
     keys, qs, pos = z["keys"], z["q_sample"], z["q_sample_pos"].astype(np.int64)
-    n_layers, n_kv, T, _ = keys.shape
-    n_q = qs.shape[1]
-    group = n_q // n_kv
+    T = keys.shape[2]
     eval_sel = np.arange(len(pos) - n_eval, len(pos))           # the last n_eval sampled positions
     first_eval_pos = int(pos[eval_sel[0]])
     assert np.all(np.diff(pos[eval_sel]) == 1), "expected contiguous last positions in q_sample_pos"
     train_sel = np.nonzero(pos < first_eval_pos)[0]             # every-128th positions before the eval block
-    layers = range(n_layers) if layers is None else layers
-    heads = range(n_q) if heads is None else heads
-    out = []
-    for l in layers:
-        for h in heads:
-            out.append(Problem(
-                name=f"L{l}H{h}",
-                keys=_f32(keys[l, h // group, :first_eval_pos]),
-                train_q=_f32(qs[l, h, train_sel]),
-                eval_q=_f32(qs[l, h, eval_sel]),
-                meta={"layer": int(l), "head": int(h), "kv_head": int(h // group), "T": int(T),
-                      "train_positions": "every 128th < %d" % first_eval_pos},
-            ))
-    return out
+    return _head_problems(keys, qs, first_eval_pos, train_sel, eval_sel, layers, heads,
+                          {"T": int(T), "train_positions": "every 128th < %d" % first_eval_pos})
 
 
 # ----------------------------------------------------------------------------------------------- model_qk
@@ -122,9 +126,7 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
     """
     z = np.load(path)
     K, Q, qpos = z["k"], z["q"], z["q_pos"].astype(np.int64)
-    n_layers, n_kv, T, _ = K.shape
-    n_q = Q.shape[1]
-    group = n_q // n_kv
+    T = K.shape[2]
     N = T - n_eval if n_keys is None else int(n_keys)
     if N + n_eval > T:
         raise ValueError(f"n_keys={N} + n_eval={n_eval} > T={T}")
@@ -137,20 +139,7 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
     train_idx = np.nonzero(qpos < N)[0][::max(1, train_stride)]
     if max_train is not None and len(train_idx) > max_train:
         train_idx = train_idx[np.linspace(0, len(train_idx) - 1, max_train).round().astype(np.int64)]
-    layers = range(n_layers) if layers is None else layers
-    heads = range(n_q) if heads is None else heads
-    out = []
-    for l in layers:
-        for h in heads:
-            out.append(Problem(
-                name=f"L{l}H{h}",
-                keys=_f32(K[l, h // group, :N]),
-                train_q=_f32(Q[l, h, train_idx]),
-                eval_q=_f32(Q[l, h, eval_idx]),
-                meta={"layer": int(l), "head": int(h), "kv_head": int(h // group), "T": int(T),
-                      "source": os.path.basename(path)},
-            ))
-    return out
+    return _head_problems(K, Q, N, train_idx, eval_idx, layers, heads, {"T": int(T), "source": os.path.basename(path)})
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
