@@ -32,7 +32,9 @@ def extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc"), eigen_include()]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
+    # no -std here: torch passes the standard its headers need (c++17, or c++20 from torch 2.10 on); overriding it with
+    # c++17 built an extension whose C++ exceptions crashed torch 2.11 at the op boundary
+    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
     use_cuda = (
         os.environ.get("RA_FORCE_CPU", "0") != "1"
         and torch.version.cuda is not None
@@ -45,7 +47,7 @@ def extensions():
             "retrieval_attention._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags + ["-DRA_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DRA_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags + ["-DRA_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math", "-DRA_WITH_CUDA"]},
             extra_link_args=["-fopenmp"],
         )
     else:

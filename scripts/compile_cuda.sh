@@ -4,7 +4,7 @@
 #   1. tests/cuda/compile_check.cu (torch-free; instantiates every kernel template) for sm_90 and sm_80,
 #      with torch's half/bf16 "no implicit conversion" macros, ptxas spill warnings, warnings as errors.
 #   2. csrc/cuda/ops_cuda.cu (the torch launchers) for sm_90 against the torch headers of the installed
-#      torch, with the nvcc flags setup.py gives (-O3 -std=c++17 --use_fast_math -DRA_WITH_CUDA) plus torch's. A CPU-only torch wheel ships ATen/cuda and c10/cuda headers but not the generated
+#      torch, with the nvcc flags setup.py gives (-O3 --use_fast_math -DRA_WITH_CUDA) plus torch's (its -std). A CPU-only torch wheel ships ATen/cuda and c10/cuda headers but not the generated
 #      c10/cuda/impl/cuda_cmake_macros.h; when it is missing, a one-line shim (the value a shared-library
 #      CUDA build of torch generates) is put on the include path of this check only. If torch is not
 #      importable the step is skipped (reported as SKIP, not OK).
@@ -72,22 +72,24 @@ print(torch.__version__)
 print(torch.version.cuda)
 print(sysconfig.get_paths()["include"])
 print(int(torch._C._GLIBCXX_USE_CXX11_ABI))
+import inspect  # the C++ standard torch compiles extensions with (c++20 from torch 2.10 on); ours must match its headers
+print("c++20" if "-std=c++20" in inspect.getsource(c) else "c++17")
 for p in c.include_paths(): print(p)
 PY
 ); then
   mapfile -t INFO <<<"$TORCH_INFO"
-  TV=${INFO[0]}; TCUDA=${INFO[1]}; PYINC=${INFO[2]}; ABI=${INFO[3]}
+  TV=${INFO[0]}; TCUDA=${INFO[1]}; PYINC=${INFO[2]}; ABI=${INFO[3]}; TSTD=${INFO[4]}
   INCS=()
-  for p in "${INFO[@]:4}"; do INCS+=("-I$p"); done
+  for p in "${INFO[@]:5}"; do INCS+=("-I$p"); done
   SHIM_NOTE=""
-  if [ ! -f "${INFO[4]}/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+  if [ ! -f "${INFO[5]}/c10/cuda/impl/cuda_cmake_macros.h" ]; then
     mkdir -p "$TMP/shim/c10/cuda/impl"
     printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$TMP/shim/c10/cuda/impl/cuda_cmake_macros.h"
     INCS+=("-I$TMP/shim")
     SHIM_NOTE=", with the cuda_cmake_macros.h shim"
   fi
-  run_step "launchers: csrc/cuda/ops_cuda.cu against torch $TV (torch.version.cuda=$TCUDA$SHIM_NOTE; setup.py's nvcc flags, sm_90)" "$TMP/launchers.log" \
-    "$NVCC" -std=c++17 -O3 --use_fast_math -DRA_WITH_CUDA -I"$ROOT/include" "${INCS[@]}" -isystem "$PYINC" "${TORCH_NVCC_FLAGS[@]}" \
+  run_step "launchers: csrc/cuda/ops_cuda.cu against torch $TV (torch.version.cuda=$TCUDA$SHIM_NOTE; torch's -std=$TSTD, setup.py's nvcc flags, sm_90)" "$TMP/launchers.log" \
+    "$NVCC" -std=$TSTD -O3 --use_fast_math -DRA_WITH_CUDA -I"$ROOT/include" "${INCS[@]}" -isystem "$PYINC" "${TORCH_NVCC_FLAGS[@]}" \
     -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI="$ABI" --compiler-options -fPIC \
     -gencode=arch=compute_90,code=sm_90 -Xcompiler -Wall -Xcompiler -Werror=return-type \
     -c "$ROOT/csrc/cuda/ops_cuda.cu" -o "$TMP/ops_cuda.o"
