@@ -18,14 +18,29 @@ namespace {
 ra::IndexSpec spec_from(const std::string& type, const py::dict& params) {
   ra::IndexSpec spec;
   spec.type = type;
-  ra::apply_index_params(spec, [&](const char* key, int64_t& value) {
-    if (params.contains(key)) value = params[key].cast<int64_t>();
-  });
+  TORCH_CHECK_VALUE(type == "flat" || type == "query_guided", "unknown index type '", type, "' (choose flat or query_guided)");
   for (auto item : params) {
+    TORCH_CHECK_TYPE(py::isinstance<py::str>(item.first), "index parameter names must be strings");
     const auto key = item.first.cast<std::string>();
     TORCH_CHECK_VALUE(ra::index_param_known(spec, key), "unknown parameter '", key, "' for index type '", type, "'");
   }
+  ra::apply_index_params(spec, [&](const char* key, int64_t& value) {
+    if (!params.contains(key)) return;
+    py::handle v = params[key];
+    TORCH_CHECK_TYPE(py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v), "index parameter '", key, "' must be an int, got ",
+                     std::string(py::str(py::type::of(v).attr("__name__"))));
+    const py::int_ big = py::reinterpret_borrow<py::int_>(v);
+    TORCH_CHECK_VALUE(big.attr("bit_length")().cast<int64_t>() < 63, "index parameter '", key, "' is out of range: ", std::string(py::str(v)));
+    value = big.cast<int64_t>();
+  });
   return spec;
+}
+
+// Raises the error a build with these parameters would raise (unknown name, wrong type, out of range), so
+// RetrievalConfig can reject bad index_params when it is made rather than at the first long prompt.
+void check_index_params(const std::string& type, const py::dict& params) {
+  const ra::IndexSpec spec = spec_from(type, params);
+  if (spec.type == "query_guided") spec.query_guided.validate();  // std::invalid_argument -> ValueError
 }
 
 at::Tensor rows_tensor(const at::Tensor& t, int64_t d, const char* name) {
@@ -264,6 +279,7 @@ class PyOffloadedLayer {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "retrieval_attention C++ core bindings (use the retrieval_attention package, not this module)";
   // pybind11 itself maps std::invalid_argument to ValueError and std::runtime_error to RuntimeError.
+  m.def("check_index_params", &check_index_params, py::arg("type"), py::arg("params"));
 
   py::class_<PyIndex>(m, "KeyIndex")
       .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none())
