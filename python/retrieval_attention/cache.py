@@ -9,6 +9,11 @@ Per decoder layer (RetrievalLayer):
     into the indexes. Attention = exact attention over the static set (device) merged by log-sum-exp with exact
     attention over the top_k keys each head's index retrieves on the CPU.
 Positions are never lost: get_seq_length() counts every token seen.
+
+Persistence: after prefill, `cache.save(dir)` writes every layer's static set, CPU stores and built indexes plus a
+manifest (config, model shape, token count, format version, SHA-256 per file); `RetrievalCache.load(dir, model_config)`
+validates all of it and returns a cache that continues exactly as the saved one would (e.g. one copy per question about
+a long document, without re-reading it).
 """
 from __future__ import annotations
 
