@@ -166,15 +166,43 @@ class PyOffloadedLayer {
                                std::unique_ptr<ra::OffloadedLayer<ra::BFloat16>>>;
 
   PyOffloadedLayer(at::ScalarType dtype, int64_t hq, int64_t hkv, int64_t d, int64_t dv, const std::string& type, const py::dict& params,
-                   int64_t max_unindexed)
-      : dtype_(dtype), hq_(hq), hkv_(hkv), d_(d), dv_(dv) {
+                   int64_t max_unindexed, const std::string& sharing)
+      : dtype_(dtype), hq_(hq), hkv_(hkv), d_(d), dv_(dv), sharing_(sharing) {
     const ra::IndexSpec spec = spec_from(type, params);
+    const ra::IndexSharing mode = sharing_from(sharing);
     v_ = translate_errors([&] {
       return dispatch_storage(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        return Variant(std::make_unique<ra::OffloadedLayer<T>>(hq, hkv, d, dv, ra::make_layer_factory<T>(spec), max_unindexed));
+        return Variant(std::make_unique<ra::OffloadedLayer<T>>(hq, hkv, d, dv, ra::make_layer_factory<T>(spec), max_unindexed, mode));
       });
     });
+  }
+
+  // A layer constructed like the saved one, filled from `path` (written by save()). The file's dtype, shape and
+  // sharing must match the arguments; any problem with the file is a RuntimeError naming it.
+  static PyOffloadedLayer load(const std::string& path, at::ScalarType dtype, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
+                               const std::string& type, const py::dict& params, int64_t max_unindexed, const std::string& sharing) {
+    PyOffloadedLayer layer(dtype, hq, hkv, d, dv, type, params, max_unindexed, sharing);
+    std::visit(
+        [&](auto& l) {
+          using T = typename std::remove_reference_t<decltype(*l)>::Scalar;
+          py::gil_scoped_release no_gil;
+          const ra::IndexFile file = ra::read_index_file(path);
+          TORCH_CHECK(file.kind == ra::ScalarTraits<T>::kind, "offloaded layer file ", path, " stores ", dtype_of(file.kind),
+                      " vectors, expected ", dtype);
+          translate_errors([&] { l->load_state(file, path, &ra::load_index_payload<T>); });
+        },
+        layer.v_);
+    return layer;
+  }
+
+  void save(const std::string& path) const {
+    std::visit(
+        [&](const auto& l) {
+          py::gil_scoped_release no_gil;
+          l->save(path);
+        },
+        v_);
   }
 
   void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries, const c10::optional<at::Tensor>& knn) {
@@ -243,6 +271,8 @@ class PyOffloadedLayer {
   int64_t size() const { return std::visit([](const auto& l) { return l->size(); }, v_); }
   int64_t vector_bytes() const { return std::visit([](const auto& l) { return l->vector_bytes(); }, v_); }
   int64_t index_bytes() const { return std::visit([](const auto& l) { return l->index_bytes(); }, v_); }
+  int64_t index_count() const { return std::visit([](const auto& l) { return l->indexed() ? l->index_count() : int64_t{0}; }, v_); }
+  const std::string& sharing() const { return sharing_; }
 
  private:
   int64_t check_kv(const at::Tensor& keys, const at::Tensor& values) const {
@@ -269,8 +299,15 @@ class PyOffloadedLayer {
         v_);
   }
 
+  static ra::IndexSharing sharing_from(const std::string& s) {
+    if (s == "per_query_head") return ra::IndexSharing::PerQueryHead;
+    if (s == "per_kv_head") return ra::IndexSharing::PerKvHead;
+    TORCH_CHECK_VALUE(false, "index_sharing must be 'per_query_head' or 'per_kv_head', got '", s, "'");
+  }
+
   at::ScalarType dtype_;
   int64_t hq_, hkv_, d_, dv_;
+  std::string sharing_;
   Variant v_;
 };
 
@@ -295,9 +332,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("structure_bytes", &PyIndex::structure_bytes);
 
   py::class_<PyOffloadedLayer>(m, "OffloadedLayer")
-      .def(py::init<at::ScalarType, int64_t, int64_t, int64_t, int64_t, const std::string&, const py::dict&, int64_t>(), py::arg("dtype"),
+      .def(py::init<at::ScalarType, int64_t, int64_t, int64_t, int64_t, const std::string&, const py::dict&, int64_t, const std::string&>(), py::arg("dtype"),
            py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("value_dim"), py::arg("index_type"), py::arg("params"),
-           py::arg("max_unindexed") = 0)
+           py::arg("max_unindexed") = 0, py::arg("sharing") = "per_query_head")
+      .def_static("load", &PyOffloadedLayer::load, py::arg("path"), py::arg("dtype"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"),
+                  py::arg("value_dim"), py::arg("index_type"), py::arg("params"), py::arg("max_unindexed") = 0,
+                  py::arg("sharing") = "per_query_head")
+      .def("save", &PyOffloadedLayer::save, py::arg("path"))
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none())
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
@@ -305,5 +346,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def_property_readonly("size", &PyOffloadedLayer::size)
       .def_property_readonly("vector_bytes", &PyOffloadedLayer::vector_bytes)
-      .def_property_readonly("index_bytes", &PyOffloadedLayer::index_bytes);
+      .def_property_readonly("index_bytes", &PyOffloadedLayer::index_bytes)
+      .def_property_readonly("index_count", &PyOffloadedLayer::index_count)
+      .def_property_readonly("sharing", &PyOffloadedLayer::sharing);
 }

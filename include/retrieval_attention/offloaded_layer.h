@@ -1,35 +1,50 @@
 // retrieval_attention/offloaded_layer.h -- the CPU half of one attention layer during decoding.
 //
 // Contract
-//   * Holds, for each of Hkv key/value heads, a key store (n x d) and a value store (n x dv) of scalar T,
-//     and for each of Hq query heads one KeyIndex over its GQA group's key store (query head h uses kv
-//     head h / (Hq / Hkv)); the group's vectors are stored once and shared by its indexes.
+//   * Holds, for each of Hkv key/value heads, a key store (n x d) and a value store (n x dv) of scalar T; the GQA
+//     group of query head h is kv head h / (Hq / Hkv). The group's vectors are stored once and shared by its indexes.
 //     Row i of every head is the same token: the i-th token moved to the CPU (ids are CPU-local).
-//   * build(): first tokens plus the training queries (the layer's prefill queries) -> one index per query
-//     head, made by the IndexFactory. With no tokens yet, the training queries are kept and the indexes
-//     are made when the first tokens arrive through append().
+//   * Index sharing (constructor):
+//       IndexSharing::PerQueryHead (default, the paper's): one KeyIndex per query head, trained on that head's queries.
+//       IndexSharing::PerKvHead: one KeyIndex per kv head, trained on the pooled queries of all Hq / Hkv query heads
+//       of its group (group * n_train training queries); every query head of the group searches that one index, and
+//       appended rows are inserted once per kv head instead of once per query head.
+//     Callers that fold a batch into the heads (Hq = batch * q_heads, Hkv = batch * kv_heads) get one index per
+//     (batch row, head) either way: a group never spans two batch rows.
+//   * build(): first tokens plus the training queries (the layer's prefill queries) -> the indexes, made by the
+//     IndexFactory. With no tokens yet, the training queries are kept and the indexes are made when the first tokens
+//     arrive through append().
 //   * append(): tokens evicted from the GPU window; stored at once. They join the indexes in batches: while at most
 //     `max_unindexed` rows are not yet indexed, searches scan those rows exactly and merge them with the index's
 //     results (exact for them), so inserting into the graphs costs nothing per decode step.
 //   * retrieve_attend(): for each (query head, query) finds the top-k keys with its index and attends
 //     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact.
+//   * save()/load_state(): one file in the serialize.h format (type name "offloaded_layer"): payload = shape, sharing,
+//     row counts, min_ids, pending training queries, every kv head's key and value rows, then each index's own
+//     payload (length-prefixed). Loading checks the stored shape and sharing against this (empty) layer's and every
+//     count against the payload; problems are std::runtime_error naming the file. A loaded layer searches, appends
+//     and saves exactly like the one that was saved (rows that were not yet indexed stay in the exact-scan tail).
 //   * Layouts: keys (Hkv, t, d), values (Hkv, t, dv), queries (Hq, m, d) float32; all row-major contiguous.
-//   * Threads: retrieve_attend may run concurrently with itself (shared lock); build/append take the lock
-//     exclusively, so a search never sees a half-inserted token. Work inside each call is OpenMP-parallel
-//     over heads; the caller should not hold the Python GIL.
+//   * Threads: retrieve_attend and save may run concurrently with themselves and each other (shared lock);
+//     build/append/set_min_ids/load_state take the lock exclusively, so a search never sees a half-inserted token.
+//     Work inside each call is OpenMP-parallel over heads; the caller should not hold the Python GIL.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <shared_mutex>
+#include <string>
 #include <vector>
 
 #include "attention.h"
 #include "index.h"
 #include "parallel.h"
+#include "serialize.h"
 #include "topk.h"
 
 namespace retrieval_attention {
+
+enum class IndexSharing : uint32_t { PerQueryHead = 0, PerKvHead = 1 };
 
 template <class T>
 class OffloadedLayer {
@@ -39,21 +54,31 @@ class OffloadedLayer {
   // neighbours of the training queries (n_train x knn_k int64, or null), knn_k) -> index over the keys
   using IndexFactory =
       std::function<std::unique_ptr<KeyIndex<T>>(std::shared_ptr<const VectorStore<T>>, const float*, int64_t, const int64_t*, int64_t)>;
+  // (index type name, keys, payload reader positioned at that index's payload) -> the index (see index_registry.h)
+  using IndexLoader = std::function<std::unique_ptr<KeyIndex<T>>(const std::string&, std::shared_ptr<const VectorStore<T>>, PayloadReader&)>;
 
-  OffloadedLayer(int64_t hq, int64_t hkv, int64_t d, int64_t dv, IndexFactory factory, int64_t max_unindexed = 0)
-      : hq_(hq), hkv_(hkv), d_(d), dv_(dv), max_unindexed_(max_unindexed), factory_(std::move(factory)) {
+  static constexpr const char* kFileType = "offloaded_layer";
+  static constexpr uint32_t kPayloadVersion = 1;
+
+  OffloadedLayer(int64_t hq, int64_t hkv, int64_t d, int64_t dv, IndexFactory factory, int64_t max_unindexed = 0,
+                 IndexSharing sharing = IndexSharing::PerQueryHead)
+      : hq_(hq), hkv_(hkv), d_(d), dv_(dv), max_unindexed_(max_unindexed), sharing_(sharing), factory_(std::move(factory)) {
     check_gqa(hq, hkv);
     require(max_unindexed >= 0, "max_unindexed must be non-negative");
     require(d > 0 && dv > 0, "head dimensions must be positive");
+    require(sharing == IndexSharing::PerQueryHead || sharing == IndexSharing::PerKvHead, "unknown index sharing mode");
     for (int64_t h = 0; h < hkv; ++h) {
       keys_.push_back(std::make_shared<VectorStore<T>>(d));
       values_.push_back(std::make_shared<VectorStore<T>>(dv));
     }
-    indexes_.resize(static_cast<size_t>(hq));
+    indexes_.resize(static_cast<size_t>(index_count()));
   }
 
   int64_t q_heads() const { return hq_; }
   int64_t kv_heads() const { return hkv_; }
+  IndexSharing sharing() const { return sharing_; }
+  // Number of indexes: Hq per query head, Hkv per kv head.
+  int64_t index_count() const { return sharing_ == IndexSharing::PerKvHead ? hkv_ : hq_; }
   int64_t size() const {
     std::shared_lock<std::shared_mutex> lock(mu_);
     return keys_[0]->size();
@@ -81,7 +106,7 @@ class OffloadedLayer {
     if (!indexed()) {
       make_indexes();
     } else if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_) {
-      parallel_for(hq_, [&](int64_t h) { indexes_[static_cast<size_t>(h)]->index_new_rows(); });
+      parallel_for(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
     }
   }
 
@@ -116,7 +141,7 @@ class OffloadedLayer {
         SearchParams p = params;
         p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
         p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
-        const KeyIndex<T>& index = *indexes_[static_cast<size_t>(h)];
+        const KeyIndex<T>& index = *index_of(h);
         int64_t vis = index.search_one(q + hm * d_, k, p, ids.data(), scores.data());
         if (index.size() < n) {  // rows not indexed yet: scan them exactly and merge
           TopK best(k);
@@ -153,10 +178,115 @@ class OffloadedLayer {
       if (idx) b += idx->structure_bytes();
     return b;
   }
-  const KeyIndex<T>* index(int64_t h) const { return indexes_.at(static_cast<size_t>(h)).get(); }
+  // The index query head h searches (shared by its group under PerKvHead); null before the first tokens arrive.
+  const KeyIndex<T>* index(int64_t h) const {
+    require(h >= 0 && h < hq_, "query head out of range");
+    return index_of(h);
+  }
   std::shared_ptr<const VectorStore<T>> key_store(int64_t kv) const { return keys_.at(static_cast<size_t>(kv)); }
 
+  // Writes the whole layer (vectors, indexes, pending training queries, min_ids) to `path` atomically (serialize.h).
+  void save(const std::string& path) const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    const int64_t n = keys_[0]->size(), n_indexed = indexed() ? indexes_[0]->size() : 0;
+    PayloadWriter w;
+    w.put<uint32_t>(kPayloadVersion);
+    for (int64_t v : {hq_, hkv_, d_, dv_}) w.put<int64_t>(v);
+    w.put<uint32_t>(static_cast<uint32_t>(sharing_));
+    w.put<int64_t>(n);
+    w.put<uint8_t>(indexed() ? 1 : 0);
+    w.put<int64_t>(n_indexed);
+    w.put_vector(min_ids_);
+    w.put<int64_t>(n_train_);
+    w.put_vector(train_q_);
+    for (int64_t h = 0; h < hkv_; ++h) {
+      w.put_bytes(keys_[h]->data(), static_cast<size_t>(keys_[h]->bytes()));
+      w.put_bytes(values_[h]->data(), static_cast<size_t>(values_[h]->bytes()));
+    }
+    if (indexed()) {
+      for (const auto& idx : indexes_) {
+        const std::string type = idx->type_name();
+        w.put_vector(std::vector<char>(type.begin(), type.end()));
+        PayloadWriter sub;
+        idx->write_payload(sub);
+        w.put_vector(sub.bytes());
+      }
+    }
+    save_index_file(path, kFileType, ScalarTraits<T>::kind, w.bytes());
+  }
+
+  // Restores a file written by save() into this layer, which must be freshly constructed (no tokens, not built) with
+  // the same Hq, Hkv, d, dv, scalar type and sharing as the saved one.
+  void load_state(const IndexFile& file, const std::string& source, const IndexLoader& loader) {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    require(!indexed() && keys_[0]->size() == 0 && n_train_ == 0, "load_state needs an empty layer");
+    PayloadReader r(file.payload.data(), file.payload.size(), source);
+    if (file.type_name != kFileType) r.fail("not an offloaded layer file (type '" + file.type_name + "')");
+    if (file.kind != ScalarTraits<T>::kind) r.fail("stored scalar type differs from this layer's CPU dtype");
+    if (r.get<uint32_t>() != kPayloadVersion) r.fail("unsupported offloaded layer payload version");
+    const int64_t hq = r.get<int64_t>(), hkv = r.get<int64_t>(), d = r.get<int64_t>(), dv = r.get<int64_t>();
+    if (hq != hq_ || hkv != hkv_ || d != d_ || dv != dv_)
+      r.fail("stored shape (q_heads " + std::to_string(hq) + ", kv_heads " + std::to_string(hkv) + ", head_dim " + std::to_string(d) +
+             ", value_dim " + std::to_string(dv) + ") differs from this layer's (" + std::to_string(hq_) + ", " + std::to_string(hkv_) + ", " +
+             std::to_string(d_) + ", " + std::to_string(dv_) + ")");
+    if (r.get<uint32_t>() != static_cast<uint32_t>(sharing_)) r.fail("stored index sharing differs from this layer's");
+    const int64_t n = r.get<int64_t>();
+    const uint8_t has_indexes = r.get<uint8_t>();
+    const int64_t n_indexed = r.get<int64_t>();
+    const uint64_t row_bytes = static_cast<uint64_t>(hkv_) * static_cast<uint64_t>(d_ + dv_) * sizeof(T);
+    if (n < 0 || static_cast<uint64_t>(n) > file.payload.size() / row_bytes) r.fail("implausible token count");
+    if (has_indexes > 1 || n_indexed < 0 || n_indexed > n || (!has_indexes && n_indexed != 0)) r.fail("inconsistent indexed row count");
+    std::vector<int64_t> min_ids = r.get_vector<int64_t>(hkv_);
+    if (!min_ids.empty() && static_cast<int64_t>(min_ids.size()) != hkv_) r.fail("min_ids length differs from kv_heads");
+    for (int64_t v : min_ids)
+      if (v < 0) r.fail("negative min_id");
+    const int64_t n_train = r.get<int64_t>();
+    std::vector<float> train_q = r.get_vector<float>(static_cast<int64_t>(file.payload.size() / sizeof(float)));
+    if (n_train < 0 || static_cast<int64_t>(train_q.size()) != hq_ * n_train * d_) r.fail("pending training queries have the wrong size");
+    if (has_indexes && n_train != 0) r.fail("pending training queries next to built indexes");
+    std::vector<T> k_rows(static_cast<size_t>(n * d_)), v_rows(static_cast<size_t>(n * dv_));
+    std::vector<std::vector<T>> k_all, v_all;
+    for (int64_t h = 0; h < hkv_; ++h) {
+      r.get_bytes(k_rows.data(), k_rows.size() * sizeof(T));
+      r.get_bytes(v_rows.data(), v_rows.size() * sizeof(T));
+      if (!all_finite(k_rows.data(), n * d_)) r.fail("non-finite key values");
+      k_all.push_back(k_rows);
+      v_all.push_back(v_rows);
+    }
+    // The indexes were saved over the first n_indexed rows: load them against stores of exactly that size, then add
+    // the rest (the exact-scan tail), so every loader's row-count check sees what the index saw.
+    for (int64_t h = 0; h < hkv_; ++h) {
+      keys_[h]->append(k_all[h].data(), n_indexed);
+      values_[h]->append(v_all[h].data(), n_indexed);
+    }
+    std::vector<std::unique_ptr<KeyIndex<T>>> loaded;
+    if (has_indexes) {
+      const int64_t group_count = index_count(), per_store = index_count() / hkv_;
+      for (int64_t i = 0; i < group_count; ++i) {
+        const std::vector<char> type_chars = r.get_vector<char>(64);
+        const std::vector<uint8_t> sub = r.get_vector<uint8_t>(static_cast<int64_t>(file.payload.size()));
+        PayloadReader sr(sub.data(), sub.size(), source + " (index " + std::to_string(i) + ")");
+        auto idx = loader(std::string(type_chars.begin(), type_chars.end()), keys_[static_cast<size_t>(i / per_store)], sr);
+        if (!idx || idx->size() != n_indexed) r.fail("index " + std::to_string(i) + " row count differs from the stored one");
+        loaded.push_back(std::move(idx));
+      }
+    }
+    if (!r.at_end()) r.fail("trailing bytes after the offloaded layer payload");
+    for (int64_t h = 0; h < hkv_; ++h) {
+      keys_[h]->append(k_all[h].data() + n_indexed * d_, n - n_indexed);
+      values_[h]->append(v_all[h].data() + n_indexed * dv_, n - n_indexed);
+    }
+    if (has_indexes)
+      for (size_t i = 0; i < loaded.size(); ++i) indexes_[i] = std::move(loaded[i]);
+    min_ids_ = std::move(min_ids);
+    train_q_ = std::move(train_q);
+    n_train_ = n_train;
+  }
+
  private:
+  const KeyIndex<T>* index_of(int64_t h) const {
+    return indexes_[static_cast<size_t>(sharing_ == IndexSharing::PerKvHead ? h / (hq_ / hkv_) : h)].get();
+  }
   void append_rows(const T* keys, const T* values, int64_t t) {
     for (int64_t h = 0; h < hkv_; ++h) {
       keys_[h]->append(keys + h * t * d_, t);
@@ -165,15 +295,26 @@ class OffloadedLayer {
   }
   void make_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0) {
     const int64_t group = hq_ / hkv_;
-    parallel_for(hq_, [&](int64_t h) {
-      indexes_[static_cast<size_t>(h)] =
-          factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_, knn ? knn + h * n_train_ * knn_k : nullptr, knn_k);
-    });
+    if (sharing_ == IndexSharing::PerKvHead) {
+      // The group's query heads are consecutive, so its pooled training queries (group * n_train rows) and their
+      // neighbour lists are one contiguous block of the (Hq, n_train, .) layout.
+      parallel_for(hkv_, [&](int64_t kv) {
+        const int64_t first = kv * group * n_train_;
+        indexes_[static_cast<size_t>(kv)] =
+            factory_(keys_[kv], train_q_.data() + first * d_, group * n_train_, knn ? knn + first * knn_k : nullptr, knn_k);
+      });
+    } else {
+      parallel_for(hq_, [&](int64_t h) {
+        indexes_[static_cast<size_t>(h)] =
+            factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_, knn ? knn + h * n_train_ * knn_k : nullptr, knn_k);
+      });
+    }
     std::vector<float>().swap(train_q_);  // the graphs keep no query vectors
     n_train_ = 0;
   }
 
   int64_t hq_, hkv_, d_, dv_, max_unindexed_;
+  IndexSharing sharing_;
   IndexFactory factory_;
   std::vector<std::shared_ptr<VectorStore<T>>> keys_, values_;
   std::vector<std::unique_ptr<KeyIndex<T>>> indexes_;

@@ -3,24 +3,36 @@
 Per decoder layer (RetrievalLayer):
   * prefill: the whole prompt's K/V are returned for exact attention; then `finish_prefill(query)` keeps the first
     `n_sink` and last `n_window` tokens on the device, moves the rest to a C++ OffloadedLayer on the CPU and builds
-    one index per (batch, query head) from the prefill queries.
+    one index per (batch, query head) from the prefill queries (or, with index_sharing="per_kv_head", one per
+    (batch, kv head) from its GQA group's pooled prefill queries).
   * decode: new tokens join the device window; tokens pushed out of it are appended to the CPU store and inserted
     into the indexes. Attention = exact attention over the static set (device) merged by log-sum-exp with exact
     attention over the top_k keys each head's index retrieves on the CPU.
 Positions are never lost: get_seq_length() counts every token seen.
+
+Persistence: after prefill, `cache.save(dir)` writes every layer's static set, CPU stores and built indexes plus a
+manifest (config, model shape, token count, format version, SHA-256 per file); `RetrievalCache.load(dir, model_config)`
+validates all of it and returns a cache that continues exactly as the saved one would (e.g. one copy per question about
+a long document, without re-reading it).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import json
 import logging
+import os
+import shutil
 import sys
 import threading
 import time
+import uuid
 import weakref
 
 import torch
 
 from . import _ext
+from ._version import __version__
 from .compat import Cache, CacheLayerMixin, model_attention_shape
 from .config import RetrievalConfig
 from .index import exact_knn
@@ -39,6 +51,68 @@ def _build_executor():
     if _EXECUTOR is None:
         _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-index-build")
     return _EXECUTOR
+
+
+# -- saved caches -----------------------------------------------------------------------------------------------------
+_MANIFEST = "manifest.json"
+_FORMAT = "retrieval_attention.RetrievalCache"
+_FORMAT_VERSION = 1
+# RetrievalConfig fields that shaped a saved cache's state; a loaded cache must keep them.
+_STRUCTURAL_FIELDS = ("n_sink", "n_window", "index", "index_params", "index_sharing", "max_train_queries", "cpu_dtype")
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dtype(name, path: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"corrupt manifest in saved cache {path}: unknown dtype {name!r}")
+    return _DTYPES[name]
+
+
+def _read_manifest(path: str) -> dict:
+    file = os.path.join(path, _MANIFEST)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no saved RetrievalCache at {path} (not a directory)")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no saved RetrievalCache at {path}: {_MANIFEST} is missing")
+    try:
+        with open(file) as f:
+            outer = json.load(f)
+        manifest = outer["manifest"]
+        body = json.dumps(manifest, indent=1, sort_keys=True)
+        ok = hashlib.sha256(body.encode()).hexdigest() == outer["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"corrupt manifest in saved cache {path}: {exc}") from None
+    if not ok:
+        raise ValueError(f"corrupt manifest in saved cache {path}: checksum mismatch")
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a saved RetrievalCache (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"saved cache {path} has format version {manifest.get('format_version')!r}; this version of "
+                         f"retrieval_attention reads version {_FORMAT_VERSION}")
+    for key in ("retrieval_config", "model", "batch", "kv_dtype", "cpu_dtype", "seen_tokens", "layers"):
+        if key not in manifest:
+            raise ValueError(f"corrupt manifest in saved cache {path}: {key!r} is missing")
+    return manifest
+
+
+def _config_from_dict(d, path: str) -> RetrievalConfig:
+    if not isinstance(d, dict):
+        raise ValueError(f"corrupt manifest in saved cache {path}: retrieval_config is not a mapping")
+    d = dict(d)
+    if d.get("cpu_dtype") is not None:
+        d["cpu_dtype"] = _dtype(d["cpu_dtype"], path)
+    try:
+        return RetrievalConfig(**d)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"saved cache {path} has an invalid retrieval_config: {exc}") from None
 
 
 class RetrievalLayer(CacheLayerMixin):
@@ -184,7 +258,7 @@ class RetrievalLayer(CacheLayerMixin):
             train = self._flat_heads(q).to("cpu", torch.float32).contiguous()
         self.offloaded = _ext._C.OffloadedLayer(
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
-            dict(cfg.index_params), cfg.max_unindexed_tokens,
+            dict(cfg.index_params), cfg.max_unindexed_tokens, cfg.index_sharing,
         )
         if self.cpu_pad is not None:
             self.offloaded.set_min_ids(self.cpu_pad.repeat_interleave(self.kv_heads))
@@ -306,6 +380,72 @@ class RetrievalLayer(CacheLayerMixin):
         """q_cpu (batch*q_heads, m, d) float32 -> (out, lse, visited) over the CPU tokens."""
         return self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.ef, scaling)
 
+    # -- persistence (RetrievalCache.save / RetrievalCache.load) -------------------------------------------------
+    def _save_files(self, directory: str, stem: str) -> dict:
+        """Writes this layer's static set (torch file) and CPU part (C++ offloaded-layer file); returns its manifest entry."""
+        self._wait_for_build()
+        if self.phase != "decode":
+            raise RuntimeError(f"layer {self.layer_idx}: save() needs a cache after prefill (layer phase is {self.phase!r})")
+        static = {
+            "keys": self.keys.detach().to("cpu").contiguous(),
+            "values": self.values.detach().to("cpu").contiguous(),
+            "static_pad": self.static_pad,
+            "cpu_pad": self.cpu_pad,
+        }
+        static_file, cpu_file = f"{stem}.static.pt", f"{stem}.cpu"
+        torch.save(static, os.path.join(directory, static_file))
+        self.offloaded.save(os.path.join(directory, cpu_file))
+        return {
+            "layer": self.layer_idx,
+            "seen": self.seen,
+            "n_sink_kept": self.n_sink_kept,
+            "static_tokens": self.static_tokens,
+            "cpu_tokens": self.offloaded.size,
+            "value_dim": int(self.values.shape[-1]),
+            "static_file": static_file,
+            "static_sha256": _sha256(os.path.join(directory, static_file)),
+            "cpu_file": cpu_file,
+            "cpu_sha256": _sha256(os.path.join(directory, cpu_file)),
+        }
+
+    def _restore(self, directory: str, entry: dict, batch: int, kv_dtype: torch.dtype, cpu_dtype: torch.dtype, device) -> None:
+        """Fills this fresh layer from the files named by its manifest entry (checksums verified by the caller)."""
+        where = f"{directory} (layer {self.layer_idx})"
+        try:
+            static = torch.load(os.path.join(directory, entry["static_file"]), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several kinds for a damaged zip/pickle
+            raise ValueError(f"corrupt static-set file in saved cache {where}: {exc}") from exc
+        if not isinstance(static, dict) or not {"keys", "values", "static_pad", "cpu_pad"} <= set(static):
+            raise ValueError(f"corrupt static-set file in saved cache {where}: unexpected content")
+        keys, values = static["keys"], static["values"]
+        n_static, dv = int(entry["static_tokens"]), int(entry["value_dim"])
+        for name, t, last in (("keys", keys, self.head_dim), ("values", values, dv)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, self.kv_heads, n_static, last) or t.dtype != kv_dtype:
+                got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"saved cache {where}: static {name} are {got}, expected "
+                                 f"{(batch, self.kv_heads, n_static, last)} {kv_dtype}")
+        for name in ("static_pad", "cpu_pad"):
+            t = static[name]
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch,) or t.dtype != torch.int64):
+                raise ValueError(f"saved cache {where}: {name} must be None or an int64 tensor of shape ({batch},)")
+        cfg = self.cfg
+        try:
+            self.offloaded = _ext._C.OffloadedLayer.load(
+                os.path.join(directory, entry["cpu_file"]), cpu_dtype, batch * self.q_heads, batch * self.kv_heads, self.head_dim, dv,
+                cfg.index, dict(cfg.index_params), cfg.max_unindexed_tokens, cfg.index_sharing,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"cannot load the CPU part of saved cache {where}: {exc}") from exc
+        if self.offloaded.size != int(entry["cpu_tokens"]):
+            raise ValueError(f"saved cache {where}: CPU part holds {self.offloaded.size} tokens, manifest says {entry['cpu_tokens']}")
+        self.device, self.dtype, self.batch, self.cpu_dtype = torch.device(device), kv_dtype, batch, cpu_dtype
+        self.is_initialized = True
+        self.static_pad, self.cpu_pad = static["static_pad"], static["cpu_pad"]
+        self._set_static(keys.to(device), values.to(device))
+        self.n_sink_kept = int(entry["n_sink_kept"])
+        self.seen = int(entry["seen"])
+        self.phase = "decode"
+
     def stats(self) -> dict:
         self._wait_for_build()
         gpu = 0 if self.keys is None else self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -358,6 +498,115 @@ class RetrievalCache(Cache):
             if self._progress.n >= len(self.layers):
                 self._progress.close()
                 self._progress = None
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save this cache after prefill (e.g. of a long document) to the directory `path`, so that
+        `RetrievalCache.load(path, model.config)` continues from exactly this state without re-reading the document or
+        rebuilding the indexes. Written: per layer the static set (sink + window K/V, on any device) and the CPU part
+        (key/value stores and the built indexes, one C++ file each with its own checksum), plus manifest.json with the
+        RetrievalConfig, the model's attention shape, the token count, a format version and SHA-256 checksums of every
+        file. The directory is written under a temporary name and renamed into place, so a failed save leaves no
+        half-written cache at `path`; an existing saved cache at `path` is replaced, any other existing path refused."""
+        path = os.fspath(path)
+        layers = self.layers
+        if not layers or any(l.phase != "decode" for l in layers):
+            raise RuntimeError("RetrievalCache.save() needs a cache after prefill: run the model on the document first "
+                               "(with attn_implementation='retrieval_attention' or ra.enable(model, cfg))")
+        if os.path.exists(path) and not os.path.isfile(os.path.join(path, _MANIFEST)):
+            raise FileExistsError(f"{path} exists and is not a saved RetrievalCache; refusing to overwrite it")
+        first = layers[0]
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        os.makedirs(tmp)
+        try:
+            entries = [layer._save_files(tmp, f"layer{i:03d}") for i, layer in enumerate(layers)]
+            n_layers, q_heads, kv_heads, head_dim = len(layers), first.q_heads, first.kv_heads, first.head_dim
+            manifest = {
+                "format": _FORMAT,
+                "format_version": _FORMAT_VERSION,
+                "package_version": __version__,
+                "retrieval_config": self.retrieval_config.to_dict(),
+                "model": {"num_layers": n_layers, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim},
+                "batch": first.batch,
+                "kv_dtype": str(first.dtype),
+                "cpu_dtype": str(first.cpu_dtype),
+                "seen_tokens": first.seen,
+                "layers": entries,
+            }
+            body = json.dumps(manifest, indent=1, sort_keys=True)
+            with open(os.path.join(tmp, _MANIFEST), "w") as f:
+                json.dump({"sha256": hashlib.sha256(body.encode()).hexdigest(), "manifest": manifest}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            old = None
+            if os.path.exists(path):
+                old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
+                os.rename(path, old)
+            os.rename(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path, model_config, retrieval_config: RetrievalConfig | None = None, device=None,
+             layer_class: type = RetrievalLayer) -> "RetrievalCache":
+        """A cache restored from `save(path)`: generation continues exactly as from the saved cache.
+
+        model_config: the config of the model it will be used with; its attention shape must match the saved one.
+        retrieval_config: None uses the saved one. Otherwise settings that shaped the saved state (n_sink, n_window,
+            index, index_params, index_sharing, max_train_queries, cpu_dtype) must equal the saved ones; search and
+            bookkeeping settings (top_k, ef, evict_chunk, max_unindexed_tokens, progress, async_build) may differ.
+        device: where the static set goes (default "cpu"); the CPU part is always in CPU memory.
+        Every file is checked (presence, SHA-256, shapes, dtypes, counts); a missing, corrupt, truncated or mismatched
+        save raises FileNotFoundError or ValueError naming the file."""
+        path = os.fspath(path)
+        manifest = _read_manifest(path)
+        stored_cfg = _config_from_dict(manifest["retrieval_config"], path)
+        if retrieval_config is None:
+            retrieval_config = stored_cfg
+        elif not isinstance(retrieval_config, RetrievalConfig):
+            raise TypeError(f"retrieval_config must be a RetrievalConfig or None, got {type(retrieval_config).__name__}")
+        else:
+            differ = [f"{k} (saved {getattr(stored_cfg, k)!r}, given {getattr(retrieval_config, k)!r})"
+                      for k in _STRUCTURAL_FIELDS if getattr(stored_cfg, k) != getattr(retrieval_config, k)]
+            if differ:
+                raise ValueError(f"saved cache {path} was built with a different RetrievalConfig: " + "; ".join(differ))
+        n_layers, q_heads, kv_heads, head_dim = model_attention_shape(model_config)
+        want = {"num_layers": n_layers, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim}
+        got = manifest["model"]
+        if not isinstance(got, dict) or any(got.get(k) != v for k, v in want.items()):
+            raise ValueError(f"saved cache {path} is for a model with attention shape {got}, this model's is {want}")
+        kv_dtype, cpu_dtype = _dtype(manifest["kv_dtype"], path), _dtype(manifest["cpu_dtype"], path)
+        batch = manifest["batch"]
+        entries = manifest["layers"]
+        if not isinstance(batch, int) or batch < 1 or not isinstance(entries, list) or len(entries) != n_layers:
+            raise ValueError(f"corrupt manifest in saved cache {path}: batch or layer list invalid")
+        cache = cls(model_config, retrieval_config, layer_class=layer_class)
+        device = torch.device("cpu" if device is None else device)
+        for layer, entry in zip(cache.layers, entries):
+            try:
+                files = [(entry["static_file"], entry["static_sha256"]), (entry["cpu_file"], entry["cpu_sha256"])]
+                for key in ("seen", "n_sink_kept", "static_tokens", "cpu_tokens", "value_dim"):
+                    if not isinstance(entry[key], int) or entry[key] < 0:
+                        raise ValueError(key)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"corrupt manifest in saved cache {path}: layer entry {layer.layer_idx} is invalid ({exc})") from None
+            if entry["seen"] != manifest["seen_tokens"] or entry["static_tokens"] + entry["cpu_tokens"] != entry["seen"]:
+                raise ValueError(f"corrupt manifest in saved cache {path}: token counts of layer {layer.layer_idx} do not add up")
+            for name, digest in files:
+                if not isinstance(name, str) or os.path.basename(name) != name:
+                    raise ValueError(f"corrupt manifest in saved cache {path}: bad file name {name!r}")
+                full = os.path.join(path, name)
+                if not os.path.isfile(full):
+                    raise FileNotFoundError(f"saved cache {path} is incomplete: {name} is missing")
+                if _sha256(full) != digest:
+                    raise ValueError(f"saved cache {path}: {name} is corrupt or truncated (SHA-256 mismatch)")
+            layer._restore(path, entry, batch, kv_dtype, cpu_dtype, device)
+        return cache
 
     def stats(self) -> list[dict]:
         """Per-layer figures: static/CPU tokens, fraction of CPU keys scanned per query, build time, bytes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 INDEX_TYPES = ("flat", "query_guided")
+INDEX_SHARING = ("per_query_head", "per_kv_head")
 
 
 @dataclass
@@ -16,7 +17,11 @@ class RetrievalConfig:
     index:       "query_guided" (the paper's attention-aware graph) or "flat" (exact scan of all CPU keys).
     ef:          beam width of the graph search (larger: higher recall, more keys scanned).
     index_params: build parameters passed to the index (e.g. {"degree": 32, "k_train": 100}).
-    max_train_queries: prefill queries per head used to build the graph (None: all).
+    index_sharing: "per_query_head" (the paper's: one index per query head, trained on that head's queries) or
+                 "per_kv_head" (one index per GQA group, trained on the group's pooled queries and searched by all its
+                 query heads: Hq/Hkv times fewer builds, inserts and graph bytes).
+    max_train_queries: prefill queries per query head used to build the graph (None: all); with "per_kv_head" the
+                 group pools up to Hq/Hkv times this many.
     cpu_dtype:   storage dtype of CPU keys/values (None: the model's KV dtype).
     evict_chunk: the device window may grow to n_window + evict_chunk tokens before the oldest evict_chunk of them
                  move to the CPU in one batch (amortises transfers and index inserts; exactness is unaffected).
@@ -39,6 +44,7 @@ class RetrievalConfig:
     evict_chunk: int = 64
     max_unindexed_tokens: int = 4096
     progress: bool | None = None
+    index_sharing: str = "per_query_head"
 
     def __post_init__(self):
         import torch
@@ -55,6 +61,8 @@ class RetrievalConfig:
             raise ValueError("RetrievalConfig: n_sink + n_window must be >= 1 (the newest token stays on the device)")
         if self.index not in INDEX_TYPES:
             raise ValueError(f"RetrievalConfig.index must be one of {INDEX_TYPES}, got {self.index!r}")
+        if self.index_sharing not in INDEX_SHARING:
+            raise ValueError(f"RetrievalConfig.index_sharing must be one of {INDEX_SHARING}, got {self.index_sharing!r}")
         if not isinstance(self.index_params, dict):
             raise TypeError(f"RetrievalConfig.index_params must be a dict, got {type(self.index_params).__name__}")
         if self.max_train_queries is not None and (

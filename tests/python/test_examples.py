@@ -31,3 +31,12 @@ def test_chat_long_document_quick():
     # a 1,500-token document with three facts in the CPU part: both methods answer every question
     assert "full attention: 3/3 correct; retrieval attention: 3/3 correct" in out
     assert "keys scanned per query" in out
+
+
+def test_long_document_qa_quick():
+    out = run("examples/long_document_qa.py", "--quick", "--device", "cpu")
+    assert "saved to" in out and "prefill + index build" in out
+    # a 1,500-token document prefilled once; every question answered from a freshly loaded copy of its cache
+    assert "3/3 answers correct from the saved cache" in out
+    assert "same answer as re-reading the document: True" in out
+    assert "time saved vs rebuilding" in out

@@ -1,0 +1,300 @@
+"""index_sharing="per_kv_head" (one graph per GQA group) and saving / loading a prefilled RetrievalCache."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import retrieval_attention as ra
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024)
+
+
+def tiny_model(seed=0, cls=(LlamaConfig, LlamaForCausalLM)):
+    torch.manual_seed(seed)
+    cfg = cls[0](**TINY)
+    cfg._attn_implementation = "retrieval_attention"
+    model = cls[1](cfg).eval()
+    ra.enable(model, ra.RetrievalConfig(index="flat"))
+    return model
+
+
+def greedy(model, ids, cache, n):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits)
+
+
+def prefill(model, ids, cfg):
+    cache = ra.RetrievalCache(model.config, cfg)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache
+
+
+# -- index sharing ---------------------------------------------------------------------------------------------------
+def test_index_sharing_validation():
+    with pytest.raises(ValueError, match="index_sharing"):
+        ra.RetrievalConfig(index_sharing="per_layer")
+    with pytest.raises(ValueError, match="index_sharing"):
+        ra._ext._C.OffloadedLayer(torch.float32, 4, 2, 8, 8, "flat", {}, 0, "shared")
+    assert ra.RetrievalConfig().index_sharing == "per_query_head"
+
+
+@pytest.mark.parametrize("cls", [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM)])
+def test_per_kv_head_exactness_mode_equals_full_attention(cls):
+    model = tiny_model(seed=3, cls=cls)
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(4))
+    full_seq, full_logits = greedy(model, ids, DynamicCache(), 40)
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=10_000, index="query_guided", ef=10_000, evict_chunk=4,
+                             max_unindexed_tokens=8, index_sharing="per_kv_head")
+    cache = ra.RetrievalCache(model.config, cfg)
+    seq, logits = greedy(model, ids, cache, 40)
+    assert torch.equal(seq, full_seq)
+    assert (logits - full_logits).abs().max() / full_logits.abs().max() < 1e-4
+    layer = cache.layers[0]
+    assert layer.offloaded.index_count == 2 and layer.offloaded.sharing == "per_kv_head"  # one graph per kv head, not 4
+    assert layer.cpu_tokens > 100  # decode-time evictions were inserted into the shared graphs too
+
+
+def test_per_kv_head_batch_exactness():
+    """A batch folds into the heads: each (batch row, kv head) gets its own shared graph."""
+    model = tiny_model(seed=5)
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(6))
+    full_seq, _ = greedy(model, ids, DynamicCache(), 15)
+    cfg = ra.RetrievalConfig(n_sink=2, n_window=8, top_k=10_000, index="query_guided", ef=10_000, index_sharing="per_kv_head")
+    cache = ra.RetrievalCache(model.config, cfg)
+    seq, _ = greedy(model, ids, cache, 15)
+    assert torch.equal(seq, full_seq)
+    assert cache.layers[0].offloaded.index_count == 2 * 2
+
+
+def _layer_problem(seed=0, n=3000, m=600, hq=6, hkv=2, d=32):
+    """Out-of-distribution queries/keys with a shared group direction, as real GQA heads have."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(hkv, n, d, generator=g) + 2.0 * torch.randn(hkv, 1, d, generator=g)
+    train = torch.randn(hq, m, d, generator=g) + 3.0 * torch.randn(hq, 1, d, generator=g)
+    test = torch.randn(hq, 50, d, generator=g) + 3.0 * torch.randn(hq, 1, d, generator=g)
+    test[:] = train[:, :50] + 0.3 * torch.randn(hq, 50, d, generator=g)
+    return keys, train, test
+
+
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+def test_sparse_recall_against_exact_topk(sharing):
+    hq, hkv, d, k = 6, 2, 32, 20
+    keys, train, test = _layer_problem()
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, sharing)
+    layer.build(keys, keys.clone(), train)
+    assert layer.index_count == (hq if sharing == "per_query_head" else hkv)
+    _, _, visited, ids = layer.retrieve_attend(test, k, 64, 1.0, return_ids=True)
+    exact = torch.einsum("hmd,hnd->hmn", test, keys.repeat_interleave(hq // hkv, 0)).topk(k, dim=-1).indices
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.reshape(-1, k), exact.reshape(-1, k)))
+    recall = hits / exact.numel()
+    assert recall > 0.85, f"{sharing}: recall@{k} {recall:.3f}"
+    assert visited.double().mean() < 0.5 * keys.shape[1]
+
+
+def test_per_kv_head_builds_one_index_per_group():
+    """Hq/Hkv times fewer graphs and graph bytes. (Build time is measured, not asserted: README "Index sharing".)"""
+    hq, hkv, d = 6, 2, 32
+    keys, train, _ = _layer_problem(seed=1, n=2000, m=200)
+    made = {}
+    for sharing in ("per_query_head", "per_kv_head"):
+        layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, sharing)
+        assert layer.index_count == 0  # nothing built before the first tokens
+        layer.build(keys, keys.clone(), train)
+        made[sharing] = (layer.index_count, layer.index_bytes)
+    assert made["per_query_head"][0] == 6 and made["per_kv_head"][0] == 2
+    assert made["per_kv_head"][1] * 2 < made["per_query_head"][1]
+
+
+def test_per_kv_head_pending_training_queries_build_on_first_append():
+    """No CPU tokens at prefill (short prompt): the pooled training queries wait for the first evicted tokens."""
+    hq, hkv, d = 4, 2, 8
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, "per_kv_head")
+    layer.build(torch.zeros(hkv, 0, d), torch.zeros(hkv, 0, d), torch.randn(hq, 10, d))
+    assert layer.index_count == 0
+    keys = torch.randn(hkv, 30, d)
+    layer.append(keys, keys.clone())
+    assert layer.index_count == 2 and layer.size == 30
+    _, _, _, ids = layer.retrieve_attend(torch.randn(hq, 2, d), 30, 64, 1.0, return_ids=True)
+    assert all(sorted(r.tolist()) == list(range(30)) for r in ids.reshape(-1, 30))  # exactness mode: every key
+
+
+# -- save / load -----------------------------------------------------------------------------------------------------
+SPARSE = dict(n_sink=4, n_window=16, top_k=8, index="query_guided", ef=16, evict_chunk=4, max_unindexed_tokens=6)
+
+
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+def test_round_trip_generates_the_same_tokens(tmp_path, sharing):
+    """Sparse mode (top_k far below the CPU tokens): the loaded cache retrieves exactly what the original does."""
+    model = tiny_model(seed=7)
+    g = torch.Generator().manual_seed(8)
+    doc, question = torch.randint(0, 97, (1, 150), generator=g), torch.randint(0, 97, (1, 9), generator=g)
+    cfg = ra.RetrievalConfig(**SPARSE, index_sharing=sharing)
+    cache = prefill(model, doc, cfg)
+    cache.save(tmp_path / "doc")
+    loaded = ra.RetrievalCache.load(tmp_path / "doc", model.config)
+    assert loaded.retrieval_config == cfg and loaded.get_seq_length() == 150
+    assert [s["cpu_tokens"] for s in loaded.stats()] == [s["cpu_tokens"] for s in cache.stats()]
+    full_input = torch.cat([doc, question], dim=1)
+    a_seq, a_logits = greedy(model, full_input, cache, 30)
+    b_seq, b_logits = greedy(model, full_input, loaded, 30)
+    assert torch.equal(a_seq, b_seq)
+    assert torch.equal(a_logits, b_logits)
+    # the original cache went on (evictions, inserts); the saved copy on disk did not change: load again, same answer
+    c_seq, _ = greedy(model, full_input, ra.RetrievalCache.load(tmp_path / "doc", model.config), 30)
+    assert torch.equal(c_seq, a_seq)
+
+
+def test_loaded_cache_in_exactness_mode_equals_full_attention(tmp_path):
+    model = tiny_model(seed=9)
+    g = torch.Generator().manual_seed(10)
+    doc, question = torch.randint(0, 97, (1, 130), generator=g), torch.randint(0, 97, (1, 7), generator=g)
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=10_000, index="query_guided", ef=10_000, evict_chunk=4, max_unindexed_tokens=5)
+    prefill(model, doc, cfg).save(tmp_path / "c")
+    full_input = torch.cat([doc, question], dim=1)
+    full_seq, full_logits = greedy(model, full_input, DynamicCache(), 40)
+    seq, logits = greedy(model, full_input, ra.RetrievalCache.load(tmp_path / "c", model.config), 40)
+    assert torch.equal(seq, full_seq)
+    assert (logits - full_logits).abs().max() / full_logits.abs().max() < 1e-4
+
+
+def test_left_padded_batch_round_trip(tmp_path):
+    model = tiny_model(seed=11)
+    ids = torch.randint(1, 97, (2, 90), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    ids[0, :40], mask[0, :40] = 0, 0
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=8, top_k=6, index="query_guided", ef=16)
+    cache = ra.RetrievalCache(model.config, cfg)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    cache.save(tmp_path / "b")
+    loaded = ra.RetrievalCache.load(tmp_path / "b", model.config)
+    assert torch.equal(loaded.layers[0].cpu_pad, cache.layers[0].cpu_pad)
+    nxt = torch.randint(1, 97, (2, 3), generator=torch.Generator().manual_seed(13))
+    m2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    with torch.no_grad():
+        a = model(nxt, attention_mask=m2, past_key_values=cache).logits
+        b = model(nxt, attention_mask=m2, past_key_values=loaded).logits
+    assert torch.equal(a, b)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model(seed=14)
+    cache = prefill(model, torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(15)), ra.RetrievalConfig(**SPARSE))
+    cache.save(tmp_path / "s")
+    return model, tmp_path / "s"
+
+
+def test_missing_files_raise(saved, tmp_path):
+    model, path = saved
+    with pytest.raises(FileNotFoundError, match="no saved RetrievalCache"):
+        ra.RetrievalCache.load(tmp_path / "nothing", model.config)
+    os.remove(path / "layer001.cpu")
+    with pytest.raises(FileNotFoundError, match="layer001.cpu is missing"):
+        ra.RetrievalCache.load(path, model.config)
+
+
+@pytest.mark.parametrize("name", ["layer000.cpu", "layer001.static.pt"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_or_truncated_file_raises(saved, name, damage):
+    model, path = saved
+    f = path / name
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) - 100]
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{name} is corrupt or truncated"):
+        ra.RetrievalCache.load(path, model.config)
+
+
+def test_corrupt_layer_file_is_caught_by_its_own_checksum_too(saved):
+    """Even with the manifest's SHA-256 updated, the C++ file format's own checks reject a damaged CPU part."""
+    import hashlib
+
+    model, path = saved
+    f = path / "layer000.cpu"
+    data = bytearray(f.read_bytes())
+    data[200] ^= 0x01
+    f.write_bytes(bytes(data))
+    outer = json.loads((path / "manifest.json").read_text())
+    outer["manifest"]["layers"][0]["cpu_sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    outer["sha256"] = hashlib.sha256(json.dumps(outer["manifest"], indent=1, sort_keys=True).encode()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(outer))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        ra.RetrievalCache.load(path, model.config)
+
+
+def test_corrupt_manifest_raises(saved):
+    model, path = saved
+    text = (path / "manifest.json").read_text()
+    (path / "manifest.json").write_text(text.replace('"seen_tokens": 80', '"seen_tokens": 81'))
+    with pytest.raises(ValueError, match="manifest.*checksum mismatch"):
+        ra.RetrievalCache.load(path, model.config)
+    (path / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="corrupt manifest"):
+        ra.RetrievalCache.load(path, model.config)
+
+
+def test_config_and_model_mismatch_raise(saved):
+    model, path = saved
+    other = dict(SPARSE, n_window=32)
+    with pytest.raises(ValueError, match="different RetrievalConfig: n_window"):
+        ra.RetrievalCache.load(path, model.config, ra.RetrievalConfig(**other))
+    with pytest.raises(ValueError, match="index_sharing"):
+        ra.RetrievalCache.load(path, model.config, ra.RetrievalConfig(**SPARSE, index_sharing="per_kv_head"))
+    # search-time settings may change: a wider top_k over the same saved state
+    wider = ra.RetrievalCache.load(path, model.config, ra.RetrievalConfig(**dict(SPARSE, top_k=10_000, ef=64)))
+    assert wider.retrieval_config.top_k == 10_000
+    with pytest.raises(TypeError, match="retrieval_config"):
+        ra.RetrievalCache.load(path, model.config, {"top_k": 3})
+    bigger = LlamaConfig(**dict(TINY, num_key_value_heads=4))
+    with pytest.raises(ValueError, match="attention shape"):
+        ra.RetrievalCache.load(path, bigger)
+    deeper = LlamaConfig(**dict(TINY, num_hidden_layers=3))
+    with pytest.raises(ValueError, match="attention shape"):
+        ra.RetrievalCache.load(path, deeper)
+
+
+def test_save_refuses_unprefilled_cache_and_foreign_paths(tmp_path, saved):
+    model, path = saved
+    with pytest.raises(RuntimeError, match="after prefill"):
+        ra.RetrievalCache(model.config, ra.RetrievalConfig(**SPARSE)).save(tmp_path / "empty")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    cache = ra.RetrievalCache.load(path, model.config)
+    with pytest.raises(FileExistsError, match="not a saved RetrievalCache"):
+        cache.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    cache.save(path)  # replacing a saved cache is fine, and leaves no temporary directories behind
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    ra.RetrievalCache.load(path, model.config)
+
+
+def test_offloaded_layer_file_checks_shape_and_dtype(tmp_path):
+    keys = torch.randn(2, 50, 8)
+    layer = ra._ext._C.OffloadedLayer(torch.float32, 4, 2, 8, 8, "query_guided", {}, 100, "per_kv_head")
+    layer.build(keys, keys.clone(), torch.randn(4, 20, 8))
+    layer.append(torch.randn(2, 5, 8), torch.randn(2, 5, 8))  # an exactly-scanned, not yet indexed tail
+    f = str(tmp_path / "l.cpu")
+    layer.save(f)
+    C = ra._ext._C.OffloadedLayer
+    back = C.load(f, torch.float32, 4, 2, 8, 8, "query_guided", {}, 100, "per_kv_head")
+    q = torch.randn(4, 3, 8)
+    for x, y in zip(layer.retrieve_attend(q, 10, 32, 0.3, True), back.retrieve_attend(q, 10, 32, 0.3, True)):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="differs from this layer"):
+        C.load(f, torch.float32, 4, 1, 8, 8, "query_guided", {}, 100, "per_kv_head")
+    with pytest.raises(RuntimeError, match="sharing"):
+        C.load(f, torch.float32, 4, 2, 8, 8, "query_guided", {}, 100, "per_query_head")
+    with pytest.raises(RuntimeError, match="stores"):
+        C.load(f, torch.float16, 4, 2, 8, 8, "query_guided", {}, 100, "per_kv_head")
+    with pytest.raises(RuntimeError, match="cannot open"):
+        C.load(str(tmp_path / "none"), torch.float32, 4, 2, 8, 8, "query_guided", {}, 100, "per_kv_head")
