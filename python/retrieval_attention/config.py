@@ -65,6 +65,12 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.index_sharing must be one of {INDEX_SHARING}, got {self.index_sharing!r}")
         if not isinstance(self.index_params, dict):
             raise TypeError(f"RetrievalConfig.index_params must be a dict, got {type(self.index_params).__name__}")
+        from ._ext import _C  # the C++ build's own parameter check: unknown names, types and ranges fail here, not at prefill
+
+        try:
+            _C.check_index_params(self.index, self.index_params)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"RetrievalConfig.index_params: {e}") from None
         if self.max_train_queries is not None and (
             isinstance(self.max_train_queries, bool) or not isinstance(self.max_train_queries, int) or self.max_train_queries < 1
         ):

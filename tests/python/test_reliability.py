@@ -652,13 +652,16 @@ _CFG_BAD = {
 for _name, (_kw, _pat) in _CFG_BAD.items():
     HF.add(f"config/{_name}", f"ra.RetrievalConfig({_kw})", (("ValueError", "TypeError"), _pat))
 HF.add("config/max_train_queries_bool", "ra.RetrievalConfig(max_train_queries=True)", (("ValueError", "TypeError"), r"max_train_queries"))
-# index_params are checked when the first prompt builds the indexes, not by RetrievalConfig: still a clear error, raised late
-HF.add("config/index_params_unknown_key_at_prefill", "gen(MODEL, ra.RetrievalConfig(n_sink=2, n_window=4, index='flat', index_params={'bogus': 1}))",
-       ("ValueError", r"unknown parameter 'bogus'"))
-HF.add("config/index_params_degree_0_at_prefill", "gen(MODEL, ra.RetrievalConfig(n_sink=2, n_window=4, index='query_guided', index_params={'degree': 0}))",
-       ("ValueError", r"degree"))
-HF.add("config/index_params_k_train_str_at_prefill",
-       "gen(MODEL, ra.RetrievalConfig(n_sink=2, n_window=4, index='query_guided', index_params={'k_train': 'many'}))", (CLEAN, r""))
+# index_params are checked by RetrievalConfig itself (through the C++ build's parameter check), not at the first prompt
+HF.add("config/index_params_unknown_key", "ra.RetrievalConfig(n_sink=2, n_window=4, index='flat', index_params={'bogus': 1})",
+       ("ValueError", r"RetrievalConfig.index_params: unknown parameter 'bogus'"))
+HF.add("config/index_params_degree_0", "ra.RetrievalConfig(index='query_guided', index_params={'degree': 0})", ("ValueError", r"degree"))
+HF.add("config/index_params_degree_2_70", "ra.RetrievalConfig(index='query_guided', index_params={'degree': 2**70})",
+       ("ValueError", r"'degree' is out of range"))
+HF.add("config/index_params_k_train_str", "ra.RetrievalConfig(index='query_guided', index_params={'k_train': 'many'})",
+       ("TypeError", r"'k_train' must be an int"))
+HF.add("config/index_params_k_train_bool", "ra.RetrievalConfig(index='query_guided', index_params={'k_train': True})",
+       ("TypeError", r"'k_train' must be an int"))
 HF.add("cache/config_not_a_retrieval_config", "ra.RetrievalCache(MODEL.config, {'top_k': 5})", ("TypeError", r"RetrievalConfig"))
 HF.add("cache/not_a_model_config", "ra.RetrievalCache(object())", ("TypeError", r"decoder model config"))
 HF.add("cache/layer_class_not_a_class", "ra.RetrievalCache(MODEL.config, layer_class=3)", ("TypeError", r"layer_class"))
