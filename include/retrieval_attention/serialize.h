@@ -5,7 +5,8 @@
 //   | u32 ScalarKind | i64 payload bytes | payload | u64 FNV-1a checksum of everything before it.
 // Contract
 //   * save_index_file() writes to "<path>.tmp-<random>" and renames over <path> only after the whole file
-//     is written and flushed, so a failed save never replaces a good file with a half-written one.
+//     is written and fsync'ed (then fsyncs the directory), so a failed save or a crash never replaces a good file
+//     with a half-written one.
 //   * read_index_file() validates size, magic, version, type name, scalar kind and checksum before handing
 //     out the payload; every problem is a std::runtime_error that names the file and what is wrong.
 //   * PayloadReader bounds-checks every read, so a payload that passes the checksum but is inconsistent
@@ -16,6 +17,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <unistd.h>
+#endif
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -103,12 +108,14 @@ inline void save_index_file(const std::string& path, const std::string& type_nam
   std::random_device rd;
   const std::string tmp = path + ".tmp-" + std::to_string(rd());
   {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    std::FILE* f = std::fopen(tmp.c_str(), "wb");
     if (!f) throw std::runtime_error("cannot open " + tmp + " for writing");
-    f.write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(out.size()));
-    f.flush();
-    if (!f) {
-      f.close();
+    bool ok = std::fwrite(out.data(), 1, out.size(), f) == out.size() && std::fflush(f) == 0;
+#if defined(__unix__) || defined(__APPLE__)
+    ok = ok && ::fsync(::fileno(f)) == 0;  // the bytes are on disk before the rename makes them the file
+#endif
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok) {
       std::remove(tmp.c_str());
       throw std::runtime_error("failed writing index file " + tmp);
     }
@@ -117,6 +124,17 @@ inline void save_index_file(const std::string& path, const std::string& type_nam
     std::remove(tmp.c_str());
     throw std::runtime_error("cannot move " + tmp + " to " + path);
   }
+#if defined(__unix__) || defined(__APPLE__)
+  {  // and the rename itself survives a crash: sync the directory entry (best effort)
+    const size_t slash = path.find_last_of('/');
+    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+    const int fd = ::open(dir.c_str(), O_RDONLY);
+    if (fd >= 0) {
+      ::fsync(fd);
+      ::close(fd);
+    }
+  }
+#endif
 }
 
 struct IndexFile {
