@@ -31,7 +31,11 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -93,6 +97,22 @@ inline bool have_avx_fma() {
 }
 #endif
 
+// Phase timer of the build, printed to stderr when the environment variable RA_QG_PROFILE is set.
+class PhaseTimer {
+ public:
+  PhaseTimer() : on_(std::getenv("RA_QG_PROFILE") != nullptr), t_(std::chrono::steady_clock::now()) {}
+  void lap(const char* what, long count = -1) {
+    if (!on_) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "[qg] %-10s %8.1f ms  %ld\n", what, std::chrono::duration<double, std::milli>(now - t_).count(), count);
+    t_ = now;
+  }
+
+ private:
+  bool on_;
+  std::chrono::steady_clock::time_point t_;
+};
+
 template <class T>
 inline float dot(const float* q, const T* row, int64_t d) {
 #ifdef RA_QG_X86_SIMD
@@ -107,6 +127,17 @@ struct QueryGuidedParams {
   int64_t k_train = 100;   // exact key neighbours per training query (bipartite kNN)
   int64_t ef_build = 64;   // beam width of the k->k searches in build and insert (128: same recall, 2x time)
   uint64_t seed = 0x5eed;  // order of insertions; the build is deterministic for a given seed
+  // experimental
+  int64_t ef_weak = 0;      // beam of the weak-key searches (0: ef_build)
+  int64_t weak_rev = 0;     // reverse edges per weak key (0: all)
+  int64_t prune_cap = 32;   // candidates per prune = prune_cap * max_keep (nearest first)
+  int64_t weak_div = 2;     // weak = out_degree < degree / weak_div
+  int64_t n_pivots = 4;
+  int64_t cand_cap = 0;     // candidates per pivot kept by co-occurrence weight before pruning (0: all)
+  int64_t kt_use = 0;       // use only the first kt_use of each knn list (0: all)
+  int64_t n_hubs = 0;       // hub sample size for seeding searches (0: none)
+  int64_t weak_seeds = 0;   // seeds from the hubs for weak-key searches
+  int64_t query_seeds = 0;  // seeds from the hubs for queries (search_one)
 
   void validate() const {
     require(degree >= 2 && degree <= 1024, "query_guided: degree must be in [2, 1024]");
@@ -131,10 +162,12 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     check_queries(train_queries, m, g->keys_->dim());
     const int64_t n = g->keys_->size(), kt = std::min<int64_t>(g->p_.k_train, n);
     std::vector<int64_t> knn;
+    qg_detail::PhaseTimer timer;
     if (m > 0 && n > 0) {
       knn.resize(static_cast<size_t>(m * kt));
       exact_topk(train_queries, m, *g->keys_, n, kt, knn.data(), nullptr);
     }
+    timer.lap("knn");
     g->build_graph(train_queries, m, knn.data(), kt);
     return g;
   }
@@ -179,7 +212,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     require(k > 0, "k must be positive");
     require(params.ef > 0, "ef must be positive");
     Scratch& s = scratch();
-    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s);
+    thread_local std::vector<Cand> sd;
+    const int64_t ns = hub_seeds(q, false, p_.query_seeds, sd);
+    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s, false, sd.data(), ns) + (ns > 0 ? static_cast<int64_t>(hubs_.size()) : 0);
     const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
     for (int64_t j = 0; j < k; ++j) {
       ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
@@ -311,7 +346,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // q.k - |k|^2/2, i.e. by Euclidean nearness to q, used when a key searches for its own neighbours
   // (measured on real Q/K: slightly better graphs than linking keys by inner product).
   template <class R>
-  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false) const {
+  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false, const Cand* seeds = nullptr,
+                      int64_t n_seeds = 0) const {
     s.beam.clear();
     if (n_ == 0) return 0;
     const int64_t d = keys_->dim();
@@ -329,6 +365,16 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const auto ordered = [](float x) { return x == x ? x : -std::numeric_limits<float>::infinity(); };
     s.beam.push_back({ordered(qg_detail::dot(q, base + entry_ * d, d) - (l2 ? 0.5f * sq_[entry_] : 0.f)), static_cast<uint32_t>(entry_), false});
     int64_t visited = 1;
+    for (int64_t i = 0; i < n_seeds; ++i) {  // extra starting points, already scored by the caller
+      const Cand& c = seeds[i];
+      if (mark[c.id] == ep) continue;
+      mark[c.id] = ep;
+      s.beam.push_back({ordered(c.score), c.id, false});
+    }
+    if (n_seeds > 0) {
+      std::sort(s.beam.begin(), s.beam.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
+      if (static_cast<int64_t>(s.beam.size()) > beam) s.beam.resize(static_cast<size_t>(beam));
+    }
     size_t next = 0;  // first candidate that may be unexpanded
     while (next < s.beam.size()) {
       if (s.beam[next].expanded) {
@@ -391,54 +437,89 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       uint32_t id;
     };
     thread_local std::vector<Scored> scored;
-    thread_local std::vector<float> pbuf, cbuf;
-    thread_local std::vector<uint32_t> kept;
+    thread_local std::vector<float> pbuf, cbuf, kbuf;
+    thread_local std::vector<uint32_t> kept, seen;
+    thread_local uint32_t epoch = 0;
     const int64_t d = keys_->dim();
-    std::sort(cand.begin(), cand.end());
-    cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
+    auto T0 = std::chrono::steady_clock::now();
+    g_prof[3] += cand.size(); g_prof[4] += 1;
+    // duplicates (a candidate proposed by several training queries) are dropped with per-thread epoch marks
+    if (seen.size() < static_cast<size_t>(n_)) seen.assign(static_cast<size_t>(n_), 0u), epoch = 0;
+    if (++epoch == 0) std::fill(seen.begin(), seen.end(), 0u), epoch = 1;
+    seen[p] = epoch;
+    size_t w = 0;
+    for (uint32_t c : cand)
+      if (seen[c] != epoch) seen[c] = epoch, cand[w++] = c;
+    cand.resize(w);
+    g_prof[5] += cand.size();
     const float* pf = row_f(base, p, pbuf);
     const float sp = sq_[p];
-    scored.clear();
+    scored.resize(cand.size());
     for (size_t i = 0; i < cand.size(); ++i) {
       const uint32_t c = cand[i];
-      if (c == p) continue;
       if (i + 4 < cand.size()) prefetch_row(base + static_cast<int64_t>(cand[i + 4]) * d, d * static_cast<int64_t>(sizeof(R)));
       const float ip = qg_detail::dot(pf, base + static_cast<int64_t>(c) * d, d);
-      scored.push_back({sp + sq_[c] - 2.f * ip, ip, c});
+      scored[i] = {sp + sq_[c] - 2.f * ip, ip, c};
     }
+    auto T1 = std::chrono::steady_clock::now();
+    g_prof[0] += std::chrono::duration<double>(T1 - T0).count() * 1e6;
     kept.clear();
     const int64_t n_ip = std::min<int64_t>(static_cast<int64_t>(scored.size()), max_keep / 4), n_rng = max_keep - n_ip;
     // RNG pass over the nearest candidates only: beyond a few times the budget nearly every candidate is
     // occluded by a kept one, and scanning (and sorting) them all dominated the build on hub keys
-    const size_t cap = std::min(scored.size(), static_cast<size_t>(std::max<int64_t>(32 * max_keep, 64)));
-    auto by_dist = [](const Scored& x, const Scored& y) { return x.dist < y.dist || (x.dist == y.dist && x.id < y.id); };
-    if (cap < scored.size()) std::nth_element(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(cap), scored.end(), by_dist);
-    std::sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(cap), by_dist);
+    const size_t cap = std::min(scored.size(), static_cast<size_t>(std::max<int64_t>(p_.prune_cap * max_keep, 64)));
+    // nearest-first order by one 64-bit key per candidate (distance bits, then position): the sort is a large
+    // share of the build, and integer keys sort about twice as fast as the structs
+    thread_local std::vector<uint64_t> order;
+    order.resize(scored.size());
+    for (size_t i = 0; i < scored.size(); ++i) {
+      const float dd = std::max(scored[i].dist, 0.f);  // >= 0, so its bits order like the value (NaN is not expected)
+      uint32_t bits;
+      std::memcpy(&bits, &dd, sizeof(bits));
+      order[i] = (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(i);
+    }
+    if (cap < order.size()) std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(cap), order.end());
+    std::sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(cap));
+    // kept rows are copied into one small contiguous float block (stays in L1 across the candidates)
+    kbuf.resize(static_cast<size_t>(n_rng * d));
     for (size_t i = 0; i < cap; ++i) {
-      const Scored& e = scored[i];
+      const Scored& e = scored[static_cast<size_t>(order[i] & 0xffffffffu)];
       if (static_cast<int64_t>(kept.size()) >= n_rng) break;
+      if (i + 2 < cap) prefetch_row(base + static_cast<int64_t>(scored[static_cast<size_t>(order[i + 2] & 0xffffffffu)].id) * d, d * static_cast<int64_t>(sizeof(R)));
       const float* cf = row_f(base, e.id, cbuf);
       bool keep = true;
-      for (uint32_t r : kept) {
-        const float drc = sq_[r] + sq_[e.id] - 2.f * qg_detail::dot(cf, base + static_cast<int64_t>(r) * d, d);
-        if (drc < e.dist) {
+      g_prof[6] += 1;
+      const float half = 0.5f * (sq_[e.id] - e.dist);  // drc < dist  <=>  c.r > (|r|^2 + |c|^2 - dist) / 2
+      for (size_t r = 0; r < kept.size(); ++r) {
+        g_prof[7] += 1;
+        if (qg_detail::dot(cf, kbuf.data() + r * static_cast<size_t>(d), d) > half + 0.5f * sq_[kept[r]]) {
           keep = false;
           break;
         }
       }
-      if (keep) kept.push_back(e.id);
+      if (keep) {
+        std::copy(cf, cf + d, kbuf.data() + kept.size() * static_cast<size_t>(d));
+        kept.push_back(e.id);
+      }
     }
+    auto T2 = std::chrono::steady_clock::now();
+    g_prof[1] += std::chrono::duration<double>(T2 - T1).count() * 1e6;
     // MIPS edges: the rest of the budget goes to the candidates with the largest p.c (those further out in
     // p's direction). L2-RNG alone cuts the edges towards large-norm keys, which MIPS answers are made of.
     if (static_cast<int64_t>(kept.size()) < max_keep && kept.size() < scored.size()) {
       auto by_ip = [](const Scored& x, const Scored& y) { return x.ip > y.ip || (x.ip == y.ip && x.id < y.id); };
       const size_t top = std::min(scored.size(), static_cast<size_t>(2 * max_keep));  // enough: at most max_keep - 1 are already kept
-      std::partial_sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(top), scored.end(), by_ip);
+      if (top < scored.size()) std::nth_element(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(top), scored.end(), by_ip);
+      std::sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(top), by_ip);
       for (size_t i = 0; i < top && static_cast<int64_t>(kept.size()) < max_keep; ++i)
         if (std::find(kept.begin(), kept.end(), scored[i].id) == kept.end()) kept.push_back(scored[i].id);
     }
     out.assign(kept.begin(), kept.end());
+    g_prof[2] += std::chrono::duration<double>(std::chrono::steady_clock::now() - T2).count() * 1e6;
   }
+ public:
+  static inline double g_prof[8] = {0};
+ private:
 
   void set_row(uint32_t i, const std::vector<uint32_t>& nb) {
     uint32_t* row = adj_.data() + static_cast<int64_t>(i) * stride_;
@@ -478,8 +559,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // before the batch (read-only, in parallel), sets the new keys' pruned lists, then adds reverse edges.
   // Batches grow with the graph so a batch never outnumbers the keys it can link to.
   template <class R>
-  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge) {
+  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge, int64_t ef = 0, int64_t n_rev = 0) {
     const int64_t d = keys_->dim();
+    if (ef <= 0) ef = p_.ef_build;
     std::vector<std::vector<uint32_t>> lists;
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     size_t done = 0;
@@ -494,7 +576,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         thread_local std::vector<uint32_t> cand;
         const float* xf = row_f(base, x, xbuf);
         s.qf.assign(xf, xf + d);  // the search may reuse row_f's buffer through prune, so copy the query
-        beam_search(base, s.qf.data(), p_.ef_build, s, /*l2=*/true);
+        thread_local std::vector<Cand> sd;
+        const int64_t ns = hub_seeds(s.qf.data(), true, p_.weak_seeds, sd);
+        beam_search(base, s.qf.data(), ef, s, /*l2=*/true, sd.data(), ns);
         const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
         cand.assign(row + 1, row + 1 + row[0]);
         for (const Cand& c : s.beam) cand.push_back(c.id);
@@ -504,7 +588,11 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       for (size_t b = 0; b < batch; ++b) {
         const uint32_t x = order[done + b];
         set_row(x, lists[b]);
-        for (uint32_t y : lists[b]) edges.emplace_back(y, x);
+        size_t nr = 0;
+        for (uint32_t y : lists[b]) {
+          if (n_rev > 0 && nr++ >= static_cast<size_t>(n_rev)) break;
+          edges.emplace_back(y, x);
+        }
       }
       add_edges(base, edges);
       if (guarantee_in_edge) {
@@ -532,6 +620,38 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       done += batch;
       linked += static_cast<int64_t>(batch);
     }
+  }
+
+  // Hub sample: a few keys whose rows are kept contiguous; a search may first score them all and start from the best.
+  std::vector<uint32_t> hubs_;
+  std::vector<float> hub_rows_, hub_half_sq_;
+  void set_hubs(const float* base, std::vector<uint32_t> ids) {
+    const int64_t d = keys_->dim();
+    hubs_ = std::move(ids);
+    hub_rows_.resize(hubs_.size() * static_cast<size_t>(d));
+    hub_half_sq_.resize(hubs_.size());
+    for (size_t h = 0; h < hubs_.size(); ++h) {
+      std::copy(base + static_cast<int64_t>(hubs_[h]) * d, base + static_cast<int64_t>(hubs_[h] + 1) * d, hub_rows_.data() + h * static_cast<size_t>(d));
+      hub_half_sq_[h] = 0.5f * sq_[hubs_[h]];
+    }
+  }
+  // Scores q against every hub; writes the best `want` as seeds (best first); returns how many.
+  int64_t hub_seeds(const float* q, bool l2, int64_t want, std::vector<Cand>& out) const {
+    out.clear();
+    if (hubs_.empty() || want <= 0) return 0;
+    const int64_t d = keys_->dim();
+    for (size_t h = 0; h < hubs_.size(); ++h) {
+      const float sc = qg_detail::dot(q, hub_rows_.data() + h * static_cast<size_t>(d), d) - (l2 ? hub_half_sq_[h] : 0.f);
+      if (static_cast<int64_t>(out.size()) < want) {
+        out.push_back({sc, hubs_[h], false});
+        std::push_heap(out.begin(), out.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
+      } else if (sc > out.front().score) {
+        std::pop_heap(out.begin(), out.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
+        out.back() = {sc, hubs_[h], false};
+        std::push_heap(out.begin(), out.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
+      }
+    }
+    return static_cast<int64_t>(out.size());
   }
 
   int64_t bfs_mark(std::vector<uint8_t>& seen) const {
@@ -630,6 +750,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const int64_t n = keys_->size(), d = keys_->dim();
     require(n < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
     if (n == 0) return;
+    qg_detail::PhaseTimer timer;
     grow(n);
     // float32 copy of the keys for the build (16-bit rows would be widened on every distance)
     std::vector<float> widened;
@@ -655,9 +776,13 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       if (s > best) best = s, entry_ = i;
     }
 
+    timer.lap("prep");
     // projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as
     // candidates. Inverted lists (CSR): for key p, the training queries that have p among their first pivots.
-    const int64_t n_piv = kPivots;
+    const int64_t n_piv = p_.n_pivots;
+    if (p_.kt_use > 0 && p_.kt_use < kk) {
+      // compact copy (experimental)
+    }
     std::vector<int64_t> first(static_cast<size_t>(m), kk);
     std::vector<uint32_t> inv_start(static_cast<size_t>(n) + 1, 0u), inv;
     for (int64_t i = 0; i < m; ++i) {
@@ -682,14 +807,38 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     {
       std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
+      const int64_t kuse = p_.kt_use > 0 ? std::min(p_.kt_use, kk) : kk;
       parallel_for(n, [&](int64_t p) {
         thread_local std::vector<uint32_t> pl;
+        thread_local std::vector<uint32_t> wt;
         pl.clear();
+        if (p_.cand_cap > 0) {
+          if (static_cast<int64_t>(wt.size()) < n) wt.assign(static_cast<size_t>(n), 0u);
+          for (uint32_t e = inv_start[static_cast<size_t>(p)]; e < inv_start[static_cast<size_t>(p) + 1]; ++e) {
+            const int64_t i = inv[e];
+            const int64_t* row = knn + i * kk;
+            const int64_t f = first[static_cast<size_t>(i)];
+            for (int64_t t = f; t < std::min(kk, f + kuse); ++t)
+              if (row[t] >= 0 && row[t] != p) {
+                uint32_t& w = wt[static_cast<size_t>(row[t])];
+                if (w == 0) pl.push_back(static_cast<uint32_t>(row[t]));
+                w += static_cast<uint32_t>(kk + 1 - (t - f));
+              }
+          }
+          if (static_cast<int64_t>(pl.size()) > p_.cand_cap) {
+            std::nth_element(pl.begin(), pl.begin() + p_.cand_cap, pl.end(), [&](uint32_t a, uint32_t b) { return wt[a] > wt[b] || (wt[a] == wt[b] && a < b); });
+            for (size_t j = static_cast<size_t>(p_.cand_cap); j < pl.size(); ++j) wt[pl[j]] = 0;
+            pl.resize(static_cast<size_t>(p_.cand_cap));
+          }
+          for (uint32_t c : pl) wt[c] = 0;
+        } else {
         for (uint32_t e = inv_start[static_cast<size_t>(p)]; e < inv_start[static_cast<size_t>(p) + 1]; ++e) {
           const int64_t i = inv[e];
           const int64_t* row = knn + i * kk;
-          for (int64_t t = first[static_cast<size_t>(i)]; t < kk; ++t)
+          const int64_t f = first[static_cast<size_t>(i)];
+          for (int64_t t = f; t < std::min(kk, f + kuse); ++t)
             if (row[t] >= 0 && row[t] != p) pl.push_back(static_cast<uint32_t>(row[t]));
+        }
         }
         if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
       });
@@ -698,18 +847,31 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         for (uint32_t c : lists[static_cast<size_t>(p)]) edges.emplace_back(c, static_cast<uint32_t>(p));
       }
     }
+    timer.lap("project"); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
     add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
+    timer.lap("reverse"); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
 
     // keys the projection left with few out-edges (untouched by the training queries) link to keys found
     // by searching the graph for themselves; without this many keys are unreachable and recall stalls
     std::vector<uint32_t> weak;
     for (int64_t i = 0; i < n; ++i)
-      if (out_degree(i) < p_.degree / 2 && i != entry_) weak.push_back(static_cast<uint32_t>(i));
+      if (out_degree(i) < p_.degree / p_.weak_div && i != entry_) weak.push_back(static_cast<uint32_t>(i));
     std::mt19937_64 rng(p_.seed);
+    if (p_.n_hubs > 0) {
+      std::vector<uint32_t> strong;
+      for (int64_t i = 0; i < n; ++i)
+        if (out_degree(i) >= p_.degree / p_.weak_div) strong.push_back(static_cast<uint32_t>(i));
+      std::shuffle(strong.begin(), strong.end(), rng);
+      strong.resize(std::min<size_t>(strong.size(), static_cast<size_t>(p_.n_hubs)));
+      set_hubs(base, strong);
+    }
     std::shuffle(weak.begin(), weak.end(), rng);
-    insert_batched(base, weak, /*guarantee_in_edge=*/false);
+    insert_batched(base, weak, /*guarantee_in_edge=*/false, p_.ef_weak, p_.weak_rev);
+    timer.lap("weak", static_cast<long>(weak.size())); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
     balance_in_degree();
+    timer.lap("balance");
     repair_with(base);
+    timer.lap("repair");
   }
 
 
