@@ -36,8 +36,10 @@ void apply_index_params(IndexSpec& spec, Fn&& fn) {
     fn("cand_cap", spec.query_guided.cand_cap);
     fn("kt_use", spec.query_guided.kt_use);
     fn("n_hubs", spec.query_guided.n_hubs);
+    fn("proj_rev", spec.query_guided.proj_rev);
     fn("weak_seeds", spec.query_guided.weak_seeds);
     fn("query_seeds", spec.query_guided.query_seeds);
+    fn("query_hubs", spec.query_guided.query_hubs);
   }
 }
 

@@ -135,9 +135,11 @@ struct QueryGuidedParams {
   int64_t n_pivots = 4;
   int64_t cand_cap = 0;     // candidates per pivot kept by co-occurrence weight before pruning (0: all)
   int64_t kt_use = 0;       // use only the first kt_use of each knn list (0: all)
+  int64_t proj_rev = 0;     // reverse edges per projected list (0: all)
   int64_t n_hubs = 0;       // hub sample size for seeding searches (0: none)
   int64_t weak_seeds = 0;   // seeds from the hubs for weak-key searches
-  int64_t query_seeds = 0;  // seeds from the hubs for queries (search_one)
+  int64_t query_seeds = 0;  // seeds from the query hubs for queries (search_one)
+  int64_t query_hubs = 0;   // query hubs: the keys that are the top-1 answer of the most training queries
 
   void validate() const {
     require(degree >= 2 && degree <= 1024, "query_guided: degree must be in [2, 1024]");
@@ -213,8 +215,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     require(params.ef > 0, "ef must be positive");
     Scratch& s = scratch();
     thread_local std::vector<Cand> sd;
-    const int64_t ns = hub_seeds(q, false, p_.query_seeds, sd);
-    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s, false, sd.data(), ns) + (ns > 0 ? static_cast<int64_t>(hubs_.size()) : 0);
+    const int64_t ns = hub_seeds_from(qhubs_, qhub_rows_, qhub_half_sq_, q, false, p_.query_seeds, sd);
+    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s, false, sd.data(), ns) + (ns > 0 ? static_cast<int64_t>(qhubs_.size()) : 0);
     const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
     for (int64_t j = 0; j < k; ++j) {
       ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
@@ -531,20 +533,45 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // Adds the edges (src -> dst) of `edges`; rows that overflow `degree` are re-pruned. Parallel by source.
   template <class R>
   void add_edges(const R* base, std::vector<std::pair<uint32_t, uint32_t>>& edges) {
-    std::sort(edges.begin(), edges.end());
-    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    // group the edges by source: a counting sort when there are many (O(E + n)), else a comparison sort
+    // (one-row inserts must not pay O(n)); within a source the destinations keep their order in `edges`
     std::vector<size_t> starts;
-    for (size_t i = 0; i < edges.size(); ++i)
-      if (i == 0 || edges[i].first != edges[i - 1].first) starts.push_back(i);
+    std::vector<uint32_t> dsts;
+    std::vector<uint32_t> srcs;
+    if (static_cast<int64_t>(edges.size()) * 4 >= n_) {
+      std::vector<uint32_t> count(static_cast<size_t>(n_) + 1, 0u);
+      for (const auto& e : edges) count[e.first + 1]++;
+      for (int64_t i = 0; i < n_; ++i) count[static_cast<size_t>(i) + 1] += count[static_cast<size_t>(i)];
+      dsts.resize(edges.size());
+      std::vector<uint32_t> fill(count.begin(), count.end() - 1);
+      for (const auto& e : edges) dsts[fill[e.first]++] = e.second;
+      for (int64_t i = 0; i < n_; ++i)
+        if (count[static_cast<size_t>(i) + 1] > count[static_cast<size_t>(i)]) {
+          srcs.push_back(static_cast<uint32_t>(i));
+          starts.push_back(count[static_cast<size_t>(i)]);
+        }
+    } else {
+      std::sort(edges.begin(), edges.end());
+      dsts.resize(edges.size());
+      for (size_t i = 0; i < edges.size(); ++i) {
+        dsts[i] = edges[i].second;
+        if (i == 0 || edges[i].first != edges[i - 1].first) srcs.push_back(edges[i].first), starts.push_back(i);
+      }
+    }
     starts.push_back(edges.size());
-    parallel_for(static_cast<int64_t>(starts.size()) - 1, [&](int64_t g) {
-      thread_local std::vector<uint32_t> cand, out;
-      const uint32_t src = edges[starts[static_cast<size_t>(g)]].first;
+    parallel_for(static_cast<int64_t>(srcs.size()), [&](int64_t g) {
+      thread_local std::vector<uint32_t> cand, out, seen;
+      thread_local uint32_t epoch = 0;
+      if (seen.size() < static_cast<size_t>(n_)) seen.assign(static_cast<size_t>(n_), 0u), epoch = 0;
+      if (++epoch == 0) std::fill(seen.begin(), seen.end(), 0u), epoch = 1;
+      const uint32_t src = srcs[static_cast<size_t>(g)];
       const uint32_t* row = adj_.data() + static_cast<int64_t>(src) * stride_;
       cand.assign(row + 1, row + 1 + row[0]);
+      seen[src] = epoch;
+      for (uint32_t c : cand) seen[c] = epoch;
       for (size_t e = starts[static_cast<size_t>(g)]; e < starts[static_cast<size_t>(g) + 1]; ++e) {
-        const uint32_t dst = edges[e].second;
-        if (dst != src && std::find(cand.begin(), cand.end(), dst) == cand.end()) cand.push_back(dst);
+        const uint32_t dst = dsts[e];
+        if (seen[dst] != epoch) seen[dst] = epoch, cand.push_back(dst);
       }
       if (static_cast<int64_t>(cand.size()) > p_.degree) {
         prune(base, src, cand, p_.degree, out);
@@ -637,6 +664,12 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   }
   // Scores q against every hub; writes the best `want` as seeds (best first); returns how many.
   int64_t hub_seeds(const float* q, bool l2, int64_t want, std::vector<Cand>& out) const {
+    return hub_seeds_from(hubs_, hub_rows_, hub_half_sq_, q, l2, want, out);
+  }
+  std::vector<uint32_t> qhubs_;
+  std::vector<float> qhub_rows_, qhub_half_sq_;
+  int64_t hub_seeds_from(const std::vector<uint32_t>& hubs_, const std::vector<float>& hub_rows_, const std::vector<float>& hub_half_sq_,
+                         const float* q, bool l2, int64_t want, std::vector<Cand>& out) const {
     out.clear();
     if (hubs_.empty() || want <= 0) return 0;
     const int64_t d = keys_->dim();
@@ -844,7 +877,11 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       });
       for (int64_t p = 0; p < n; ++p) {
         set_row(static_cast<uint32_t>(p), lists[static_cast<size_t>(p)]);
-        for (uint32_t c : lists[static_cast<size_t>(p)]) edges.emplace_back(c, static_cast<uint32_t>(p));
+        int64_t nr = 0;
+        for (uint32_t c : lists[static_cast<size_t>(p)]) {
+          if (p_.proj_rev > 0 && nr++ >= p_.proj_rev) break;
+          edges.emplace_back(c, static_cast<uint32_t>(p));
+        }
       }
     }
     timer.lap("project"); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
@@ -857,6 +894,24 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     for (int64_t i = 0; i < n; ++i)
       if (out_degree(i) < p_.degree / p_.weak_div && i != entry_) weak.push_back(static_cast<uint32_t>(i));
     std::mt19937_64 rng(p_.seed);
+    if (p_.query_hubs > 0 && m > 0) {
+      std::vector<uint32_t> top1(static_cast<size_t>(n), 0u);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t j = first[static_cast<size_t>(i)];
+        if (j < kk) top1[static_cast<size_t>(knn[i * kk + j])]++;
+      }
+      std::vector<uint32_t> ids(static_cast<size_t>(n));
+      std::iota(ids.begin(), ids.end(), 0u);
+      const size_t nq = std::min<size_t>(ids.size(), static_cast<size_t>(p_.query_hubs));
+      std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(nq), ids.end(),
+                        [&](uint32_t a, uint32_t b) { return top1[a] > top1[b] || (top1[a] == top1[b] && a < b); });
+      ids.resize(nq);
+      qhubs_ = ids;
+      qhub_rows_.resize(nq * static_cast<size_t>(d));
+      qhub_half_sq_.assign(nq, 0.f);
+      for (size_t h = 0; h < nq; ++h)
+        std::copy(base + static_cast<int64_t>(ids[h]) * d, base + static_cast<int64_t>(ids[h] + 1) * d, qhub_rows_.data() + h * static_cast<size_t>(d));
+    }
     if (p_.n_hubs > 0) {
       std::vector<uint32_t> strong;
       for (int64_t i = 0; i < n; ++i)
