@@ -29,17 +29,7 @@ void apply_index_params(IndexSpec& spec, Fn&& fn) {
     fn("k_train", spec.query_guided.k_train);
     fn("ef_build", spec.query_guided.ef_build);
     fn("ef_weak", spec.query_guided.ef_weak);
-    fn("weak_rev", spec.query_guided.weak_rev);
-    fn("prune_cap", spec.query_guided.prune_cap);
-    fn("weak_div", spec.query_guided.weak_div);
     fn("n_pivots", spec.query_guided.n_pivots);
-    fn("cand_cap", spec.query_guided.cand_cap);
-    fn("kt_use", spec.query_guided.kt_use);
-    fn("n_hubs", spec.query_guided.n_hubs);
-    fn("proj_rev", spec.query_guided.proj_rev);
-    fn("weak_seeds", spec.query_guided.weak_seeds);
-    fn("query_seeds", spec.query_guided.query_seeds);
-    fn("query_hubs", spec.query_guided.query_hubs);
   }
 }
 

@@ -5,13 +5,16 @@
 //   * QueryGuidedGraph<T> indexes rows [0, size()) of a shared key store (std::shared_ptr<const
 //     VectorStore<T>>, n x d, T = float/Half/BFloat16, never copied) under the inner product q.k.
 //   * build(keys, train_queries (m x d float32 row-major), m, params): exact bipartite kNN query -> key
-//     (exact_topk, k_train per query), projection onto the keys (each of a query's first kPivots = 4 keys is
+//     (exact_topk, k_train per query), projection onto the keys (each of a query's first n_pivots = 3 keys is
 //     a pivot that gets the query's other neighbours as candidates, RNG-pruned), reverse edges, k->k linking of
-//     keys the projection left with few out-edges, in-degree balancing (every key gets up to degree/2 in-edges
-//     from its own out-neighbours), and a connectivity pass. build_from_neighbors() takes the kNN lists precomputed by
-//     the caller (m x knn_k int64 row-major, best-first, -1 = padding; e.g. from a GPU) and skips the kNN.
-//     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point
-//     after build() and after load() of a graph that was (checked by reachable_count()).
+//     keys the projection left with few out-edges ("weak" keys: a beam-ef_weak search from the entry point and
+//     the kWeakSeeds nearest of kHubs sampled well-linked keys; kWeakReverse reverse edges each), in-degree
+//     balancing (every key gets up to degree/2 in-edges from its own out-neighbours), and a connectivity pass.
+//     build_from_neighbors() takes the kNN lists precomputed by the caller (m x knn_k int64 row-major,
+//     best-first, -1 = padding; e.g. from a GPU) and skips the kNN. m = 0 is allowed (the graph is then a plain
+//     k->k graph). Every key is reachable from the entry point after build() and after load() of a graph that
+//     was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
+//     environment prints the time of each build phase to stderr.
 //   * Graph: each key has at most max_degree() = degree + slack out-neighbours (ids uint32), stored in one
 //     fixed-stride array (n x (max_degree + 1) uint32; slot 0 of a row holds its count) for locality. Pruned
 //     neighbour lists hold at most `degree`; the slack slots only take connectivity edges.
@@ -25,7 +28,8 @@
 //     Re-pruning may rarely cut an older key off; a full repair (repair_connectivity()) runs whenever the
 //     graph has grown by 1/8 since the last one, so the cost stays amortised O(degree) per row. Exclusive
 //     access as in index.h.
-//   * Payload: u32 version | params | n, dim, stride, entry | adjacency; load() validates all of it against
+//   * Payload: u32 version | params (degree, k_train, ef_build, seed; the build-only ef_weak and n_pivots are
+//     not stored) | n, dim, stride, entry | adjacency; load() validates all of it against
 //     the key store and fails with std::runtime_error (PayloadReader::fail) on any inconsistency.
 //   * Build and insert are OpenMP-parallel through parallel_for (exceptions reach the caller).
 #pragma once
@@ -127,24 +131,15 @@ struct QueryGuidedParams {
   int64_t k_train = 100;   // exact key neighbours per training query (bipartite kNN)
   int64_t ef_build = 64;   // beam width of the k->k searches in build and insert (128: same recall, 2x time)
   uint64_t seed = 0x5eed;  // order of insertions; the build is deterministic for a given seed
-  // experimental
-  int64_t ef_weak = 0;      // beam of the weak-key searches (0: ef_build)
-  int64_t weak_rev = 0;     // reverse edges per weak key (0: all)
-  int64_t prune_cap = 32;   // candidates per prune = prune_cap * max_keep (nearest first)
-  int64_t weak_div = 2;     // weak = out_degree < degree / weak_div
-  int64_t n_pivots = 4;
-  int64_t cand_cap = 0;     // candidates per pivot kept by co-occurrence weight before pruning (0: all)
-  int64_t kt_use = 0;       // use only the first kt_use of each knn list (0: all)
-  int64_t proj_rev = 0;     // reverse edges per projected list (0: all)
-  int64_t n_hubs = 0;       // hub sample size for seeding searches (0: none)
-  int64_t weak_seeds = 0;   // seeds from the hubs for weak-key searches
-  int64_t query_seeds = 0;  // seeds from the query hubs for queries (search_one)
-  int64_t query_hubs = 0;   // query hubs: the keys that are the top-1 answer of the most training queries
+  int64_t ef_weak = 16;    // beam of the searches that link keys the projection left with few out-edges
+  int64_t n_pivots = 3;    // leading keys of each training query's list that act as pivots in the projection
 
   void validate() const {
     require(degree >= 2 && degree <= 1024, "query_guided: degree must be in [2, 1024]");
     require(k_train >= 1 && k_train <= 100000, "query_guided: k_train must be in [1, 100000]");
     require(ef_build >= 1 && ef_build <= 100000, "query_guided: ef_build must be in [1, 100000]");
+    require(ef_weak >= 1 && ef_weak <= 100000, "query_guided: ef_weak must be in [1, 100000]");
+    require(n_pivots >= 1 && n_pivots <= 100, "query_guided: n_pivots must be in [1, 100]");
   }
 };
 
@@ -214,9 +209,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     require(k > 0, "k must be positive");
     require(params.ef > 0, "ef must be positive");
     Scratch& s = scratch();
-    thread_local std::vector<Cand> sd;
-    const int64_t ns = hub_seeds_from(qhubs_, qhub_rows_, qhub_half_sq_, q, false, p_.query_seeds, sd);
-    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s, false, sd.data(), ns) + (ns > 0 ? static_cast<int64_t>(qhubs_.size()) : 0);
+    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s);
     const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
     for (int64_t j = 0; j < k; ++j) {
       ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
@@ -296,7 +289,10 @@ class QueryGuidedGraph final : public KeyIndex<T> {
 
  private:
   static constexpr uint32_t kPayloadVersion = 1;
-  static constexpr int64_t kPivots = 4;        // leading keys of each training query's list that act as pivots
+  static constexpr int64_t kPruneScan = 32;    // the RNG pass of a prune looks at the kPruneScan * max_keep nearest candidates
+  static constexpr int64_t kHubs = 256;        // hub sample scored by each weak-key search
+  static constexpr int64_t kWeakSeeds = 4;     // nearest hubs a weak-key search also starts from
+  static constexpr int64_t kWeakReverse = 4;   // reverse edges per weak key (to its nearest kept neighbours)
   struct Cand {
     float score;
     uint32_t id;
@@ -309,6 +305,32 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<uint32_t> fresh;
     std::vector<float> qf;
   };
+  // A sample of well-linked keys with their rows copied contiguously: a weak key's search first scores them
+  // all (cheap: they stay in cache) and also starts from the nearest few, so a narrow beam is enough.
+  struct HubSet {
+    int64_t d = 0;
+    std::vector<uint32_t> ids;
+    std::vector<float> rows, half_sq;
+    // the `want` hubs nearest to x (by x.h - |h|^2/2, i.e. Euclidean), best first, as already-scored seeds
+    int64_t nearest(const float* x, int64_t want, std::vector<Cand>& out) const {
+      out.clear();
+      const auto worse = [](const Cand& a, const Cand& b) { return a.score > b.score; };
+      for (size_t h = 0; h < ids.size(); ++h) {
+        const float sc = qg_detail::dot(x, rows.data() + h * static_cast<size_t>(d), d) - half_sq[h];
+        if (static_cast<int64_t>(out.size()) < want) {
+          out.push_back({sc, ids[h], false});
+          std::push_heap(out.begin(), out.end(), worse);
+        } else if (sc > out.front().score) {
+          std::pop_heap(out.begin(), out.end(), worse);
+          out.back() = {sc, ids[h], false};
+          std::push_heap(out.begin(), out.end(), worse);
+        }
+      }
+      std::sort_heap(out.begin(), out.end(), worse);
+      return static_cast<int64_t>(out.size());
+    }
+  };
+
   static Scratch& scratch() {
     thread_local Scratch s;
     return s;
@@ -443,8 +465,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     thread_local std::vector<uint32_t> kept, seen;
     thread_local uint32_t epoch = 0;
     const int64_t d = keys_->dim();
-    auto T0 = std::chrono::steady_clock::now();
-    g_prof[3] += cand.size(); g_prof[4] += 1;
     // duplicates (a candidate proposed by several training queries) are dropped with per-thread epoch marks
     if (seen.size() < static_cast<size_t>(n_)) seen.assign(static_cast<size_t>(n_), 0u), epoch = 0;
     if (++epoch == 0) std::fill(seen.begin(), seen.end(), 0u), epoch = 1;
@@ -453,7 +473,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     for (uint32_t c : cand)
       if (seen[c] != epoch) seen[c] = epoch, cand[w++] = c;
     cand.resize(w);
-    g_prof[5] += cand.size();
     const float* pf = row_f(base, p, pbuf);
     const float sp = sq_[p];
     scored.resize(cand.size());
@@ -463,13 +482,11 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       const float ip = qg_detail::dot(pf, base + static_cast<int64_t>(c) * d, d);
       scored[i] = {sp + sq_[c] - 2.f * ip, ip, c};
     }
-    auto T1 = std::chrono::steady_clock::now();
-    g_prof[0] += std::chrono::duration<double>(T1 - T0).count() * 1e6;
     kept.clear();
     const int64_t n_ip = std::min<int64_t>(static_cast<int64_t>(scored.size()), max_keep / 4), n_rng = max_keep - n_ip;
     // RNG pass over the nearest candidates only: beyond a few times the budget nearly every candidate is
     // occluded by a kept one, and scanning (and sorting) them all dominated the build on hub keys
-    const size_t cap = std::min(scored.size(), static_cast<size_t>(std::max<int64_t>(p_.prune_cap * max_keep, 64)));
+    const size_t cap = std::min(scored.size(), static_cast<size_t>(std::max<int64_t>(kPruneScan * max_keep, 64)));
     // nearest-first order by one 64-bit key per candidate (distance bits, then position): the sort is a large
     // share of the build, and integer keys sort about twice as fast as the structs
     thread_local std::vector<uint64_t> order;
@@ -487,13 +504,11 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     for (size_t i = 0; i < cap; ++i) {
       const Scored& e = scored[static_cast<size_t>(order[i] & 0xffffffffu)];
       if (static_cast<int64_t>(kept.size()) >= n_rng) break;
-      if (i + 2 < cap) prefetch_row(base + static_cast<int64_t>(scored[static_cast<size_t>(order[i + 2] & 0xffffffffu)].id) * d, d * static_cast<int64_t>(sizeof(R)));
+      if (i + 6 < cap) prefetch_row(base + static_cast<int64_t>(scored[static_cast<size_t>(order[i + 6] & 0xffffffffu)].id) * d, d * static_cast<int64_t>(sizeof(R)));
       const float* cf = row_f(base, e.id, cbuf);
       bool keep = true;
-      g_prof[6] += 1;
       const float half = 0.5f * (sq_[e.id] - e.dist);  // drc < dist  <=>  c.r > (|r|^2 + |c|^2 - dist) / 2
       for (size_t r = 0; r < kept.size(); ++r) {
-        g_prof[7] += 1;
         if (qg_detail::dot(cf, kbuf.data() + r * static_cast<size_t>(d), d) > half + 0.5f * sq_[kept[r]]) {
           keep = false;
           break;
@@ -504,24 +519,27 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         kept.push_back(e.id);
       }
     }
-    auto T2 = std::chrono::steady_clock::now();
-    g_prof[1] += std::chrono::duration<double>(T2 - T1).count() * 1e6;
     // MIPS edges: the rest of the budget goes to the candidates with the largest p.c (those further out in
     // p's direction). L2-RNG alone cuts the edges towards large-norm keys, which MIPS answers are made of.
     if (static_cast<int64_t>(kept.size()) < max_keep && kept.size() < scored.size()) {
-      auto by_ip = [](const Scored& x, const Scored& y) { return x.ip > y.ip || (x.ip == y.ip && x.id < y.id); };
+      // largest p.c first, as 64-bit keys (order-preserving bits of -ip, then position)
       const size_t top = std::min(scored.size(), static_cast<size_t>(2 * max_keep));  // enough: at most max_keep - 1 are already kept
-      if (top < scored.size()) std::nth_element(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(top), scored.end(), by_ip);
-      std::sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(top), by_ip);
-      for (size_t i = 0; i < top && static_cast<int64_t>(kept.size()) < max_keep; ++i)
-        if (std::find(kept.begin(), kept.end(), scored[i].id) == kept.end()) kept.push_back(scored[i].id);
+      for (size_t i = 0; i < scored.size(); ++i) {
+        uint32_t bits;
+        const float neg = -scored[i].ip;
+        std::memcpy(&bits, &neg, sizeof(bits));
+        bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+        order[i] = (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(i);
+      }
+      if (top < order.size()) std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top), order.end());
+      std::sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top));
+      for (size_t i = 0; i < top && static_cast<int64_t>(kept.size()) < max_keep; ++i) {
+        const uint32_t id = scored[static_cast<size_t>(order[i] & 0xffffffffu)].id;
+        if (std::find(kept.begin(), kept.end(), id) == kept.end()) kept.push_back(id);
+      }
     }
     out.assign(kept.begin(), kept.end());
-    g_prof[2] += std::chrono::duration<double>(std::chrono::steady_clock::now() - T2).count() * 1e6;
   }
- public:
-  static inline double g_prof[8] = {0};
- private:
 
   void set_row(uint32_t i, const std::vector<uint32_t>& nb) {
     uint32_t* row = adj_.data() + static_cast<int64_t>(i) * stride_;
@@ -586,7 +604,10 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // before the batch (read-only, in parallel), sets the new keys' pruned lists, then adds reverse edges.
   // Batches grow with the graph so a batch never outnumbers the keys it can link to.
   template <class R>
-  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge, int64_t ef = 0, int64_t n_rev = 0) {
+  // ef: beam (0: ef_build); n_rev: reverse edges per inserted key, to its nearest kept neighbours (0: all);
+  // hubs (optional): each search also starts from the kWeakSeeds hubs nearest to the key.
+  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge, int64_t ef = 0, int64_t n_rev = 0,
+                      const HubSet* hubs = nullptr) {
     const int64_t d = keys_->dim();
     if (ef <= 0) ef = p_.ef_build;
     std::vector<std::vector<uint32_t>> lists;
@@ -604,7 +625,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         const float* xf = row_f(base, x, xbuf);
         s.qf.assign(xf, xf + d);  // the search may reuse row_f's buffer through prune, so copy the query
         thread_local std::vector<Cand> sd;
-        const int64_t ns = hub_seeds(s.qf.data(), true, p_.weak_seeds, sd);
+        const int64_t ns = hubs ? hubs->nearest(s.qf.data(), kWeakSeeds, sd) : 0;
         beam_search(base, s.qf.data(), ef, s, /*l2=*/true, sd.data(), ns);
         const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
         cand.assign(row + 1, row + 1 + row[0]);
@@ -647,44 +668,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       done += batch;
       linked += static_cast<int64_t>(batch);
     }
-  }
-
-  // Hub sample: a few keys whose rows are kept contiguous; a search may first score them all and start from the best.
-  std::vector<uint32_t> hubs_;
-  std::vector<float> hub_rows_, hub_half_sq_;
-  void set_hubs(const float* base, std::vector<uint32_t> ids) {
-    const int64_t d = keys_->dim();
-    hubs_ = std::move(ids);
-    hub_rows_.resize(hubs_.size() * static_cast<size_t>(d));
-    hub_half_sq_.resize(hubs_.size());
-    for (size_t h = 0; h < hubs_.size(); ++h) {
-      std::copy(base + static_cast<int64_t>(hubs_[h]) * d, base + static_cast<int64_t>(hubs_[h] + 1) * d, hub_rows_.data() + h * static_cast<size_t>(d));
-      hub_half_sq_[h] = 0.5f * sq_[hubs_[h]];
-    }
-  }
-  // Scores q against every hub; writes the best `want` as seeds (best first); returns how many.
-  int64_t hub_seeds(const float* q, bool l2, int64_t want, std::vector<Cand>& out) const {
-    return hub_seeds_from(hubs_, hub_rows_, hub_half_sq_, q, l2, want, out);
-  }
-  std::vector<uint32_t> qhubs_;
-  std::vector<float> qhub_rows_, qhub_half_sq_;
-  int64_t hub_seeds_from(const std::vector<uint32_t>& hubs_, const std::vector<float>& hub_rows_, const std::vector<float>& hub_half_sq_,
-                         const float* q, bool l2, int64_t want, std::vector<Cand>& out) const {
-    out.clear();
-    if (hubs_.empty() || want <= 0) return 0;
-    const int64_t d = keys_->dim();
-    for (size_t h = 0; h < hubs_.size(); ++h) {
-      const float sc = qg_detail::dot(q, hub_rows_.data() + h * static_cast<size_t>(d), d) - (l2 ? hub_half_sq_[h] : 0.f);
-      if (static_cast<int64_t>(out.size()) < want) {
-        out.push_back({sc, hubs_[h], false});
-        std::push_heap(out.begin(), out.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
-      } else if (sc > out.front().score) {
-        std::pop_heap(out.begin(), out.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
-        out.back() = {sc, hubs_[h], false};
-        std::push_heap(out.begin(), out.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
-      }
-    }
-    return static_cast<int64_t>(out.size());
   }
 
   int64_t bfs_mark(std::vector<uint8_t>& seen) const {
@@ -813,9 +796,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     // projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as
     // candidates. Inverted lists (CSR): for key p, the training queries that have p among their first pivots.
     const int64_t n_piv = p_.n_pivots;
-    if (p_.kt_use > 0 && p_.kt_use < kk) {
-      // compact copy (experimental)
-    }
     std::vector<int64_t> first(static_cast<size_t>(m), kk);
     std::vector<uint32_t> inv_start(static_cast<size_t>(n) + 1, 0u), inv;
     for (int64_t i = 0; i < m; ++i) {
@@ -840,89 +820,52 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     {
       std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
-      const int64_t kuse = p_.kt_use > 0 ? std::min(p_.kt_use, kk) : kk;
       parallel_for(n, [&](int64_t p) {
         thread_local std::vector<uint32_t> pl;
-        thread_local std::vector<uint32_t> wt;
         pl.clear();
-        if (p_.cand_cap > 0) {
-          if (static_cast<int64_t>(wt.size()) < n) wt.assign(static_cast<size_t>(n), 0u);
-          for (uint32_t e = inv_start[static_cast<size_t>(p)]; e < inv_start[static_cast<size_t>(p) + 1]; ++e) {
-            const int64_t i = inv[e];
-            const int64_t* row = knn + i * kk;
-            const int64_t f = first[static_cast<size_t>(i)];
-            for (int64_t t = f; t < std::min(kk, f + kuse); ++t)
-              if (row[t] >= 0 && row[t] != p) {
-                uint32_t& w = wt[static_cast<size_t>(row[t])];
-                if (w == 0) pl.push_back(static_cast<uint32_t>(row[t]));
-                w += static_cast<uint32_t>(kk + 1 - (t - f));
-              }
-          }
-          if (static_cast<int64_t>(pl.size()) > p_.cand_cap) {
-            std::nth_element(pl.begin(), pl.begin() + p_.cand_cap, pl.end(), [&](uint32_t a, uint32_t b) { return wt[a] > wt[b] || (wt[a] == wt[b] && a < b); });
-            for (size_t j = static_cast<size_t>(p_.cand_cap); j < pl.size(); ++j) wt[pl[j]] = 0;
-            pl.resize(static_cast<size_t>(p_.cand_cap));
-          }
-          for (uint32_t c : pl) wt[c] = 0;
-        } else {
         for (uint32_t e = inv_start[static_cast<size_t>(p)]; e < inv_start[static_cast<size_t>(p) + 1]; ++e) {
           const int64_t i = inv[e];
           const int64_t* row = knn + i * kk;
-          const int64_t f = first[static_cast<size_t>(i)];
-          for (int64_t t = f; t < std::min(kk, f + kuse); ++t)
+          for (int64_t t = first[static_cast<size_t>(i)]; t < kk; ++t)
             if (row[t] >= 0 && row[t] != p) pl.push_back(static_cast<uint32_t>(row[t]));
-        }
         }
         if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
       });
       for (int64_t p = 0; p < n; ++p) {
         set_row(static_cast<uint32_t>(p), lists[static_cast<size_t>(p)]);
-        int64_t nr = 0;
-        for (uint32_t c : lists[static_cast<size_t>(p)]) {
-          if (p_.proj_rev > 0 && nr++ >= p_.proj_rev) break;
-          edges.emplace_back(c, static_cast<uint32_t>(p));
-        }
+        for (uint32_t c : lists[static_cast<size_t>(p)]) edges.emplace_back(c, static_cast<uint32_t>(p));
       }
     }
-    timer.lap("project"); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
+    timer.lap("project");
     add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
-    timer.lap("reverse"); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
+    timer.lap("reverse");
 
     // keys the projection left with few out-edges (untouched by the training queries) link to keys found
     // by searching the graph for themselves; without this many keys are unreachable and recall stalls
     std::vector<uint32_t> weak;
     for (int64_t i = 0; i < n; ++i)
-      if (out_degree(i) < p_.degree / p_.weak_div && i != entry_) weak.push_back(static_cast<uint32_t>(i));
+      if (out_degree(i) < p_.degree / 2 && i != entry_) weak.push_back(static_cast<uint32_t>(i));
     std::mt19937_64 rng(p_.seed);
-    if (p_.query_hubs > 0 && m > 0) {
-      std::vector<uint32_t> top1(static_cast<size_t>(n), 0u);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t j = first[static_cast<size_t>(i)];
-        if (j < kk) top1[static_cast<size_t>(knn[i * kk + j])]++;
-      }
-      std::vector<uint32_t> ids(static_cast<size_t>(n));
-      std::iota(ids.begin(), ids.end(), 0u);
-      const size_t nq = std::min<size_t>(ids.size(), static_cast<size_t>(p_.query_hubs));
-      std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(nq), ids.end(),
-                        [&](uint32_t a, uint32_t b) { return top1[a] > top1[b] || (top1[a] == top1[b] && a < b); });
-      ids.resize(nq);
-      qhubs_ = ids;
-      qhub_rows_.resize(nq * static_cast<size_t>(d));
-      qhub_half_sq_.assign(nq, 0.f);
-      for (size_t h = 0; h < nq; ++h)
-        std::copy(base + static_cast<int64_t>(ids[h]) * d, base + static_cast<int64_t>(ids[h] + 1) * d, qhub_rows_.data() + h * static_cast<size_t>(d));
-    }
-    if (p_.n_hubs > 0) {
+    // hubs: a random sample of the keys the projection linked well
+    HubSet hubs;
+    {
       std::vector<uint32_t> strong;
       for (int64_t i = 0; i < n; ++i)
-        if (out_degree(i) >= p_.degree / p_.weak_div) strong.push_back(static_cast<uint32_t>(i));
+        if (out_degree(i) >= p_.degree / 2) strong.push_back(static_cast<uint32_t>(i));
       std::shuffle(strong.begin(), strong.end(), rng);
-      strong.resize(std::min<size_t>(strong.size(), static_cast<size_t>(p_.n_hubs)));
-      set_hubs(base, strong);
+      strong.resize(std::min<size_t>(strong.size(), static_cast<size_t>(kHubs)));
+      hubs.d = d;
+      hubs.ids = strong;
+      hubs.rows.resize(strong.size() * static_cast<size_t>(d));
+      hubs.half_sq.resize(strong.size());
+      for (size_t h = 0; h < strong.size(); ++h) {
+        std::copy(base + static_cast<int64_t>(strong[h]) * d, base + static_cast<int64_t>(strong[h] + 1) * d, hubs.rows.data() + h * static_cast<size_t>(d));
+        hubs.half_sq[h] = 0.5f * sq_[strong[h]];
+      }
     }
     std::shuffle(weak.begin(), weak.end(), rng);
-    insert_batched(base, weak, /*guarantee_in_edge=*/false, p_.ef_weak, p_.weak_rev);
-    timer.lap("weak", static_cast<long>(weak.size())); if (std::getenv("RA_QG_PROFILE")) { std::fprintf(stderr, "[qp] score %.0f rng %.0f ip %.0f ncand %.0f calls %.0f nuniq %.0f exam %.0f dots %.0f\n", g_prof[0]/1e3, g_prof[1]/1e3, g_prof[2]/1e3, g_prof[3], g_prof[4], g_prof[5], g_prof[6], g_prof[7]); for (double& x : g_prof) x = 0; }
+    insert_batched(base, weak, /*guarantee_in_edge=*/false, p_.ef_weak, kWeakReverse, hubs.ids.empty() ? nullptr : &hubs);
+    timer.lap("weak", static_cast<long>(weak.size()));
     balance_in_degree();
     timer.lap("balance");
     repair_with(base);
