@@ -5,7 +5,7 @@
 //   * QueryGuidedGraph<T> indexes rows [0, size()) of a shared key store (std::shared_ptr<const
 //     VectorStore<T>>, n x d, T = float/Half/BFloat16, never copied) under the inner product q.k.
 //   * build(keys, train_queries (m x d float32 row-major), m, params): exact bipartite kNN query -> key
-//     (exact_topk, k_train per query), projection onto the keys (each of a query's first n_pivots = 3 keys is
+//     (exact_topk, k_train per query), projection onto the keys (each of a query's first n_pivots = 4 keys is
 //     a pivot that gets the query's other neighbours as candidates, RNG-pruned), reverse edges, k->k linking of
 //     keys the projection left with few out-edges ("weak" keys: a beam-ef_weak search from the entry point and
 //     the kWeakSeeds nearest of kHubs sampled well-linked keys; kWeakReverse reverse edges each), in-degree
@@ -132,7 +132,7 @@ struct QueryGuidedParams {
   int64_t ef_build = 64;   // beam width of the k->k searches in build and insert (128: same recall, 2x time)
   uint64_t seed = 0x5eed;  // order of insertions; the build is deterministic for a given seed
   int64_t ef_weak = 16;    // beam of the searches that link keys the projection left with few out-edges
-  int64_t n_pivots = 3;    // leading keys of each training query's list that act as pivots in the projection
+  int64_t n_pivots = 4;    // leading keys of each training query's list that act as pivots in the projection
 
   void validate() const {
     require(degree >= 2 && degree <= 1024, "query_guided: degree must be in [2, 1024]");

@@ -162,7 +162,7 @@ class QueryGuidedIndex(_IndexBase):
     _type = "query_guided"
 
     def __init__(self, keys, train_queries, degree: int = 32, k_train: int = 100, ef_build: int = 64,
-                 ef_weak: int = 16, n_pivots: int = 3):
+                 ef_weak: int = 16, n_pivots: int = 4):
         params = {
             "degree": check_positive_int(degree, "degree", 2),
             "k_train": check_positive_int(k_train, "k_train"),

@@ -390,7 +390,7 @@ TEST_CASE("query-guided graph: build knobs (n_pivots, ef_weak) keep the graph co
   auto store = make_store<float>(data.keys, d);
   FlatIndex<float> flat(store);
   QueryGuidedParams def;
-  CHECK(def.n_pivots == 3);
+  CHECK(def.n_pivots == 4);
   CHECK(def.ef_weak == 16);
   for (int64_t piv : {int64_t(1), int64_t(3), int64_t(8)})
     for (int64_t efw : {int64_t(4), int64_t(16), int64_t(64)}) {
