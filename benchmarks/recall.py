@@ -4,6 +4,7 @@
     python benchmarks/recall.py --quick --json                 # < 60 s on a 2-core CPU
     python benchmarks/recall.py --json --out benchmarks/results # full run (all heads, larger synthetic n)
     python benchmarks/recall.py --build-time --json            # 8B-shaped build-time workload (see --help)
+    python benchmarks/recall.py --json --data model_qk --sharing per_query_head,per_kv_head   # GQA graph sharing
 
 For every (data set, index, k, search parameter) one JSON line (DESIGN.md section 6) goes to stdout:
     {"bench": "recall", "data": ..., "index": ..., "n": ..., "d": ..., "k": ..., "param": {...},
@@ -52,6 +53,12 @@ def parse_args(argv=None):
     ap.add_argument("--model-qk-max-train", type=int, default=None, help="subsample model_qk training queries")
     ap.add_argument("--dump-if-missing", action="store_true",
                     help="run dump_model_qk.py when model_qk is requested and no cache exists")
+    ap.add_argument("--sharing", default="per_query_head",
+                    help="comma list of per_query_head (one index per query head, trained on its own queries) and "
+                         "per_kv_head (one index per (layer, kv head) trained on the pooled queries of its GQA group, "
+                         "searched by every query head of the group); rows carry a \"sharing\" field")
+    ap.add_argument("--kv-max-train", type=int, default=None,
+                    help="per_kv_head: subsample the pooled training queries of a group to this many (default: all)")
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--qg-args", default="{}", help="extra QueryGuidedIndex kwargs as JSON, e.g. '{\"device\":\"cuda\"}'")
@@ -465,61 +472,98 @@ def load_datasets(args):
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def _pooled_problem(group, max_train):
+    """One problem for a GQA group: the shared keys and the concatenated training queries of its query heads."""
+    train = np.concatenate([p.train_q for p in group])
+    if max_train is not None and len(train) > max_train:
+        train = train[np.linspace(0, len(train) - 1, max_train).round().astype(np.int64)]
+    p0 = group[0]
+    name = f"L{p0.meta.get('layer', 0)}KV{p0.meta.get('kv_head', 0)}"
+    return qk_data.Problem(name, p0.keys, np.ascontiguousarray(train), p0.eval_q[:0], dict(p0.meta))
+
+
+def _builds(probs, sharing, args):
+    """[(problem to build, [problems searched with that index])] for a sharing mode. per_kv_head groups the
+    problems by (layer, kv_head) (from their meta; a problem without one is its own group)."""
+    if sharing == "per_query_head":
+        return [(p, [p]) for p in probs]
+    groups = {}
+    for i, p in enumerate(probs):
+        key = (p.meta["layer"], p.meta["kv_head"]) if "kv_head" in p.meta and "layer" in p.meta else ("solo", i)
+        groups.setdefault(key, []).append(p)
+    return [(_pooled_problem(g, args.kv_max_train), g) for g in groups.values()]
+
+
 def evaluate(datasets, adapters, ks, args):
     rows = []
+    sharings = [x for x in (getattr(args, "sharing", None) or "per_query_head").split(",") if x]
+    for sh in sharings:
+        if sh not in ("per_query_head", "per_kv_head"):
+            raise SystemExit(f"unknown --sharing {sh!r}; choose from per_query_head, per_kv_head")
     for dname, probs in datasets.items():
-        truth = []
+        truth = {}
         for p in probs:
             ids, sc = qk_data.exact_topk(p.keys, p.eval_q, max(ks))
-            truth.append(sc)
-        for ad in adapters:
-            acc = {}  # (k, param json) -> lists
-            build = []
-            for p, sc in zip(probs, truth):
-                t0 = time.perf_counter()
-                try:
-                    state = ad.build(p)
-                except Exception as e:
-                    msg = str(e).replace("\n", " ")
-                    log(f"[recall] {dname}/{ad.name}/{p.name}: build failed, index skipped: {type(e).__name__}: "
-                        f"{msg[:400]}{' ...' if len(msg) > 400 else ''}")
-                    state = None
-                    break
-                build.append(time.perf_counter() - t0)
-                for k in ks:
-                    for param in ad.params(k, args.quick, p.n):
-                        ids, visited = ad.search(state, p.eval_q, k, param)
-                        dt = time_search(ad, state, p.eval_q, k, param, 0.01 if args.quick else 0.05)
-                        r = qk_data.recall_per_query(ids, p.keys, p.eval_q, sc[:, k - 1], k)
-                        a = acc.setdefault((k, json.dumps(param, sort_keys=True)), {"rec": [], "scan": [], "t": 0.0,
-                                                                                   "m": 0, "n": []})
-                        a["rec"].append(float(r.mean()))
-                        a["scan"].append(float(np.mean(visited)) / p.n)
-                        a["t"] += dt
-                        a["m"] += len(p.eval_q)
-                        a["n"].append(p.n)
-                log(f"[recall] {dname}/{ad.name}/{p.name}: build {build[-1]:.2f}s")
-                del state
-            if not build or len(build) < len(probs):
-                continue
-            for (k, pj), a in sorted(acc.items(), key=lambda kv: (-kv[0][0], list(json.loads(kv[0][1]).values()))):
-                rows.append({
-                    "bench": "recall", "data": dname, "index": ad.name,
-                    "n": int(round(float(np.mean(a["n"])))), "d": int(probs[0].d), "k": int(k),
-                    "param": json.loads(pj),
-                    "recall": round(float(np.mean(a["rec"])), 4),
-                    "scanned_frac": round(float(np.mean(a["scan"])), 5),
-                    "qps": round(a["m"] / a["t"], 1) if a["t"] > 0 else None,
-                    "build_s": round(float(np.mean(build)), 4),
-                    "recall_min": round(float(np.min(a["rec"])), 4),
-                    "heads": len(probs), "queries": int(a["m"]), "threads": args.threads,
-                    "train_queries": int(np.mean([len(p.train_q) for p in probs])) if ad.name == "query_guided"
-                    else 0,
-                })
-            if isinstance(ad, Hnswlib) and ad.agreement:
-                log(f"[recall] hnswlib replay agreement with hnswlib results: {np.mean(ad.agreement):.3f} "
-                    f"({len(ad.agreement)} searches)")
-                ad.agreement = []
+            truth[id(p)] = sc
+        for sh in sharings:
+            plan = _builds(probs, sh, args)
+            for ad in adapters:
+                acc = {}  # (k, param json) -> lists
+                build = []
+                failed = False
+                for bp, members in plan:
+                    t0 = time.perf_counter()
+                    try:
+                        state = ad.build(bp)
+                    except Exception as e:
+                        msg = str(e).replace("\n", " ")
+                        log(f"[recall] {dname}/{ad.name}/{bp.name}: build failed, index skipped: {type(e).__name__}: "
+                            f"{msg[:400]}{' ...' if len(msg) > 400 else ''}")
+                        failed = True
+                        break
+                    build.append(time.perf_counter() - t0)
+                    for p in members:
+                        sc = truth[id(p)]
+                        for k in ks:
+                            for param in ad.params(k, args.quick, p.n):
+                                ids, visited = ad.search(state, p.eval_q, k, param)
+                                dt = time_search(ad, state, p.eval_q, k, param, 0.01 if args.quick else 0.05)
+                                r = qk_data.recall_per_query(ids, p.keys, p.eval_q, sc[:, k - 1], k)
+                                a = acc.setdefault((k, json.dumps(param, sort_keys=True)),
+                                                   {"rec": [], "scan": [], "t": 0.0, "m": 0, "n": []})
+                                a["rec"].append(float(r.mean()))
+                                a["scan"].append(float(np.mean(visited)) / p.n)
+                                a["t"] += dt
+                                a["m"] += len(p.eval_q)
+                                a["n"].append(p.n)
+                    log(f"[recall] {dname}/{ad.name}/{bp.name}{'' if sh == 'per_query_head' else ' (' + sh + ')'}: "
+                        f"build {build[-1]:.2f}s, train {len(bp.train_q)}")
+                    del state
+                if failed or not build:
+                    continue
+                for (k, pj), a in sorted(acc.items(), key=lambda kv: (-kv[0][0], list(json.loads(kv[0][1]).values()))):
+                    row = {
+                        "bench": "recall", "data": dname, "index": ad.name,
+                        "n": int(round(float(np.mean(a["n"])))), "d": int(probs[0].d), "k": int(k),
+                        "param": json.loads(pj),
+                        "recall": round(float(np.mean(a["rec"])), 4),
+                        "scanned_frac": round(float(np.mean(a["scan"])), 5),
+                        "qps": round(a["m"] / a["t"], 1) if a["t"] > 0 else None,
+                        "build_s": round(float(np.mean(build)), 4),
+                        "recall_min": round(float(np.min(a["rec"])), 4),
+                        "heads": len(probs), "queries": int(a["m"]), "threads": args.threads,
+                        "train_queries": int(np.mean([len(bp.train_q) for bp, _ in plan])) if ad.name == "query_guided"
+                        else 0,
+                    }
+                    if len(sharings) > 1 or sh != "per_query_head":
+                        # build_s is per index; build_s_total covers all indexes of the data set
+                        row.update({"sharing": sh, "indexes_built": len(build),
+                                    "build_s_total": round(float(np.sum(build)), 3)})
+                    rows.append(row)
+                if isinstance(ad, Hnswlib) and ad.agreement:
+                    log(f"[recall] hnswlib replay agreement with hnswlib results: {np.mean(ad.agreement):.3f} "
+                        f"({len(ad.agreement)} searches)")
+                    ad.agreement = []
     return rows
 
 
@@ -543,9 +587,9 @@ def summarize(rows, target):
     reached. `ratio_vs_query_guided` = this index's interpolated value / query_guided's."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["data"], r["index"], r["k"]), []).append(r)
+        groups.setdefault((r["data"], r["index"], r["k"], r.get("sharing")), []).append(r)
     out = []
-    for (dname, iname, k), rs in groups.items():
+    for (dname, iname, k, sharing), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["scanned_frac"])
         interp = meas = None
         how = None
@@ -564,12 +608,16 @@ def summarize(rows, target):
                     interp = meas
                     how = "none: the smallest sweep point already reaches the target (an upper bound)"
                 break
-        out.append({"bench": "recall_summary", "data": dname, "index": iname, "k": k, "target_recall": target,
-                    "scanned_frac_at_target": None if interp is None else round(interp, 5),
-                    "scanned_frac_measured": meas, "best_recall": best, "interpolation": how})
+        line = {"bench": "recall_summary", "data": dname, "index": iname, "k": k, "target_recall": target,
+                "scanned_frac_at_target": None if interp is None else round(interp, 5),
+                "scanned_frac_measured": meas, "best_recall": best, "interpolation": how,
+                "build_s": rs[0]["build_s"]}
+        if sharing is not None:
+            line.update({"sharing": sharing, "build_s_total": rs[0]["build_s_total"]})
+        out.append(line)
     for s in out:
-        qg = next((x for x in out if x["data"] == s["data"] and x["k"] == s["k"] and x["index"] == "query_guided"),
-                  None)
+        qg = next((x for x in out if x["data"] == s["data"] and x["k"] == s["k"] and x["index"] == "query_guided"
+                   and x.get("sharing") == s.get("sharing")), None)
         if qg and qg["scanned_frac_at_target"] and s["scanned_frac_at_target"]:
             s["ratio_vs_query_guided"] = round(s["scanned_frac_at_target"] / qg["scanned_frac_at_target"], 3)
         else:
@@ -586,13 +634,15 @@ def plot(rows, path):
     colors = dict(zip(INDEX_NAMES, ["C3", "k", "C0", "C2", "C1"]))
     for ax, dn in zip(axes[0], datas):
         for iname in INDEX_NAMES:
-            for k, ls in ((100, "-"), (10, ":")):
-                rs = sorted([r for r in rows if r["data"] == dn and r["index"] == iname and r["k"] == k],
-                            key=lambda r: r["scanned_frac"])
-                if not rs:
-                    continue
-                ax.plot([r["scanned_frac"] for r in rs], [r["recall"] for r in rs], ls, marker="o", ms=3,
-                        color=colors[iname], label=f"{iname} @{k}")
+            for sh in dict.fromkeys(r.get("sharing") for r in rows):
+                for k, ls in ((100, "-"), (10, ":")):
+                    rs = sorted([r for r in rows if r["data"] == dn and r["index"] == iname and r["k"] == k
+                                 and r.get("sharing") == sh], key=lambda r: r["scanned_frac"])
+                    if not rs:
+                        continue
+                    ax.plot([r["scanned_frac"] for r in rs], [r["recall"] for r in rs], ls, marker="o" if sh !=
+                            "per_kv_head" else "x", ms=3, color=colors[iname],
+                            label=f"{iname} @{k}" + (f" {sh}" if sh else ""))
         r0 = next(r for r in rows if r["data"] == dn)
         ax.axhline(0.95, color="grey", lw=0.5)
         ax.set_xscale("log")

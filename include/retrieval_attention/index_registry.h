@@ -28,6 +28,8 @@ void apply_index_params(IndexSpec& spec, Fn&& fn) {
     fn("degree", spec.query_guided.degree);
     fn("k_train", spec.query_guided.k_train);
     fn("ef_build", spec.query_guided.ef_build);
+    fn("ef_weak", spec.query_guided.ef_weak);
+    fn("n_pivots", spec.query_guided.n_pivots);
   }
 }
 

@@ -5,13 +5,16 @@
 //   * QueryGuidedGraph<T> indexes rows [0, size()) of a shared key store (std::shared_ptr<const
 //     VectorStore<T>>, n x d, T = float/Half/BFloat16, never copied) under the inner product q.k.
 //   * build(keys, train_queries (m x d float32 row-major), m, params): exact bipartite kNN query -> key
-//     (exact_topk, k_train per query), projection onto the keys (each of a query's first kPivots = 4 keys is
+//     (exact_topk, k_train per query), projection onto the keys (each of a query's first n_pivots = 4 keys is
 //     a pivot that gets the query's other neighbours as candidates, RNG-pruned), reverse edges, k->k linking of
-//     keys the projection left with few out-edges, in-degree balancing (every key gets up to degree/2 in-edges
-//     from its own out-neighbours), and a connectivity pass. build_from_neighbors() takes the kNN lists precomputed by
-//     the caller (m x knn_k int64 row-major, best-first, -1 = padding; e.g. from a GPU) and skips the kNN.
-//     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point
-//     after build() and after load() of a graph that was (checked by reachable_count()).
+//     keys the projection left with few out-edges ("weak" keys: a beam-ef_weak search from the entry point and
+//     the kWeakSeeds nearest of kHubs sampled well-linked keys; kWeakReverse reverse edges each), in-degree
+//     balancing (every key gets up to degree/2 in-edges from its own out-neighbours), and a connectivity pass.
+//     build_from_neighbors() takes the kNN lists precomputed by the caller (m x knn_k int64 row-major,
+//     best-first, -1 = padding; e.g. from a GPU) and skips the kNN. m = 0 is allowed (the graph is then a plain
+//     k->k graph). Every key is reachable from the entry point after build() and after load() of a graph that
+//     was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
+//     environment prints the time of each build phase to stderr.
 //   * Graph: each key has at most max_degree() = degree + slack out-neighbours (ids uint32), stored in one
 //     fixed-stride array (n x (max_degree + 1) uint32; slot 0 of a row holds its count) for locality. Pruned
 //     neighbour lists hold at most `degree`; the slack slots only take connectivity edges.
@@ -25,13 +28,18 @@
 //     Re-pruning may rarely cut an older key off; a full repair (repair_connectivity()) runs whenever the
 //     graph has grown by 1/8 since the last one, so the cost stays amortised O(degree) per row. Exclusive
 //     access as in index.h.
-//   * Payload: u32 version | params | n, dim, stride, entry | adjacency; load() validates all of it against
+//   * Payload: u32 version | params (degree, k_train, ef_build, seed; the build-only ef_weak and n_pivots are
+//     not stored) | n, dim, stride, entry | adjacency; load() validates all of it against
 //     the key store and fails with std::runtime_error (PayloadReader::fail) on any inconsistency.
 //   * Build and insert are OpenMP-parallel through parallel_for (exceptions reach the caller).
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -93,6 +101,22 @@ inline bool have_avx_fma() {
 }
 #endif
 
+// Phase timer of the build, printed to stderr when the environment variable RA_QG_PROFILE is set.
+class PhaseTimer {
+ public:
+  PhaseTimer() : on_(std::getenv("RA_QG_PROFILE") != nullptr), t_(std::chrono::steady_clock::now()) {}
+  void lap(const char* what, long count = -1) {
+    if (!on_) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "[qg] %-10s %8.1f ms  %ld\n", what, std::chrono::duration<double, std::milli>(now - t_).count(), count);
+    t_ = now;
+  }
+
+ private:
+  bool on_;
+  std::chrono::steady_clock::time_point t_;
+};
+
 template <class T>
 inline float dot(const float* q, const T* row, int64_t d) {
 #ifdef RA_QG_X86_SIMD
@@ -107,11 +131,15 @@ struct QueryGuidedParams {
   int64_t k_train = 100;   // exact key neighbours per training query (bipartite kNN)
   int64_t ef_build = 64;   // beam width of the k->k searches in build and insert (128: same recall, 2x time)
   uint64_t seed = 0x5eed;  // order of insertions; the build is deterministic for a given seed
+  int64_t ef_weak = 16;    // beam of the searches that link keys the projection left with few out-edges
+  int64_t n_pivots = 4;    // leading keys of each training query's list that act as pivots in the projection
 
   void validate() const {
     require(degree >= 2 && degree <= 1024, "query_guided: degree must be in [2, 1024]");
     require(k_train >= 1 && k_train <= 100000, "query_guided: k_train must be in [1, 100000]");
     require(ef_build >= 1 && ef_build <= 100000, "query_guided: ef_build must be in [1, 100000]");
+    require(ef_weak >= 1 && ef_weak <= 100000, "query_guided: ef_weak must be in [1, 100000]");
+    require(n_pivots >= 1 && n_pivots <= 100, "query_guided: n_pivots must be in [1, 100]");
   }
 };
 
@@ -131,10 +159,12 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     check_queries(train_queries, m, g->keys_->dim());
     const int64_t n = g->keys_->size(), kt = std::min<int64_t>(g->p_.k_train, n);
     std::vector<int64_t> knn;
+    qg_detail::PhaseTimer timer;
     if (m > 0 && n > 0) {
       knn.resize(static_cast<size_t>(m * kt));
       exact_topk(train_queries, m, *g->keys_, n, kt, knn.data(), nullptr);
     }
+    timer.lap("knn");
     g->build_graph(train_queries, m, knn.data(), kt);
     return g;
   }
@@ -259,7 +289,10 @@ class QueryGuidedGraph final : public KeyIndex<T> {
 
  private:
   static constexpr uint32_t kPayloadVersion = 1;
-  static constexpr int64_t kPivots = 4;        // leading keys of each training query's list that act as pivots
+  static constexpr int64_t kPruneScan = 32;    // the RNG pass of a prune looks at the kPruneScan * max_keep nearest candidates
+  static constexpr int64_t kHubs = 256;        // hub sample scored by each weak-key search
+  static constexpr int64_t kWeakSeeds = 4;     // nearest hubs a weak-key search also starts from
+  static constexpr int64_t kWeakReverse = 4;   // reverse edges per weak key (to its nearest kept neighbours)
   struct Cand {
     float score;
     uint32_t id;
@@ -272,6 +305,32 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<uint32_t> fresh;
     std::vector<float> qf;
   };
+  // A sample of well-linked keys with their rows copied contiguously: a weak key's search first scores them
+  // all (cheap: they stay in cache) and also starts from the nearest few, so a narrow beam is enough.
+  struct HubSet {
+    int64_t d = 0;
+    std::vector<uint32_t> ids;
+    std::vector<float> rows, half_sq;
+    // the `want` hubs nearest to x (by x.h - |h|^2/2, i.e. Euclidean), best first, as already-scored seeds
+    int64_t nearest(const float* x, int64_t want, std::vector<Cand>& out) const {
+      out.clear();
+      const auto worse = [](const Cand& a, const Cand& b) { return a.score > b.score; };
+      for (size_t h = 0; h < ids.size(); ++h) {
+        const float sc = qg_detail::dot(x, rows.data() + h * static_cast<size_t>(d), d) - half_sq[h];
+        if (static_cast<int64_t>(out.size()) < want) {
+          out.push_back({sc, ids[h], false});
+          std::push_heap(out.begin(), out.end(), worse);
+        } else if (sc > out.front().score) {
+          std::pop_heap(out.begin(), out.end(), worse);
+          out.back() = {sc, ids[h], false};
+          std::push_heap(out.begin(), out.end(), worse);
+        }
+      }
+      std::sort_heap(out.begin(), out.end(), worse);
+      return static_cast<int64_t>(out.size());
+    }
+  };
+
   static Scratch& scratch() {
     thread_local Scratch s;
     return s;
@@ -311,7 +370,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // q.k - |k|^2/2, i.e. by Euclidean nearness to q, used when a key searches for its own neighbours
   // (measured on real Q/K: slightly better graphs than linking keys by inner product).
   template <class R>
-  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false) const {
+  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false, const Cand* seeds = nullptr,
+                      int64_t n_seeds = 0) const {
     s.beam.clear();
     if (n_ == 0) return 0;
     const int64_t d = keys_->dim();
@@ -329,6 +389,16 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const auto ordered = [](float x) { return x == x ? x : -std::numeric_limits<float>::infinity(); };
     s.beam.push_back({ordered(qg_detail::dot(q, base + entry_ * d, d) - (l2 ? 0.5f * sq_[entry_] : 0.f)), static_cast<uint32_t>(entry_), false});
     int64_t visited = 1;
+    for (int64_t i = 0; i < n_seeds; ++i) {  // extra starting points, already scored by the caller
+      const Cand& c = seeds[i];
+      if (mark[c.id] == ep) continue;
+      mark[c.id] = ep;
+      s.beam.push_back({ordered(c.score), c.id, false});
+    }
+    if (n_seeds > 0) {
+      std::sort(s.beam.begin(), s.beam.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
+      if (static_cast<int64_t>(s.beam.size()) > beam) s.beam.resize(static_cast<size_t>(beam));
+    }
     size_t next = 0;  // first candidate that may be unexpanded
     while (next < s.beam.size()) {
       if (s.beam[next].expanded) {
@@ -391,51 +461,82 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       uint32_t id;
     };
     thread_local std::vector<Scored> scored;
-    thread_local std::vector<float> pbuf, cbuf;
-    thread_local std::vector<uint32_t> kept;
+    thread_local std::vector<float> pbuf, cbuf, kbuf;
+    thread_local std::vector<uint32_t> kept, seen;
+    thread_local uint32_t epoch = 0;
     const int64_t d = keys_->dim();
-    std::sort(cand.begin(), cand.end());
-    cand.erase(std::unique(cand.begin(), cand.end()), cand.end());
+    // duplicates (a candidate proposed by several training queries) are dropped with per-thread epoch marks
+    if (seen.size() < static_cast<size_t>(n_)) seen.assign(static_cast<size_t>(n_), 0u), epoch = 0;
+    if (++epoch == 0) std::fill(seen.begin(), seen.end(), 0u), epoch = 1;
+    seen[p] = epoch;
+    size_t w = 0;
+    for (uint32_t c : cand)
+      if (seen[c] != epoch) seen[c] = epoch, cand[w++] = c;
+    cand.resize(w);
     const float* pf = row_f(base, p, pbuf);
     const float sp = sq_[p];
-    scored.clear();
+    scored.resize(cand.size());
     for (size_t i = 0; i < cand.size(); ++i) {
       const uint32_t c = cand[i];
-      if (c == p) continue;
       if (i + 4 < cand.size()) prefetch_row(base + static_cast<int64_t>(cand[i + 4]) * d, d * static_cast<int64_t>(sizeof(R)));
       const float ip = qg_detail::dot(pf, base + static_cast<int64_t>(c) * d, d);
-      scored.push_back({sp + sq_[c] - 2.f * ip, ip, c});
+      scored[i] = {sp + sq_[c] - 2.f * ip, ip, c};
     }
     kept.clear();
     const int64_t n_ip = std::min<int64_t>(static_cast<int64_t>(scored.size()), max_keep / 4), n_rng = max_keep - n_ip;
     // RNG pass over the nearest candidates only: beyond a few times the budget nearly every candidate is
     // occluded by a kept one, and scanning (and sorting) them all dominated the build on hub keys
-    const size_t cap = std::min(scored.size(), static_cast<size_t>(std::max<int64_t>(32 * max_keep, 64)));
-    auto by_dist = [](const Scored& x, const Scored& y) { return x.dist < y.dist || (x.dist == y.dist && x.id < y.id); };
-    if (cap < scored.size()) std::nth_element(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(cap), scored.end(), by_dist);
-    std::sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(cap), by_dist);
+    const size_t cap = std::min(scored.size(), static_cast<size_t>(std::max<int64_t>(kPruneScan * max_keep, 64)));
+    // nearest-first order by one 64-bit key per candidate (distance bits, then position): the sort is a large
+    // share of the build, and integer keys sort about twice as fast as the structs
+    thread_local std::vector<uint64_t> order;
+    order.resize(scored.size());
+    for (size_t i = 0; i < scored.size(); ++i) {
+      const float dd = std::max(scored[i].dist, 0.f);  // >= 0, so its bits order like the value (NaN is not expected)
+      uint32_t bits;
+      std::memcpy(&bits, &dd, sizeof(bits));
+      order[i] = (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(i);
+    }
+    if (cap < order.size()) std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(cap), order.end());
+    std::sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(cap));
+    // kept rows are copied into one small contiguous float block (stays in L1 across the candidates)
+    kbuf.resize(static_cast<size_t>(n_rng * d));
     for (size_t i = 0; i < cap; ++i) {
-      const Scored& e = scored[i];
+      const Scored& e = scored[static_cast<size_t>(order[i] & 0xffffffffu)];
       if (static_cast<int64_t>(kept.size()) >= n_rng) break;
+      if (i + 6 < cap) prefetch_row(base + static_cast<int64_t>(scored[static_cast<size_t>(order[i + 6] & 0xffffffffu)].id) * d, d * static_cast<int64_t>(sizeof(R)));
       const float* cf = row_f(base, e.id, cbuf);
       bool keep = true;
-      for (uint32_t r : kept) {
-        const float drc = sq_[r] + sq_[e.id] - 2.f * qg_detail::dot(cf, base + static_cast<int64_t>(r) * d, d);
-        if (drc < e.dist) {
+      const float half = 0.5f * (sq_[e.id] - e.dist);  // drc < dist  <=>  c.r > (|r|^2 + |c|^2 - dist) / 2
+      for (size_t r = 0; r < kept.size(); ++r) {
+        if (qg_detail::dot(cf, kbuf.data() + r * static_cast<size_t>(d), d) > half + 0.5f * sq_[kept[r]]) {
           keep = false;
           break;
         }
       }
-      if (keep) kept.push_back(e.id);
+      if (keep) {
+        std::copy(cf, cf + d, kbuf.data() + kept.size() * static_cast<size_t>(d));
+        kept.push_back(e.id);
+      }
     }
     // MIPS edges: the rest of the budget goes to the candidates with the largest p.c (those further out in
     // p's direction). L2-RNG alone cuts the edges towards large-norm keys, which MIPS answers are made of.
     if (static_cast<int64_t>(kept.size()) < max_keep && kept.size() < scored.size()) {
-      auto by_ip = [](const Scored& x, const Scored& y) { return x.ip > y.ip || (x.ip == y.ip && x.id < y.id); };
+      // largest p.c first, as 64-bit keys (order-preserving bits of -ip, then position)
       const size_t top = std::min(scored.size(), static_cast<size_t>(2 * max_keep));  // enough: at most max_keep - 1 are already kept
-      std::partial_sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(top), scored.end(), by_ip);
-      for (size_t i = 0; i < top && static_cast<int64_t>(kept.size()) < max_keep; ++i)
-        if (std::find(kept.begin(), kept.end(), scored[i].id) == kept.end()) kept.push_back(scored[i].id);
+      for (size_t i = 0; i < scored.size(); ++i) {
+        uint32_t bits;
+        const float neg = -scored[i].ip;
+        std::memcpy(&bits, &neg, sizeof(bits));
+        bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+        order[i] = (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(i);
+      }
+      if (top < order.size()) std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top), order.end());
+      std::sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(top));
+      for (size_t i = 0; i < top && static_cast<int64_t>(kept.size()) < max_keep; ++i) {
+        const uint32_t id = scored[static_cast<size_t>(order[i] & 0xffffffffu)].id;
+        if (std::find(kept.begin(), kept.end(), id) == kept.end()) kept.push_back(id);
+      }
     }
     out.assign(kept.begin(), kept.end());
   }
@@ -450,20 +551,45 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // Adds the edges (src -> dst) of `edges`; rows that overflow `degree` are re-pruned. Parallel by source.
   template <class R>
   void add_edges(const R* base, std::vector<std::pair<uint32_t, uint32_t>>& edges) {
-    std::sort(edges.begin(), edges.end());
-    edges.erase(std::unique(edges.begin(), edges.end()), edges.end());
+    // group the edges by source: a counting sort when there are many (O(E + n)), else a comparison sort
+    // (one-row inserts must not pay O(n)); within a source the destinations keep their order in `edges`
     std::vector<size_t> starts;
-    for (size_t i = 0; i < edges.size(); ++i)
-      if (i == 0 || edges[i].first != edges[i - 1].first) starts.push_back(i);
+    std::vector<uint32_t> dsts;
+    std::vector<uint32_t> srcs;
+    if (static_cast<int64_t>(edges.size()) * 4 >= n_) {
+      std::vector<uint32_t> count(static_cast<size_t>(n_) + 1, 0u);
+      for (const auto& e : edges) count[e.first + 1]++;
+      for (int64_t i = 0; i < n_; ++i) count[static_cast<size_t>(i) + 1] += count[static_cast<size_t>(i)];
+      dsts.resize(edges.size());
+      std::vector<uint32_t> fill(count.begin(), count.end() - 1);
+      for (const auto& e : edges) dsts[fill[e.first]++] = e.second;
+      for (int64_t i = 0; i < n_; ++i)
+        if (count[static_cast<size_t>(i) + 1] > count[static_cast<size_t>(i)]) {
+          srcs.push_back(static_cast<uint32_t>(i));
+          starts.push_back(count[static_cast<size_t>(i)]);
+        }
+    } else {
+      std::sort(edges.begin(), edges.end());
+      dsts.resize(edges.size());
+      for (size_t i = 0; i < edges.size(); ++i) {
+        dsts[i] = edges[i].second;
+        if (i == 0 || edges[i].first != edges[i - 1].first) srcs.push_back(edges[i].first), starts.push_back(i);
+      }
+    }
     starts.push_back(edges.size());
-    parallel_for(static_cast<int64_t>(starts.size()) - 1, [&](int64_t g) {
-      thread_local std::vector<uint32_t> cand, out;
-      const uint32_t src = edges[starts[static_cast<size_t>(g)]].first;
+    parallel_for(static_cast<int64_t>(srcs.size()), [&](int64_t g) {
+      thread_local std::vector<uint32_t> cand, out, seen;
+      thread_local uint32_t epoch = 0;
+      if (seen.size() < static_cast<size_t>(n_)) seen.assign(static_cast<size_t>(n_), 0u), epoch = 0;
+      if (++epoch == 0) std::fill(seen.begin(), seen.end(), 0u), epoch = 1;
+      const uint32_t src = srcs[static_cast<size_t>(g)];
       const uint32_t* row = adj_.data() + static_cast<int64_t>(src) * stride_;
       cand.assign(row + 1, row + 1 + row[0]);
+      seen[src] = epoch;
+      for (uint32_t c : cand) seen[c] = epoch;
       for (size_t e = starts[static_cast<size_t>(g)]; e < starts[static_cast<size_t>(g) + 1]; ++e) {
-        const uint32_t dst = edges[e].second;
-        if (dst != src && std::find(cand.begin(), cand.end(), dst) == cand.end()) cand.push_back(dst);
+        const uint32_t dst = dsts[e];
+        if (seen[dst] != epoch) seen[dst] = epoch, cand.push_back(dst);
       }
       if (static_cast<int64_t>(cand.size()) > p_.degree) {
         prune(base, src, cand, p_.degree, out);
@@ -478,8 +604,12 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // before the batch (read-only, in parallel), sets the new keys' pruned lists, then adds reverse edges.
   // Batches grow with the graph so a batch never outnumbers the keys it can link to.
   template <class R>
-  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge) {
+  // ef: beam (0: ef_build); n_rev: reverse edges per inserted key, to its nearest kept neighbours (0: all);
+  // hubs (optional): each search also starts from the kWeakSeeds hubs nearest to the key.
+  void insert_batched(const R* base, const std::vector<uint32_t>& order, bool guarantee_in_edge, int64_t ef = 0, int64_t n_rev = 0,
+                      const HubSet* hubs = nullptr) {
     const int64_t d = keys_->dim();
+    if (ef <= 0) ef = p_.ef_build;
     std::vector<std::vector<uint32_t>> lists;
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     size_t done = 0;
@@ -494,7 +624,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         thread_local std::vector<uint32_t> cand;
         const float* xf = row_f(base, x, xbuf);
         s.qf.assign(xf, xf + d);  // the search may reuse row_f's buffer through prune, so copy the query
-        beam_search(base, s.qf.data(), p_.ef_build, s, /*l2=*/true);
+        thread_local std::vector<Cand> sd;
+        const int64_t ns = hubs ? hubs->nearest(s.qf.data(), kWeakSeeds, sd) : 0;
+        beam_search(base, s.qf.data(), ef, s, /*l2=*/true, sd.data(), ns);
         const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
         cand.assign(row + 1, row + 1 + row[0]);
         for (const Cand& c : s.beam) cand.push_back(c.id);
@@ -504,7 +636,11 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       for (size_t b = 0; b < batch; ++b) {
         const uint32_t x = order[done + b];
         set_row(x, lists[b]);
-        for (uint32_t y : lists[b]) edges.emplace_back(y, x);
+        size_t nr = 0;
+        for (uint32_t y : lists[b]) {
+          if (n_rev > 0 && nr++ >= static_cast<size_t>(n_rev)) break;
+          edges.emplace_back(y, x);
+        }
       }
       add_edges(base, edges);
       if (guarantee_in_edge) {
@@ -630,6 +766,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const int64_t n = keys_->size(), d = keys_->dim();
     require(n < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
     if (n == 0) return;
+    qg_detail::PhaseTimer timer;
     grow(n);
     // float32 copy of the keys for the build (16-bit rows would be widened on every distance)
     std::vector<float> widened;
@@ -655,9 +792,10 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       if (s > best) best = s, entry_ = i;
     }
 
+    timer.lap("prep");
     // projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as
     // candidates. Inverted lists (CSR): for key p, the training queries that have p among their first pivots.
-    const int64_t n_piv = kPivots;
+    const int64_t n_piv = p_.n_pivots;
     std::vector<int64_t> first(static_cast<size_t>(m), kk);
     std::vector<uint32_t> inv_start(static_cast<size_t>(n) + 1, 0u), inv;
     for (int64_t i = 0; i < m; ++i) {
@@ -698,7 +836,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         for (uint32_t c : lists[static_cast<size_t>(p)]) edges.emplace_back(c, static_cast<uint32_t>(p));
       }
     }
+    timer.lap("project");
     add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
+    timer.lap("reverse");
 
     // keys the projection left with few out-edges (untouched by the training queries) link to keys found
     // by searching the graph for themselves; without this many keys are unreachable and recall stalls
@@ -706,10 +846,30 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     for (int64_t i = 0; i < n; ++i)
       if (out_degree(i) < p_.degree / 2 && i != entry_) weak.push_back(static_cast<uint32_t>(i));
     std::mt19937_64 rng(p_.seed);
+    // hubs: a random sample of the keys the projection linked well
+    HubSet hubs;
+    {
+      std::vector<uint32_t> strong;
+      for (int64_t i = 0; i < n; ++i)
+        if (out_degree(i) >= p_.degree / 2) strong.push_back(static_cast<uint32_t>(i));
+      std::shuffle(strong.begin(), strong.end(), rng);
+      strong.resize(std::min<size_t>(strong.size(), static_cast<size_t>(kHubs)));
+      hubs.d = d;
+      hubs.ids = strong;
+      hubs.rows.resize(strong.size() * static_cast<size_t>(d));
+      hubs.half_sq.resize(strong.size());
+      for (size_t h = 0; h < strong.size(); ++h) {
+        std::copy(base + static_cast<int64_t>(strong[h]) * d, base + static_cast<int64_t>(strong[h] + 1) * d, hubs.rows.data() + h * static_cast<size_t>(d));
+        hubs.half_sq[h] = 0.5f * sq_[strong[h]];
+      }
+    }
     std::shuffle(weak.begin(), weak.end(), rng);
-    insert_batched(base, weak, /*guarantee_in_edge=*/false);
+    insert_batched(base, weak, /*guarantee_in_edge=*/false, p_.ef_weak, kWeakReverse, hubs.ids.empty() ? nullptr : &hubs);
+    timer.lap("weak", static_cast<long>(weak.size()));
     balance_in_degree();
+    timer.lap("balance");
     repair_with(base);
+    timer.lap("repair");
   }
 
 

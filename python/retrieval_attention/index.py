@@ -152,16 +152,23 @@ class QueryGuidedIndex(_IndexBase):
 
     keys (n, d) and train_queries (m, d) (e.g. prefill attention queries). If both are CUDA tensors, the bipartite
     kNN (each training query's exact top-k_train keys) runs on the GPU and only the neighbour lists go to the CPU.
-    degree: max out-degree; k_train: neighbours per training query; ef_build: beam width while linking keys.
+    degree: max out-degree; k_train: neighbours per training query; ef_build: beam width of incremental inserts
+    (`add`) and connectivity repair; ef_weak: beam width of the build's searches that link keys the projection left
+    with few out-edges (they also start from the nearest of a few hub keys); n_pivots: leading keys of each training
+    query's neighbour list that receive the query's other neighbours as edge candidates. docs/TUNING.md has the
+    measurements behind the defaults.
     """
 
     _type = "query_guided"
 
-    def __init__(self, keys, train_queries, degree: int = 32, k_train: int = 100, ef_build: int = 64):
+    def __init__(self, keys, train_queries, degree: int = 32, k_train: int = 100, ef_build: int = 64,
+                 ef_weak: int = 16, n_pivots: int = 4):
         params = {
             "degree": check_positive_int(degree, "degree", 2),
             "k_train": check_positive_int(k_train, "k_train"),
             "ef_build": check_positive_int(ef_build, "ef_build"),
+            "ef_weak": check_positive_int(ef_weak, "ef_weak"),
+            "n_pivots": check_positive_int(n_pivots, "n_pivots"),
         }
         t0 = time.perf_counter()
         device_keys = as_tensor(keys, "keys")

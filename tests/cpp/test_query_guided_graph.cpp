@@ -383,3 +383,52 @@ TEST_CASE("query-guided graph: one-row inserts keep every key reachable and O(de
   FlatIndex<BFloat16> flat(store);
   CHECK(measure(*g, flat, data.test, d, 10, 64).recall >= 0.8);
 }
+
+TEST_CASE("query-guided graph: build knobs (n_pivots, ef_weak) keep the graph connected and recall high; bad values rejected", "[query_guided]") {
+  const int64_t n = 6000, d = 32;
+  auto data = make_ood(n, d, 1500, 60, 23);
+  auto store = make_store<float>(data.keys, d);
+  FlatIndex<float> flat(store);
+  QueryGuidedParams def;
+  CHECK(def.n_pivots == 4);
+  CHECK(def.ef_weak == 16);
+  for (int64_t piv : {int64_t(1), int64_t(3), int64_t(8)})
+    for (int64_t efw : {int64_t(4), int64_t(16), int64_t(64)}) {
+      QueryGuidedParams p;
+      p.k_train = 50;
+      p.n_pivots = piv;
+      p.ef_weak = efw;
+      auto g = QueryGuidedGraph<float>::build(store, data.train.data(), 1500, p);
+      INFO("n_pivots " << piv << " ef_weak " << efw);
+      CHECK(g->reachable_count() == n);
+      for (int64_t i = 0; i < n; ++i) REQUIRE(g->out_degree(i) <= g->max_degree());
+    }
+}
+
+TEST_CASE("query-guided graph: recall floor of the default build on seeded OOD data", "[query_guided]") {
+  // a regression guard for build-speed work: defaults, 8000 keys, recall@10 and @50 at a small scan
+  const int64_t n = 8000, d = 32;
+  auto data = make_ood(n, d, 4000, 80, 31);
+  auto store = make_store<float>(data.keys, d);
+  FlatIndex<float> flat(store);
+  auto g = QueryGuidedGraph<float>::build(store, data.train.data(), 4000, QueryGuidedParams{});
+  CHECK(g->is_connected());
+  const RecallStats r10 = measure(*g, flat, data.test, d, 10, 32);
+  const RecallStats r50 = measure(*g, flat, data.test, d, 50, 100);
+  INFO("recall@10 " << r10.recall << " visited " << r10.visited_frac << "; recall@50 " << r50.recall << " visited " << r50.visited_frac);
+  CHECK(r10.recall >= 0.93);
+  CHECK(r10.visited_frac < 0.1);
+  CHECK(r50.recall >= 0.95);
+  CHECK(r50.visited_frac < 0.2);
+}
+
+TEST_CASE("query-guided graph: n_pivots and ef_weak are validated", "[query_guided]") {
+  auto store = make_store<float>(random_matrix(100, 8, 3), 8);
+  auto train = random_matrix(10, 8, 4);
+  for (auto bad : {std::make_pair(int64_t(0), int64_t(16)), std::make_pair(int64_t(101), int64_t(16)), std::make_pair(int64_t(3), int64_t(0))}) {
+    QueryGuidedParams p;
+    p.n_pivots = bad.first;
+    p.ef_weak = bad.second;
+    CHECK_THROWS_AS(QueryGuidedGraph<float>::build(store, train.data(), 10, p), std::invalid_argument);
+  }
+}

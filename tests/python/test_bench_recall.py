@@ -150,3 +150,33 @@ def test_build_time_mode():
         assert r["bench"] == "build_time"
         assert r["builds_done"] == r["builds"] and r["total_s"] is not None and r["total_s"] >= 0
         assert r["builds"] == (2 if r["index"] == "query_guided" else 1)
+
+
+@pytest.mark.skipif(not _has_query_guided(), reason="retrieval_attention not built")
+def test_sharing_per_kv_head_vs_per_query_head():
+    # real dump: 6 query heads / 2 kv heads, so query heads 0-2 share kv head 0 (one pooled graph under per_kv_head)
+    lines, err = _run("--json", "--data", "real", "--layers", "3", "--heads", "0,1,2", "--n-eval", "8", "--k", "10",
+                      "--indexes", "query_guided,flat", "--sharing", "per_query_head,per_kv_head")
+    rows = [r for r in lines if r["bench"] == "recall"]
+    assert {r["sharing"] for r in rows} == {"per_query_head", "per_kv_head"}, err[-2000:]
+    for r in rows:
+        assert r["heads"] == 3 and r["queries"] == 3 * 8
+        assert r["indexes_built"] == (3 if r["sharing"] == "per_query_head" else 1)
+        assert r["build_s_total"] == pytest.approx(r["build_s"] * r["indexes_built"], rel=0.05, abs=0.01)
+    qg = {r["sharing"]: r for r in rows if r["index"] == "query_guided"}
+    # the pooled graph is trained on the three heads' training queries together
+    assert qg["per_kv_head"]["train_queries"] == 3 * qg["per_query_head"]["train_queries"]
+    summaries = [r for r in lines if r["bench"] == "recall_summary"]
+    assert {(s["index"], s["sharing"]) for s in summaries} == {(i, sh) for i in ("query_guided", "flat")
+                                                               for sh in ("per_query_head", "per_kv_head")}
+    for s in summaries:
+        if s["index"] == "flat":
+            assert s["ratio_vs_query_guided"] is None or s["ratio_vs_query_guided"] >= 1.0
+
+
+def test_sharing_rejects_unknown_mode():
+    env = dict(os.environ)
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "recall.py"), "--json", "--data", "synthetic_ood", "--n", "256",
+                        "--indexes", "flat", "--sharing", "per_layer"], capture_output=True, text=True, timeout=120,
+                       cwd=REPO, env=env)
+    assert p.returncode != 0 and "unknown --sharing" in p.stderr

@@ -204,3 +204,20 @@ def test_exact_knn_matches_topk_per_head():
         ref = torch.topk(queries[h] @ keys[h // 3].T, 7, dim=1).indices
         assert torch.equal(got[h], ref)
     assert exact_knn(keys, queries, 1000).shape == (6, 50, 300)  # k clamped to n
+
+
+@pytest.mark.skipif(not hasattr(ra, "QueryGuidedIndex"), reason="no query_guided index")
+def test_query_guided_build_knobs():
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(3000, 32, generator=g)
+    train = torch.randn(600, 32, generator=g) * 2 + 1
+    q = torch.randn(40, 32, generator=g) * 2 + 1
+    truth = exact_topk(keys, q, 10).indices
+    for kw in ({}, {"ef_weak": 64, "n_pivots": 1}, {"ef_weak": 4, "n_pivots": 8}):
+        idx = ra.QueryGuidedIndex(keys, train, k_train=50, **kw)
+        ids, _ = idx.search(q, k=10, ef=64)
+        rec = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ids, truth)])
+        assert rec >= 0.9, (kw, rec)
+    for bad in ({"ef_weak": 0}, {"n_pivots": 0}, {"n_pivots": 1000}):
+        with pytest.raises(ValueError):
+            ra.QueryGuidedIndex(keys, train, **bad)
