@@ -33,7 +33,7 @@ import torch
 
 from . import _ext
 from ._version import __version__
-from .compat import Cache, CacheLayerMixin, model_attention_shape
+from .compat import Cache, CacheLayerMixin, model_attention_shape, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
 from .index import exact_knn
 from .ops import dense_attention_any_device, merge_attention_any_device
@@ -521,6 +521,7 @@ class RetrievalCache(Cache):
         if not isinstance(retrieval_config, RetrievalConfig):
             raise TypeError(f"retrieval_config must be a RetrievalConfig, got {type(retrieval_config).__name__}")
         n_layers, q_heads, kv_heads, head_dim = model_attention_shape(config)
+        warn_if_rope_parameters_ignored(config)
         self.retrieval_config = retrieval_config
         if not (isinstance(layer_class, type) and issubclass(layer_class, RetrievalLayer)):
             raise TypeError("layer_class must be a subclass of RetrievalLayer")

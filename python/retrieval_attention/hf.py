@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .cache import RetrievalCache
-from .compat import cache_kwarg, register_attention, sdpa_attention_forward, set_attn_implementation
+from .compat import cache_kwarg, register_attention, sdpa_attention_forward, set_attn_implementation, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
 
 ATTN_NAME = "retrieval_attention"
@@ -63,6 +63,7 @@ def enable(model, cfg: RetrievalConfig | None = None):
         raise TypeError(f"cfg must be a RetrievalConfig, got {type(cfg).__name__}")
     if not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"enable() expects a transformers generative model, got {type(model).__name__}")
+    warn_if_rope_parameters_ignored(model.config)
     set_attn_implementation(model, ATTN_NAME)
     model._retrieval_config = cfg
     if not getattr(model, "_retrieval_generate_wrapped", False):

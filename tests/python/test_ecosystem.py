@@ -280,3 +280,41 @@ def test_accuracy_bench_index_sharing(tmp_path, capsys, model_dir):
     assert by["retrieval_attention"]["index_sharing"] == "per_kv_head" and "index_sharing" not in by["full"]
     with pytest.raises(SystemExit):
         A.parse_args(["--index-sharing", "per_layer"])
+
+
+# -- configs written by transformers 5 under transformers 4.x --------------------------------------------------------
+def test_rope_parameters_ignored_is_detected(monkeypatch):
+    from types import SimpleNamespace
+
+    from packaging.version import Version
+
+    from retrieval_attention import compat
+
+    cfg = SimpleNamespace(rope_parameters={"rope_theta": 2e6, "rope_type": "default"}, rope_theta=10000.0)
+    monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", Version("4.56.2"))
+    assert "rope_theta=2000000.0" in compat.ignored_rope_parameters(cfg)
+    with pytest.warns(RuntimeWarning, match="RoPE is wrong"):
+        compat.warn_if_rope_parameters_ignored(cfg)
+    assert compat.ignored_rope_parameters(SimpleNamespace(rope_parameters={"rope_theta": 2e6}, rope_theta=2e6)) is None
+    assert compat.ignored_rope_parameters(SimpleNamespace(rope_theta=1e4)) is None
+    monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", Version("5.24.0"))
+    assert compat.ignored_rope_parameters(cfg) is None
+
+
+def test_bundled_model_config_under_this_transformers(model_dir):
+    """Under 4.x the bundled (transformers-5) config triggers the warning and rope_theta=2e6 at load fixes it; under 5.x
+    there is nothing to warn about."""
+    import warnings
+
+    from retrieval_attention import compat
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention")
+    if compat.TRANSFORMERS_VERSION.major < 5:
+        with pytest.warns(RuntimeWarning, match="rope_theta"):
+            ra.RetrievalCache(model.config, ra.RetrievalConfig())
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention",
+                                                 rope_theta=2e6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ra.RetrievalCache(model.config, ra.RetrievalConfig())
+        ra.enable(model, ra.RetrievalConfig())
