@@ -22,7 +22,8 @@ Methods, all through the same HF path (model loaded with attn_implementation="re
 
 One JSON line per (task, context, method) on stdout with --json (DESIGN.md section 6):
     {"bench": "accuracy", "task": "passkey", "context": 4096, "method": "flat_topk", "accuracy": 1.0,
-     "samples": 50, "scanned_frac": 0.29, + extras (correct, depth_thirds, seconds, ...)}
+     "samples": 50, "scanned_frac": 0.29, + extras (correct, depth_thirds, seconds, index_sharing (methods using a
+     RetrievalCache; --index-sharing), ...)}
 and one line per (context, method) of the teacher-forced natural-text analysis:
     {"bench": "accuracy_kl", "context": 4096, "method": ..., "kl": ..., "tokens": ..., "scanned_frac": ...,
      "topk_mass_ratio": ..., "cpu_mass_recovered": ...}
@@ -85,6 +86,8 @@ def parse_args(argv=None):
     ap.add_argument("--n-window", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None, help="top_k of every retrieval method (default: RetrievalConfig's)")
     ap.add_argument("--ef", type=int, default=None, help="graph search beam of retrieval_attention")
+    ap.add_argument("--index-sharing", default=None, choices=("per_query_head", "per_kv_head"),
+                    help="RetrievalConfig.index_sharing of every RetrievalCache method (default: RetrievalConfig's)")
     ap.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists per head (default: power of 2 near sqrt(n), >= 16)")
     ap.add_argument("--ivf-scan-frac", type=float, default=None,
                     help="target scanned fraction for ivf_topk (default: retrieval_attention's measured value in the same "
@@ -386,6 +389,7 @@ class Runner:
             n_window=base.n_window if args.n_window is None else args.n_window,
             top_k=base.top_k if args.top_k is None else args.top_k,
             ef=base.ef if args.ef is None else args.ef,
+            index_sharing=base.index_sharing if args.index_sharing is None else args.index_sharing,
         )
 
     def device_desc(self) -> str:
@@ -505,6 +509,7 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
         "seconds": round(sec, 2),
     }
     if method != "full":
+        rec["index_sharing"] = runner.base_cfg["index_sharing"]
         rec["index_build_s"] = round(build_s, 3)  # summed over the cell's caches (all layers), includes offloading
     if method == "ivf_topk":
         rec["target_scan"] = round(ivf_target, 5)
@@ -554,6 +559,8 @@ def run_kl(runner: Runner, context: int, methods, haystack: str, ivf_targets: di
                "topk_mass_ratio": round(mass[1] / mass[0], 4) if mass[0] else None,
                "cpu_mass_recovered": round(mass[2] / mass[0], 4) if mass[0] else None,
                "seconds": round(time.perf_counter() - t0, 2)}
+        if method != "full":
+            rec["index_sharing"] = runner.base_cfg["index_sharing"]
         if method == "ivf_topk":
             rec["target_scan"] = round(runner.layers["ivf_topk"].target_scan, 5)
         if method == "retrieval_attention":  # ivf_topk (after it in METHODS) matches this scan budget

@@ -3,6 +3,7 @@
 // Python-side wrappers (python/retrieval_attention/index.py, cache.py) do the user-facing validation.
 #include <torch/extension.h>
 
+#include <cstring>
 #include <variant>
 
 #include "retrieval_attention/index_registry.h"
@@ -260,6 +261,21 @@ class PyOffloadedLayer {
     return py::make_tuple(out, lse, visited);
   }
 
+  // A copy of every kv head's CPU key rows: (kv_heads, size, head_dim) in the storage dtype (the exact mass probe of
+  // RetrievalLayer reads them; not meant to run concurrently with build/append).
+  at::Tensor keys() const {
+    const int64_t n = size();
+    auto out = at::empty({hkv_, n, d_}, at::TensorOptions().dtype(dtype_));
+    std::visit(
+        [&](const auto& l) {
+          using T = typename std::remove_reference_t<decltype(*l)>::Scalar;
+          for (int64_t h = 0; h < hkv_; ++h)
+            std::memcpy(static_cast<char*>(out.data_ptr()) + h * n * d_ * sizeof(T), l->key_store(h)->data(), n * d_ * sizeof(T));
+        },
+        v_);
+    return out;
+  }
+
   void set_min_ids(const at::Tensor& min_ids) {
     check_cpu(min_ids, "min_ids");
     check_dim(min_ids, 1, "min_ids", "(kv_heads,)");
@@ -344,6 +360,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
+      .def("keys", &PyOffloadedLayer::keys)
       .def_property_readonly("size", &PyOffloadedLayer::size)
       .def_property_readonly("vector_bytes", &PyOffloadedLayer::vector_bytes)
       .def_property_readonly("index_bytes", &PyOffloadedLayer::index_bytes)

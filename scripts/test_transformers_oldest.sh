@@ -12,4 +12,5 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import transformers, 
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" "transformers==$OLDEST" numpy packaging safetensors tqdm pytest 2>&1 | grep -v "^WARNING: Location" || true
 fi
 echo "== Python tests under transformers $OLDEST (pytest) =="
-PYTHONPATH=$PWD/python "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python/test_hf_exactness.py tests/python/test_ops.py tests/python/test_index.py
+PYTHONPATH=$PWD/python "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python/test_hf_exactness.py tests/python/test_ops.py tests/python/test_index.py \
+  tests/python/test_ecosystem.py

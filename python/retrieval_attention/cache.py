@@ -33,7 +33,7 @@ import torch
 
 from . import _ext
 from ._version import __version__
-from .compat import Cache, CacheLayerMixin, model_attention_shape
+from .compat import Cache, CacheLayerMixin, model_attention_shape, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
 from .index import exact_knn
 from .ops import dense_attention_any_device, merge_attention_any_device
@@ -140,6 +140,13 @@ class RetrievalLayer(CacheLayerMixin):
         self.steps = 0
         self.visited_sum = 0.0
         self.cpu_candidates_sum = 0.0
+        # attention-mass bookkeeping (see stats()): the always-on CPU share is summed on the model's device (no sync)
+        self._cpu_share_sum = None
+        self.cpu_share_steps = 0
+        self.mass_probes = 0
+        self._recovered_sum = 0.0
+        self._recovered_count = 0
+        self._recovered_min = None
         self._build_future = None
         self.on_built = getattr(self, "on_built", None)  # set by RetrievalCache: progress reporting
         self.static_pad = self.cpu_pad = None  # (batch,) pad tokens at the front of the static set / CPU ids
@@ -365,12 +372,48 @@ class RetrievalLayer(CacheLayerMixin):
                                               key_start=key_start)
         if n_cpu:
             out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
-            out, lse = merge_attention_any_device(out, lse, out_c.to(out.device), lse_c.to(out.device))
+            lse_c_dev = lse_c.to(out.device)
+            # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
+            # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync.
+            share = torch.sigmoid(lse_c_dev.float() - lse.float()).mean()
+            self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
+            self.cpu_share_steps += 1
+            every = self.cfg.mass_probe_every
+            if every and self.steps % every == 0:
+                self._probe_mass(q_cpu, scaling, lse, lse_c)
+            out, lse = merge_attention_any_device(out, lse, out_c.to(out.device), lse_c_dev)
             self.last_visited_mean = float(visited.double().mean())
             self.visited_sum += self.last_visited_mean
             self.cpu_candidates_sum += n_cpu
         self.steps += 1
         return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
+
+    def exact_cpu_lse(self, q_cpu: torch.Tensor, scaling: float) -> torch.Tensor:
+        """q_cpu (batch*q_heads, m, d) float32 -> (batch*q_heads, m) float32: the exact log-sum-exp of the scaled scores
+        over *all* of this layer's CPU keys (left-padding rows excluded), by one flat pass over a copy of the keys."""
+        keys = self.offloaded.keys()  # (batch*kv_heads, n, d) in the CPU storage dtype
+        hkv, n, d = keys.shape
+        rows, m, _ = q_cpu.shape
+        group = rows // hkv
+        scores = torch.matmul(q_cpu.reshape(hkv, group * m, d).float(), keys.float().transpose(1, 2))
+        scores.mul_(scaling)
+        if self.cpu_pad is not None:
+            start = self.cpu_pad.repeat_interleave(self.kv_heads)
+            scores.masked_fill_(torch.arange(n)[None, None, :] < start[:, None, None], float("-inf"))
+        return torch.logsumexp(scores, dim=-1).reshape(rows, m)
+
+    def _probe_mass(self, q_cpu: torch.Tensor, scaling: float, lse_static: torch.Tensor, lse_retrieved: torch.Tensor) -> None:
+        """RetrievalConfig.mass_probe_every: the share of the true attention mass (static set + every CPU key) that the
+        static set plus the retrieved keys captured, per (head, query) of this step."""
+        ls = lse_static.detach().to("cpu", torch.float32)
+        lr = lse_retrieved.to(torch.float32)
+        lse_all = self.exact_cpu_lse(q_cpu, scaling)
+        recovered = torch.exp(torch.logaddexp(ls, lr) - torch.logaddexp(ls, lse_all))
+        self.mass_probes += 1
+        self._recovered_sum += float(recovered.double().sum())
+        self._recovered_count += recovered.numel()
+        low = float(recovered.min())
+        self._recovered_min = low if self._recovered_min is None else min(self._recovered_min, low)
 
     # -- hooks for research baselines (subclass RetrievalLayer, pass layer_class= to RetrievalCache) ------------
     def on_cpu_tokens(self, keys: torch.Tensor, values: torch.Tensor, train_queries) -> None:
@@ -458,6 +501,11 @@ class RetrievalLayer(CacheLayerMixin):
             "device_kv_bytes": gpu,
             "cpu_kv_bytes": 0 if self.offloaded is None else self.offloaded.vector_bytes,
             "cpu_index_bytes": 0 if self.offloaded is None else self.offloaded.index_bytes,
+            "decode_steps": self.steps,
+            "cpu_mass_share": float(self._cpu_share_sum) / self.cpu_share_steps if self.cpu_share_steps else 0.0,
+            "mass_probes": self.mass_probes,
+            "recovered_mass_mean": self._recovered_sum / self._recovered_count if self._recovered_count else None,
+            "recovered_mass_min": self._recovered_min,
         }
 
 
@@ -473,6 +521,7 @@ class RetrievalCache(Cache):
         if not isinstance(retrieval_config, RetrievalConfig):
             raise TypeError(f"retrieval_config must be a RetrievalConfig, got {type(retrieval_config).__name__}")
         n_layers, q_heads, kv_heads, head_dim = model_attention_shape(config)
+        warn_if_rope_parameters_ignored(config)
         self.retrieval_config = retrieval_config
         if not (isinstance(layer_class, type) and issubclass(layer_class, RetrievalLayer)):
             raise TypeError("layer_class must be a subclass of RetrievalLayer")
@@ -559,7 +608,8 @@ class RetrievalCache(Cache):
         model_config: the config of the model it will be used with; its attention shape must match the saved one.
         retrieval_config: None uses the saved one. Otherwise settings that shaped the saved state (n_sink, n_window,
             index, index_params, index_sharing, max_train_queries, cpu_dtype) must equal the saved ones; search and
-            bookkeeping settings (top_k, ef, evict_chunk, max_unindexed_tokens, progress, async_build) may differ.
+            bookkeeping settings (top_k, ef, evict_chunk, max_unindexed_tokens, progress, async_build, mass_probe_every)
+            may differ.
         device: where the static set goes (default "cpu"); the CPU part is always in CPU memory.
         Every file is checked (presence, SHA-256, shapes, dtypes, counts); a missing, corrupt, truncated or mismatched
         save raises FileNotFoundError or ValueError naming the file."""
@@ -609,16 +659,28 @@ class RetrievalCache(Cache):
         return cache
 
     def stats(self) -> list[dict]:
-        """Per-layer figures: static/CPU tokens, fraction of CPU keys scanned per query, build time, bytes."""
+        """Per-layer figures, one dict per decoder layer:
+
+        layer, static_tokens, cpu_tokens; scanned_frac (CPU keys scored per query head and step / CPU keys);
+        index_build_s (split at prefill + graph builds + later inserts); device_kv_bytes, cpu_kv_bytes, cpu_index_bytes;
+        decode_steps; cpu_mass_share: mean over heads, queries and decode steps (with CPU tokens) of the share of the merged
+        attention mass that came from the retrieved CPU keys, sigmoid(lse_cpu - lse_static) (always on, nearly free);
+        mass_probes, recovered_mass_mean, recovered_mass_min: with RetrievalConfig.mass_probe_every > 0, the mean and
+        minimum over probed (head, query, step) of the share of the exact attention mass (static set + all CPU keys)
+        that the static set plus the retrieved keys captured (1.0: nothing missed; None before the first probe)."""
         return [layer.stats() for layer in self.layers]
 
     def summary(self) -> dict:
         s = self.stats()
         cpu = sum(x["cpu_tokens"] for x in s)
+        probed = [x["recovered_mass_mean"] for x in s if x["recovered_mass_mean"] is not None]
         return {
             "device_kv_bytes": sum(x["device_kv_bytes"] for x in s),
             "cpu_kv_bytes": sum(x["cpu_kv_bytes"] for x in s),
             "cpu_index_bytes": sum(x["cpu_index_bytes"] for x in s),
             "scanned_frac": sum(x["scanned_frac"] * x["cpu_tokens"] for x in s) / cpu if cpu else 0.0,
             "index_build_s": sum(x["index_build_s"] for x in s),
+            "cpu_mass_share": sum(x["cpu_mass_share"] for x in s) / len(s) if s else 0.0,
+            "recovered_mass_mean": sum(probed) / len(probed) if probed else None,
+            "recovered_mass_min": min(x["recovered_mass_min"] for x in s if x["recovered_mass_min"] is not None) if probed else None,
         }

@@ -1,6 +1,8 @@
 """Everything that differs between transformers versions lives here (supported: transformers >= 4.56)."""
 from __future__ import annotations
 
+import warnings
+
 import transformers
 from packaging.version import Version
 from transformers import AttentionInterface
@@ -50,3 +52,35 @@ def set_attn_implementation(model, name: str) -> None:
         model.set_attn_implementation(name)
     else:  # older releases
         model.config._attn_implementation = name
+
+
+def ignored_rope_parameters(config) -> str | None:
+    """A message when this transformers silently ignores the config's RoPE settings, else None.
+
+    transformers >= 5 writes RoPE settings as `rope_parameters` ({"rope_theta": ..., "rope_type": ...}); transformers 4.x
+    reads only `rope_theta`/`rope_scaling`, keeps `rope_parameters` as an unused attribute and builds the rotary
+    embedding with its default base (10,000), so a model saved by transformers 5 (e.g. the bundled one) generates
+    garbage at long context under 4.x, with full attention as well."""
+    if TRANSFORMERS_VERSION >= Version("5.0.0.dev0"):
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        return None
+    theta = getattr(config, "rope_theta", None)
+    try:
+        if theta is not None and float(theta) == float(params["rope_theta"]):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return (f"this model config was written by transformers >= 5 (rope_parameters={params}); transformers "
+            f"{transformers.__version__} ignores that and uses rope_theta={theta}, so the model's RoPE is wrong even with "
+            f"full attention. Load it with from_pretrained(..., rope_theta={params['rope_theta']!r}) or add "
+            f"\"rope_theta\": {params['rope_theta']!r} to its config.json.")
+
+
+def warn_if_rope_parameters_ignored(config, stacklevel: int = 3) -> None:
+    msg = ignored_rope_parameters(config)
+    if msg is not None:
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)

@@ -30,6 +30,14 @@ class RetrievalConfig:
     progress:    a tqdm progress bar over the layers' index builds (None: on a terminal, for prompts of 8K+ CPU tokens).
     async_build: build each layer's indexes in a background thread while later layers compute
                  (None: only when the KV lives on a GPU).
+    mass_probe_every: every this many decode steps (0: never, the default) each layer also computes, on the CPU, the
+                 exact log-sum-exp over *all* its CPU keys and records the share of the true attention mass (over the
+                 static set plus every CPU key) that the static set plus the retrieved top_k keys captured:
+                 exp(logaddexp(lse_static, lse_retrieved) - logaddexp(lse_static, lse_all_cpu)), 1.0 when nothing was
+                 missed. cache.stats() reports its per-layer mean and minimum ("recovered_mass_mean"/"_min"). A probe
+                 scans every CPU key of the layer (like index="flat") and copies them once, so keep it sparse (e.g.
+                 16) for long contexts. Without it, stats() still reports the always-on, free estimate "cpu_mass_share"
+                 (the share of the merged attention mass that came from the retrieved CPU keys).
     """
 
     n_sink: int = 128
@@ -45,11 +53,12 @@ class RetrievalConfig:
     max_unindexed_tokens: int = 4096
     progress: bool | None = None
     index_sharing: str = "per_query_head"
+    mass_probe_every: int = 0
 
     def __post_init__(self):
         import torch
 
-        for name in ("n_sink", "n_window", "max_unindexed_tokens"):
+        for name in ("n_sink", "n_window", "max_unindexed_tokens", "mass_probe_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"RetrievalConfig.{name} must be an int >= 0, got {v!r}")

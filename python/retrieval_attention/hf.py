@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .cache import RetrievalCache
-from .compat import cache_kwarg, register_attention, sdpa_attention_forward, set_attn_implementation
+from .compat import cache_kwarg, register_attention, sdpa_attention_forward, set_attn_implementation, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
 
 ATTN_NAME = "retrieval_attention"
@@ -51,13 +51,19 @@ register_attention(ATTN_NAME, retrieval_attention_forward)
 
 
 def enable(model, cfg: RetrievalConfig | None = None):
-    """Switch a loaded model to retrieval attention. Afterwards `model.generate(...)` without `past_key_values`
-    creates a RetrievalCache with `cfg` itself. Returns the model."""
+    """Switch a loaded model to retrieval attention. Returns the model.
+
+    Afterwards `model.generate(...)` without `past_key_values` creates a fresh RetrievalCache with `cfg` for each call,
+    so everything that calls `generate` uses retrieval attention too, e.g.
+    `transformers.pipeline("text-generation", model=model, tokenizer=tok)`. After each call that used a
+    RetrievalCache (made here or passed in), `model.retrieval_stats` holds that cache's `stats()` (per-layer figures;
+    the cache itself is not kept, so its CPU memory is freed)."""
     cfg = cfg or RetrievalConfig()
     if not isinstance(cfg, RetrievalConfig):
         raise TypeError(f"cfg must be a RetrievalConfig, got {type(cfg).__name__}")
     if not hasattr(model, "generate") or not hasattr(model, "config"):
         raise TypeError(f"enable() expects a transformers generative model, got {type(model).__name__}")
+    warn_if_rope_parameters_ignored(model.config)
     set_attn_implementation(model, ATTN_NAME)
     model._retrieval_config = cfg
     if not getattr(model, "_retrieval_generate_wrapped", False):
@@ -65,9 +71,16 @@ def enable(model, cfg: RetrievalConfig | None = None):
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
-            if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-                kwargs[cache_kwarg(model)] = RetrievalCache(model.config, model._retrieval_config)
-            return original(*args, **kwargs)
+            cache = kwargs.get("past_key_values")
+            if cache is None:
+                cache = kwargs.get("cache")
+            if cache is None:
+                cache = RetrievalCache(model.config, model._retrieval_config)
+                kwargs[cache_kwarg(model)] = cache
+            out = original(*args, **kwargs)
+            if isinstance(cache, RetrievalCache):
+                model.retrieval_stats = cache.stats()
+            return out
 
         model.generate = generate
         model._retrieval_generate_wrapped = True

@@ -48,10 +48,14 @@ def plot_stats(stats_or_cache, path=None, title: str | None = None):
     stats_or_cache: a RetrievalCache (its `stats()` is called) or the list of dicts `cache.stats()` returned.
     path: if given, the figure is also saved there (PNG, PDF, ... by extension).
 
-    Three panels, one bar (group) per decoder layer:
+    Four panels, one bar (group) per decoder layer:
       * fraction of the CPU keys scanned (scored) per query and decode step, in percent;
       * KV bytes on the model's device vs CPU KV bytes vs CPU index bytes (MiB);
-      * index build time (seconds; includes the split at prefill and later inserts).
+      * index build time (seconds; includes the split at prefill and later inserts);
+      * attention mass, in percent: the mean share of the merged attention mass that came from the retrieved CPU keys
+        ("cpu_mass_share", always recorded) and, when RetrievalConfig.mass_probe_every was set, the share of the exact
+        attention mass the static set plus the retrieved keys recovered (bar: mean, black tick: minimum). Stats without
+        these keys (older versions) leave the panel empty.
     """
     stats = _as_stats(stats_or_cache)
     plt = _import_pyplot()
@@ -59,8 +63,8 @@ def plot_stats(stats_or_cache, path=None, title: str | None = None):
     x = list(range(len(stats)))
     mib = 2.0**20
 
-    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.45 * len(stats) + 3.0), 8.0), sharex=True)
-    ax_scan, ax_mem, ax_build = axes
+    fig, axes = plt.subplots(4, 1, figsize=(max(6.0, 0.45 * len(stats) + 3.0), 10.5), sharex=True)
+    ax_scan, ax_mem, ax_build, ax_mass = axes
 
     ax_scan.bar(x, [100.0 * float(s["scanned_frac"]) for s in stats], color="tab:blue")
     ax_scan.set_ylabel("CPU keys scanned (%)")
@@ -79,9 +83,31 @@ def plot_stats(stats_or_cache, path=None, title: str | None = None):
 
     ax_build.bar(x, [float(s["index_build_s"]) for s in stats], color="tab:purple")
     ax_build.set_ylabel("index build (s)")
-    ax_build.set_xlabel("layer")
-    ax_build.set_xticks(x)
-    ax_build.set_xticklabels([str(l) for l in layers])
+
+    share = [s.get("cpu_mass_share") for s in stats]
+    recovered = [s.get("recovered_mass_mean") for s in stats]
+    low = [s.get("recovered_mass_min") for s in stats]
+    probed = any(r is not None for r in recovered)
+    width = 0.4 if probed else 0.8
+    if any(v is not None for v in share):
+        ax_mass.bar([xi - width / 2 if probed else xi for xi in x], [100.0 * float(v or 0.0) for v in share], width,
+                    label="share from CPU keys", color="tab:cyan")
+    if probed:
+        ax_mass.bar([xi + width / 2 for xi in x], [100.0 * float(v) if v is not None else 0.0 for v in recovered], width,
+                    label="recovered (probe mean)", color="tab:olive")
+        pts = [(xi + width / 2, 100.0 * float(v)) for xi, v in zip(x, low) if v is not None]
+        ax_mass.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", marker="_", markersize=14, color="black",
+                     label="recovered (probe min)")
+        ax_mass.set_ylim(0.0, 135.0)  # room above 100% for the legend
+    elif any(v is not None for v in share):
+        ax_mass.text(0.01, 0.95, "exact mass probe off (RetrievalConfig.mass_probe_every)", transform=ax_mass.transAxes,
+                     va="top", fontsize="small", color="gray")
+    ax_mass.set_ylabel("attention mass (%)")
+    if ax_mass.get_legend_handles_labels()[0]:
+        ax_mass.legend(loc="upper left", ncol=3 if probed else 1, fontsize="x-small", columnspacing=1.0)
+    ax_mass.set_xlabel("layer")
+    ax_mass.set_xticks(x)
+    ax_mass.set_xticklabels([str(l) for l in layers])
 
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)

@@ -23,7 +23,7 @@ def cache():
     model = LlamaForCausalLM(cfg).eval()
     model.set_attn_implementation("retrieval_attention")
     rcfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=8, ef=16, evict_chunk=8,
-                              index_params={"degree": 8, "k_train": 16})
+                              index_params={"degree": 8, "k_train": 16}, mass_probe_every=5)
     cache = ra.RetrievalCache(model.config, rcfg)
     ids = torch.randint(0, 64, (1, 160), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -40,8 +40,8 @@ def test_plot_from_cache_and_from_stats(cache, tmp_path):
     fig = plot_stats(cache, path)
     assert isinstance(fig, matplotlib.figure.Figure)
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    axes = fig.axes[:3]
-    assert [ax.get_ylabel() for ax in axes] == ["CPU keys scanned (%)", "MiB", "index build (s)"]
+    axes = fig.axes[:4]
+    assert [ax.get_ylabel() for ax in axes] == ["CPU keys scanned (%)", "MiB", "index build (s)", "attention mass (%)"]
     # the bars carry the stats' numbers
     scanned = [p.get_height() for p in axes[0].patches]
     assert scanned == pytest.approx([100 * s["scanned_frac"] for s in stats])
@@ -50,7 +50,13 @@ def test_plot_from_cache_and_from_stats(cache, tmp_path):
     assert mem[3:6] == pytest.approx([s["cpu_kv_bytes"] / 2**20 for s in stats])
     assert mem[6:9] == pytest.approx([s["cpu_index_bytes"] / 2**20 for s in stats])
     assert [p.get_height() for p in axes[2].patches] == pytest.approx([s["index_build_s"] for s in stats])
-    assert [t.get_text() for t in axes[2].get_xticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in axes[3].get_xticklabels()] == ["0", "1", "2"]
+    # attention mass: the CPU share bars, then the probe's recovered-mass bars, and its minimum as markers
+    assert all(s["mass_probes"] == 8 and 0 < s["recovered_mass_min"] <= s["recovered_mass_mean"] <= 1 + 1e-6 for s in stats)
+    mass = [p.get_height() for p in axes[3].patches]
+    assert mass[:3] == pytest.approx([100 * s["cpu_mass_share"] for s in stats])
+    assert mass[3:6] == pytest.approx([100 * s["recovered_mass_mean"] for s in stats])
+    assert list(axes[3].lines[0].get_ydata()) == pytest.approx([100 * s["recovered_mass_min"] for s in stats])
     plt.close(fig)
 
     # the list from cache.stats() gives the same plot; no path: nothing is written
@@ -58,6 +64,21 @@ def test_plot_from_cache_and_from_stats(cache, tmp_path):
     assert fig2.axes[0].get_title() == "custom"
     assert [p.get_height() for p in fig2.axes[0].patches] == pytest.approx(scanned)
     plt.close(fig2)
+
+
+def test_plot_without_probe_and_old_stats():
+    """Probe off: only the CPU-share bars and a note; stats dicts from before the mass fields: an empty mass panel."""
+    import matplotlib.pyplot as plt
+
+    base = dict(layer=0, scanned_frac=0.1, index_build_s=0.5, device_kv_bytes=1, cpu_kv_bytes=2, cpu_index_bytes=3)
+    fig = plot_stats([dict(base, cpu_mass_share=0.25, recovered_mass_mean=None, recovered_mass_min=None)])
+    ax = fig.axes[3]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([25.0]) and not ax.lines
+    assert any("probe off" in t.get_text() for t in ax.texts)
+    plt.close(fig)
+    fig = plot_stats([base])
+    assert not fig.axes[3].patches
+    plt.close(fig)
 
 
 def test_plot_before_any_decode_step():
