@@ -65,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-unindexed", type=int, default=4096,
                     help="RetrievalConfig.max_unindexed_tokens: evicted tokens scanned exactly before one batch insert (0: insert each)")
     ap.add_argument("--ef", type=int, default=128, help="beam width of the query-guided search (RetrievalConfig.ef)")
+    ap.add_argument("--index-sharing", default="per_query_head", choices=("per_query_head", "per_kv_head"),
+                    help="RetrievalConfig.index_sharing of ours and the e2e run (per_kv_head: one graph per GQA group)")
     ap.add_argument("--index-params", default="{}", help="JSON RetrievalConfig.index_params (default: library defaults)")
     ap.add_argument("--max-train-queries", type=int, default=None,
                     help="prefill queries per head used to build graphs (default 16384; quick 2048; 0 = all T)")
@@ -516,6 +518,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     params = dict(args.index_params)
     cfg = ra.RetrievalConfig(n_sink=args.n_sink, n_window=args.n_window, top_k=args.top_k, index=LIB_INDEX[method], ef=args.ef,
                              index_params=params if method == "ours" else {},
+                             index_sharing=args.index_sharing if method == "ours" else "per_query_head",
                              max_train_queries=None if args.max_train_queries == 0 else args.max_train_queries,
                              evict_chunk=1,  # one token moves to the CPU per step: CPU id i <-> position n_sink + i below
                              max_unindexed_tokens=args.max_unindexed)
@@ -753,6 +756,8 @@ def run_context(args, T, dev, shared, emit):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         rec = {**base, "method": method, **r, "cell_s": round(time.perf_counter() - t1, 1)}
+        if method == "ours":
+            rec["index_sharing"] = args.index_sharing
         emit(rec)
     del datas
     gc.collect()
@@ -796,6 +801,7 @@ def run_e2e(args, dev, emit):
             "hidden": hidden, "q_heads": heads, "kv_heads": kvh, "new_tokens": new, "weights": "random (bf16, made on the device)"}
     rcfg = ra.RetrievalConfig(n_sink=args.n_sink, n_window=args.n_window, top_k=args.top_k, index=args.e2e_index, ef=args.ef,
                               index_params=dict(args.index_params) if args.e2e_index == "query_guided" else {},
+                              index_sharing=args.index_sharing,
                               max_train_queries=None if args.max_train_queries == 0 else args.max_train_queries)
     for method in args.e2e_methods:
         if args.budget_s is not None and time.perf_counter() - T0 > args.budget_s:
@@ -849,7 +855,7 @@ def run_e2e(args, dev, emit):
             sm = cache.summary()
             rec.update({"gpu_kv_bytes": int(sm["device_kv_bytes"]), "cpu_kv_bytes": int(sm["cpu_kv_bytes"]),
                         "cpu_index_bytes": int(sm["cpu_index_bytes"]), "index_build_s": round(sm["index_build_s"], 3),
-                        "scanned_frac": round(sm["scanned_frac"], 5), "index": args.e2e_index,
+                        "scanned_frac": round(sm["scanned_frac"], 5), "index": args.e2e_index, "index_sharing": args.index_sharing,
                         "note": "on a GPU the index builds run in a background thread during/after the prefill; the first "
                                 "decode step waits for them (first_decode_step_s) and is not in decode_tokens_per_s"})
         emit(rec)

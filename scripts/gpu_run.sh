@@ -13,7 +13,16 @@ for s in $steps; do case $s in
 build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/faiss*.whl >/dev/null 2>&1; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
        python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)";;
 tests) stamp tests; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_hf_exactness.py tests/python/test_index.py tests/python/test_reliability.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|ERROR|crashed" "$OUT/pytest_gpu.log" | head -20; tail -3 "$OUT/pytest_gpu.log";;
-decode) stamp decode; timeout ${DECODE_S:-300} python3 benchmarks/decode_latency.py --json --contexts ${DECODE_CTX:-131072} --layers 1 --threads 16 --methods ${DECODE_METHODS:-full,ours,flat,ivf,static} --out "$OUT" --no-plot > "$OUT/decode.jsonl" 2> "$OUT/decode.err"; echo "decode rc=$?"; tail -25 "$OUT/decode.err";;
+exc) stamp exc  # a C++ error inside a raw torch.ops kernel must reach Python as an exception, not crash the process
+     python3 -c "
+import torch, retrieval_attention
+try:
+    torch.ops.retrieval_attention.dense_attention(torch.randn(4, 3, 8), torch.randn(2, 10, 4), torch.randn(2, 10, 8), 1.0, False)
+except Exception as e:
+    print('raw op error caught:', type(e).__name__, str(e)[:70])
+" 2>&1 | tail -2; echo "exc rc=${PIPESTATUS[0]}";;
+gputests) stamp gputests; timeout ${GPUTESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_hf_exactness.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|crashed" "$OUT/pytest_gpu.log" | head -12; tail -2 "$OUT/pytest_gpu.log";;
+decode) stamp decode; timeout ${DECODE_S:-300} python3 benchmarks/decode_latency.py --json --contexts ${DECODE_CTX:-131072} --layers 1 --threads 16 --methods ${DECODE_METHODS:-full,ours,flat,ivf,static} ${DECODE_ARGS:-} --out "$OUT" --no-plot > "$OUT/decode.jsonl" 2> "$OUT/decode.err"; echo "decode rc=$?"; tail -25 "$OUT/decode.err";;
 demo) stamp demo; timeout 120 python3 examples/passkey_demo.py --context 8000 2>&1 | grep -v Warn | tee "$OUT/demo.log" | tail -6;;
 recall) stamp recall; timeout 200 python3 benchmarks/recall.py --json --data real,model_qk --dump-if-missing --threads 16 --qg-device cuda --out "$OUT" > "$OUT/recall.jsonl" 2> "$OUT/recall.err"; echo "recall rc=$?"; grep recall_summary "$OUT/recall.jsonl" | cut -c1-300;;
 accuracy) stamp accuracy; timeout 240 python3 benchmarks/accuracy.py --json --contexts 4096,16384 --samples 10 --tasks passkey,kv --methods full,retrieval_attention,flat_topk,static_only --out "$OUT" > "$OUT/accuracy.jsonl" 2> "$OUT/accuracy.err"; echo "accuracy rc=$?"; cut -c1-200 "$OUT/accuracy.jsonl";;
