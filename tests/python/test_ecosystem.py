@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM, pipeline
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, pipeline
 
 import retrieval_attention as ra
 from retrieval_attention.cache import RetrievalLayer
@@ -302,19 +302,24 @@ def test_rope_parameters_ignored_is_detected(monkeypatch):
 
 
 def test_bundled_model_config_under_this_transformers(model_dir):
-    """Under 4.x the bundled (transformers-5) config triggers the warning and rope_theta=2e6 at load fixes it; under 5.x
-    there is nothing to warn about."""
+    """The bundled config carries its RoPE base both as transformers 5 writes it (rope_parameters) and as 4.x reads it
+    (top-level rope_theta), so neither version warns. Under 4.x a transformers-5 config without the top-level key is
+    read with the wrong base, and RetrievalCache warns about it."""
+    import json
+    import os
     import warnings
 
     from retrieval_attention import compat
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention")
-    if compat.TRANSFORMERS_VERSION.major < 5:
-        with pytest.warns(RuntimeWarning, match="rope_theta"):
-            ra.RetrievalCache(model.config, ra.RetrievalConfig())
-        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention",
-                                                 rope_theta=2e6)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         ra.RetrievalCache(model.config, ra.RetrievalConfig())
         ra.enable(model, ra.RetrievalConfig())
+    if compat.TRANSFORMERS_VERSION.major < 5:
+        assert float(model.config.rope_theta) == 2e6
+        with open(os.path.join(model_dir, "config.json")) as f:
+            raw = json.load(f)
+        raw.pop("rope_theta")
+        with pytest.warns(RuntimeWarning, match="rope_theta"):
+            ra.RetrievalCache(LlamaConfig(**raw), ra.RetrievalConfig())
