@@ -122,7 +122,8 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
     The dump holds q[L, Hq, P, d] at positions q_pos[P] (all positions, or a subsample that always includes the
     last 64) and k[L, Hkv, T, d] for all positions. With n_keys=N the problem is cut to a prefix: keys = positions
     < N and eval queries = positions N..N+n_eval-1 (valid because attention is causal: those queries never see
-    later keys). Default: N = T - n_eval.
+    later keys); if the dump's queries are subsampled, N moves up to the first run of n_eval stored positions.
+    Default: N = T - n_eval.
     """
     z = np.load(path)
     K, Q, qpos = z["k"], z["q"], z["q_pos"].astype(np.int64)
@@ -131,6 +132,10 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
     if N + n_eval > T:
         raise ValueError(f"n_keys={N} + n_eval={n_eval} > T={T}")
     where = {int(p): i for i, p in enumerate(qpos)}
+    if n_keys is not None and not all(p in where for p in range(N, N + n_eval)):
+        # a dump with subsampled queries (--q-stride): cut at the first run of n_eval stored positions from N on
+        # (there is one: the dump keeps the last 64 positions)
+        N = next((int(p) for p in sorted(where) if p >= N and all(x in where for x in range(p, p + n_eval))), N)
     eval_idx = []
     for p in range(N, N + n_eval):
         if p not in where:
