@@ -99,6 +99,11 @@ def parse_args(argv=None):
     ap.add_argument("--analysis", action="store_true",
                     help="also measure attention mass (exact scores over all CPU keys) during the task runs")
     ap.add_argument("--haystack", default="auto", choices=("auto", "generated"), help="haystack text source")
+    ap.add_argument("--resume", default=None,
+                    help="JSON lines of an earlier run with the same settings: its (task, context, method) cells and KL "
+                         "contexts are reused, not re-run (a full run can be split over several time-limited calls)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new cell after this many seconds (skipped cells are listed; resume them later)")
     args = ap.parse_args(argv)
 
     def lst(s, default, cast=str):
@@ -652,6 +657,30 @@ def plot(results, path):
     plt.close(fig)
 
 
+def load_resume(args):
+    """Cells of an earlier run (--resume) that match this run's samples and settings: {(task, context, method): rec}
+    and {kl context: [recs]}. Records of other settings are ignored (they would not be comparable)."""
+    done, done_kl = {}, {}
+    if not args.resume:
+        return done, done_kl
+    sharing = args.index_sharing or "per_query_head"
+    with open(args.resume) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            rec = json.loads(line)
+            if rec.get("index_sharing", sharing) != sharing:
+                continue
+            if rec.get("bench") == "accuracy" and rec.get("samples") == args.samples and rec.get("task") in args.tasks \
+                    and rec.get("context") in args.contexts and rec.get("method") in args.methods:
+                done[(rec["task"], rec["context"], rec["method"])] = rec
+            elif rec.get("bench") == "accuracy_kl" and rec.get("context") in args.kl_contexts and rec.get("method") in args.methods:
+                done_kl.setdefault(rec["context"], []).append(rec)
+    log(f"resume: {len(done)} task cells and {len(done_kl)} KL contexts reused from {args.resume}")
+    return done, done_kl
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -666,12 +695,33 @@ def main(argv=None):
         if args.json:
             print(json.dumps(rec), flush=True)
 
+    done, done_kl = load_resume(args)
+    for rec in done.values():
+        if rec["method"] == "retrieval_attention":
+            ra_scan[(rec["task"], rec["context"])] = rec["scanned_frac"]
+
+    def out_of_budget(what):
+        if args.budget_s is None or time.perf_counter() - t_start <= args.budget_s:
+            return False
+        skipped.append(f"{what} (past --budget-s {args.budget_s:g})")
+        log(f"{what}: skipped, past --budget-s {args.budget_s:g}")
+        return True
+
     for task in args.tasks:
         for context in args.contexts:
-            samples = T.make_samples(task, context, args.samples, seed=args.seed, haystack=haystack)
+            samples = None
             for method in args.methods:
                 if method in failed:
                     continue
+                if (task, context, method) in done:
+                    rec = done[(task, context, method)]
+                    results.append(rec)
+                    emit(rec)
+                    continue
+                if out_of_budget(f"{task} {context} {method}"):
+                    continue
+                if samples is None:
+                    samples = T.make_samples(task, context, args.samples, seed=args.seed, haystack=haystack)
                 target = None
                 if method == "ivf_topk":
                     target = args.ivf_scan_frac or ra_scan.get((task, context)) or 0.1
@@ -691,6 +741,13 @@ def main(argv=None):
                     + (f"  misses {rec['example_misses']}" if rec.get("example_misses") else ""))
     kl_methods = [m for m in args.methods if m not in failed]
     for context in args.kl_contexts:
+        if context in done_kl:
+            for rec in done_kl[context]:
+                kl_results.append(rec)
+                emit(rec)
+            continue
+        if out_of_budget(f"kl {context}"):
+            continue
         for rec in run_kl(runner, context, kl_methods, haystack, {}):
             kl_results.append(rec)
             emit(rec)

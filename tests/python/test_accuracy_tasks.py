@@ -135,3 +135,28 @@ def test_exactness_mode_matches_full(hay):
             runner.layers["ivf_topk"].target_scan = 1.0
         lp = runner.teacher_forced_logprobs([ids], 300, runner.make_cache(method))
         assert torch.allclose(lp, ref, atol=2e-3), (method, (lp - ref).abs().max())
+
+
+def test_resume_reuses_only_matching_cells(tmp_path):
+    """accuracy.py --resume: cells of an earlier run with the same samples, tasks, contexts, methods and index sharing
+    are reused; anything else in the file is ignored (not comparable)."""
+    import accuracy
+
+    recs = [
+        {"bench": "accuracy", "task": "passkey", "context": 1024, "method": "full", "samples": 2, "accuracy": 1.0},
+        {"bench": "accuracy", "task": "passkey", "context": 1024, "method": "retrieval_attention", "samples": 2,
+         "accuracy": 1.0, "scanned_frac": 0.3, "index_sharing": "per_query_head"},
+        {"bench": "accuracy", "task": "passkey", "context": 2048, "method": "full", "samples": 50, "accuracy": 1.0},
+        {"bench": "accuracy", "task": "kv", "context": 1024, "method": "retrieval_attention", "samples": 2,
+         "accuracy": 1.0, "scanned_frac": 0.3, "index_sharing": "per_kv_head"},
+        {"bench": "accuracy_kl", "context": 1024, "method": "full", "kl": 0.0},
+    ]
+    path = tmp_path / "prev.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n")
+    args = accuracy.parse_args(["--quick", "--resume", str(path)])
+    done, done_kl = accuracy.load_resume(args)
+    assert set(done) == {("passkey", 1024, "full"), ("passkey", 1024, "retrieval_attention")}
+    assert list(done_kl) == [1024]
+    args = accuracy.parse_args(["--quick", "--resume", str(path), "--index-sharing", "per_kv_head"])
+    done, _ = accuracy.load_resume(args)
+    assert set(done) == {("passkey", 1024, "full"), ("kv", 1024, "retrieval_attention")}
