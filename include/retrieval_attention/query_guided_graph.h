@@ -14,7 +14,8 @@
 //     best-first, -1 = padding; e.g. from a GPU) and skips the kNN. m = 0 is allowed (the graph is then a plain
 //     k->k graph). Every key is reachable from the entry point after build() and after load() of a graph that
 //     was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
-//     environment prints the time of each build phase to stderr.
+//     environment prints the time of each build phase to stderr. Non-finite keys or training queries are
+//     rejected (std::invalid_argument) by build(), build_from_neighbors() and index_new_rows().
 //   * Graph: each key has at most max_degree() = degree + slack out-neighbours (ids uint32), stored in one
 //     fixed-stride array (n x (max_degree + 1) uint32; slot 0 of a row holds its count) for locality. Pruned
 //     neighbour lists hold at most `degree`; the slack slots only take connectivity edges.
@@ -157,6 +158,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
                                                   const QueryGuidedParams& params = {}) {
     auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), params);
     check_queries(train_queries, m, g->keys_->dim());
+    g->check_keys(0);
     const int64_t n = g->keys_->size(), kt = std::min<int64_t>(g->p_.k_train, n);
     std::vector<int64_t> knn;
     qg_detail::PhaseTimer timer;
@@ -175,6 +177,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
                                                                 const QueryGuidedParams& params = {}) {
     auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), params);
     check_queries(train_queries, m, g->keys_->dim());
+    g->check_keys(0);
     require(m == 0 || (knn_ids != nullptr && knn_k > 0), "query_guided: neighbour lists must be (m x knn_k) with knn_k > 0");
     const int64_t n = g->keys_->size();
     for (int64_t i = 0; i < m * knn_k; ++i)
@@ -222,6 +225,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const int64_t n_new = keys_->size();
     if (n_new <= n_) return;
     require(n_new < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
+    check_keys(n_);
     const int64_t first = n_;
     grow(n_new);
     if (first == 0) entry_ = 0;  // empty start: the first row is the entry until a build picks a better one
@@ -336,6 +340,11 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     return s;
   }
 
+  // Rows [from, size) of the store must be finite: a NaN/Inf key has no place in the graph's geometry.
+  void check_keys(int64_t from) const {
+    const int64_t n = keys_->size(), d = keys_->dim();
+    if (n > from) require(all_finite(keys_->row(from), (n - from) * d), "query_guided: keys contain NaN or Inf");
+  }
   static void check_queries(const float* q, int64_t m, int64_t d) {
     require(m >= 0, "query_guided: number of training queries must be non-negative");
     require(m == 0 || q != nullptr, "query_guided: training queries are null");
