@@ -4,7 +4,9 @@
 # torch.ops kernel (CPU and CUDA kernels, CPU-only and CUDA builds, with or without -Wl,-Bsymbolic-functions; torch 2.11
 # compiles extensions with -std=c++17 itself), while the minimal extension below, JIT-built by torch, raises fine through
 # both pybind and torch.ops. Not yet tried there: the minimal op with -fopenmp / -O3 (our flags), and with
-# `import retrieval_attention` first (its Python registrations). usage on the device: bash scripts/dev/exc_probe.sh
+# `import retrieval_attention` first (its Python registrations), and our own sources JIT-built by torch. Not reproduced on
+# the CPU machine with torch 2.11.0+cu130 (PyPI), pyenv python 3.12.1, g++ 12.2 and our flags: there it raises ValueError.
+# usage on the device: bash scripts/dev/exc_probe.sh
 set -u
 export PYTHONPATH=$PWD/python
 for c in g++ /opt/gcc/bin/g++ /usr/bin/g++ c++; do echo "== $c: $(command -v $c) $($c --version 2>/dev/null | head -1)"; done
@@ -51,3 +53,18 @@ except Exception as e: print(v, "torch.ops CAUGHT", type(e).__name__)
 PY
   echo "mini $variant rc=$?"
 done
+# our own sources JIT-built by torch (its compiler invocation, not setup.py's sysconfig flags): if this raises while the
+# setup.py build segfaults, the difference is in how setup.py compiles/links on that machine
+python3 - <<'PY' 2>&1 | tail -3
+import glob, os, torch
+from torch.utils.cpp_extension import load
+root = os.getcwd()
+m = load("ra_jit_probe", sorted(glob.glob(f"{root}/csrc/*.cpp")), verbose=False,
+         extra_include_paths=[f"{root}/include", f"{root}/csrc", os.environ.get("EIGEN_INCLUDE_DIR", f"{root}/.deps/eigen3")],
+         extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"])
+try:
+    torch.ops.retrieval_attention.dense_attention(torch.randn(4, 3, 8), torch.randn(2, 10, 4), torch.randn(2, 10, 8), 1.0, False)
+except Exception as e:
+    print("ours JIT-built: torch.ops CAUGHT", type(e).__name__)
+PY
+echo "ours_jit rc=$?"
