@@ -9,6 +9,7 @@
 # usage on the device: bash scripts/dev/exc_probe.sh
 set -u
 export PYTHONPATH=$PWD/python
+file /opt/gcc/bin/g++ 2>/dev/null; head -c 1500 /opt/gcc/bin/g++ 2>/dev/null | strings | head -20  # a wrapper ("g++-real")? what it adds
 for c in g++ /opt/gcc/bin/g++ /usr/bin/g++ c++; do echo "== $c: $(command -v $c) $($c --version 2>/dev/null | head -1)"; done
 echo "CXX=${CXX:-} CC=${CC:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 command -v gdb; python3 -c "import torch; print(torch.__config__.show())" | grep -i -E "gcc|compiler|abi" | head
