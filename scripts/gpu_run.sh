@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device call on the GPU machine: build with CUDA (sm_90), GPU tests, demo, recall, accuracy and build-time
 # benchmarks, each under its own time limit; logs and JSON lines under $OUT. Needs .deps/eigen3 carried
-# (cp -r /usr/include/eigen3 .deps/eigen3 here first).   usage: bash scripts/gpu_run.sh [steps...]
+# (cp -r /usr/include/eigen3 .deps/eigen3 here first) and the faiss wheel in .whl/ (carry [".deps", ".whl"]).
+#   usage: bash scripts/gpu_run.sh [steps...]
+# accuracy_full runs the issue-5 grid under a time budget (ACC_BUDGET_S) and resumes from ACC_RESUME (a jsonl of an
+# earlier call copied into the tree, e.g. benchmarks/results/acc_partial.jsonl), so the grid can span several calls.
 set -u
 OUT=${OUT:-/tmp/ra_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 EIGEN_INCLUDE_DIR=$PWD/.deps/eigen3 PYTHONPATH=$PWD/python
@@ -26,6 +29,12 @@ decode) stamp decode; timeout ${DECODE_S:-300} python3 benchmarks/decode_latency
 demo) stamp demo; timeout 120 python3 examples/passkey_demo.py --context 8000 2>&1 | grep -v Warn | tee "$OUT/demo.log" | tail -6;;
 recall) stamp recall; timeout 200 python3 benchmarks/recall.py --json --data real,model_qk --dump-if-missing --threads 16 --qg-device cuda --out "$OUT" > "$OUT/recall.jsonl" 2> "$OUT/recall.err"; echo "recall rc=$?"; grep recall_summary "$OUT/recall.jsonl" | cut -c1-300;;
 accuracy) stamp accuracy; timeout 240 python3 benchmarks/accuracy.py --json --contexts 4096,16384 --samples 10 --tasks passkey,kv --methods full,retrieval_attention,flat_topk,static_only --out "$OUT" > "$OUT/accuracy.jsonl" 2> "$OUT/accuracy.err"; echo "accuracy rc=$?"; cut -c1-200 "$OUT/accuracy.jsonl";;
+accuracy_full) stamp accuracy_full; timeout $(( ${ACC_BUDGET_S:-420} + 120 )) python3 benchmarks/accuracy.py --json --budget-s ${ACC_BUDGET_S:-420} \
+       ${ACC_RESUME:+--resume $ACC_RESUME} --index-sharing ${ACC_SHARING:-per_query_head} --out "$OUT/acc" > "$OUT/accuracy_full.jsonl" 2> "$OUT/accuracy_full.err"
+       echo "accuracy_full rc=$?"; grep -c '"bench": "accuracy"' "$OUT/accuracy_full.jsonl"; grep "past --budget-s" "$OUT/accuracy_full.err" | head -3;;
+e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e \
+       --e2e-methods ${E2E_METHODS:-full,ours} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
+       > "$OUT/e2e.jsonl" 2> "$OUT/e2e.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e.jsonl" | cut -c1-400;;
 buildtime) stamp buildtime; timeout 150 python3 benchmarks/recall.py --build-time --json --bt-layers 2 --bt-heads 32 --bt-kv-heads 8 --bt-n 131072 --bt-d 128 --threads 16 --qg-device cuda > "$OUT/buildtime.jsonl" 2> "$OUT/buildtime.err"; echo "buildtime rc=$?"; tail -3 "$OUT/buildtime.jsonl" | cut -c1-300;;
 esac; done
 stamp done
