@@ -104,15 +104,19 @@ def default_model_qk_path(T: int = 16384) -> str:
     return os.path.join(CACHE_DIR, f"model_qk_T{T}.npz")
 
 
+MODEL_TRAINED_TOKENS = 32768  # the bundled model's trained context: dumps beyond it are used only when asked for
+
+
 def find_model_qk_cache() -> str | None:
-    """The largest cached dump under benchmarks/results/cache/, or None."""
+    """The largest cached dump under benchmarks/results/cache/ within the model's trained context, or None."""
     if not os.path.isdir(CACHE_DIR):
         return None
-    c = [f for f in os.listdir(CACHE_DIR) if f.startswith("model_qk_T") and f.endswith(".npz")]
-    if not c:
-        return None
-    c.sort(key=lambda f: int(f[len("model_qk_T"):-4]) if f[len("model_qk_T"):-4].isdigit() else 0)
-    return os.path.join(CACHE_DIR, c[-1])
+    sizes = {}
+    for f in os.listdir(CACHE_DIR):
+        t = f[len("model_qk_T"):-len(".npz")]
+        if f.startswith("model_qk_T") and f.endswith(".npz") and t.isdigit() and int(t) <= MODEL_TRAINED_TOKENS:
+            sizes[int(t)] = f
+    return os.path.join(CACHE_DIR, sizes[max(sizes)]) if sizes else None
 
 
 def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: int | None = None,

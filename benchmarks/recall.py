@@ -48,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--d", type=int, default=64, help="synthetic head dim")
     ap.add_argument("--num-synthetic", type=int, default=None, help="synthetic problems per data set (4; quick 1)")
     ap.add_argument("--n-eval", type=int, default=64, help="evaluation queries per problem")
-    ap.add_argument("--model-qk", default=None, help="dump from dump_model_qk.py (default: largest cached one)")
+    ap.add_argument("--model-qk", default=None, help="dump from dump_model_qk.py (default: the largest cached one of at most 32768 tokens, the model's trained range)")
     ap.add_argument("--model-qk-keys", type=int, default=None, help="cut model_qk to this many keys (quick: 4096)")
     ap.add_argument("--model-qk-max-train", type=int, default=None, help="subsample model_qk training queries")
     ap.add_argument("--dump-if-missing", action="store_true",
