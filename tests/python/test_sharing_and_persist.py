@@ -298,3 +298,27 @@ def test_offloaded_layer_file_checks_shape_and_dtype(tmp_path):
         C.load(f, torch.float16, 4, 2, 8, 8, "query_guided", {}, 100, "per_kv_head")
     with pytest.raises(RuntimeError, match="cannot open"):
         C.load(str(tmp_path / "none"), torch.float32, 4, 2, 8, 8, "query_guided", {}, 100, "per_kv_head")
+
+
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+def test_precomputed_knn_builds_the_same_graphs(sharing):
+    """The GPU path hands the C++ build the training queries' exact neighbour lists (ra.index.exact_knn, per query
+    head); with per_kv_head the layer pools a group's lists. Given the same lists the build computes itself, the graphs
+    (hence every search) are identical."""
+    from retrieval_attention import _ext
+    from retrieval_attention.index import exact_knn
+
+    torch.manual_seed(0)
+    hq, hkv, d, n, m = 4, 2, 16, 400, 60
+    keys, values = torch.randn(hkv, n, d), torch.randn(hkv, n, d)
+    train = torch.randn(hq, m, d) + 0.5
+    layers = []
+    for knn in (None, exact_knn(keys, train, 32)):
+        layer = _ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {"k_train": 32}, 0, sharing)
+        layer.build(keys, values, train, knn)
+        layers.append(layer)
+    q = torch.randn(hq, 5, d)
+    a = layers[0].retrieve_attend(q, 10, 32, d ** -0.5, return_ids=True)
+    b = layers[1].retrieve_attend(q, 10, 32, d ** -0.5, return_ids=True)
+    assert torch.equal(a[-1], b[-1])
+    assert torch.equal(a[0], b[0])
