@@ -44,6 +44,14 @@ void check_index_params(const std::string& type, const py::dict& params) {
   if (spec.type == "query_guided") spec.query_guided.validate();  // std::invalid_argument -> ValueError
 }
 
+// Every integer build parameter of the index type, the given ones over the core's defaults (one place for defaults).
+py::dict resolved_index_params(const std::string& type, const py::dict& params) {
+  ra::IndexSpec spec = spec_from(type, params);
+  py::dict out;
+  ra::apply_index_params(spec, [&](const char* key, int64_t& value) { out[key] = value; });
+  return out;
+}
+
 at::Tensor rows_tensor(const at::Tensor& t, int64_t d, const char* name) {
   check_cpu(t, name);
   check_dim(t, 2, name, "(n, dim)");
@@ -333,6 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "retrieval_attention C++ core bindings (use the retrieval_attention package, not this module)";
   // pybind11 itself maps std::invalid_argument to ValueError and std::runtime_error to RuntimeError.
   m.def("check_index_params", &check_index_params, py::arg("type"), py::arg("params"));
+  m.def("resolved_index_params", &resolved_index_params, py::arg("type"), py::arg("params"));
 
   py::class_<PyIndex>(m, "KeyIndex")
       .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none())

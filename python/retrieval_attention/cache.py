@@ -272,7 +272,7 @@ class RetrievalLayer(CacheLayerMixin):
         knn = None
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
-            k_train = int(cfg.index_params.get("k_train", 100))
+            k_train = _ext._C.resolved_index_params(cfg.index, cfg.index_params)["k_train"]
             knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
         cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
         self._set_static(
