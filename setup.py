@@ -26,6 +26,34 @@ def eigen_include():
     sys.exit("retrieval_attention build: Eigen headers not found; install libeigen3-dev or set EIGEN_INCLUDE_DIR")
 
 
+def shared_cxx_runtime_link_args():
+    """Link arguments that make the extension load the C++ runtime (libstdc++.so.6) that torch runs with.
+
+    Some toolchains (seen: a g++ wrapper on the GPU machine whose -B directory holds only libstdc++.a) link
+    libstdc++ statically into the extension. That private copy shares its locale and iostream state with the
+    process's libstdc++.so.6 half-way, and formatting a number into an error message inside a torch op then
+    crashed the process instead of raising. When the compiler cannot find a shared libstdc++, link the one this
+    process has loaded (the one torch uses) by path."""
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found):
+        return []  # the toolchain links the shared runtime itself
+    try:
+        loaded = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libstdc++.so" in line})
+    except OSError:
+        loaded = []
+    if not loaded:
+        return []
+    print(f"retrieval_attention build: {cxx} has no shared libstdc++; linking {loaded[0]} (the runtime torch uses)")
+    return [loaded[0]]
+
+
 def extensions():
     import torch
     from torch.utils import cpp_extension
@@ -41,6 +69,7 @@ def extensions():
         and cpp_extension.CUDA_HOME is not None
         and glob.glob(os.path.join("csrc", "cuda", "*.cu"))
     )
+    runtime_args = shared_cxx_runtime_link_args()
     if use_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         ext = cpp_extension.CUDAExtension(
@@ -48,11 +77,12 @@ def extensions():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DRA_WITH_CUDA"], "nvcc": ["-O3", "--use_fast_math", "-DRA_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + runtime_args,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "retrieval_attention._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+            "retrieval_attention._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"] + runtime_args,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

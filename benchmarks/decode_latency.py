@@ -636,7 +636,9 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             flush()
             sync(dev)
             t = time.perf_counter()
-            q_cpu = q.reshape(Hq, 1, d).to("cpu", torch.float32)
+            q_cpu, ready = layer.query_to_host(q.reshape(Hq, 1, d))  # the layer's own transfer path (pinned on a GPU)
+            if ready is not None:
+                ready.synchronize()
             t_q = time.perf_counter() - t
             kf, vf = layer._flat_heads(layer.keys), layer._flat_heads(layer.values)
             qf = q.reshape(Hq, 1, d)
@@ -651,7 +653,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             t_cpu = time.perf_counter() - t
             sync(dev)
             t = time.perf_counter()
-            o_cd, l_cd = o_c.to(o_g.device), l_c.to(o_g.device)
+            o_cd, l_cd = layer.results_to_device(o_c, l_c, o_g.device)
             sync(dev)
             t_back = time.perf_counter() - t
             t = time.perf_counter()

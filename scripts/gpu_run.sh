@@ -7,14 +7,15 @@
 # earlier call copied into the tree, e.g. benchmarks/results/acc_partial.jsonl), so the grid can span several calls.
 set -u
 OUT=${OUT:-/tmp/ra_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 EIGEN_INCLUDE_DIR=$PWD/.deps/eigen3 PYTHONPATH=$PWD/python
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 EIGEN_INCLUDE_DIR=$PWD/.deps/eigen3 PYTHONPATH=$PWD/python:/tmp/pylib  # /tmp/pylib: the carried faiss wheel, unpacked by the build step
 steps=${*:-"build tests demo recall accuracy buildtime"}
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 for s in $steps; do case $s in
-build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && pip install -q --no-deps .whl/faiss*.whl >/dev/null 2>&1; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
-       python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)";;
+build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --target /tmp/pylib .whl/faiss*.whl > "$OUT/faiss_install.log" 2>&1; python3 -c "import faiss; print('faiss', faiss.__version__)"; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
+       python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)"
+       grep "no shared libstdc" "$OUT/build.log"; readelf -d python/retrieval_attention/_C*.so | grep NEEDED | tr -s ' ' | cut -d' ' -f6 | tr '\n' ' '; echo;;
 tests) stamp tests; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_hf_exactness.py tests/python/test_index.py tests/python/test_reliability.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|ERROR|crashed" "$OUT/pytest_gpu.log" | head -20; tail -3 "$OUT/pytest_gpu.log";;
 exc) stamp exc  # a C++ error inside a raw torch.ops kernel must reach Python as an exception, not crash the process
      python3 -c "
@@ -24,7 +25,7 @@ try:
 except Exception as e:
     print('raw op error caught:', type(e).__name__, str(e)[:70])
 " 2>&1 | tail -2; echo "exc rc=${PIPESTATUS[0]}";;
-gputests) stamp gputests; timeout ${GPUTESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_hf_exactness.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|crashed" "$OUT/pytest_gpu.log" | head -12; tail -2 "$OUT/pytest_gpu.log";;
+gputests) stamp gputests; timeout ${GPUTESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_hf_exactness.py tests/python/test_reliability.py::test_ops_bad_and_edge_inputs tests/python/test_packaging.py::test_extension_loads_the_shared_cxx_runtime > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|crashed" "$OUT/pytest_gpu.log" | head -12; tail -2 "$OUT/pytest_gpu.log";;
 decode) stamp decode; timeout ${DECODE_S:-300} python3 benchmarks/decode_latency.py --json --contexts ${DECODE_CTX:-131072} --layers 1 --threads 16 --methods ${DECODE_METHODS:-full,ours,flat,ivf,static} ${DECODE_ARGS:-} --out "$OUT" --no-plot > "$OUT/decode.jsonl" 2> "$OUT/decode.err"; echo "decode rc=$?"; tail -25 "$OUT/decode.err";;
 demo) stamp demo; timeout 120 python3 examples/passkey_demo.py --context 8000 2>&1 | grep -v Warn | tee "$OUT/demo.log" | tail -6;;
 recall) stamp recall; timeout 200 python3 benchmarks/recall.py --json --data real,model_qk --dump-if-missing --threads 16 --qg-device cuda --out "$OUT" > "$OUT/recall.jsonl" 2> "$OUT/recall.err"; echo "recall rc=$?"; grep recall_summary "$OUT/recall.jsonl" | cut -c1-300;;

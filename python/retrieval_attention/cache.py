@@ -126,6 +126,7 @@ class RetrievalLayer(CacheLayerMixin):
         super().__init__()
         self.cfg = cfg
         self.q_heads, self.kv_heads, self.head_dim, self.layer_idx = q_heads, kv_heads, head_dim, layer_idx
+        self._host_buffers = {}  # page-locked float32 staging buffers of GPU decoding, reused across steps
         self._reset_state()
 
     def _reset_state(self):
@@ -364,15 +365,17 @@ class RetrievalLayer(CacheLayerMixin):
         B, H, m, d = query.shape
         q = query.reshape(B * H, m, d)
         n_cpu = self.cpu_tokens
-        # Copy the query to the CPU first, then launch the device's static attention (asynchronous on a GPU),
-        # so the CPU search below overlaps the device work.
-        q_cpu = q.to("cpu", torch.float32) if n_cpu else None
+        # Start the query's copy to the CPU, then launch the device's static attention (asynchronous on a GPU), so the
+        # CPU search below overlaps the device work.
+        q_cpu, q_ready = self.query_to_host(q) if n_cpu else (None, None)
         key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
         out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True,
                                               key_start=key_start)
         if n_cpu:
+            if q_ready is not None:
+                q_ready.synchronize()  # waits for the query's copy only, not for the static attention queued after it
             out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
-            lse_c_dev = lse_c.to(out.device)
+            out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
             # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
             # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync.
             share = torch.sigmoid(lse_c_dev.float() - lse.float()).mean()
@@ -381,12 +384,42 @@ class RetrievalLayer(CacheLayerMixin):
             every = self.cfg.mass_probe_every
             if every and self.steps % every == 0:
                 self._probe_mass(q_cpu, scaling, lse, lse_c)
-            out, lse = merge_attention_any_device(out, lse, out_c.to(out.device), lse_c_dev)
+            out, lse = merge_attention_any_device(out, lse, out_c_dev, lse_c_dev)
             self.last_visited_mean = float(visited.double().mean())
             self.visited_sum += self.last_visited_mean
             self.cpu_candidates_sum += n_cpu
         self.steps += 1
         return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
+
+    def _host_buffer(self, name: str, shape) -> torch.Tensor:
+        buf = self._host_buffers.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            buf = torch.empty(tuple(shape), dtype=torch.float32, pin_memory=True)
+            self._host_buffers[name] = buf
+        return buf
+
+    def query_to_host(self, q: torch.Tensor):
+        """q (rows, m, d) on the model's device -> (float32 CPU tensor, event or None). On a GPU the copy goes to a
+        reused page-locked buffer without blocking; wait on the returned event before reading it. The buffer is
+        overwritten by this layer's next decode step."""
+        if not q.is_cuda:
+            return q.to("cpu", torch.float32), None
+        host = self._host_buffer("q", q.shape)
+        host.copy_(q.float(), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def results_to_device(self, out_c: torch.Tensor, lse_c: torch.Tensor, device):
+        """The CPU part's (out, lse) -> the model's device. On a GPU through reused page-locked buffers and
+        asynchronous copies, ordered before the merge on the same stream; the next step's query copy waits for them
+        before the buffers are written again."""
+        if device.type != "cuda":
+            return out_c.to(device), lse_c.to(device)
+        out_h, lse_h = self._host_buffer("out", out_c.shape), self._host_buffer("lse", lse_c.shape)
+        out_h.copy_(out_c)
+        lse_h.copy_(lse_c)
+        return out_h.to(device, non_blocking=True), lse_h.to(device, non_blocking=True)
 
     def exact_cpu_lse(self, q_cpu: torch.Tensor, scaling: float) -> torch.Tensor:
         """q_cpu (batch*q_heads, m, d) float32 -> (batch*q_heads, m) float32: the exact log-sum-exp of the scaled scores
@@ -420,7 +453,8 @@ class RetrievalLayer(CacheLayerMixin):
         """Called with (batch*kv_heads, t, d) CPU tensors each time tokens move to the CPU (train_queries at prefill)."""
 
     def cpu_retrieve_attend(self, q_cpu: torch.Tensor, scaling: float):
-        """q_cpu (batch*q_heads, m, d) float32 -> (out, lse, visited) over the CPU tokens."""
+        """q_cpu (batch*q_heads, m, d) float32 -> (out, lse, visited) over the CPU tokens. q_cpu may be a reused
+        staging buffer: copy it if it must outlive the call."""
         return self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.ef, scaling)
 
     # -- persistence (RetrievalCache.save / RetrievalCache.load) -------------------------------------------------

@@ -101,3 +101,14 @@ def test_wheel_installs_and_runs_on_its_own(wheel):
     assert run.stdout.split()[0] == source_version()
     assert pathlib.Path(run.stdout.split()[1]).resolve().is_relative_to(target.resolve()), run.stdout
     assert "(2, 1, 8)" in run.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None, reason="needs Linux and readelf")
+def test_extension_loads_the_shared_cxx_runtime():
+    """The built extension must use the process's libstdc++.so.6, not a static copy: a private copy of the C++ runtime
+    (linked by a toolchain without a shared libstdc++, see setup.py) crashed torch ops while formatting error messages."""
+    import retrieval_attention._ext as ext
+
+    dyn = subprocess.run(["readelf", "-d", ext._C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dyn)
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
