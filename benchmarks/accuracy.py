@@ -664,6 +664,9 @@ def load_resume(args):
     if not args.resume:
         return done, done_kl
     sharing = args.index_sharing or "per_query_head"
+    if not os.path.exists(args.resume):  # the first of a series of resumed runs
+        log(f"resume: {args.resume} does not exist yet; starting from scratch")
+        return done, done_kl
     with open(args.resume) as f:
         for line in f:
             line = line.strip()

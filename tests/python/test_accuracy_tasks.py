@@ -160,3 +160,6 @@ def test_resume_reuses_only_matching_cells(tmp_path):
     args = accuracy.parse_args(["--quick", "--resume", str(path), "--index-sharing", "per_kv_head"])
     done, _ = accuracy.load_resume(args)
     assert set(done) == {("passkey", 1024, "full"), ("kv", 1024, "retrieval_attention")}
+    # the first run of a resumed series: the file does not exist yet
+    args = accuracy.parse_args(["--quick", "--resume", str(tmp_path / "not_yet.jsonl")])
+    assert accuracy.load_resume(args) == ({}, {})
