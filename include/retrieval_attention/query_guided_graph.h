@@ -484,16 +484,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     n_ = n_new;
   }
 
-  static void prefetch_row(const void* p, int64_t bytes) {
-#if defined(__GNUC__)
-    const char* c = static_cast<const char*>(p);
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-  }
-
   // Beam search over rows of `base` (the store's T rows, or a float32 copy during build). Leaves the best
   // `beam` candidates best-first in s.beam. Returns the number of scores computed. l2: rank by
   // q.k - |k|^2/2, i.e. by Euclidean nearness to q, used when a key searches for its own neighbours
@@ -543,7 +533,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         if (mark[v] != ep) {
           mark[v] = ep;
           s.fresh.push_back(v);
-          prefetch_row(base + static_cast<int64_t>(v) * d, d * static_cast<int64_t>(sizeof(R)));
+          prefetch_bytes(base + static_cast<int64_t>(v) * d, d * static_cast<int64_t>(sizeof(R)));
         }
       }
       size_t lowest = s.beam.size();  // smallest position an insertion landed at
@@ -610,7 +600,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     cbuf.resize(cand.size() * static_cast<size_t>(d));
     for (size_t i = 0; i < cand.size(); ++i) {
       const uint32_t c = cand[i];
-      if (i + 4 < cand.size()) prefetch_row(base + static_cast<int64_t>(cand[i + 4]) * d, d * static_cast<int64_t>(sizeof(R)));
+      if (i + 4 < cand.size()) prefetch_bytes(base + static_cast<int64_t>(cand[i + 4]) * d, d * static_cast<int64_t>(sizeof(R)));
       const float ip = qg_detail::dot_copy(pf, base + static_cast<int64_t>(c) * d, cbuf.data() + i * static_cast<size_t>(d), d);
       scored[i] = {sp + sq_[c] - 2.f * ip, ip, c};
     }

@@ -115,6 +115,17 @@ inline float dot_row(const float* q, const T* row, int64_t d) {
   return s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+// A hint that the `bytes` from p will be read soon (one request per 64-byte cache line); no effect on results.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // out[i] += w * row[i]
 template <class T>
 inline void axpy_row(float w, const T* row, float* out, int64_t d) {
