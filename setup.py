@@ -87,19 +87,20 @@ def extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for its helpers
+    ext_modules, cmdclass = extensions()
 
-setup(
-    name="retrieval-attention",
-    version=read_version(),
-    description="RetrievalAttention: long-context decoding with a CPU KV cache searched by a query-guided proximity graph",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "tqdm"],
-    zip_safe=False,
-)
+    setup(
+        name="retrieval-attention",
+        version=read_version(),
+        description="RetrievalAttention: long-context decoding with a CPU KV cache searched by a query-guided proximity graph",
+        long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+        long_description_content_type="text/markdown",
+        package_dir={"": "python"},
+        packages=find_packages("python"),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        python_requires=">=3.10",
+        install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "tqdm"],
+        zip_safe=False,
+    )

@@ -112,3 +112,34 @@ def test_extension_loads_the_shared_cxx_runtime():
     dyn = subprocess.run(["readelf", "-d", ext._C.__file__], capture_output=True, text=True, check=True).stdout
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dyn)
     assert any(n.startswith("libstdc++.so") for n in needed), needed
+
+
+def _load_setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ra_setup", str(ROOT / "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # its setup() call is guarded by __main__
+    return mod
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_static_only_toolchain_links_the_loaded_cxx_runtime(tmp_path, monkeypatch):
+    """setup.py's fallback: a compiler that cannot find a shared libstdc++ gets the runtime this process has loaded (the
+    one torch uses) as an explicit link argument; a normal compiler gets nothing extra."""
+    import torch  # noqa: F401  (loads libstdc++.so.6 as torch does)
+
+    mod = _load_setup_module()
+    static_only = tmp_path / "static-only-cxx"
+    static_only.write_text("#!/bin/sh\necho libstdc++.so\n")  # what g++ -print-file-name prints when it finds none
+    static_only.chmod(0o755)
+    monkeypatch.setenv("CXX", str(static_only))
+    args = mod.shared_cxx_runtime_link_args()
+    assert len(args) == 1 and os.path.isabs(args[0]) and "libstdc++.so" in os.path.basename(args[0]), args
+    assert os.path.exists(args[0])
+
+    normal = tmp_path / "normal-cxx"
+    normal.write_text(f"#!/bin/sh\necho {args[0]}\n")  # a toolchain that does have the shared runtime
+    normal.chmod(0o755)
+    monkeypatch.setenv("CXX", str(normal))
+    assert mod.shared_cxx_runtime_link_args() == []
