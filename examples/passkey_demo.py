@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import retrieval_attention as ra
+from retrieval_attention.compat import cache_kwarg  # "cache" in the newest transformers, else "past_key_values"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = os.path.join(HERE, "..", "models", "tinyllama-byte-32k")
@@ -76,8 +77,8 @@ def main():
     for name, make_cache in (("full attention", DynamicCache), ("retrieval attention", lambda: ra.RetrievalCache(model.config, cfg))):
         cache, clock = make_cache(), StepClock(args.device)
         t0 = time.perf_counter()
-        out = model.generate(ids.to(args.device), past_key_values=cache, max_new_tokens=args.new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([clock]))
+        out = model.generate(ids.to(args.device), max_new_tokens=args.new_tokens, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]), **{cache_kwarg(model): cache})
         prefill_s = clock.stamps[0] - t0  # prompt + first token (includes the index build)
         decode_s = (clock.stamps[-1] - clock.stamps[0]) / max(len(clock.stamps) - 1, 1)
         answer = decode(out[0, ids.shape[1]:].tolist())
