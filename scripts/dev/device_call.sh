@@ -6,7 +6,6 @@ set -u
 REAL_OUT=$OUT; export OUT=/tmp/o; mkdir -p $OUT; t0=$(date +%s); LIMIT=${LIMIT:-585}
 for step in "$@"; do
   if [ "$step" = accuracy_full ]; then export ACC_BUDGET_S=$(( LIMIT - ($(date +%s) - t0) - ${ACC_MARGIN_S:-130} )); fi
-  if [ "$step" = exc_probe ]; then timeout 150 bash scripts/dev/exc_probe.sh > $OUT/exc_probe.log 2>&1; continue; fi
   bash scripts/gpu_run.sh "$step" >> $OUT/run.log 2>&1
 done
 tar czf $REAL_OUT/o.tgz -C /tmp/o .
