@@ -60,8 +60,7 @@ def extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc"), eigen_include()]
-    # no -std here: torch passes the standard its headers need (c++17, or c++20 from torch 2.10 on); overriding it with
-    # c++17 built an extension whose C++ exceptions crashed torch 2.11 at the op boundary
+    # no -std here: torch passes the standard its headers need (c++17, or c++20 from torch 2.10 on)
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
     use_cuda = (
         os.environ.get("RA_FORCE_CPU", "0") != "1"
