@@ -40,6 +40,7 @@ accuracy.jsonl, accuracy.md (tables) and accuracy.png.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import inspect
 import json
 import math
@@ -275,18 +276,29 @@ def make_layer_classes():
             n = self._n
             nl = self.nlist or int(2 ** round(math.log2(max(16.0, math.sqrt(n)))))
             nl = max(1, min(nl, n))
-            self._ivf = []
             keys = self.cpu_keys.float().numpy()
-            for h in range(keys.shape[0]):
+            n_heads = keys.shape[0]
+            # One k-means per (batch row, kv head): with several, train them side by side on one thread each (faiss
+            # releases the GIL; k-means on a few thousand rows scales poorly over threads), else one on all threads.
+            workers = max(1, min(self.train_threads, n_heads))
+            threads_each = max(1, self.train_threads // workers)
+
+            def train_one(h):
+                faiss.omp_set_num_threads(threads_each)  # OpenMP thread count is per calling thread
                 quant = faiss.IndexFlatIP(keys.shape[2])
                 idx = faiss.IndexIVFFlat(quant, keys.shape[2], nl, faiss.METRIC_INNER_PRODUCT)
                 idx.cp.seed = 1234 + h
                 idx.cp.min_points_per_centroid = 1  # no warnings for small n; training uses all keys anyway
-                faiss.omp_set_num_threads(self.train_threads)
                 idx.train(np.ascontiguousarray(keys[h]))
-                faiss.omp_set_num_threads(1)
                 idx.add(np.ascontiguousarray(keys[h]))
-                self._ivf.append((idx, quant))
+                return idx, quant
+
+            if workers == 1:
+                self._ivf = [train_one(h) for h in range(n_heads)]
+            else:
+                with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                    self._ivf = list(pool.map(train_one, range(n_heads)))
+            faiss.omp_set_num_threads(1)
             H, m, d = q_cpu.shape
             G = H // len(self._ivf)
             qn = q_cpu.reshape(len(self._ivf), G * m, d).numpy()
@@ -516,6 +528,8 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
     if method != "full":
         rec["index_sharing"] = runner.base_cfg["index_sharing"]
         rec["index_build_s"] = round(build_s, 3)  # summed over the cell's caches (all layers), includes offloading
+    if method == "retrieval_attention":
+        rec["train_queries"] = train_queries(context)
     if method == "ivf_topk":
         rec["target_scan"] = round(ivf_target, 5)
     if mass[0]:
@@ -657,6 +671,14 @@ def plot(results, path):
     plt.close(fig)
 
 
+def train_queries(context: int) -> int:
+    """Training queries per index of retrieval_attention for a prompt of `context` tokens (RetrievalConfig's cap)."""
+    import retrieval_attention as ra
+
+    cap = ra.RetrievalConfig().max_train_queries
+    return context if cap is None else min(context, cap)
+
+
 def load_resume(args):
     """Cells of an earlier run (--resume) that match this run's samples and settings: {(task, context, method): rec}
     and {kl context: [recs]}. Records of other settings are ignored (they would not be comparable)."""
@@ -680,6 +702,29 @@ def load_resume(args):
                 done[(rec["task"], rec["context"], rec["method"])] = rec
             elif rec.get("bench") == "accuracy_kl" and rec.get("context") in args.kl_contexts and rec.get("method") in args.methods:
                 done_kl.setdefault(rec["context"], []).append(rec)
+    stale = []
+    for key, rec in list(done.items()):
+        task, context, method = key
+        # records from before train_queries was recorded used every prompt token as a training query
+        if method == "retrieval_attention" and rec.get("train_queries", context) != train_queries(context):
+            stale.append(key)
+            del done[key]
+    for key, rec in list(done.items()):
+        if key[2] != "ivf_topk":
+            continue
+        # ivf_topk's scan budget: --ivf-scan-frac, else the scanned fraction of retrieval_attention's cell in this run
+        if args.ivf_scan_frac is not None:
+            want = round(args.ivf_scan_frac, 5)
+        elif "retrieval_attention" in args.methods:
+            ra_rec = done.get((key[0], key[1], "retrieval_attention"))
+            want = None if ra_rec is None else ra_rec["scanned_frac"]
+        else:
+            want = rec.get("target_scan")
+        if want is None or rec.get("target_scan") != want:
+            stale.append(key)
+            del done[key]
+    if stale:
+        log(f"resume: {len(stale)} cells built with other settings are run again: " + ", ".join(" ".join(map(str, k)) for k in stale))
     log(f"resume: {len(done)} task cells and {len(done_kl)} KL contexts reused from {args.resume}")
     return done, done_kl
 

@@ -33,6 +33,13 @@ accuracy) stamp accuracy; timeout 240 python3 benchmarks/accuracy.py --json --co
 accuracy_full) stamp accuracy_full; timeout $(( ${ACC_BUDGET_S:-420} + 120 )) python3 benchmarks/accuracy.py --json --budget-s ${ACC_BUDGET_S:-420} \
        ${ACC_RESUME:+--resume $ACC_RESUME} --index-sharing ${ACC_SHARING:-per_query_head} --out "$OUT/acc" > "$OUT/accuracy_full.jsonl" 2> "$OUT/accuracy_full.err"
        echo "accuracy_full rc=$?"; grep -c '"bench": "accuracy"' "$OUT/accuracy_full.jsonl"; grep "past --budget-s" "$OUT/accuracy_full.err" | head -3;;
+accuracy_par) stamp accuracy_par  # the grid split over the GPUs: ACC_SPLIT holds one comma list of tasks per GPU
+       i=0; for tl in ${ACC_SPLIT:-passkey,kv niah,niah_multi}; do kl=none; [ $i = 0 ] && kl=2048,8192
+         CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=${ACC_THREADS:-16} timeout $(( ${ACC_BUDGET_S:-420} + 120 )) python3 benchmarks/accuracy.py --json \
+           --budget-s ${ACC_BUDGET_S:-420} ${ACC_RESUME:+--resume $ACC_RESUME} --tasks $tl --kl-contexts $kl --threads ${ACC_THREADS:-16} \
+           --out "$OUT/acc$i" > "$OUT/acc$i.jsonl" 2> "$OUT/acc$i.err" &
+         i=$((i + 1)); done; wait
+       for f in "$OUT"/acc[0-9].jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; grep "past --budget-s" "${f%.jsonl}.err" | head -2; done;;
 e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e \
        --e2e-methods ${E2E_METHODS:-full,ours} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
        > "$OUT/e2e.jsonl" 2> "$OUT/e2e.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e.jsonl" | cut -c1-400;;

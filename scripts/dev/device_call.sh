@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One device call: the given scripts/gpu_run.sh steps in order, everything written under /tmp/o and returned as one
-# archive ($OUT/o.tgz; $OUT returns at most 8 files). An accuracy_full step gets the time left before LIMIT seconds
+# archive ($OUT/o.tgz; $OUT returns at most 8 files). An accuracy_full or accuracy_par step gets the time left before LIMIT seconds
 # (minus a margin for its last cell) as its budget.   usage: LIMIT=585 bash scripts/dev/device_call.sh build gputests decode
 set -u
 REAL_OUT=$OUT; export OUT=/tmp/o; mkdir -p $OUT; t0=$(date +%s); LIMIT=${LIMIT:-585}
 for step in "$@"; do
-  if [ "$step" = accuracy_full ]; then export ACC_BUDGET_S=$(( LIMIT - ($(date +%s) - t0) - ${ACC_MARGIN_S:-130} )); fi
+  if [ "$step" = accuracy_full ] || [ "$step" = accuracy_par ]; then export ACC_BUDGET_S=$(( LIMIT - ($(date +%s) - t0) - ${ACC_MARGIN_S:-130} )); fi
   bash scripts/gpu_run.sh "$step" >> $OUT/run.log 2>&1
 done
 tar czf $REAL_OUT/o.tgz -C /tmp/o .

@@ -163,3 +163,38 @@ def test_resume_reuses_only_matching_cells(tmp_path):
     # the first run of a resumed series: the file does not exist yet
     args = accuracy.parse_args(["--quick", "--resume", str(tmp_path / "not_yet.jsonl")])
     assert accuracy.load_resume(args) == ({}, {})
+
+
+def test_resume_reruns_cells_built_with_other_training_queries(tmp_path):
+    """A retrieval_attention cell is reused only if its graphs were trained on as many queries as this version's
+    RetrievalConfig would use (records without "train_queries" used every prompt token), and an ivf_topk cell only if
+    its scan budget is the reused retrieval_attention cell's scanned fraction."""
+    import accuracy
+    import retrieval_attention as ra
+
+    cap = ra.RetrievalConfig().max_train_queries
+    assert cap is not None and cap < 16384
+    common = {"bench": "accuracy", "task": "passkey", "samples": 50, "accuracy": 1.0, "index_sharing": "per_query_head"}
+    recs = [
+        dict(common, context=1024, method="retrieval_attention", scanned_frac=0.9),  # 1024 <= cap: the same build
+        dict(common, context=1024, method="ivf_topk", target_scan=0.9),
+        dict(common, context=16384, method="retrieval_attention", scanned_frac=0.09),  # all 16384 queries: stale
+        dict(common, context=16384, method="ivf_topk", target_scan=0.09),  # budget of the stale cell: stale
+        dict(common, context=16384, method="flat_topk", scanned_frac=1.0),
+    ]
+    path = tmp_path / "prev.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    argv = ["--contexts", "1024,16384", "--tasks", "passkey", "--resume", str(path)]
+    done, _ = accuracy.load_resume(accuracy.parse_args(argv))
+    assert set(done) == {("passkey", 1024, "retrieval_attention"), ("passkey", 1024, "ivf_topk"),
+                         ("passkey", 16384, "flat_topk")}
+    recs[2]["train_queries"] = accuracy.train_queries(16384)
+    assert recs[2]["train_queries"] == cap
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    done, _ = accuracy.load_resume(accuracy.parse_args(argv))
+    assert ("passkey", 16384, "retrieval_attention") in done and ("passkey", 16384, "ivf_topk") in done
+    # a different IVF budget than the reused cell's scanned fraction is not reused
+    recs[3]["target_scan"] = 0.2
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    done, _ = accuracy.load_resume(accuracy.parse_args(argv))
+    assert ("passkey", 16384, "ivf_topk") not in done
