@@ -615,13 +615,13 @@ def markdown(results, kl_results, meta) -> str:
                     r = by.get((t, c, m))
                     cells.append("" if r is None else f"{r['accuracy']:.2f} ({r['scanned_frac']:.3f})")
                 lines.append(f"| {t} | {m} | " + " | ".join(cells) + " |")
-        lines += ["", "Mean over tasks:", "", "| method | " + " | ".join(lab(c) for c in ctxs) + " |",
-                  "|---|" + "---|" * len(ctxs)]
+        lines += ["", "Mean over tasks (only where every task's cell ran):", "",
+                  "| method | " + " | ".join(lab(c) for c in ctxs) + " |", "|---|" + "---|" * len(ctxs)]
         for m in methods:
             cells = []
             for c in ctxs:
                 rs = [by[(t, c, m)] for t in tasks if (t, c, m) in by]
-                cells.append(f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}" if rs else "")
+                cells.append(f"{sum(r['accuracy'] for r in rs) / len(rs):.3f}" if rs and len(rs) == len(tasks) else "")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if kl_results:
         lines += ["", "Natural text, teacher-forced: KL(full || method) in nats/token, attention mass of the selection "
@@ -689,6 +689,7 @@ def load_resume(args):
     if not os.path.exists(args.resume):  # the first of a series of resumed runs
         log(f"resume: {args.resume} does not exist yet; starting from scratch")
         return done, done_kl
+    stale, ivf_candidates, kl = set(), {}, {}
     with open(args.resume) as f:
         for line in f:
             line = line.strip()
@@ -699,19 +700,19 @@ def load_resume(args):
                 continue
             if rec.get("bench") == "accuracy" and rec.get("samples") == args.samples and rec.get("task") in args.tasks \
                     and rec.get("context") in args.contexts and rec.get("method") in args.methods:
-                done[(rec["task"], rec["context"], rec["method"])] = rec
+                key = (rec["task"], rec["context"], rec["method"])
+                # records from before train_queries was recorded used every prompt token as a training query
+                if key[2] == "retrieval_attention" and rec.get("train_queries", key[1]) != train_queries(key[1]):
+                    stale.add(key)
+                elif key[2] == "ivf_topk":
+                    ivf_candidates.setdefault(key, []).append(rec)
+                else:
+                    done[key] = rec  # a later line of the same cell replaces an earlier one
             elif rec.get("bench") == "accuracy_kl" and rec.get("context") in args.kl_contexts and rec.get("method") in args.methods:
-                done_kl.setdefault(rec["context"], []).append(rec)
-    stale = []
-    for key, rec in list(done.items()):
-        task, context, method = key
-        # records from before train_queries was recorded used every prompt token as a training query
-        if method == "retrieval_attention" and rec.get("train_queries", context) != train_queries(context):
-            stale.append(key)
-            del done[key]
-    for key, rec in list(done.items()):
-        if key[2] != "ivf_topk":
-            continue
+                kl[(rec["context"], rec["method"])] = rec
+    for (context, _), rec in kl.items():
+        done_kl.setdefault(context, []).append(rec)
+    for key, recs in ivf_candidates.items():
         # ivf_topk's scan budget: --ivf-scan-frac, else the scanned fraction of retrieval_attention's cell in this run
         if args.ivf_scan_frac is not None:
             want = round(args.ivf_scan_frac, 5)
@@ -719,12 +720,16 @@ def load_resume(args):
             ra_rec = done.get((key[0], key[1], "retrieval_attention"))
             want = None if ra_rec is None else ra_rec["scanned_frac"]
         else:
-            want = rec.get("target_scan")
-        if want is None or rec.get("target_scan") != want:
-            stale.append(key)
-            del done[key]
+            want = recs[-1].get("target_scan")
+        match = [r for r in recs if want is not None and r.get("target_scan") == want]
+        if match:
+            done[key] = match[-1]
+        else:
+            stale.add(key)
+    stale -= set(done)  # a cell with a matching record is reused
     if stale:
-        log(f"resume: {len(stale)} cells built with other settings are run again: " + ", ".join(" ".join(map(str, k)) for k in stale))
+        log(f"resume: {len(stale)} cells built with other settings are run again: "
+            + ", ".join(" ".join(map(str, k)) for k in sorted(stale)))
     log(f"resume: {len(done)} task cells and {len(done_kl)} KL contexts reused from {args.resume}")
     return done, done_kl
 

@@ -165,15 +165,15 @@ def test_resume_reuses_only_matching_cells(tmp_path):
     assert accuracy.load_resume(args) == ({}, {})
 
 
-def test_resume_reruns_cells_built_with_other_training_queries(tmp_path):
+def test_resume_reruns_cells_built_with_other_training_queries(tmp_path, monkeypatch):
     """A retrieval_attention cell is reused only if its graphs were trained on as many queries as this version's
     RetrievalConfig would use (records without "train_queries" used every prompt token), and an ivf_topk cell only if
     its scan budget is the reused retrieval_attention cell's scanned fraction."""
     import accuracy
     import retrieval_attention as ra
 
-    cap = ra.RetrievalConfig().max_train_queries
-    assert cap is not None and cap < 16384
+    assert accuracy.train_queries(32768) == (ra.RetrievalConfig().max_train_queries or 32768)
+    monkeypatch.setattr(accuracy, "train_queries", lambda context: min(context, 8192))  # as with a cap of 8192
     common = {"bench": "accuracy", "task": "passkey", "samples": 50, "accuracy": 1.0, "index_sharing": "per_query_head"}
     recs = [
         dict(common, context=1024, method="retrieval_attention", scanned_frac=0.9),  # 1024 <= cap: the same build
@@ -188,8 +188,7 @@ def test_resume_reruns_cells_built_with_other_training_queries(tmp_path):
     done, _ = accuracy.load_resume(accuracy.parse_args(argv))
     assert set(done) == {("passkey", 1024, "retrieval_attention"), ("passkey", 1024, "ivf_topk"),
                          ("passkey", 16384, "flat_topk")}
-    recs[2]["train_queries"] = accuracy.train_queries(16384)
-    assert recs[2]["train_queries"] == cap
+    recs[2]["train_queries"] = 8192
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     done, _ = accuracy.load_resume(accuracy.parse_args(argv))
     assert ("passkey", 16384, "retrieval_attention") in done and ("passkey", 16384, "ivf_topk") in done
@@ -198,3 +197,26 @@ def test_resume_reruns_cells_built_with_other_training_queries(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     done, _ = accuracy.load_resume(accuracy.parse_args(argv))
     assert ("passkey", 16384, "ivf_topk") not in done
+
+
+def test_resume_picks_the_matching_record_among_several(tmp_path, monkeypatch):
+    """A resume file holding the same cell from two runs with different settings (e.g. a capped and an uncapped
+    training set) reuses the record that matches this run, whichever line comes last."""
+    import accuracy
+
+    monkeypatch.setattr(accuracy, "train_queries", lambda context: context)  # every prompt token
+    common = {"bench": "accuracy", "task": "passkey", "samples": 50, "context": 16384, "index_sharing": "per_query_head"}
+    recs = [
+        dict(common, method="retrieval_attention", accuracy=1.0, scanned_frac=0.094),  # all queries (no field)
+        dict(common, method="ivf_topk", accuracy=0.92, target_scan=0.094),
+        dict(common, method="retrieval_attention", accuracy=0.98, scanned_frac=0.091, train_queries=8192),
+        dict(common, method="ivf_topk", accuracy=0.9, target_scan=0.091),
+        {"bench": "accuracy_kl", "context": 2048, "method": "quest", "kl": 0.1},
+        {"bench": "accuracy_kl", "context": 2048, "method": "quest", "kl": 0.2},
+    ]
+    path = tmp_path / "prev.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    done, done_kl = accuracy.load_resume(accuracy.parse_args(["--contexts", "16384", "--tasks", "passkey", "--resume", str(path)]))
+    assert done[("passkey", 16384, "retrieval_attention")]["accuracy"] == 1.0
+    assert done[("passkey", 16384, "ivf_topk")]["accuracy"] == 0.92
+    assert [r["kl"] for r in done_kl[2048]] == [0.2]
