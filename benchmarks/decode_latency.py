@@ -636,9 +636,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             flush()
             sync(dev)
             t = time.perf_counter()
-            q_cpu, ready = layer.query_to_host(q.reshape(Hq, 1, d))  # the layer's own transfer path (pinned on a GPU)
-            if ready is not None:
-                ready.synchronize()
+            q_cpu = layer.wait_query(layer.query_to_host(q.reshape(Hq, 1, d)))  # the layer's own transfer path
             t_q = time.perf_counter() - t
             kf, vf = layer._flat_heads(layer.keys), layer._flat_heads(layer.values)
             qf = q.reshape(Hq, 1, d)

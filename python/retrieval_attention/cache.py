@@ -54,6 +54,7 @@ def _build_executor():
 
 
 # -- saved caches -----------------------------------------------------------------------------------------------------
+CPU_SHARE_EVERY = 8  # decode steps between two samples of the free "cpu_mass_share" estimate, per layer
 _MANIFEST = "manifest.json"
 _FORMAT = "retrieval_attention.RetrievalCache"
 _FORMAT_VERSION = 1
@@ -126,7 +127,8 @@ class RetrievalLayer(CacheLayerMixin):
         super().__init__()
         self.cfg = cfg
         self.q_heads, self.kv_heads, self.head_dim, self.layer_idx = q_heads, kv_heads, head_dim, layer_idx
-        self._host_buffers = {}  # page-locked float32 staging buffers of GPU decoding, reused across steps
+        self._host_buffers = {}  # page-locked staging buffers of GPU decoding, reused across steps
+        self._copy_event = None  # marks the end of the query's device-to-host copy (GPU decoding)
         self._reset_state()
 
     def _reset_state(self):
@@ -367,20 +369,21 @@ class RetrievalLayer(CacheLayerMixin):
         n_cpu = self.cpu_tokens
         # Start the query's copy to the CPU, then launch the device's static attention (asynchronous on a GPU), so the
         # CPU search below overlaps the device work.
-        q_cpu, q_ready = self.query_to_host(q) if n_cpu else (None, None)
+        staged = self.query_to_host(q) if n_cpu else None
         key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
         out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True,
                                               key_start=key_start)
         if n_cpu:
-            if q_ready is not None:
-                q_ready.synchronize()  # waits for the query's copy only, not for the static attention queued after it
+            q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
             out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
             out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
-            # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
-            # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync.
-            share = torch.sigmoid(lse_c_dev.float() - lse.float()).mean()
-            self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
-            self.cpu_share_steps += 1
+            if self.steps % CPU_SHARE_EVERY == 0:
+                # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
+                # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync,
+                # on every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
+                share = torch.sigmoid(lse_c_dev - lse.float()).mean()
+                self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
+                self.cpu_share_steps += 1
             every = self.cfg.mass_probe_every
             if every and self.steps % every == 0:
                 self._probe_mass(q_cpu, scaling, lse, lse_c)
@@ -391,35 +394,49 @@ class RetrievalLayer(CacheLayerMixin):
         self.steps += 1
         return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
 
-    def _host_buffer(self, name: str, shape) -> torch.Tensor:
+    def _host_buffer(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
         buf = self._host_buffers.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape):
-            buf = torch.empty(tuple(shape), dtype=torch.float32, pin_memory=True)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+            buf = torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
             self._host_buffers[name] = buf
         return buf
 
     def query_to_host(self, q: torch.Tensor):
-        """q (rows, m, d) on the model's device -> (float32 CPU tensor, event or None). On a GPU the copy goes to a
-        reused page-locked buffer without blocking; wait on the returned event before reading it. The buffer is
-        overwritten by this layer's next decode step."""
+        """Starts moving q (rows, m, d) from the model's device to the CPU; wait_query(result) gives the float32 CPU
+        tensor. On a GPU, q is copied in its own dtype to a reused page-locked buffer without blocking (no widening
+        kernel on the device: the CPU widens the few values), and one reused event marks the copy's end. The buffers
+        are overwritten by this layer's next decode step."""
         if not q.is_cuda:
             return q.to("cpu", torch.float32), None
-        host = self._host_buffer("q", q.shape)
-        host.copy_(q.float(), non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host, ready
+        host = self._host_buffer("q_staged", q.shape, q.dtype)
+        host.copy_(q, non_blocking=True)
+        if self._copy_event is None:
+            self._copy_event = torch.cuda.Event()
+        self._copy_event.record()
+        return host, self._copy_event
+
+    def wait_query(self, staged) -> torch.Tensor:
+        """-> the query of query_to_host as a float32 CPU tensor (rows, m, d), once its copy has finished."""
+        host, ready = staged
+        if ready is None:
+            return host
+        ready.synchronize()
+        if host.dtype == torch.float32:
+            return host
+        return self._host_buffer("q", host.shape).copy_(host)
 
     def results_to_device(self, out_c: torch.Tensor, lse_c: torch.Tensor, device):
-        """The CPU part's (out, lse) -> the model's device. On a GPU through reused page-locked buffers and
-        asynchronous copies, ordered before the merge on the same stream; the next step's query copy waits for them
-        before the buffers are written again."""
+        """The CPU part's (out (rows, m, dv), lse (rows, m)) -> the model's device. On a GPU both go in one
+        asynchronous copy of one reused page-locked buffer (out then lse), ordered before the merge on the same
+        stream; the next step's query copy waits for it before the buffer is written again."""
         if device.type != "cuda":
             return out_c.to(device), lse_c.to(device)
-        out_h, lse_h = self._host_buffer("out", out_c.shape), self._host_buffer("lse", lse_c.shape)
-        out_h.copy_(out_c)
-        lse_h.copy_(lse_c)
-        return out_h.to(device, non_blocking=True), lse_h.to(device, non_blocking=True)
+        n_out = out_c.numel()
+        flat = self._host_buffer("results", (n_out + lse_c.numel(),))
+        flat[:n_out].view(out_c.shape).copy_(out_c)
+        flat[n_out:].view(lse_c.shape).copy_(lse_c)
+        dev = flat.to(device, non_blocking=True)
+        return dev[:n_out].view(out_c.shape), dev[n_out:].view(lse_c.shape)
 
     def exact_cpu_lse(self, q_cpu: torch.Tensor, scaling: float) -> torch.Tensor:
         """q_cpu (batch*q_heads, m, d) float32 -> (batch*q_heads, m) float32: the exact log-sum-exp of the scaled scores

@@ -39,7 +39,8 @@ class RetrievalConfig:
                  missed. cache.stats() reports its per-layer mean and minimum ("recovered_mass_mean"/"_min"). A probe
                  scans every CPU key of the layer (like index="flat") and copies them once, so keep it sparse (e.g.
                  16) for long contexts. Without it, stats() still reports the always-on, free estimate "cpu_mass_share"
-                 (the share of the merged attention mass that came from the retrieved CPU keys).
+                 (the share of the merged attention mass that came from the retrieved CPU keys, averaged over every
+                 8th decode step of each layer, starting with the first).
     """
 
     n_sink: int = 128
