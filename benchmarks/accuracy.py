@@ -653,7 +653,9 @@ def plot(results, path):
         for m in METHODS:
             rs = sorted((r for r in results if r["task"] == t and r["method"] == m), key=lambda r: r["context"])
             if rs:
-                ax.plot([r["context"] for r in rs], [r["accuracy"] for r in rs], styles.get(m, "-"), marker="o", ms=3,
+                ours = m == "retrieval_attention"  # drawn wide and first, so the methods it matches stay visible on it
+                ax.plot([r["context"] for r in rs], [r["accuracy"] for r in rs], styles.get(m, "-"), marker="o",
+                        ms=6 if ours else 3, lw=4 if ours else 1.5, alpha=0.6 if ours else 1.0, zorder=1 if ours else 2,
                         label=m)
         ax.set_xscale("log", base=2)
         ctxs = sorted({r["context"] for r in results if r["task"] == t})
