@@ -518,6 +518,10 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       std::sort(s.beam.begin(), s.beam.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
       if (static_cast<int64_t>(s.beam.size()) > beam) s.beam.resize(static_cast<size_t>(beam));
     }
+    // one row's unvisited neighbours; a plain array (the vector's push_back reached the thread-local scratch
+    // through a call per element)
+    if (static_cast<int64_t>(s.fresh.size()) < stride_) s.fresh.resize(static_cast<size_t>(stride_));
+    uint32_t* fresh = s.fresh.data();
     size_t next = 0;  // first candidate that may be unexpanded
     while (next < s.beam.size()) {
       if (s.beam[next].expanded) {
@@ -527,17 +531,18 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       s.beam[next].expanded = true;
       const uint32_t* row = adj + static_cast<int64_t>(s.beam[next].id) * stride_;
       const uint32_t cnt = row[0];
-      s.fresh.clear();
+      uint32_t n_fresh = 0;
       for (uint32_t j = 1; j <= cnt; ++j) {
         const uint32_t v = row[j];
         if (mark[v] != ep) {
           mark[v] = ep;
-          s.fresh.push_back(v);
+          fresh[n_fresh++] = v;
           prefetch_bytes(base + static_cast<int64_t>(v) * d, d * static_cast<int64_t>(sizeof(R)));
         }
       }
       size_t lowest = s.beam.size();  // smallest position an insertion landed at
-      for (uint32_t v : s.fresh) {
+      for (uint32_t f = 0; f < n_fresh; ++f) {
+        const uint32_t v = fresh[f];
         const float sc = ordered(qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * sq_[v] : 0.f));
         ++visited;
         const bool full = static_cast<int64_t>(s.beam.size()) >= beam;
@@ -548,6 +553,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         if (full) s.beam.pop_back();
         s.beam.insert(s.beam.begin() + static_cast<std::ptrdiff_t>(pos), Cand{sc, v, false});
         lowest = std::min(lowest, pos);
+        // v is now a candidate for expansion: start loading its neighbour list, so that expanding it does not
+        // begin with a dependent cache miss (the largest stall of the search with the key rows prefetched)
+        prefetch_bytes(adj + static_cast<int64_t>(v) * stride_, stride_ * static_cast<int64_t>(sizeof(uint32_t)));
       }
       if (lowest < next) next = lowest;
     }
