@@ -293,11 +293,8 @@ def make_layer_classes():
                 idx.add(np.ascontiguousarray(keys[h]))
                 return idx, quant
 
-            if workers == 1:
-                self._ivf = [train_one(h) for h in range(n_heads)]
-            else:
-                with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                    self._ivf = list(pool.map(train_one, range(n_heads)))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                self._ivf = list(pool.map(train_one, range(n_heads)))
             faiss.omp_set_num_threads(1)
             H, m, d = q_cpu.shape
             G = H // len(self._ivf)

@@ -40,6 +40,7 @@ from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
 
+CPU_SHARE_EVERY = 8  # decode steps between two samples of the free "cpu_mass_share" estimate, per layer
 
 _EXECUTOR = None
 _PROGRESS_LOCK = threading.Lock()
@@ -54,7 +55,6 @@ def _build_executor():
 
 
 # -- saved caches -----------------------------------------------------------------------------------------------------
-CPU_SHARE_EVERY = 8  # decode steps between two samples of the free "cpu_mass_share" estimate, per layer
 _MANIFEST = "manifest.json"
 _FORMAT = "retrieval_attention.RetrievalCache"
 _FORMAT_VERSION = 1
