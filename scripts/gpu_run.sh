@@ -12,6 +12,24 @@ steps=${*:-"build tests demo recall accuracy buildtime"}
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+# run_acc_queue GPU "item+item+...": each item "tasks@contexts@cost_s[@kl_contexts]" is one accuracy.py run on that GPU,
+# started only when its estimated cost fits the seconds left of ACC_BUDGET_S, so that no cell is killed half done.
+# Lines go to .acc_state/ (git-ignored, so a warm machine keeps them for the next call) and every run resumes from
+# ACC_RESUME plus all of .acc_state: a grid spans several calls without copying results back in between.
+run_acc_queue() {
+  local gpu=$1 n=0 tasks ctx cost kl left; mkdir -p .acc_state
+  for item in ${2//+/ }; do
+    IFS=@ read -r tasks ctx cost kl <<< "$item"; n=$((n + 1))
+    left=$(( ACC_BUDGET_S - ($(date +%s) - acc_t0) ))
+    if [ "$left" -lt "$cost" ]; then echo "GPU $gpu: $item not started, ${left}s left" >&2; continue; fi
+    grep -h '}$' ${ACC_RESUME:-/dev/null} .acc_state/g*.jsonl 2>/dev/null > .acc_state/resume_g$gpu.jsonl
+    CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=${ACC_THREADS:-16} timeout $left python3 benchmarks/accuracy.py --json \
+      --resume .acc_state/resume_g$gpu.jsonl --tasks $tasks --contexts $ctx --kl-contexts ${kl:-none} --threads ${ACC_THREADS:-16} ${ACC_EXTRA:-} \
+      >> .acc_state/g${gpu}_$(date +%s).jsonl 2>> .acc_state/g$gpu.err
+    echo "GPU $gpu: $item rc=$? in $(( $(date +%s) - acc_t0 - (ACC_BUDGET_S - left) ))s" >&2
+  done
+}
+acc_t0=$(date +%s)
 for s in $steps; do case $s in
 build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --target /tmp/pylib .whl/faiss*.whl > "$OUT/faiss_install.log" 2>&1; python3 -c "import faiss; print('faiss', faiss.__version__)"; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
        python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)"
@@ -33,13 +51,10 @@ accuracy) stamp accuracy; timeout 240 python3 benchmarks/accuracy.py --json --co
 accuracy_full) stamp accuracy_full; timeout $(( ${ACC_BUDGET_S:-420} + 120 )) python3 benchmarks/accuracy.py --json --budget-s ${ACC_BUDGET_S:-420} \
        ${ACC_RESUME:+--resume $ACC_RESUME} --index-sharing ${ACC_SHARING:-per_query_head} --out "$OUT/acc" > "$OUT/accuracy_full.jsonl" 2> "$OUT/accuracy_full.err"
        echo "accuracy_full rc=$?"; grep -c '"bench": "accuracy"' "$OUT/accuracy_full.jsonl"; grep "past --budget-s" "$OUT/accuracy_full.err" | head -3;;
-accuracy_par) stamp accuracy_par  # the grid split over the GPUs: ACC_SPLIT holds one comma list of tasks per GPU
-       i=0; for tl in ${ACC_SPLIT:-passkey,kv niah,niah_multi}; do kl=none; [ $i = 0 ] && kl=2048,8192
-         CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=${ACC_THREADS:-16} timeout $(( ${ACC_BUDGET_S:-420} + 120 )) python3 benchmarks/accuracy.py --json \
-           --budget-s ${ACC_BUDGET_S:-420} ${ACC_RESUME:+--resume $ACC_RESUME} --tasks $tl --kl-contexts $kl --threads ${ACC_THREADS:-16} \
-           --out "$OUT/acc$i" > "$OUT/acc$i.jsonl" 2> "$OUT/acc$i.err" &
-         i=$((i + 1)); done; wait
-       for f in "$OUT"/acc[0-9].jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; grep "past --budget-s" "${f%.jsonl}.err" | head -2; done;;
+accuracy_par) stamp accuracy_par  # the grid as one queue of cells per GPU, run side by side (see run_acc_queue)
+       g=0; for q in ${ACC_QUEUES:-passkey@1024,2048,4096,8192,16384,32768@3000@2048,8192 kv@1024,2048,4096,8192,16384,32768@3000}; do
+         run_acc_queue $g "$q" & g=$((g + 1)); done; wait
+       cp .acc_state/g*.jsonl .acc_state/*.err "$OUT"/ 2>/dev/null; for f in .acc_state/g*.jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; done;;
 e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e \
        --e2e-methods ${E2E_METHODS:-full,ours} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
        > "$OUT/e2e.jsonl" 2> "$OUT/e2e.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e.jsonl" | cut -c1-400;;
