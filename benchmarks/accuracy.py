@@ -56,6 +56,8 @@ import tasks as T  # noqa: E402
 
 METHODS = ("full", "retrieval_attention", "flat_topk", "ivf_topk", "quest", "static_only")
 QUICK_METHODS = ["full", "retrieval_attention", "flat_topk", "static_only"]
+# chance level of an exact-match answer: the answers are random 5-7 digit numbers, so a guess is right ~1e-5 of the time
+CHANCE = 0.0
 QUEST_PAGE = 16
 
 
@@ -103,6 +105,9 @@ def parse_args(argv=None):
     ap.add_argument("--resume", default=None,
                     help="JSON lines of an earlier run with the same settings: its (task, context, method) cells and KL "
                          "contexts are reused, not re-run (a full run can be split over several time-limited calls)")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: write the table and plot (--out) of the --resume file's cells that match the "
+                         "current settings, e.g. a grid merged from several calls")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new cell after this many seconds (skipped cells are listed; resume them later)")
     args = ap.parse_args(argv)
@@ -519,6 +524,7 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
         "accuracy": round(sum(correct) / len(correct), 4), "samples": len(correct),
         "scanned_frac": round(scanned / max(weights, 1), 5),
         "correct": int(sum(correct)),
+        "per_sample": "".join("1" if ok else "0" for ok in correct),  # sample order; methods compare sample by sample
         "depth_thirds": [round(h / c, 3) if c else None for h, c in depth_hits],
         "seconds": round(sec, 2),
     }
@@ -612,6 +618,16 @@ def markdown(results, kl_results, meta) -> str:
                     r = by.get((t, c, m))
                     cells.append("" if r is None else f"{r['accuracy']:.2f} ({r['scanned_frac']:.3f})")
                 lines.append(f"| {t} | {m} | " + " | ".join(cells) + " |")
+        below = []
+        for t in tasks:
+            for c in ctxs:
+                full, ours = by.get((t, c, "full")), by.get((t, c, "retrieval_attention"))
+                if full and ours and full["accuracy"] > CHANCE and ours["accuracy"] < 0.97 * full["accuracy"]:
+                    below.append(f"{t} {lab(c)}: {ours['accuracy']:.2f} vs {full['accuracy']:.2f} "
+                                 f"({ours['accuracy'] / full['accuracy']:.1%})")
+        if by and any(m == "retrieval_attention" for _, _, m in by):
+            lines += ["", "retrieval_attention below 97% of full attention (where full is above chance): "
+                      + ("; ".join(below) if below else "none")]
         lines += ["", "Mean over tasks (only where every task's cell ran):", "",
                   "| method | " + " | ".join(lab(c) for c in ctxs) + " |", "|---|" + "---|" * len(ctxs)]
         for m in methods:
@@ -733,8 +749,37 @@ def load_resume(args):
     return done, done_kl
 
 
+def render(args):
+    """--render: the table and plot of the --resume file's matching cells, without loading the model."""
+    import retrieval_attention as ra
+
+    if not args.resume or not args.out:
+        raise SystemExit("--render needs --resume FILE and --out DIR")
+    done, done_kl = load_resume(args)
+    order = {(t, c, m): i for i, (t, c, m) in enumerate(
+        (t, c, m) for t in args.tasks for c in args.contexts for m in args.methods)}
+    results = sorted(done.values(), key=lambda r: order[(r["task"], r["context"], r["method"])])
+    kl_results = [r for c in args.kl_contexts if c in done_kl
+                  for r in sorted(done_kl[c], key=lambda r: args.methods.index(r["method"]))]
+    missing = [" ".join(map(str, k)) for k in order if k not in done] + [f"kl {c}" for c in args.kl_contexts
+                                                                          if c not in done_kl]
+    base = ra.RetrievalConfig()
+    cfg = dict(n_sink=args.n_sink or base.n_sink, n_window=args.n_window or base.n_window, top_k=args.top_k or base.top_k,
+               ef=args.ef or base.ef, index_sharing=args.index_sharing or base.index_sharing)
+    meta = {"device": f"as recorded in {os.path.basename(args.resume)}", "dtype": "as recorded", "config": cfg,
+            "samples": args.samples, "haystack": "as recorded", "skipped": missing}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "accuracy.md"), "w") as f:
+        f.write(markdown(results, kl_results, meta))
+    plot(results, os.path.join(args.out, "accuracy.png"))
+    log(f"rendered {len(results)} cells and {len(kl_results)} KL lines into {args.out}/accuracy.md, accuracy.png")
+    return results, kl_results
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     t_start = time.perf_counter()
     runner = Runner(args)
     need = max(args.contexts + args.kl_contexts + [0]) + (args.kl_tokens or 0)

@@ -220,3 +220,31 @@ def test_resume_picks_the_matching_record_among_several(tmp_path, monkeypatch):
     assert done[("passkey", 16384, "retrieval_attention")]["accuracy"] == 1.0
     assert done[("passkey", 16384, "ivf_topk")]["accuracy"] == 0.92
     assert [r["kl"] for r in done_kl[2048]] == [0.2]
+
+
+def test_render_flags_cells_below_97_percent_of_full(tmp_path, monkeypatch):
+    """--render writes the merged table of a resume file without running anything, and names every cell where
+    retrieval_attention is below 97% of full attention (the issue's criterion) - and only those."""
+    import accuracy
+
+    monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
+    common = {"bench": "accuracy", "samples": 50, "index_sharing": "per_query_head"}
+    recs = [
+        dict(common, task="passkey", context=1024, method="full", accuracy=0.88, scanned_frac=1.0),
+        dict(common, task="passkey", context=1024, method="retrieval_attention", accuracy=0.84, scanned_frac=0.05),
+        dict(common, task="kv", context=1024, method="full", accuracy=0.72, scanned_frac=1.0),
+        dict(common, task="kv", context=1024, method="retrieval_attention", accuracy=0.70, scanned_frac=0.05),
+        dict(common, task="kv", context=1024, method="static_only", accuracy=0.02, scanned_frac=0.0),
+    ]
+    path = tmp_path / "all.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "grid"
+    results, _ = accuracy.main(["--render", "--resume", str(path), "--out", str(out), "--contexts", "1024",
+                                "--tasks", "passkey,kv", "--kl-contexts", "none"])
+    assert len(results) == 5
+    md = (out / "accuracy.md").read_text()
+    assert "below 97% of full attention (where full is above chance): passkey 1K: 0.84 vs 0.88 (95.5%)\n" in md
+    assert "kv 1K" not in md.split("below 97%")[1].split("\n")[0]  # 0.70 / 0.72 = 97.2%
+    assert "| kv | static_only | 0.02 (0.000) |" in md and (out / "accuracy.png").exists()
+    with pytest.raises(SystemExit):
+        accuracy.main(["--render", "--out", str(out)])  # nothing to render from
