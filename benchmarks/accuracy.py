@@ -531,8 +531,10 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
     if method != "full":
         rec["index_sharing"] = runner.base_cfg["index_sharing"]
         rec["index_build_s"] = round(build_s, 3)  # summed over the cell's caches (all layers), includes offloading
+        rec["top_k"] = runner.base_cfg["top_k"]
     if method == "retrieval_attention":
         rec["train_queries"] = train_queries(context)
+        rec["ef"] = runner.base_cfg["ef"]
     if method == "ivf_topk":
         rec["target_scan"] = round(ivf_target, 5)
     if mass[0]:
@@ -686,6 +688,12 @@ def plot(results, path):
     plt.close(fig)
 
 
+def ra_defaults():
+    import retrieval_attention as ra
+
+    return ra.RetrievalConfig()
+
+
 def train_queries(context: int) -> int:
     """Training queries per index of retrieval_attention for a prompt of `context` tokens (RetrievalConfig's cap)."""
     import retrieval_attention as ra
@@ -705,6 +713,8 @@ def load_resume(args):
         log(f"resume: {args.resume} does not exist yet; starting from scratch")
         return done, done_kl
     stale, ivf_candidates, kl = set(), {}, {}
+    default = ra_defaults()
+    top_k, ef = args.top_k or default.top_k, args.ef or default.ef
     with open(args.resume) as f:
         for line in f:
             line = line.strip()
@@ -717,7 +727,11 @@ def load_resume(args):
                     and rec.get("context") in args.contexts and rec.get("method") in args.methods:
                 key = (rec["task"], rec["context"], rec["method"])
                 # records from before train_queries was recorded used every prompt token as a training query
-                if key[2] == "retrieval_attention" and rec.get("train_queries", key[1]) != train_queries(key[1]):
+                # records from before top_k and ef were recorded used top-100 and ef 128
+                if key[2] == "retrieval_attention" and (rec.get("train_queries", key[1]) != train_queries(key[1])
+                                                        or rec.get("ef", 128) != ef):
+                    stale.add(key)
+                elif key[2] != "full" and rec.get("top_k", 100) != top_k:
                     stale.add(key)
                 elif key[2] == "ivf_topk":
                     ivf_candidates.setdefault(key, []).append(rec)

@@ -248,3 +248,23 @@ def test_render_flags_cells_below_97_percent_of_full(tmp_path, monkeypatch):
     assert "| kv | static_only | 0.02 (0.000) |" in md and (out / "accuracy.png").exists()
     with pytest.raises(SystemExit):
         accuracy.main(["--render", "--out", str(out)])  # nothing to render from
+
+
+def test_resume_reruns_cells_of_another_beam_or_top_k(tmp_path, monkeypatch):
+    """A retrieval_attention cell searched with another ef, or any retrieval cell with another top_k, is not reused
+    (records from before these fields were written used ef 128 and top-100)."""
+    import accuracy
+
+    monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
+    common = {"bench": "accuracy", "task": "niah", "context": 1024, "samples": 50, "accuracy": 1.0,
+              "index_sharing": "per_query_head"}
+    recs = [dict(common, method="retrieval_attention", scanned_frac=0.9), dict(common, method="flat_topk", scanned_frac=1.0),
+            dict(common, method="full", scanned_frac=1.0)]
+    path = tmp_path / "prev.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    argv = ["--contexts", "1024", "--tasks", "niah", "--resume", str(path)]
+    assert len(accuracy.load_resume(accuracy.parse_args(argv))[0]) == 3
+    done, _ = accuracy.load_resume(accuracy.parse_args(argv + ["--ef", "256"]))
+    assert set(m for _, _, m in done) == {"flat_topk", "full"}
+    done, _ = accuracy.load_resume(accuracy.parse_args(argv + ["--top-k", "200"]))
+    assert set(m for _, _, m in done) == {"full"}
