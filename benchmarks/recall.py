@@ -501,10 +501,11 @@ def evaluate(datasets, adapters, ks, args):
         if sh not in ("per_query_head", "per_kv_head"):
             raise SystemExit(f"unknown --sharing {sh!r}; choose from per_query_head, per_kv_head")
     for dname, probs in datasets.items():
-        truth = {}
+        truth, truth_ids = {}, {}
         for p in probs:
             ids, sc = qk_data.exact_topk(p.keys, p.eval_q, max(ks))
-            truth[id(p)] = sc
+            truth[id(p)], truth_ids[id(p)] = sc, ids
+        by_age = dname in ("real", "model_qk")  # key ids are positions there
         for sh in sharings:
             plan = _builds(probs, sh, args)
             for ad in adapters:
@@ -530,7 +531,12 @@ def evaluate(datasets, adapters, ks, args):
                                 dt = time_search(ad, state, p.eval_q, k, param, 0.01 if args.quick else 0.05)
                                 r = qk_data.recall_per_query(ids, p.keys, p.eval_q, sc[:, k - 1], k)
                                 a = acc.setdefault((k, json.dumps(param, sort_keys=True)),
-                                                   {"rec": [], "scan": [], "t": 0.0, "m": 0, "n": []})
+                                                   {"rec": [], "scan": [], "t": 0.0, "m": 0, "n": [],
+                                                    "age_hit": np.zeros(AGE_BINS), "age_cnt": np.zeros(AGE_BINS)})
+                                if by_age:
+                                    hit, cnt = recall_by_age(ids, truth_ids[id(p)][:, :k], p.n)
+                                    a["age_hit"] += hit
+                                    a["age_cnt"] += cnt
                                 a["rec"].append(float(r.mean()))
                                 a["scan"].append(float(np.mean(visited)) / p.n)
                                 a["t"] += dt
@@ -555,6 +561,9 @@ def evaluate(datasets, adapters, ks, args):
                         "train_queries": int(np.mean([len(bp.train_q) for bp, _ in plan])) if ad.name == "query_guided"
                         else 0,
                     }
+                    if by_age:
+                        row["recall_by_age"] = [round(float(h / c), 4) if c else None
+                                                for h, c in zip(a["age_hit"], a["age_cnt"])]
                     if len(sharings) > 1 or sh != "per_query_head":
                         # build_s is per index; build_s_total covers all indexes of the data set
                         row.update({"sharing": sh, "indexes_built": len(build),
@@ -565,6 +574,23 @@ def evaluate(datasets, adapters, ks, args):
                         f"({len(ad.agreement)} searches)")
                     ad.agreement = []
     return rows
+
+
+AGE_BINS = 5
+
+
+def recall_by_age(found, true_ids, n):
+    """Recall split by where the true top-k keys lie in the sequence: AGE_BINS equal slices of the key positions
+    0..n-1, oldest first. -> (hits, counts) per slice. The overall recall is dominated by the recent keys a
+    decode query mostly attends to; the old ones (a needle far back) are the ones retrieval exists for."""
+    found = np.asarray(found)
+    hits, cnt = np.zeros(AGE_BINS), np.zeros(AGE_BINS)
+    for f, t in zip(found, np.asarray(true_ids)):
+        got = np.isin(t, f)
+        b = np.minimum(t * AGE_BINS // n, AGE_BINS - 1)
+        np.add.at(hits, b, got)
+        np.add.at(cnt, b, 1)
+    return hits, cnt
 
 
 def time_search(ad, state, q, k, param, min_s):

@@ -67,6 +67,12 @@ def test_recall_json_fields(quick_lines):
     for r in rows:
         if r["data"] == "real":
             assert r["n"] == 8192 - 8 and r["d"] == 64   # keys = positions before the 8 eval queries
+            ages = [a for a in r["recall_by_age"] if a is not None]  # key ids are positions: recall per age slice
+            assert len(r["recall_by_age"]) == 5 and ages and all(0.0 <= a <= 1.0 for a in ages)
+            if r["index"] == "flat":
+                assert ages == [1.0] * len(ages)
+        else:
+            assert "recall_by_age" not in r  # synthetic ids are not positions
         if r["index"] == "flat":
             assert r["recall"] == 1.0 and r["scanned_frac"] == pytest.approx(1.0)
         if r["index"] == "faiss_ivf" and r["n"] == 1024 and r["param"]["nprobe"] >= 32:   # nlist=32: exhaustive
@@ -89,6 +95,16 @@ def test_summary_and_outputs(quick_lines):
     assert (out / "recall_quick.png").stat().st_size > 1000
     assert len((out / "recall_quick.jsonl").read_text().splitlines()) == len(lines)
     assert "replay agreement with hnswlib results: 1.000" in err or "replay agreement" in err
+
+
+def test_recall_by_age_slices():
+    import recall
+
+    true_ids = np.array([[0, 5, 9], [1, 2, 8]])   # n = 10: slices of 2 positions, oldest first
+    found = np.array([[0, 9, 3], [2, 7, 6]])
+    hits, cnt = recall.recall_by_age(found, true_ids, 10)
+    assert cnt.tolist() == [2, 1, 1, 0, 2]        # 0,1 | 2 | 5 | - | 8,9
+    assert hits.tolist() == [1, 1, 0, 0, 1]       # 0 found, 1 not | 2 found | 5 not | 9 found, 8 not
 
 
 def test_hnswlib_replay_matches_hnswlib():
