@@ -440,15 +440,22 @@ class Runner:
         torch = self.torch
         ids = torch.tensor(ids_list, dtype=torch.long, device=self.device)
         gen = []
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         with torch.inference_mode():
+            t0 = time.perf_counter()
             logits = self.forward(ids, cache)
             nxt = logits[:, -1].argmax(-1)
+            sync()
+            t1 = time.perf_counter()
             gen.append(nxt)
             for _ in range(n_new - 1):
                 logits = self.forward(nxt[:, None], cache)
                 nxt = logits[:, -1].argmax(-1)
                 gen.append(nxt)
-        return torch.stack(gen, 1).tolist()
+            out = torch.stack(gen, 1).tolist()
+        # prefill (with the device kNN of the graph builds) and decode (with any wait for the asynchronous builds)
+        self.last_times = {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+        return out
 
     def teacher_forced_logprobs(self, ids_list, context: int, cache):
         """Prefill ids[:, :context], then feed ids[:, context:-1] one by one. -> (B, steps, vocab) float32 log-probs
@@ -496,12 +503,18 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
     correct, scanned, weights, depth_hits, outputs = [], 0.0, 0, [[0, 0], [0, 0], [0, 0]], []
     mass = [0.0, 0.0, 0.0]
     build_s = 0.0
+    times = {}  # where the cell's time went, summed over its batches
     for b0 in range(0, len(samples), runner.batch):
         chunk = samples[b0 : b0 + runner.batch]
         cache = runner.make_cache(method, analysis=args.analysis and method != "full")
         n_new = max(len(s.answer) for s in chunk) + 1
         gens = runner.greedy([s.ids for s in chunk], cache, n_new)
         st = cache_stats(cache)
+        for key, val in runner.last_times.items():
+            times[key] = times.get(key, 0.0) + val
+        for key in ("knn_s", "index_build_wait_s"):
+            if key in st:
+                times[key] = times.get(key, 0.0) + st[key]
         if method == "full":
             scanned += 1.0 * len(chunk)
         else:
@@ -532,6 +545,7 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
         rec["index_sharing"] = runner.base_cfg["index_sharing"]
         rec["index_build_s"] = round(build_s, 3)  # summed over the cell's caches (all layers), includes offloading
         rec["top_k"] = runner.base_cfg["top_k"]
+    rec["time_split_s"] = {key: round(val, 2) for key, val in times.items()}
     if method == "retrieval_attention":
         rec["train_queries"] = train_queries(context)
         rec["ef"] = runner.base_cfg["ef"]

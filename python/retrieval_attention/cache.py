@@ -139,6 +139,8 @@ class RetrievalLayer(CacheLayerMixin):
         self.n_sink_kept = 0
         self.offloaded = None
         self.build_seconds = 0.0
+        self.knn_seconds = 0.0  # device bipartite kNN at prefill (part of build_seconds, on the critical path)
+        self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
         self.last_visited_mean = 0.0
         self.steps = 0
         self.visited_sum = 0.0
@@ -276,7 +278,9 @@ class RetrievalLayer(CacheLayerMixin):
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
             k_train = _ext._C.resolved_index_params(cfg.index, cfg.index_params)["k_train"]
+            t_knn = time.perf_counter()
             knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
+            self.knn_seconds += time.perf_counter() - t_knn
         cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
         self._set_static(
             torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2),
@@ -307,7 +311,11 @@ class RetrievalLayer(CacheLayerMixin):
     def _wait_for_build(self) -> None:
         future, self._build_future = self._build_future, None
         if future is not None:
-            future.result()  # re-raises a build error here
+            t0 = time.perf_counter()
+            try:
+                future.result()  # re-raises a build error here
+            finally:
+                self.build_wait_seconds += time.perf_counter() - t0
 
     # -- the static set lives in preallocated device buffers: appending a token writes in place --------------
     def _set_static(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -549,6 +557,8 @@ class RetrievalLayer(CacheLayerMixin):
             "cpu_tokens": self.cpu_tokens,
             "scanned_frac": self.visited_sum / self.cpu_candidates_sum if self.cpu_candidates_sum else 0.0,
             "index_build_s": self.build_seconds,
+            "knn_s": self.knn_seconds,
+            "index_build_wait_s": self.build_wait_seconds,
             "device_kv_bytes": gpu,
             "cpu_kv_bytes": 0 if self.offloaded is None else self.offloaded.vector_bytes,
             "cpu_index_bytes": 0 if self.offloaded is None else self.offloaded.index_bytes,
@@ -713,7 +723,9 @@ class RetrievalCache(Cache):
         """Per-layer figures, one dict per decoder layer:
 
         layer, static_tokens, cpu_tokens; scanned_frac (CPU keys scored per query head and step / CPU keys);
-        index_build_s (split at prefill + graph builds + later inserts); device_kv_bytes, cpu_kv_bytes, cpu_index_bytes;
+        index_build_s (split at prefill + graph builds + later inserts), of which knn_s the bipartite kNN on the
+        device at prefill; index_build_wait_s: time the first decode step waited for an asynchronous build;
+        device_kv_bytes, cpu_kv_bytes, cpu_index_bytes;
         decode_steps; cpu_mass_share: mean over heads, queries and decode steps (with CPU tokens) of the share of the merged
         attention mass that came from the retrieved CPU keys, sigmoid(lse_cpu - lse_static) (always on, nearly free);
         mass_probes, recovered_mass_mean, recovered_mass_min: with RetrievalConfig.mass_probe_every > 0, the mean and
@@ -731,6 +743,8 @@ class RetrievalCache(Cache):
             "cpu_index_bytes": sum(x["cpu_index_bytes"] for x in s),
             "scanned_frac": sum(x["scanned_frac"] * x["cpu_tokens"] for x in s) / cpu if cpu else 0.0,
             "index_build_s": sum(x["index_build_s"] for x in s),
+            "knn_s": sum(x["knn_s"] for x in s),
+            "index_build_wait_s": sum(x["index_build_wait_s"] for x in s),
             "cpu_mass_share": sum(x["cpu_mass_share"] for x in s) / len(s) if s else 0.0,
             "recovered_mass_mean": sum(probed) / len(probed) if probed else None,
             "recovered_mass_min": min(x["recovered_mass_min"] for x in s if x["recovered_mass_min"] is not None) if probed else None,
