@@ -54,6 +54,7 @@
 #include <immintrin.h>
 #endif
 
+#include "huge_page_allocator.h"
 #include "index.h"
 #include "parallel.h"
 #include "topk.h"
@@ -394,7 +395,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     if (stride != g->stride_) r.fail("query_guided adjacency stride does not match its degree");
     if (n == 0 ? entry != -1 : (entry < 0 || entry >= n)) r.fail("query_guided entry point out of range");
     if (repaired_at < 0 || repaired_at > n) r.fail("query_guided repair counter out of range");
-    std::vector<uint32_t> adj = r.get_vector<uint32_t>(n * stride);
+    HugePageVector<uint32_t> adj = r.get_vector<uint32_t, HugePageAllocator<uint32_t>>(n * stride);
     if (static_cast<int64_t>(adj.size()) != n * stride) r.fail("query_guided adjacency size does not match the row count");
     for (int64_t i = 0; i < n; ++i) {
       const uint32_t* row = adj.data() + i * stride;
@@ -1010,7 +1011,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   int64_t n_ = 0;
   int64_t entry_ = -1;
   int64_t repaired_at_ = 0;
-  std::vector<uint32_t> adj_;  // n x stride: [count, ids...]
+  HugePageVector<uint32_t> adj_;  // n x stride: [count, ids...]; read at random by searches
   std::vector<float> sq_;      // squared key norms (pruning geometry); recomputed on load
 };
 

@@ -44,7 +44,7 @@ inline uint64_t fnv1a64(const uint8_t* p, size_t n, uint64_t h = 146959810393466
 class PayloadWriter {
  public:
   template <class V> void put(const V& v) { put_bytes(&v, sizeof(V)); }
-  template <class V> void put_vector(const std::vector<V>& v) {
+  template <class V, class A> void put_vector(const std::vector<V, A>& v) {
     put<int64_t>(static_cast<int64_t>(v.size()));
     put_bytes(v.data(), v.size() * sizeof(V));
   }
@@ -66,10 +66,10 @@ class PayloadReader {
     get_bytes(&v, sizeof(V));
     return v;
   }
-  template <class V> std::vector<V> get_vector(int64_t max_elems) {
+  template <class V, class A = std::allocator<V>> std::vector<V, A> get_vector(int64_t max_elems) {
     const int64_t count = get<int64_t>();
     if (count < 0 || count > max_elems || static_cast<size_t>(count) * sizeof(V) > n_ - pos_) fail("array length out of range");
-    std::vector<V> v(static_cast<size_t>(count));
+    std::vector<V, A> v(static_cast<size_t>(count));
     get_bytes(v.data(), v.size() * sizeof(V));
     return v;
   }

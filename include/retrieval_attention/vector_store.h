@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "huge_page_allocator.h"
 #include "scalar.h"
 
 namespace retrieval_attention {
@@ -42,7 +43,7 @@ class VectorStore {
 
  private:
   int64_t dim_;
-  std::vector<T> data_;
+  HugePageVector<T> data_;  // random row reads during search: huge pages keep them within the TLB's reach
 };
 
 }  // namespace retrieval_attention

@@ -8,6 +8,7 @@
 #include "reference.h"
 #include "retrieval_attention/attention.h"
 #include "retrieval_attention/flat_index.h"
+#include "retrieval_attention/huge_page_allocator.h"
 #include "retrieval_attention/offloaded_layer.h"
 #include "retrieval_attention/topk.h"
 
@@ -25,6 +26,22 @@ TEST_CASE("half and bfloat16 round trips", "[scalar]") {
   CHECK(std::isnan(to_float(from_float<Half>(NAN))));
   // every half bit pattern that is finite survives half -> float -> half
   for (uint32_t b = 0; b < 0x7c00; ++b) REQUIRE(from_float<Half>(to_float(Half{uint16_t(b)})).bits == b);
+}
+
+TEST_CASE("huge-page vectors: large blocks aligned to 2 MiB, contents kept across growth", "[alloc]") {
+  HugePageVector<uint32_t> small(100);  // below one huge page: ordinary aligned memory
+  CHECK(reinterpret_cast<uintptr_t>(small.data()) % 64 == 0);
+  HugePageVector<uint32_t> v;
+  for (uint32_t i = 0; i < (3u << 20); ++i) v.push_back(i * 7u);  // 12 MiB, grown through both kinds of block
+  CHECK(reinterpret_cast<uintptr_t>(v.data()) % kHugePage == 0);
+  bool same = true;
+  for (uint32_t i = 0; i < v.size(); ++i) same = same && v[i] == i * 7u;
+  CHECK(same);
+  VectorStore<BFloat16> store(128);
+  std::vector<BFloat16> rows(8192 * 128, from_float<BFloat16>(1.5f));
+  store.append(rows.data(), 8192);  // 2 MiB of keys
+  CHECK(reinterpret_cast<uintptr_t>(store.data()) % kHugePage == 0);
+  CHECK(to_float(store.row(8191)[127]) == 1.5f);
 }
 
 TEMPLATE_TEST_CASE("FlatIndex returns the exact top-k", "[flat]", float, Half, BFloat16) {
