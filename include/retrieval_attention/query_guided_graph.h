@@ -901,7 +901,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     qg_detail::PhaseTimer timer;
     grow(n);
     // float32 copy of the keys for the build (16-bit rows would be widened on every distance)
-    std::vector<float> widened;
+    HugePageVector<float> widened;  // read at random by the build's searches and prunes
     const float* base;
     if constexpr (std::is_same<T, float>::value) {
       base = keys_->data();
