@@ -744,21 +744,46 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     if (ef <= 0) ef = p_.ef_build;
     std::vector<std::vector<uint32_t>> lists;
     std::vector<std::pair<uint32_t, uint32_t>> edges;
+    std::vector<Cand> seeds;  // with hubs: kWeakSeeds nearest hubs per key of the batch
+    std::vector<int64_t> n_seeds;
+    std::vector<uint32_t> perm;
     size_t done = 0;
     int64_t linked = std::max<int64_t>(1, n_ - static_cast<int64_t>(order.size()));
     while (done < order.size()) {
       const size_t batch = std::min(order.size() - done, static_cast<size_t>(std::clamp<int64_t>(linked / 2, 1, 4096)));
       lists.assign(batch, {});
-      parallel_for(static_cast<int64_t>(batch), [&](int64_t b) {
+      // With hubs, the batch's keys are searched grouped by their nearest hub, so that consecutive searches on a
+      // thread walk the same part of the graph while it is still in cache. Each search reads the graph as it
+      // stood before the batch, so the order changes nothing but the speed.
+      if (hubs) {
+        seeds.resize(batch * kWeakSeeds);
+        n_seeds.resize(batch);
+        perm.resize(batch);
+        parallel_for(static_cast<int64_t>(batch), [&](int64_t b) {
+          thread_local std::vector<float> xbuf;
+          thread_local std::vector<Cand> sd;
+          const float* xf = row_f(base, order[done + static_cast<size_t>(b)], xbuf);
+          const int64_t ns = hubs->nearest(xf, kWeakSeeds, sd);
+          std::copy(sd.begin(), sd.begin() + ns, seeds.begin() + b * kWeakSeeds);
+          n_seeds[static_cast<size_t>(b)] = ns;
+        }, false);
+        std::iota(perm.begin(), perm.end(), 0u);
+        std::stable_sort(perm.begin(), perm.end(), [&](uint32_t a, uint32_t b) {
+          const uint32_t ha = n_seeds[a] ? seeds[a * kWeakSeeds].id : 0u, hb = n_seeds[b] ? seeds[b * kWeakSeeds].id : 0u;
+          return ha < hb;
+        });
+      }
+      parallel_for(static_cast<int64_t>(batch), [&](int64_t i) {
+        const int64_t b = hubs ? static_cast<int64_t>(perm[static_cast<size_t>(i)]) : i;
         Scratch& s = scratch();
         const uint32_t x = order[done + static_cast<size_t>(b)];
         thread_local std::vector<float> xbuf;
         thread_local std::vector<uint32_t> cand;
         const float* xf = row_f(base, x, xbuf);
         s.qf.assign(xf, xf + d);  // the search may reuse row_f's buffer through prune, so copy the query
-        thread_local std::vector<Cand> sd;
-        const int64_t ns = hubs ? hubs->nearest(s.qf.data(), kWeakSeeds, sd) : 0;
-        beam_search(base, s.qf.data(), ef, s, /*l2=*/true, sd.data(), ns);
+        const Cand* sd = hubs ? seeds.data() + b * kWeakSeeds : nullptr;
+        const int64_t ns = hubs ? n_seeds[static_cast<size_t>(b)] : 0;
+        beam_search(base, s.qf.data(), ef, s, /*l2=*/true, sd, ns);
         const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
         cand.assign(row + 1, row + 1 + row[0]);
         for (const Cand& c : s.beam) cand.push_back(c.id);
