@@ -13,7 +13,8 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 # run_acc_queue GPU "item+item+...": each item "tasks@contexts@cost_s[@kl_contexts]" is one accuracy.py run on that GPU,
-# started only when its estimated cost fits the seconds left of ACC_BUDGET_S, so that no cell is killed half done.
+# started only when its estimated cost fits the seconds left of ACC_BUDGET_S, so that no cell is killed half done
+# (cost 0: start anyway; the default queues, the whole grid, are then cut at the budget and resumed by the next call).
 # Lines go to .acc_state/ (git-ignored, so a warm machine keeps them for the next call) and every run resumes from
 # ACC_RESUME plus all of .acc_state: a grid spans several calls without copying results back in between.
 run_acc_queue() {
@@ -52,7 +53,7 @@ accuracy_full) stamp accuracy_full; timeout $(( ${ACC_BUDGET_S:-420} + 120 )) py
        ${ACC_RESUME:+--resume $ACC_RESUME} --index-sharing ${ACC_SHARING:-per_query_head} --out "$OUT/acc" > "$OUT/accuracy_full.jsonl" 2> "$OUT/accuracy_full.err"
        echo "accuracy_full rc=$?"; grep -c '"bench": "accuracy"' "$OUT/accuracy_full.jsonl"; grep "past --budget-s" "$OUT/accuracy_full.err" | head -3;;
 accuracy_par) stamp accuracy_par  # the grid as one queue of cells per GPU, run side by side (see run_acc_queue)
-       g=0; for q in ${ACC_QUEUES:-passkey@1024,2048,4096,8192,16384,32768@3000@2048,8192 kv@1024,2048,4096,8192,16384,32768@3000}; do
+       g=0; for q in ${ACC_QUEUES:-passkey,kv@1024,2048,4096,8192,16384,32768@0@2048,8192 niah,niah_multi@1024,2048,4096,8192,16384,32768@0}; do
          run_acc_queue $g "$q" & g=$((g + 1)); done; wait
        cp .acc_state/g*.jsonl .acc_state/*.err "$OUT"/ 2>/dev/null; for f in .acc_state/g*.jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; done;;
 e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e \
