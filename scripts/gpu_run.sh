@@ -22,7 +22,8 @@ run_acc_queue() {
   for item in ${2//+/ }; do
     IFS=@ read -r tasks ctx cost kl <<< "$item"; n=$((n + 1))
     left=$(( ACC_BUDGET_S - ($(date +%s) - acc_t0) ))
-    if [ "$left" -lt "$cost" ]; then echo "GPU $gpu: $item not started, ${left}s left" >&2; continue; fi
+    # -le: more seconds left than the estimate, and never "timeout 0", which would mean no limit
+    if [ "$left" -le "$cost" ]; then echo "GPU $gpu: $item not started, ${left}s left" >&2; continue; fi
     grep -h '}$' ${ACC_RESUME:-/dev/null} .acc_state/g*.jsonl 2>/dev/null > .acc_state/resume_g$gpu.jsonl
     CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=${ACC_THREADS:-16} timeout $left python3 benchmarks/accuracy.py --json \
       --resume .acc_state/resume_g$gpu.jsonl --tasks $tasks --contexts $ctx --kl-contexts ${kl:-none} --threads ${ACC_THREADS:-16} ${ACC_EXTRA:-} \
