@@ -11,7 +11,8 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 EIGEN_INCLUDE_DIR
 steps=${*:-"build tests demo recall accuracy buildtime"}
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+nvidia-smi -L; echo "THP $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"  # huge pages for key rows: see huge_page_allocator.h
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 # run_acc_queue GPU "item+item+...": each item "tasks@contexts@cost_s[@kl_contexts]" is one accuracy.py run on that GPU,
 # started only when its estimated cost fits the seconds left of ACC_BUDGET_S, so that no cell is killed half done
 # (cost 0: start anyway; the default queues, the whole grid, are then cut at the budget and resumed by the next call).
