@@ -402,14 +402,7 @@ class Runner:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.layers = make_layer_classes()
         self.layers["ivf_topk"].train_threads = max(1, torch.get_num_threads())  # k-means training only
-        base = ra.RetrievalConfig()
-        self.base_cfg = dict(
-            n_sink=base.n_sink if args.n_sink is None else args.n_sink,
-            n_window=base.n_window if args.n_window is None else args.n_window,
-            top_k=base.top_k if args.top_k is None else args.top_k,
-            ef=base.ef if args.ef is None else args.ef,
-            index_sharing=base.index_sharing if args.index_sharing is None else args.index_sharing,
-        )
+        self.base_cfg = run_config(args)
 
     def device_desc(self) -> str:
         torch = self.torch
@@ -702,10 +695,13 @@ def plot(results, path):
     plt.close(fig)
 
 
-def ra_defaults():
+def run_config(args) -> dict:
+    """The RetrievalConfig fields this run sets for every retrieval method: the command line's, else the defaults."""
     import retrieval_attention as ra
 
-    return ra.RetrievalConfig()
+    base = ra.RetrievalConfig()
+    return {name: getattr(base, name) if getattr(args, name) is None else getattr(args, name)
+            for name in ("n_sink", "n_window", "top_k", "ef", "index_sharing")}
 
 
 def train_queries(context: int) -> int:
@@ -722,13 +718,12 @@ def load_resume(args):
     done, done_kl = {}, {}
     if not args.resume:
         return done, done_kl
-    sharing = args.index_sharing or "per_query_head"
+    cfg = run_config(args)
+    sharing, top_k, ef = cfg["index_sharing"], cfg["top_k"], cfg["ef"]
     if not os.path.exists(args.resume):  # the first of a series of resumed runs
         log(f"resume: {args.resume} does not exist yet; starting from scratch")
         return done, done_kl
     stale, ivf_candidates, kl = set(), {}, {}
-    default = ra_defaults()
-    top_k, ef = args.top_k or default.top_k, args.ef or default.ef
     with open(args.resume) as f:
         for line in f:
             line = line.strip()
@@ -779,8 +774,6 @@ def load_resume(args):
 
 def render(args):
     """--render: the table and plot of the --resume file's matching cells, without loading the model."""
-    import retrieval_attention as ra
-
     if not args.resume or not args.out:
         raise SystemExit("--render needs --resume FILE and --out DIR")
     done, done_kl = load_resume(args)
@@ -791,10 +784,7 @@ def render(args):
                   for r in sorted(done_kl[c], key=lambda r: args.methods.index(r["method"]))]
     missing = [" ".join(map(str, k)) for k in order if k not in done] + [f"kl {c}" for c in args.kl_contexts
                                                                           if c not in done_kl]
-    base = ra.RetrievalConfig()
-    cfg = dict(n_sink=args.n_sink or base.n_sink, n_window=args.n_window or base.n_window, top_k=args.top_k or base.top_k,
-               ef=args.ef or base.ef, index_sharing=args.index_sharing or base.index_sharing)
-    meta = {"device": f"as recorded in {os.path.basename(args.resume)}", "dtype": "as recorded", "config": cfg,
+    meta = {"device": f"as recorded in {os.path.basename(args.resume)}", "dtype": "as recorded", "config": run_config(args),
             "samples": args.samples, "haystack": "as recorded", "skipped": missing}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "accuracy.md"), "w") as f:

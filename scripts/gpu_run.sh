@@ -19,9 +19,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 # Lines go to .acc_state/ (git-ignored, so a warm machine keeps them for the next call) and every run resumes from
 # ACC_RESUME plus all of .acc_state: a grid spans several calls without copying results back in between.
 run_acc_queue() {
-  local gpu=$1 n=0 tasks ctx cost kl left; mkdir -p .acc_state
+  local gpu=$1 tasks ctx cost kl left; mkdir -p .acc_state
   for item in ${2//+/ }; do
-    IFS=@ read -r tasks ctx cost kl <<< "$item"; n=$((n + 1))
+    IFS=@ read -r tasks ctx cost kl <<< "$item"
     left=$(( ACC_BUDGET_S - ($(date +%s) - acc_t0) ))
     # -le: more seconds left than the estimate, and never "timeout 0", which would mean no limit
     if [ "$left" -le "$cost" ]; then echo "GPU $gpu: $item not started, ${left}s left" >&2; continue; fi
