@@ -88,7 +88,7 @@ def parse_args(argv=None):
     ap.add_argument("--n-sink", type=int, default=None)
     ap.add_argument("--n-window", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None, help="top_k of every retrieval method (default: RetrievalConfig's)")
-    ap.add_argument("--ef", type=int, default=None, help="graph search beam of retrieval_attention")
+    ap.add_argument("--ef", type=int, default=None, help="graph search beam of retrieval_attention (default: RetrievalConfig's automatic beam, which grows with the CPU keys)")
     ap.add_argument("--index-sharing", default=None, choices=("per_query_head", "per_kv_head"),
                     help="RetrievalConfig.index_sharing of every RetrievalCache method (default: RetrievalConfig's)")
     ap.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists per head (default: power of 2 near sqrt(n), >= 16)")
@@ -541,7 +541,8 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
     rec["time_split_s"] = {key: round(val, 2) for key, val in times.items()}
     if method == "retrieval_attention":
         rec["train_queries"] = train_queries(context)
-        rec["ef"] = runner.base_cfg["ef"]
+        rec["ef"] = runner.base_cfg["ef"]  # None: RetrievalConfig's automatic beam (ef_used)
+        rec["ef_used"] = beam_for(runner.base_cfg, context)
     if method == "ivf_topk":
         rec["target_scan"] = round(ivf_target, 5)
     if mass[0]:
@@ -704,6 +705,15 @@ def run_config(args) -> dict:
             for name in ("n_sink", "n_window", "top_k", "ef", "index_sharing")}
 
 
+def beam_for(cfg: dict, context: int) -> int:
+    """The search beam retrieval_attention uses for a prompt of `context` tokens under run_config() `cfg` (the CPU
+    holds every prompt token outside the static set; a few generated tokens do not evict any)."""
+    import retrieval_attention as ra
+
+    rc = ra.RetrievalConfig(n_sink=cfg["n_sink"], n_window=cfg["n_window"], top_k=cfg["top_k"], ef=cfg["ef"])
+    return rc.search_beam(max(0, context - cfg["n_sink"] - cfg["n_window"]))
+
+
 def train_queries(context: int) -> int:
     """Training queries per index of retrieval_attention for a prompt of `context` tokens (RetrievalConfig's cap)."""
     import retrieval_attention as ra
@@ -719,7 +729,7 @@ def load_resume(args):
     if not args.resume:
         return done, done_kl
     cfg = run_config(args)
-    sharing, top_k, ef = cfg["index_sharing"], cfg["top_k"], cfg["ef"]
+    sharing, top_k = cfg["index_sharing"], cfg["top_k"]
     if not os.path.exists(args.resume):  # the first of a series of resumed runs
         log(f"resume: {args.resume} does not exist yet; starting from scratch")
         return done, done_kl
@@ -736,9 +746,11 @@ def load_resume(args):
                     and rec.get("context") in args.contexts and rec.get("method") in args.methods:
                 key = (rec["task"], rec["context"], rec["method"])
                 # records from before train_queries was recorded used every prompt token as a training query
-                # records from before top_k and ef were recorded used top-100 and ef 128
+                # records from before top_k and ef were recorded used top-100 and ef 128; cells are compared by the
+                # beam they searched with, so a fixed ef and the automatic one that gives the same beam are the same
+                beam = rec.get("ef_used", rec.get("ef", 128))
                 if key[2] == "retrieval_attention" and (rec.get("train_queries", key[1]) != train_queries(key[1])
-                                                        or rec.get("ef", 128) != ef):
+                                                        or beam != beam_for(cfg, key[1])):
                     stale.add(key)
                 elif key[2] != "full" and rec.get("top_k", 100) != top_k:
                     stale.add(key)

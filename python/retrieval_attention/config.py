@@ -5,6 +5,10 @@ from dataclasses import asdict, dataclass, field
 
 INDEX_TYPES = ("flat", "query_guided")
 INDEX_SHARING = ("per_query_head", "per_kv_head")
+# ef=None: the beam grows with the CPU keys (calibrated on the bundled model's own Q/K, docs/TUNING.md).
+EF_AUTO_KEYS_PER_SLOT = 128
+EF_AUTO_MIN = 128
+EF_AUTO_MAX = 1024
 
 
 @dataclass
@@ -15,7 +19,10 @@ class RetrievalConfig:
     n_window:    most recent tokens kept on the model's device; older ones move to the CPU index.
     top_k:       keys retrieved from the CPU per query head and step (top_k >= CPU tokens is exact attention).
     index:       "query_guided" (the paper's attention-aware graph) or "flat" (exact scan of all CPU keys).
-    ef:          beam width of the graph search (larger: higher recall, more keys scanned).
+    ef:          beam width of the graph search (larger: higher recall, more keys scanned). None (the default): one
+                 beam slot per EF_AUTO_KEYS_PER_SLOT CPU keys, clamped to [EF_AUTO_MIN, EF_AUTO_MAX] (search_beam()):
+                 128 up to 16K CPU tokens, 251 at 32K, 1024 from 128K. A fixed beam recalls old keys less as the
+                 context grows; this keeps it about level (docs/TUNING.md, "ef: the search beam").
     index_params: build parameters passed to the index (e.g. {"degree": 32, "k_train": 100}).
     index_sharing: "per_query_head" (the paper's: one index per query head, trained on that head's queries) or
                  "per_kv_head" (one index per GQA group, trained on the group's pooled queries and searched by all its
@@ -47,7 +54,7 @@ class RetrievalConfig:
     n_window: int = 512
     top_k: int = 100
     index: str = "query_guided"
-    ef: int = 128
+    ef: int | None = None
     index_params: dict = field(default_factory=dict)
     max_train_queries: int | None = None
     cpu_dtype: object = None
@@ -67,8 +74,10 @@ class RetrievalConfig:
                 raise ValueError(f"RetrievalConfig.{name} must be an int >= 0, got {v!r}")
         for name in ("top_k", "ef", "evict_chunk"):
             v = getattr(self, name)
+            if name == "ef" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"RetrievalConfig.{name} must be an int >= 1, got {v!r}")
+                raise ValueError(f"RetrievalConfig.{name} must be an int >= 1{' or None' if name == 'ef' else ''}, got {v!r}")
         if self.n_sink + self.n_window < 1:
             raise ValueError("RetrievalConfig: n_sink + n_window must be >= 1 (the newest token stays on the device)")
         if self.index not in INDEX_TYPES:
@@ -94,6 +103,13 @@ class RetrievalConfig:
             raise TypeError(f"RetrievalConfig.progress must be None or a bool, got {self.progress!r}")
         if self.async_build is not None and not isinstance(self.async_build, bool):
             raise TypeError(f"RetrievalConfig.async_build must be None or a bool, got {self.async_build!r}")
+
+    def search_beam(self, cpu_tokens: int) -> int:
+        """The graph search's beam for a layer holding `cpu_tokens` CPU keys: `ef` when set, else
+        cpu_tokens / EF_AUTO_KEYS_PER_SLOT clamped to [EF_AUTO_MIN, EF_AUTO_MAX]."""
+        if self.ef is not None:
+            return self.ef
+        return max(EF_AUTO_MIN, min(EF_AUTO_MAX, cpu_tokens // EF_AUTO_KEYS_PER_SLOT))
 
     def to_dict(self) -> dict:
         d = asdict(self)

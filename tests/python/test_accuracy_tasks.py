@@ -268,3 +268,23 @@ def test_resume_reruns_cells_of_another_beam_or_top_k(tmp_path, monkeypatch):
     assert set(m for _, _, m in done) == {"flat_topk", "full"}
     done, _ = accuracy.load_resume(accuracy.parse_args(argv + ["--top-k", "200"]))
     assert set(m for _, _, m in done) == {"full"}
+
+
+def test_resume_compares_the_beam_searched_with(tmp_path, monkeypatch):
+    """The default ef (None) is RetrievalConfig's automatic beam: an ef-128 record of a 1K cell (beam 128 there) is
+    reused, one of a 32K cell (beam 251 there) is not; a record written with the automatic beam matches --ef 251."""
+    import accuracy
+
+    monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
+    base = {"bench": "accuracy", "task": "niah", "samples": 50, "accuracy": 1.0, "index_sharing": "per_query_head",
+            "method": "retrieval_attention", "scanned_frac": 0.1}
+    path = tmp_path / "prev.jsonl"
+    path.write_text(json.dumps(dict(base, context=1024, ef=128)) + "\n" + json.dumps(dict(base, context=32768, ef=128)) + "\n")
+    args = accuracy.parse_args(["--contexts", "1024,32768", "--tasks", "niah", "--methods", "retrieval_attention",
+                                "--resume", str(path)])
+    assert accuracy.beam_for(accuracy.run_config(args), 32768) == 251
+    assert set(accuracy.load_resume(args)[0]) == {("niah", 1024, "retrieval_attention")}
+    path.write_text(json.dumps(dict(base, context=32768, ef=None, ef_used=251)) + "\n")
+    args = accuracy.parse_args(["--contexts", "32768", "--tasks", "niah", "--methods", "retrieval_attention",
+                                "--resume", str(path), "--ef", "251"])
+    assert set(accuracy.load_resume(args)[0]) == {("niah", 32768, "retrieval_attention")}

@@ -44,6 +44,32 @@ def test_index_sharing_validation():
     assert ra.RetrievalConfig().index_sharing == "per_query_head"
 
 
+def test_automatic_search_beam(tmp_path):
+    """ef=None (the default): the beam grows with the layer's CPU keys; the cache searches with it; saved and loaded."""
+    cfg = ra.RetrievalConfig()
+    assert cfg.ef is None
+    assert [cfg.search_beam(n) for n in (0, 16_384, 32_128, 65_000, 131_072, 10**7)] == [128, 128, 251, 507, 1024, 1024]
+    assert ra.RetrievalConfig(ef=40).search_beam(10**6) == 40
+
+    class NarrowBeam(ra.RetrievalConfig):  # the automatic rule, with a beam narrow enough to show in scanned_frac
+        def search_beam(self, cpu_tokens):
+            return 8 if self.ef is None else self.ef
+
+    model = tiny_model(seed=3)
+    doc = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(4))
+    sparse = dict(n_sink=4, n_window=16, top_k=8, index="query_guided")
+    scanned = {}
+    for name, c in (("auto", NarrowBeam(**sparse)), ("ef8", ra.RetrievalConfig(**sparse, ef=8)),
+                    ("ef64", ra.RetrievalConfig(**sparse, ef=64))):
+        cache = prefill(model, doc, c)
+        greedy(model, torch.cat([doc, doc[:, :5]], dim=1), cache, 3)
+        scanned[name] = cache.summary()["scanned_frac"]
+    assert scanned["auto"] == scanned["ef8"] < scanned["ef64"]
+    cache = prefill(model, doc, ra.RetrievalConfig(**sparse))
+    cache.save(tmp_path / "auto")
+    assert ra.RetrievalCache.load(tmp_path / "auto", model.config).retrieval_config.ef is None
+
+
 @pytest.mark.parametrize("cls", [(LlamaConfig, LlamaForCausalLM), (Qwen2Config, Qwen2ForCausalLM)])
 def test_per_kv_head_exactness_mode_equals_full_attention(cls):
     model = tiny_model(seed=3, cls=cls)
