@@ -106,7 +106,7 @@ class OffloadedLayer {
     if (!indexed()) {
       make_indexes();
     } else if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_) {
-      parallel_for(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
+      parallel_for_split(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
     }
   }
 
@@ -298,13 +298,13 @@ class OffloadedLayer {
     if (sharing_ == IndexSharing::PerKvHead) {
       // The group's query heads are consecutive, so its pooled training queries (group * n_train rows) and their
       // neighbour lists are one contiguous block of the (Hq, n_train, .) layout.
-      parallel_for(hkv_, [&](int64_t kv) {
+      parallel_for_split(hkv_, [&](int64_t kv) {
         const int64_t first = kv * group * n_train_;
         indexes_[static_cast<size_t>(kv)] =
             factory_(keys_[kv], train_q_.data() + first * d_, group * n_train_, knn ? knn + first * knn_k : nullptr, knn_k);
       });
     } else {
-      parallel_for(hq_, [&](int64_t h) {
+      parallel_for_split(hq_, [&](int64_t h) {
         indexes_[static_cast<size_t>(h)] =
             factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_, knn ? knn + h * n_train_ * knn_k : nullptr, knn_k);
       });
