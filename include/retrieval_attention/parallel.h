@@ -40,11 +40,16 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
 }
 
 // fn(i) for i in [0, n). With fewer items than threads, item i runs on a team of about threads / n threads
-// (nested OpenMP; without it the items' inner loops would run serially and 6 heads would use 6 of 16 cores).
+// (nested OpenMP; without it the items' inner loops would run serially and 6 heads would use 6 of 16 cores);
+// a single item runs on the calling thread with every thread for its own loops.
 template <class Fn>
 void parallel_for_split(int64_t n, Fn&& fn) {
 #ifdef _OPENMP
   const int threads = omp_get_max_threads();
+  if (n == 1 && omp_get_level() == 0) {  // one item: its own loops get every thread (a region around it would not)
+    fn(int64_t{0});
+    return;
+  }
   if (n > 1 && n < threads && omp_get_level() == 0) {
     const int items = static_cast<int>(n), levels = omp_get_max_active_levels();
     omp_set_max_active_levels(std::max(levels, 2));
