@@ -636,8 +636,11 @@ def markdown(results, kl_results, meta) -> str:
                     below.append(f"{t} {lab(c)}: {ours['accuracy']:.2f} vs {full['accuracy']:.2f} "
                                  f"({ours['accuracy'] / full['accuracy']:.1%})")
         if by and any(m == "retrieval_attention" for _, _, m in by):
+            unchecked = [f"{t} {lab(c)}" for t in tasks for c in ctxs
+                         if (t, c, "full") in by and (t, c, "retrieval_attention") not in by]
             lines += ["", "retrieval_attention below 97% of full attention (where full is above chance): "
-                      + ("; ".join(below) if below else "none")]
+                      + ("; ".join(below) if below else "none")
+                      + (f" (not checked, retrieval_attention not run: {', '.join(unchecked)})" if unchecked else "")]
         lines += ["", "Mean over tasks (only where every task's cell ran):", "",
                   "| method | " + " | ".join(lab(c) for c in ctxs) + " |", "|---|" + "---|" * len(ctxs)]
         for m in methods:

@@ -152,7 +152,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--index", default="query_guided", choices=["query_guided", "flat"])
     p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--ef", type=int, default=128)
+    p.add_argument("--ef", type=int, default=None, help="search beam (default: RetrievalConfig's automatic beam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="save a plot of the retrieval cache's per-layer stats here (matplotlib)")
     p.add_argument("--quick", action="store_true", help="a 1,500-token document and 3 questions (CI)")
@@ -172,7 +172,7 @@ def main():
     print(f"document: {len(doc_ids) + 1} tokens from {', '.join(sources[:4])}{' ...' if len(sources) > 4 else ''}; "
           f"{len(facts)} hidden facts; device {args.device}, {dtype}")
     print(f"retrieval attention: {cfg.n_sink} sink + {cfg.n_window} window tokens on the device, the rest on the CPU "
-          f"({cfg.index} index, top_k {cfg.top_k}, ef {cfg.ef})\n")
+          f"({cfg.index} index, top_k {cfg.top_k}, ef {cfg.ef or 'auto'})\n")
 
     max_answer = 10
     with torch.no_grad():

@@ -55,7 +55,7 @@ def main():
     p.add_argument("--context", type=int, default=8000, help="document length in tokens (bytes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--ef", type=int, default=128)
+    p.add_argument("--ef", type=int, default=None, help="search beam (default: RetrievalConfig's automatic beam)")
     p.add_argument("--index-sharing", default="per_query_head", choices=["per_query_head", "per_kv_head"])
     p.add_argument("--save-dir", default=None, help="where to save the document's cache (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +77,7 @@ def main():
     print(f"document: {doc_ids.shape[1]} tokens from {', '.join(sources[:3])}{' ...' if len(sources) > 3 else ''}; "
           f"{len(facts)} hidden facts; device {args.device}, {dtype}")
     print(f"retrieval attention: {cfg.n_sink} sink + {cfg.n_window} window tokens on the device, the rest on the CPU "
-          f"({cfg.index} index, {cfg.index_sharing}, top_k {cfg.top_k}, ef {cfg.ef})")
+          f"({cfg.index} index, {cfg.index_sharing}, top_k {cfg.top_k}, ef {cfg.ef or 'auto'})")
 
     # 1. read the document once: prefill + index build
     t0 = time.perf_counter()
