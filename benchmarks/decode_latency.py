@@ -94,6 +94,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip (context, method) cells that would start after this many seconds (logged)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile one untimed decode_attention call of layer 0 per method (torch.profiler, the last warmup "
+                         "step) and write the operator table to DIR/profile_<context>_<method>.txt")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end generate of a random 8B-shaped Llama")
     ap.add_argument("--e2e-context", type=int, default=131072)
     ap.add_argument("--e2e-new-tokens", type=int, default=16)
@@ -503,6 +506,24 @@ def run_full(args, T, datas, dev, flush, L_rep):
     }
 
 
+def profile_call(args, T, method, dev, fn):
+    """--profile: fn() once under torch.profiler (CPU, plus CUDA on a GPU); the operator table goes to a text file."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(args.profile, exist_ok=True)
+    path = os.path.join(args.profile, f"profile_{T}_{method}.txt")
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n")
+    log(f"  {method}: profile of one decode_attention call -> {path}")
+
+
 def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     import concurrent.futures as cf
 
@@ -628,6 +649,10 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             q = data.dec_q[s]
             flush()
             sync(dev)
+            if args.profile and l == 0 and s == W - 1:  # untimed step: where a decode step's time goes, op by op
+                profile_call(args, T, method, dev, lambda: layer.decode_attention(q, scale))
+                flush()
+                sync(dev)
             t = time.perf_counter()
             out = layer.decode_attention(q, scale)
             sync(dev)

@@ -57,13 +57,23 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
   return {out, lse};
 }
 
+// (heads, rows, dim) whose rows are contiguous inside each head (heads may lie apart): returned as is, else a copy.
+at::Tensor heads_of_contiguous_rows(const at::Tensor& t) {
+  const bool rows_ok = (t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2));
+  return rows_ok && t.stride(0) >= 0 ? t : t.contiguous();
+}
+
+// Elements between consecutive heads of such a tensor (a single head's stride is arbitrary: report the packed one).
+int64_t head_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1) * t.size(2); }
+
 std::tuple<at::Tensor, at::Tensor> dense_attention_cpu(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, double scale,
                                                        bool causal) {
   const AttnShapes s = check_attention_args(q, keys, values);
   check_cpu(q, "q");
   TORCH_CHECK_VALUE(!causal || s.m <= s.n, "causal attention needs at least as many keys (", s.n, ") as queries (", s.m, ")");
   const auto qf = q.to(at::kFloat).contiguous();
-  const auto kc = keys.contiguous(), vc = values.contiguous();
+  // a cache's static set is the first n rows of a larger buffer: read it in place rather than copy it every step
+  const auto kc = heads_of_contiguous_rows(keys), vc = heads_of_contiguous_rows(values);
   auto out = at::empty({s.hq, s.m, s.dv}, q.options().dtype(at::kFloat));
   auto lse = at::empty({s.hq, s.m}, q.options().dtype(at::kFloat));
   translate_errors([&] {
@@ -71,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> dense_attention_cpu(const at::Tensor& q, cons
       using T = std::remove_pointer_t<decltype(tag)>;
       ra::dense_attention_batch<T>(qf.data_ptr<float>(), s.hq, s.m, s.d, reinterpret_cast<const T*>(kc.data_ptr()),
                                    reinterpret_cast<const T*>(vc.data_ptr()), s.hkv, s.n, s.dv, static_cast<float>(scale), causal,
-                                   out.data_ptr<float>(), lse.data_ptr<float>());
+                                   out.data_ptr<float>(), lse.data_ptr<float>(), head_stride(kc), head_stride(vc));
     });
   });
   return {out, lse};

@@ -11,6 +11,8 @@
 //       lse = logaddexp(lse_a, lse_b); out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
 //   * Batched forms: q (Hq, m, d), keys (Hkv, n, d), values (Hkv, n, dv), all row-major contiguous; query head h
 //     uses kv head h / (Hq / Hkv) (GQA). Outputs out (Hq, m, dv) and lse (Hq, m), float32.
+//     dense_attention_batch also takes kv heads that lie apart in memory (key_head_stride / value_head_stride
+//     elements between heads; rows inside a head contiguous), e.g. the first n rows of a larger buffer.
 //     They run in parallel over (head, query) with OpenMP and touch no shared mutable state.
 #pragma once
 
@@ -127,8 +129,10 @@ void sparse_attention_batch(const float* q, int64_t hq, int64_t m, int64_t d, co
 // (bottom-right aligned): query i sees keys [0, n - m + i].
 template <class T>
 void dense_attention_batch(const float* q, int64_t hq, int64_t m, int64_t d, const T* keys, const T* values, int64_t hkv, int64_t n,
-                           int64_t dv, float scale, bool causal, float* out, float* lse) {
+                           int64_t dv, float scale, bool causal, float* out, float* lse, int64_t key_head_stride = -1,
+                           int64_t value_head_stride = -1) {
   check_gqa(hq, hkv);
+  const int64_t ks = key_head_stride < 0 ? n * d : key_head_stride, vs = value_head_stride < 0 ? n * dv : value_head_stride;
   require(!causal || m <= n, "causal attention needs at least as many keys as queries");
   const int64_t group = hq / hkv;
 #pragma omp parallel
@@ -138,7 +142,7 @@ void dense_attention_batch(const float* q, int64_t hq, int64_t m, int64_t d, con
     for (int64_t hm = 0; hm < hq * m; ++hm) {
       const int64_t h = hm / m, i = hm % m, kv = h / group;
       const int64_t visible = causal ? n - m + i + 1 : n;
-      lse[hm] = attend_prefix(q + hm * d, d, keys + kv * n * d, values + kv * n * dv, dv, visible, scale, out + hm * dv, sc);
+      lse[hm] = attend_prefix(q + hm * d, d, keys + kv * ks, values + kv * vs, dv, visible, scale, out + hm * dv, sc);
     }
   }
 }

@@ -63,6 +63,31 @@ def test_dense_attention_matches_reference(dtype, causal):
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["prefix_of_buffer", "one_head_prefix", "every_other_row", "transposed_rows", "expanded_head"])
+def test_dense_attention_reads_strided_keys_like_contiguous_ones(layout):
+    """A cache's static set is the first n rows of a larger buffer: read in place, same result as a packed copy
+    (and layouts whose rows are not contiguous are copied first, also the same result)."""
+    g = torch.Generator().manual_seed(11)
+    hq, m, n, d = 6, 2, 40, 16
+    hkv = 1 if layout in ("one_head_prefix", "expanded_head") else 2
+    big_k, big_v = torch.randn(hkv, 2 * n + 3, d, generator=g).bfloat16(), torch.randn(hkv, 2 * n + 3, d, generator=g).bfloat16()
+    if layout in ("prefix_of_buffer", "one_head_prefix"):
+        keys, values = big_k[:, :n], big_v[:, :n]
+    elif layout == "every_other_row":
+        keys, values = big_k[:, : 2 * n : 2], big_v[:, : 2 * n : 2]
+    elif layout == "transposed_rows":
+        keys = big_k[:, :n].transpose(1, 2).contiguous().transpose(1, 2)
+        values = big_v[:, :n].transpose(1, 2).contiguous().transpose(1, 2)
+    else:  # one kv head seen as two through a zero head stride
+        hkv = 2
+        keys, values = big_k[:, :n].expand(2, n, d), big_v[:, :n].expand(2, n, d)
+    assert keys.is_contiguous() == (layout == "one_head_prefix")  # a single head's stride does not count in torch
+    q = torch.randn(hq, m, d, generator=g)
+    out, lse = ra.dense_attention(q, keys, values, 0.25, causal=True)
+    ref_out, ref_lse = ra.dense_attention(q, keys.contiguous(), values.contiguous(), 0.25, causal=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
 def test_merge_of_two_halves_equals_full_attention():
     g = torch.Generator().manual_seed(3)
     hq, hkv, m, n, d = 4, 2, 2, 200, 32
