@@ -556,6 +556,7 @@ class RetrievalLayer(CacheLayerMixin):
             "static_tokens": self.static_tokens,
             "cpu_tokens": self.cpu_tokens,
             "scanned_frac": self.visited_sum / self.cpu_candidates_sum if self.cpu_candidates_sum else 0.0,
+            "search_beam": self.cfg.search_beam(self.cpu_tokens) if self.cfg.index == "query_guided" else None,
             "index_build_s": self.build_seconds,
             "knn_s": self.knn_seconds,
             "index_build_wait_s": self.build_wait_seconds,
@@ -723,6 +724,8 @@ class RetrievalCache(Cache):
         """Per-layer figures, one dict per decoder layer:
 
         layer, static_tokens, cpu_tokens; scanned_frac (CPU keys scored per query head and step / CPU keys);
+        search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
+        for index="flat");
         index_build_s (split at prefill + graph builds + later inserts), of which knn_s the bipartite kNN on the
         device at prefill; index_build_wait_s: time the first decode step waited for an asynchronous build;
         device_kv_bytes, cpu_kv_bytes, cpu_index_bytes;
@@ -742,6 +745,7 @@ class RetrievalCache(Cache):
             "cpu_kv_bytes": sum(x["cpu_kv_bytes"] for x in s),
             "cpu_index_bytes": sum(x["cpu_index_bytes"] for x in s),
             "scanned_frac": sum(x["scanned_frac"] * x["cpu_tokens"] for x in s) / cpu if cpu else 0.0,
+            "search_beam": max((x["search_beam"] for x in s if x["search_beam"] is not None), default=None),
             "index_build_s": sum(x["index_build_s"] for x in s),
             "knn_s": sum(x["knn_s"] for x in s),
             "index_build_wait_s": sum(x["index_build_wait_s"] for x in s),

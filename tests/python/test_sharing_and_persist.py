@@ -66,6 +66,8 @@ def test_automatic_search_beam(tmp_path):
         scanned[name] = cache.summary()["scanned_frac"]
     assert scanned["auto"] == scanned["ef8"] < scanned["ef64"]
     cache = prefill(model, doc, ra.RetrievalConfig(**sparse))
+    assert cache.summary()["search_beam"] == 128 and {s["search_beam"] for s in cache.stats()} == {128}
+    assert prefill(model, doc, ra.RetrievalConfig(**dict(sparse, index="flat"))).summary()["search_beam"] is None
     cache.save(tmp_path / "auto")
     assert ra.RetrievalCache.load(tmp_path / "auto", model.config).retrieval_config.ef is None
 
