@@ -39,6 +39,41 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
   if (error) std::rethrow_exception(error);
 }
 
+#ifdef _OPENMP
+// Allows two levels of active parallel regions while at least one instance lives (max-active-levels is one
+// setting for the whole process; concurrent users, e.g. index builds in two threads, share one save/restore).
+class NestedRegions {
+ public:
+  NestedRegions() {
+    std::lock_guard<std::mutex> lock(mu());
+    if (users()++ == 0) {
+      saved() = omp_get_max_active_levels();
+      omp_set_max_active_levels(std::max(saved(), 2));
+    }
+  }
+  ~NestedRegions() {
+    std::lock_guard<std::mutex> lock(mu());
+    if (--users() == 0) omp_set_max_active_levels(saved());
+  }
+  NestedRegions(const NestedRegions&) = delete;
+  NestedRegions& operator=(const NestedRegions&) = delete;
+
+ private:
+  static std::mutex& mu() {
+    static std::mutex m;
+    return m;
+  }
+  static int& users() {
+    static int u = 0;
+    return u;
+  }
+  static int& saved() {
+    static int s = 1;
+    return s;
+  }
+};
+#endif
+
 // fn(i) for i in [0, n). With fewer items than threads, item i runs on a team of about threads / n threads
 // (nested OpenMP; without it the items' inner loops would run serially and 6 heads would use 6 of 16 cores);
 // a single item runs on the calling thread with every thread for its own loops.
@@ -51,8 +86,8 @@ void parallel_for_split(int64_t n, Fn&& fn) {
     return;
   }
   if (n > 1 && n < threads && omp_get_level() == 0) {
-    const int items = static_cast<int>(n), levels = omp_get_max_active_levels();
-    omp_set_max_active_levels(std::max(levels, 2));
+    const int items = static_cast<int>(n);
+    NestedRegions nested;
     parallel_for(
         n,
         [&](int64_t i) {
@@ -60,7 +95,6 @@ void parallel_for_split(int64_t n, Fn&& fn) {
           fn(i);
         },
         /*dynamic=*/true, /*team=*/items);
-    omp_set_max_active_levels(levels);
     return;
   }
 #endif

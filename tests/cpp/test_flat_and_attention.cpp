@@ -10,6 +10,7 @@
 #include "retrieval_attention/flat_index.h"
 #include "retrieval_attention/huge_page_allocator.h"
 #include "retrieval_attention/offloaded_layer.h"
+#include "retrieval_attention/parallel.h"
 #include "retrieval_attention/topk.h"
 
 using namespace retrieval_attention;
@@ -257,4 +258,37 @@ TEST_CASE("index files: round trip, corruption, truncation and foreign files are
   CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
   std::remove(path.c_str());
   CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
+}
+
+TEST_CASE("parallel_for_split: every item once, few items share the threads, nesting setting restored", "[parallel]") {
+  const int threads = 4;
+  omp_set_num_threads(threads);
+  const int levels_before = omp_get_max_active_levels();
+  for (int64_t n : {1, 2, 3, 4, 9}) {
+    std::vector<int> runs(static_cast<size_t>(n), 0), inner_team(static_cast<size_t>(n), 0);
+    parallel_for_split(n, [&](int64_t i) {
+      ++runs[static_cast<size_t>(i)];
+      // the item's own parallel loop: how many threads it got
+#pragma omp parallel
+      {
+#pragma omp single
+        inner_team[static_cast<size_t>(i)] = omp_get_num_threads();
+      }
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      CHECK(runs[static_cast<size_t>(i)] == 1);
+      if (n < threads) CHECK(inner_team[static_cast<size_t>(i)] == threads / n + (i < threads % n ? 1 : 0));
+      else if (levels_before < 2) CHECK(inner_team[static_cast<size_t>(i)] == 1);  // enough items: one thread each
+    }
+  }
+  CHECK(omp_get_max_active_levels() == levels_before);
+  // an exception thrown by one item reaches the caller after the others ran, the setting restored as well
+  std::vector<int> ran(3, 0);
+  CHECK_THROWS_AS(parallel_for_split(3, [&](int64_t i) {
+                    ran[static_cast<size_t>(i)] = 1;
+                    if (i == 1) throw std::invalid_argument("item 1");
+                  }),
+                  std::invalid_argument);
+  CHECK(ran == std::vector<int>{1, 1, 1});
+  CHECK(omp_get_max_active_levels() == levels_before);
 }
