@@ -548,10 +548,20 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         ++visited;
         const bool full = static_cast<int64_t>(s.beam.size()) >= beam;
         if (full && sc <= s.beam.back().score) continue;
-        // insert keeping the beam sorted best-first
-        auto it = std::upper_bound(s.beam.begin(), s.beam.end(), sc, [](float a, const Cand& c) { return a > c.score; });
-        const size_t pos = static_cast<size_t>(it - s.beam.begin());
+        // insert keeping the beam sorted best-first, after equal scores; the place is found by a branchless binary
+        // search (conditional moves: std::upper_bound's branches were mispredicted about every other step)
         if (full) s.beam.pop_back();
+        const Cand* first = s.beam.data();
+        size_t len = s.beam.size();
+        if (len > 0) {
+          while (len > 1) {
+            const size_t half = len / 2;
+            first = first[half - 1].score >= sc ? first + half : first;
+            len -= half;
+          }
+          first += first->score >= sc ? 1 : 0;
+        }
+        const size_t pos = static_cast<size_t>(first - s.beam.data());
         s.beam.insert(s.beam.begin() + static_cast<std::ptrdiff_t>(pos), Cand{sc, v, false});
         lowest = std::min(lowest, pos);
         // v is now a candidate for expansion: start loading its neighbour list, so that expanding it does not
