@@ -532,15 +532,18 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       s.beam[next].expanded = true;
       const uint32_t* row = adj + static_cast<int64_t>(s.beam[next].id) * stride_;
       const uint32_t cnt = row[0];
+      // Whether a neighbour was already visited is a coin flip for the branch predictor: collect the unvisited
+      // ones without a branch (each id is written, the count advances only for new ones), then prefetch their rows.
       uint32_t n_fresh = 0;
       for (uint32_t j = 1; j <= cnt; ++j) {
         const uint32_t v = row[j];
-        if (mark[v] != ep) {
-          mark[v] = ep;
-          fresh[n_fresh++] = v;
-          prefetch_bytes(base + static_cast<int64_t>(v) * d, d * static_cast<int64_t>(sizeof(R)));
-        }
+        const uint32_t is_new = mark[v] != ep ? 1u : 0u;
+        mark[v] = ep;
+        fresh[n_fresh] = v;
+        n_fresh += is_new;
       }
+      for (uint32_t f = 0; f < n_fresh; ++f)
+        prefetch_bytes(base + static_cast<int64_t>(fresh[f]) * d, d * static_cast<int64_t>(sizeof(R)));
       size_t lowest = s.beam.size();  // smallest position an insertion landed at
       for (uint32_t f = 0; f < n_fresh; ++f) {
         const uint32_t v = fresh[f];
