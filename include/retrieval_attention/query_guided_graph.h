@@ -418,6 +418,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   static constexpr int64_t kHubs = 256;        // hub sample scored by each weak-key search
   static constexpr int64_t kWeakSeeds = 4;     // nearest hubs a weak-key search also starts from
   static constexpr int64_t kWeakReverse = 4;   // reverse edges per weak key (to its nearest kept neighbours)
+  static constexpr int kMergeWalk = 8;          // beam entries a merge moves one by one before it binary-searches
   struct Cand {
     float score;
     uint32_t id;
@@ -428,6 +429,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     uint32_t epoch = 0;
     std::vector<Cand> beam;
     std::vector<uint32_t> fresh;
+    std::vector<Cand> accepted;  // one expansion's scored new neighbours that may enter the beam
     std::vector<float> qf;
   };
   // A sample of well-linked keys with their rows copied contiguously: a weak key's search first scores them
@@ -522,6 +524,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     // one row's unvisited neighbours; a plain array (the vector's push_back reached the thread-local scratch
     // through a call per element)
     if (static_cast<int64_t>(s.fresh.size()) < stride_) s.fresh.resize(static_cast<size_t>(stride_));
+    if (static_cast<int64_t>(s.accepted.size()) < stride_) s.accepted.resize(static_cast<size_t>(stride_));
     uint32_t* fresh = s.fresh.data();
     size_t next = 0;  // first candidate that may be unexpanded
     while (next < s.beam.size()) {
@@ -544,33 +547,60 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       }
       for (uint32_t f = 0; f < n_fresh; ++f)
         prefetch_bytes(base + static_cast<int64_t>(fresh[f]) * d, d * static_cast<int64_t>(sizeof(R)));
-      size_t lowest = s.beam.size();  // smallest position an insertion landed at
+      // Score them all; those that may enter the beam go to `acc`, sorted best-first (arrival order on ties), and
+      // are merged into the beam from its end in one pass, keeping its best `beam`. This is what inserting them one
+      // by one gives (an equal score ranks after those already in the beam), without a search per insertion.
+      Cand* acc = s.accepted.data();
+      const bool was_full = static_cast<int64_t>(s.beam.size()) >= beam;
+      const float bar = was_full ? s.beam.back().score : 0.f;
+      uint32_t n_acc = 0;
       for (uint32_t f = 0; f < n_fresh; ++f) {
         const uint32_t v = fresh[f];
         const float sc = ordered(qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * sq_[v] : 0.f));
-        ++visited;
-        const bool full = static_cast<int64_t>(s.beam.size()) >= beam;
-        if (full && sc <= s.beam.back().score) continue;
-        // insert keeping the beam sorted best-first, after equal scores; the place is found by a branchless binary
-        // search (conditional moves: std::upper_bound's branches were mispredicted about every other step)
-        if (full) s.beam.pop_back();
-        const Cand* first = s.beam.data();
-        size_t len = s.beam.size();
-        if (len > 0) {
-          while (len > 1) {
-            const size_t half = len / 2;
+        acc[n_acc] = Cand{sc, v, false};
+        n_acc += (!was_full || sc > bar) ? 1u : 0u;
+      }
+      visited += n_fresh;
+      if (n_acc == 0) continue;
+      for (uint32_t a = 1; a < n_acc; ++a) {  // insertion sort, stable
+        const Cand x = acc[a];
+        uint32_t b = a;
+        for (; b > 0 && acc[b - 1].score < x.score; --b) acc[b] = acc[b - 1];
+        acc[b] = x;
+      }
+      const int64_t size = static_cast<int64_t>(s.beam.size());
+      const int64_t kept = std::min<int64_t>(size + n_acc, beam);
+      if (kept > size) s.beam.resize(static_cast<size_t>(kept));
+      Cand* bm = s.beam.data();
+      int64_t i = size - 1, j = static_cast<int64_t>(n_acc) - 1;
+      for (int64_t drop = size + n_acc - kept; drop > 0; --drop) {  // the merged order's last entries fall out
+        if (j >= 0 && (i < 0 || acc[j].score <= bm[i].score)) --j;
+        else --i;
+      }
+      size_t lowest = next;  // smallest position a new candidate landed at
+      for (; j >= 0; --j) {
+        // beam entries that rank after acc[j] (strictly lower score) move up by j + 1: the first few one by one,
+        // a longer run (wide beams) as one block found by a branchless binary search
+        const float sc = acc[j].score;
+        for (int step = 0; step < kMergeWalk && i >= 0 && bm[i].score < sc; ++step, --i) bm[i + j + 1] = bm[i];
+        if (i >= 0 && bm[i].score < sc) {
+          const Cand* first = bm;  // the first of bm[0, i] with a lower score than sc (bm[i] is one)
+          for (int64_t len = i + 1; len > 1;) {
+            const int64_t half = len / 2;
             first = first[half - 1].score >= sc ? first + half : first;
             len -= half;
           }
-          first += first->score >= sc ? 1 : 0;
+          const int64_t p = first - bm;
+          std::memmove(bm + p + j + 1, bm + p, static_cast<size_t>(i - p + 1) * sizeof(Cand));
+          i = p - 1;
         }
-        const size_t pos = static_cast<size_t>(first - s.beam.data());
-        s.beam.insert(s.beam.begin() + static_cast<std::ptrdiff_t>(pos), Cand{sc, v, false});
-        lowest = std::min(lowest, pos);
-        // v is now a candidate for expansion: start loading its neighbour list, so that expanding it does not
-        // begin with a dependent cache miss (the largest stall of the search with the key rows prefetched)
-        prefetch_bytes(adj + static_cast<int64_t>(v) * stride_, stride_ * static_cast<int64_t>(sizeof(uint32_t)));
+        bm[i + j + 1] = acc[j];
+        lowest = static_cast<size_t>(i + j + 1);
+        // a candidate for expansion now: start loading its neighbour list, so that expanding it does not begin with
+        // a dependent cache miss (the largest stall of the search with the key rows prefetched)
+        prefetch_bytes(adj + static_cast<int64_t>(acc[j].id) * stride_, stride_ * static_cast<int64_t>(sizeof(uint32_t)));
       }
+      s.beam.resize(static_cast<size_t>(kept));
       if (lowest < next) next = lowest;
     }
     return visited;
