@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
 // (heads, rows, dim) whose rows are contiguous inside each head (heads may lie apart): returned as is, else a copy.
 at::Tensor heads_of_contiguous_rows(const at::Tensor& t) {
   const bool rows_ok = (t.size(2) <= 1 || t.stride(2) == 1) && (t.size(1) <= 1 || t.stride(1) == t.size(2));
-  return rows_ok && t.stride(0) >= 0 ? t : t.contiguous();
+  return rows_ok ? t : t.contiguous();
 }
 
 // Elements between consecutive heads of such a tensor (a single head's stride is arbitrary: report the packed one).

@@ -72,12 +72,12 @@ class RetrievalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"RetrievalConfig.{name} must be an int >= 0, got {v!r}")
-        for name in ("top_k", "ef", "evict_chunk"):
+        for name in ("top_k", "evict_chunk"):
             v = getattr(self, name)
-            if name == "ef" and v is None:
-                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"RetrievalConfig.{name} must be an int >= 1{' or None' if name == 'ef' else ''}, got {v!r}")
+                raise ValueError(f"RetrievalConfig.{name} must be an int >= 1, got {v!r}")
+        if self.ef is not None and (isinstance(self.ef, bool) or not isinstance(self.ef, int) or self.ef < 1):
+            raise ValueError(f"RetrievalConfig.ef must be None (automatic beam) or an int >= 1, got {self.ef!r}")
         if self.n_sink + self.n_window < 1:
             raise ValueError("RetrievalConfig: n_sink + n_window must be >= 1 (the newest token stays on the device)")
         if self.index not in INDEX_TYPES:

@@ -5,21 +5,35 @@
 Prints microseconds per query and a hash of the returned ids (equal hashes: identical results), for comparing two
 builds of the extension side by side.
 """
-import numpy as np, torch, time, sys
+import hashlib
+import sys
+import time
+
+import numpy as np
+import torch
+
 import retrieval_attention as ra
-z=np.load('benchmarks/results/cache/model_qk_T32768.npz')
-L,H=3,0
-k=torch.from_numpy(z['k'][L, H//3].astype(np.float32))
-q=torch.from_numpy(z['q'][L, H].astype(np.float32)); pos=z['q_pos']
-n=32704
-keys=k[:n].bfloat16()
-train=q[pos < n]
-evalq=q[pos >= n][:64]
-torch.set_num_threads(1)
-idx=ra.QueryGuidedIndex(keys, train)
-ef=int(sys.argv[1]) if len(sys.argv)>1 else 200
-idx.search(evalq, k=100, ef=ef)
-t=time.perf_counter(); R=int(sys.argv[2]) if len(sys.argv)>2 else 50
-for _ in range(R): ids,_=idx.search(evalq, k=100, ef=ef)
-dt=(time.perf_counter()-t)/R/len(evalq)
-print(f"ef {ef}: {dt*1e6:.1f} us/query, 1 thread, ids hash {__import__('hashlib').sha1(ids.numpy().tobytes()).hexdigest()[:12]}")
+
+LAYER, QUERY_HEAD, KV_GROUP, N_KEYS, N_QUERIES = 3, 0, 3, 32704, 64
+
+
+def main():
+    ef = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+    dump = np.load("benchmarks/results/cache/model_qk_T32768.npz")
+    keys = torch.from_numpy(dump["k"][LAYER, QUERY_HEAD // KV_GROUP].astype(np.float32))[:N_KEYS].bfloat16()
+    queries = torch.from_numpy(dump["q"][LAYER, QUERY_HEAD].astype(np.float32))
+    positions = dump["q_pos"]
+    train, decode_like = queries[positions < N_KEYS], queries[positions >= N_KEYS][:N_QUERIES]
+    torch.set_num_threads(1)
+    index = ra.QueryGuidedIndex(keys, train)
+    index.search(decode_like, k=100, ef=ef)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        ids, _ = index.search(decode_like, k=100, ef=ef)
+    per_query_us = (time.perf_counter() - t0) / repeats / len(decode_like) * 1e6
+    print(f"ef {ef}: {per_query_us:.1f} us/query, 1 thread, ids hash {hashlib.sha1(ids.numpy().tobytes()).hexdigest()[:12]}")
+
+
+if __name__ == "__main__":
+    main()
