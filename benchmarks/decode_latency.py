@@ -64,7 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--max-unindexed", type=int, default=4096,
                     help="RetrievalConfig.max_unindexed_tokens: evicted tokens scanned exactly before one batch insert (0: insert each)")
-    ap.add_argument("--ef", type=int, default=128, help="beam width of the query-guided search (RetrievalConfig.ef)")
+    ap.add_argument("--ef", type=int, default=None,
+                    help="beam width of the query-guided search (RetrievalConfig.ef; default: the library's automatic beam, "
+                         "RetrievalConfig.search_beam of the CPU tokens, 1024 at 128K)")
     ap.add_argument("--index-sharing", default="per_query_head", choices=("per_query_head", "per_kv_head"),
                     help="RetrievalConfig.index_sharing of ours and the e2e run (per_kv_head: one graph per GQA group)")
     ap.add_argument("--index-params", default="{}", help="JSON RetrievalConfig.index_params (default: library defaults)")
@@ -604,7 +606,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         rec["recall"] = 0.0
     else:
         # the layer's own retrieved ids (OffloadedLayer.retrieve_attend(..., return_ids=True)), all heads
-        _, _, _, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, cfg.ef, scale, return_ids=True)
+        _, _, _, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, cfg.search_beam(n0), scale, return_ids=True)
         rec["recall"] = recall_of(ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
         if method == "ours" and args.ef_sweep:
             sweep = []
@@ -618,9 +620,9 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
                 cfg.ef = min(ok) if ok else max(e for e, _, _ in sweep)
                 log(f"  ours: ef={cfg.ef} chosen (smallest of the sweep with recall >= {args.target_recall})")
                 out_c, lse_c, vis = lay0.cpu_retrieve_attend(qp, scale)
-                _, _, _, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, cfg.ef, scale, return_ids=True)
+                _, _, _, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, cfg.search_beam(n0), scale, return_ids=True)
                 rec["recall"] = recall_of(ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
-        rec["ef_used"] = cfg.ef
+        rec["ef_used"] = cfg.search_beam(n0)
     if method == "ours" and rec["recall"] is not None:
         shared["ours_recall"] = rec["recall"]
     lse_c = lse_c.float()
