@@ -432,3 +432,45 @@ TEST_CASE("query-guided graph: n_pivots and ef_weak are validated", "[query_guid
     CHECK_THROWS_AS(QueryGuidedGraph<float>::build(store, train.data(), 10, p), std::invalid_argument);
   }
 }
+
+TEST_CASE("query-guided graph: a group search serves each query of the group; the default search_group is search_one", "[query_guided]") {
+  // three queries of one "GQA group": a shared offset plus per-query noise, searched together over one graph
+  const int64_t n = 6000, d = 32, g = 3, k = 20, m = 40;
+  auto data = make_ood(n, d, 3000, m, 41);
+  auto store = make_store<float>(data.keys, d);
+  FlatIndex<float> flat(store);
+  auto graph = QueryGuidedGraph<float>::build(store, data.train.data(), 3000, QueryGuidedParams{});
+  std::vector<float> noise = random_matrix(m * g, d, 43);
+  double hits = 0, visited_frac = 0;
+  std::vector<int64_t> ids(g * k), ids2(g * k), vis(g), vis2(g), gt(k);
+  std::vector<float> qs(g * d), sc(g * k), sc_gt(k);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t h = 0; h < g; ++h)
+      for (int64_t c = 0; c < d; ++c) qs[h * d + c] = data.test[i * d + c] + 0.5f * noise[(i * g + h) * d + c];
+    graph->search_group(qs.data(), g, k, SearchParams{96}, ids.data(), sc.data(), vis.data());
+    graph->search_group(qs.data(), g, k, SearchParams{96}, ids2.data(), nullptr, vis2.data());
+    REQUIRE(ids == ids2);  // deterministic, scores optional
+    REQUIRE(vis == vis2);
+    for (int64_t h = 0; h < g; ++h) {
+      REQUIRE(vis[h] == vis[0]);  // one search: every query scored the same rows
+      for (int64_t j = 1; j < k; ++j) REQUIRE(sc[h * k + j] <= sc[h * k + j - 1]);  // each query's own best-first order
+      flat.search_one(qs.data() + h * d, k, {}, gt.data(), sc_gt.data());
+      REQUIRE(sc[h * k] <= sc_gt[0] + 1e-4f * std::abs(sc_gt[0]));  // no score above the exact best (up to rounding)
+      std::sort(gt.begin(), gt.end());
+      for (int64_t j = 0; j < k; ++j) hits += std::binary_search(gt.begin(), gt.end(), ids[h * k + j]) ? 1.0 : 0.0;
+    }
+    visited_frac += double(vis[0]) / n;
+  }
+  const double recall = hits / double(m * g * k);
+  INFO("group recall@" << k << " " << recall << ", visited " << visited_frac / m);
+  CHECK(recall >= 0.9);
+  CHECK(visited_frac / m < 0.3);
+  // an index without a group search of its own answers each query alone: exactly search_one's result
+  flat.search_group(qs.data(), g, k, SearchParams{}, ids.data(), sc.data(), vis.data());
+  for (int64_t h = 0; h < g; ++h) {
+    flat.search_one(qs.data() + h * d, k, {}, gt.data(), sc_gt.data());
+    REQUIRE(std::equal(gt.begin(), gt.end(), ids.begin() + h * k));
+    REQUIRE(vis[h] == n);
+  }
+  REQUIRE_THROWS(graph->search_group(qs.data(), 0, k, SearchParams{}, ids.data(), sc.data(), vis.data()));
+}
