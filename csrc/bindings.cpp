@@ -247,9 +247,8 @@ class PyOffloadedLayer {
     });
   }
 
-  // Returns (out, lse, visited), plus the retrieved ids (Hq, m, top_k; -1 padded) when return_ids. group: one search
-  // per GQA group when the layer shares one index per kv head (SearchParams::group).
-  py::tuple retrieve_attend(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, bool return_ids, bool group) const {
+  // Returns (out, lse, visited), plus the retrieved ids (Hq, m, top_k; -1 padded) when return_ids.
+  py::tuple retrieve_attend(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, bool return_ids) const {
     check_cpu(q, "q");
     check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
     TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
@@ -263,7 +262,6 @@ class PyOffloadedLayer {
     const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
       ra::SearchParams p;
       p.ef = ef;
-      p.group = group;
       layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
                             visited.data_ptr<int64_t>(), return_ids ? ids.data_ptr<int64_t>() : nullptr);
     });
@@ -369,7 +367,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none())
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
-           py::arg("return_ids") = false, py::arg("group") = false)
+           py::arg("return_ids") = false)
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def("keys", &PyOffloadedLayer::keys)
       .def_property_readonly("size", &PyOffloadedLayer::size)

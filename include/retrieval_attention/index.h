@@ -7,11 +7,6 @@
 //     If fewer than k rows are found the tail is (-1, -inf). Returns the number of keys whose score was
 //     computed ("visited"), the cost measure reported by last_search_stats.
 //     search_one is const and may run concurrently from many threads.
-//   * search_group(): g queries (g x dim() float32 row-major, e.g. the query heads of one GQA group searching
-//     their kv head's index) -> each query's best k rows (ids/scores g x k) and the keys scored for it
-//     (visited, g). The default runs search_one per query; an index may instead search once for the whole
-//     group (each key row read once and scored for every query), which is where a shared index saves memory
-//     traffic. Same thread-safety as search_one.
 //   * index_new_rows(): the store has grown; make rows [size(), store.size()) searchable. Needs exclusive
 //     access (no concurrent search_one); owners guard this with a shared_mutex.
 //   * write_payload()/the type's static load(): persistence inside the common file format (serialize.h).
@@ -29,7 +24,6 @@ namespace retrieval_attention {
 struct SearchParams {
   int64_t ef = 128;     // beam width of graph search; ignored by exact indexes
   int64_t min_id = 0;   // rows below this id are excluded from results (e.g. left padding); exact indexes skip them
-  bool group = false;   // OffloadedLayer with one index per kv head: search each query's GQA group together (search_group)
 };
 
 template <class T>
@@ -39,11 +33,6 @@ class KeyIndex {
   virtual int64_t size() const = 0;
   virtual int64_t dim() const = 0;
   virtual int64_t search_one(const float* query, int64_t k, const SearchParams& params, int64_t* ids, float* scores) const = 0;
-  virtual void search_group(const float* queries, int64_t g, int64_t k, const SearchParams& params, int64_t* ids, float* scores,
-                            int64_t* visited) const {
-    for (int64_t h = 0; h < g; ++h)
-      visited[h] = search_one(queries + h * dim(), k, params, ids + h * k, scores ? scores + h * k : nullptr);
-  }
   virtual void index_new_rows() = 0;
   virtual std::string type_name() const = 0;
   // Bytes of index structure (graph edges etc.), not counting the shared key store.

@@ -126,78 +126,42 @@ class OffloadedLayer {
     require(top_k > 0, "top_k must be positive");
     require(all_finite(q, hq_ * m * d_), "queries contain NaN or Inf");
     const int64_t n = keys_[0]->size(), k = std::min(top_k, n), group = hq_ / hkv_;
-    // (query head h, query i) -> its k ids/scores from the index (already searched), then the exact scan of rows not
-    // indexed yet, the min_id filter and the attention over the selected rows
-    const auto finish = [&](int64_t hm, int64_t* ids, float* scores, int64_t vis, const SearchParams& p) {
-      thread_local std::vector<float> sc;
-      thread_local std::vector<int64_t> rows;
-      const int64_t kv = hm / m / group;
-      const int64_t indexed = index_of(hm / m)->size();
-      if (indexed < n) {  // rows not indexed yet: scan them exactly and merge
-        TopK best(k);
-        for (int64_t j = 0; j < k; ++j)
-          if (ids[j] >= 0) best.push(scores[j], ids[j]);
-        for (int64_t i = std::max(indexed, p.min_id); i < n; ++i) {
-          const float s = dot_row(q + hm * d_, keys_[kv]->row(i), d_);
-          if (!best.full() || s >= best.threshold()) best.push(s, i);
-        }
-        best.sorted_into(ids, scores);
-        vis += n - indexed;
-      }
-      for (int64_t j = 0; j < k; ++j)
-        if (ids[j] >= 0 && ids[j] < p.min_id) ids[j] = -1;
-      if (visited) visited[hm] = vis;
-      lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, ids, k, scale, out + hm * dv_, sc, rows);
-      if (ids_out)
-        for (int64_t j = 0; j < top_k; ++j) ids_out[hm * top_k + j] = j < k ? ids[j] : -1;
-    };
-    const auto empty = [&](int64_t hm) {  // no CPU tokens
-      std::fill(out + hm * dv_, out + (hm + 1) * dv_, 0.f);
-      lse[hm] = kNegInf;
-      if (visited) visited[hm] = 0;
-      if (ids_out) std::fill(ids_out + hm * top_k, ids_out + (hm + 1) * top_k, int64_t{-1});
-    };
-    const auto params_for = [&](int64_t kv) {
-      SearchParams p = params;
-      p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
-      p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
-      return p;
-    };
-    if (params.group && sharing_ == IndexSharing::PerKvHead && group > 1) {
-      // one search per (kv head, query) serves the group's query heads: each key row is read once for all of them
-      parallel_for(hkv_ * m, [&](int64_t gi) {
-        const int64_t kv = gi / m, i = gi % m;
-        if (k == 0) {
-          for (int64_t h = kv * group; h < (kv + 1) * group; ++h) empty(h * m + i);
-          return;
-        }
-        thread_local std::vector<float> qs, scores;
-        thread_local std::vector<int64_t> ids, vis;
-        qs.resize(static_cast<size_t>(group * d_));
-        for (int64_t r = 0; r < group; ++r)
-          std::copy(q + ((kv * group + r) * m + i) * d_, q + ((kv * group + r) * m + i + 1) * d_, qs.begin() + r * d_);
-        ids.assign(static_cast<size_t>(group * k), -1);
-        scores.assign(static_cast<size_t>(group * k), kNegInf);
-        vis.assign(static_cast<size_t>(group), 0);
-        const SearchParams p = params_for(kv);
-        indexes_[static_cast<size_t>(kv)]->search_group(qs.data(), group, k, p, ids.data(), scores.data(), vis.data());
-        for (int64_t r = 0; r < group; ++r)
-          finish((kv * group + r) * m + i, ids.data() + r * k, scores.data() + r * k, vis[static_cast<size_t>(r)], p);
-      });
-      return;
-    }
     parallel_for(hq_ * m, [&](int64_t hm) {
-      if (k == 0) {
-        empty(hm);
-        return;
-      }
+      const int64_t h = hm / m, kv = h / group;
       thread_local std::vector<int64_t> ids;
-      thread_local std::vector<float> scores;
-      ids.assign(static_cast<size_t>(k), -1);
-      scores.assign(static_cast<size_t>(k), kNegInf);
-      const SearchParams p = params_for(hm / m / group);
-      const int64_t vis = index_of(hm / m)->search_one(q + hm * d_, k, p, ids.data(), scores.data());
-      finish(hm, ids.data(), scores.data(), vis, p);
+      thread_local std::vector<float> scores, sc;
+      thread_local std::vector<int64_t> rows;
+      if (k == 0) {
+        std::fill(out + hm * dv_, out + (hm + 1) * dv_, 0.f);
+        lse[hm] = kNegInf;
+        if (visited) visited[hm] = 0;
+      } else {
+        ids.assign(static_cast<size_t>(k), -1);
+        scores.assign(static_cast<size_t>(k), kNegInf);
+        SearchParams p = params;
+        p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
+        p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
+        const KeyIndex<T>& index = *index_of(h);
+        int64_t vis = index.search_one(q + hm * d_, k, p, ids.data(), scores.data());
+        if (index.size() < n) {  // rows not indexed yet: scan them exactly and merge
+          TopK best(k);
+          for (int64_t j = 0; j < k; ++j)
+            if (ids[static_cast<size_t>(j)] >= 0) best.push(scores[static_cast<size_t>(j)], ids[static_cast<size_t>(j)]);
+          for (int64_t i = std::max(index.size(), p.min_id); i < n; ++i) {
+            const float s = dot_row(q + hm * d_, keys_[kv]->row(i), d_);
+            if (!best.full() || s >= best.threshold()) best.push(s, i);
+          }
+          best.sorted_into(ids.data(), scores.data());
+          vis += n - index.size();
+        }
+        for (auto& id : ids)
+          if (id >= 0 && id < p.min_id) id = -1;
+        if (visited) visited[hm] = vis;
+        lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, ids.data(), k, scale, out + hm * dv_, sc, rows);
+      }
+      if (ids_out) {
+        for (int64_t j = 0; j < top_k; ++j) ids_out[hm * top_k + j] = j < k ? ids[static_cast<size_t>(j)] : -1;
+      }
     });
   }
 

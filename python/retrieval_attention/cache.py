@@ -480,8 +480,7 @@ class RetrievalLayer(CacheLayerMixin):
     def cpu_retrieve_attend(self, q_cpu: torch.Tensor, scaling: float):
         """q_cpu (batch*q_heads, m, d) float32 -> (out, lse, visited) over the CPU tokens. q_cpu may be a reused
         staging buffer: copy it if it must outlive the call."""
-        return self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size), scaling,
-                                              group=self.cfg.group_search)
+        return self.offloaded.retrieve_attend(q_cpu, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size), scaling)
 
     # -- persistence (RetrievalCache.save / RetrievalCache.load) -------------------------------------------------
     def _save_files(self, directory: str, stem: str) -> dict:

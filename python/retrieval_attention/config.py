@@ -27,11 +27,6 @@ class RetrievalConfig:
     index_sharing: "per_query_head" (the paper's: one index per query head, trained on that head's queries) or
                  "per_kv_head" (one index per GQA group, trained on the group's pooled queries and searched by all its
                  query heads: Hq/Hkv times fewer builds, inserts and graph bytes).
-    group_search: with index_sharing="per_kv_head", search once per (kv head, query) for all the group's query
-                 heads instead of once per query head: each visited key row is read once and scored for every head of
-                 the group (a key ranks in the beam by how close it comes to the front of any head's list). Fewer key
-                 rows read at equal recall, more dot products per row; needs a wider beam for the same recall
-                 (docs/TUNING.md, "group_search").
     max_train_queries: prefill queries per query head used to build the graph, evenly spaced over the prompt (None:
                  all); with "per_kv_head" the group pools up to Hq/Hkv times this many. A cap shortens long prompts'
                  builds but costs task accuracy: 8192 at 32K tokens dropped passkey accuracy from 0.84 to 0.70
@@ -68,7 +63,6 @@ class RetrievalConfig:
     max_unindexed_tokens: int = 4096
     progress: bool | None = None
     index_sharing: str = "per_query_head"
-    group_search: bool = False
     mass_probe_every: int = 0
 
     def __post_init__(self):
@@ -90,11 +84,6 @@ class RetrievalConfig:
             raise ValueError(f"RetrievalConfig.index must be one of {INDEX_TYPES}, got {self.index!r}")
         if self.index_sharing not in INDEX_SHARING:
             raise ValueError(f"RetrievalConfig.index_sharing must be one of {INDEX_SHARING}, got {self.index_sharing!r}")
-        if not isinstance(self.group_search, bool):
-            raise TypeError(f"RetrievalConfig.group_search must be a bool, got {self.group_search!r}")
-        if self.group_search and self.index_sharing != "per_kv_head":
-            raise ValueError("RetrievalConfig.group_search=True needs index_sharing='per_kv_head' (one index shared by the "
-                             f"group's query heads), got index_sharing={self.index_sharing!r}")
         if not isinstance(self.index_params, dict):
             raise TypeError(f"RetrievalConfig.index_params must be a dict, got {type(self.index_params).__name__}")
         from ._ext import _C  # the C++ build's own parameter check: unknown names, types and ranges fail here, not at prefill

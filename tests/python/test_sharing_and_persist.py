@@ -125,47 +125,6 @@ def test_sparse_recall_against_exact_topk(sharing):
     assert visited.double().mean() < 0.5 * keys.shape[1]
 
 
-def test_group_search_recall_against_exact_topk():
-    """group_search: one search per (kv head, query) for the group's heads; each head still gets its own exact top-k
-    order among the keys visited, every head reports the group's visited count, and results are deterministic."""
-    hq, hkv, d, k = 6, 2, 32, 20
-    keys, train, test = _layer_problem()
-    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, "per_kv_head")
-    layer.build(keys, keys.clone(), train)
-    out, lse, visited, ids = layer.retrieve_attend(test, k, 128, 1.0, return_ids=True, group=True)
-    exact = torch.einsum("hmd,hnd->hmn", test, keys.repeat_interleave(hq // hkv, 0)).topk(k, dim=-1).indices
-    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.reshape(-1, k), exact.reshape(-1, k)))
-    assert hits / exact.numel() > 0.85, f"group search: recall@{k} {hits / exact.numel():.3f}"
-    assert torch.equal(visited.reshape(hkv, hq // hkv, -1), visited.reshape(hkv, hq // hkv, -1)[:, :1].expand(-1, hq // hkv, -1))
-    assert visited.double().mean() < 0.5 * keys.shape[1]
-    # the attention is exact over the ids returned
-    ref_out, ref_lse = ra.sparse_attention(test, keys, keys.clone(), ids, 1.0)
-    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
-    again = layer.retrieve_attend(test, k, 128, 1.0, return_ids=True, group=True)
-    assert torch.equal(again[3], ids) and torch.equal(again[2], visited)
-    # a layer with one index per query head has no shared index to search: group is ignored there
-    per_head = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, "per_query_head")
-    per_head.build(keys, keys.clone(), train)
-    a = per_head.retrieve_attend(test, k, 64, 1.0, return_ids=True, group=True)
-    b = per_head.retrieve_attend(test, k, 64, 1.0, return_ids=True)
-    assert torch.equal(a[3], b[3])
-
-
-def test_group_search_config_and_exactness_mode():
-    with pytest.raises(ValueError, match="group_search=True needs index_sharing='per_kv_head'"):
-        ra.RetrievalConfig(group_search=True)
-    with pytest.raises(TypeError, match="group_search must be a bool"):
-        ra.RetrievalConfig(group_search=1, index_sharing="per_kv_head")
-    model = tiny_model(seed=3)
-    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(4))
-    full_seq, full_logits = greedy(model, ids, DynamicCache(), 30)
-    cfg = ra.RetrievalConfig(n_sink=4, n_window=16, top_k=10_000, index="query_guided", ef=10_000, evict_chunk=4,
-                             max_unindexed_tokens=8, index_sharing="per_kv_head", group_search=True)
-    seq, logits = greedy(model, ids, ra.RetrievalCache(model.config, cfg), 30)
-    assert torch.equal(seq, full_seq)
-    assert (logits - full_logits).abs().max() / full_logits.abs().max() < 1e-4
-
-
 def test_per_kv_head_builds_one_index_per_group():
     """Hq/Hkv times fewer graphs and graph bytes. (Build time is measured, not asserted: README "Index sharing".)"""
     hq, hkv, d = 6, 2, 32
