@@ -9,6 +9,7 @@ for step in "$@"; do
     CUDA_VISIBLE_DEVICES=${BG_GPU:-1} OMP_NUM_THREADS=4 bash scripts/gpu_run.sh "${step#bg:}" >> $OUT/bg.log 2>&1 & continue; fi
   if [ "$step" = accuracy_full ] || [ "$step" = accuracy_par ]; then export ACC_BUDGET_S=$(( LIMIT - ($(date +%s) - t0) - ${ACC_MARGIN_S:-130} )); fi
   bash scripts/gpu_run.sh "$step" >> $OUT/run.log 2>&1
+  tar czf $REAL_OUT/o.tgz -C /tmp/o .  # after every step: a call cut short by its limit still returns what was done
 done
 wait
 cat $OUT/bg.log >> $OUT/run.log 2>/dev/null
