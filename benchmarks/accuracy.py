@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import inspect
 import json
 import math
 import os
@@ -375,6 +374,7 @@ class Runner:
         from transformers import LlamaForCausalLM
 
         import retrieval_attention as ra
+        from retrieval_attention.compat import cache_kwarg
 
         self.torch, self.ra, self.args = torch, ra, args
         if args.threads:
@@ -398,8 +398,7 @@ class Runner:
         self.model = LlamaForCausalLM.from_pretrained(args.model, dtype=self.dtype,
                                                       attn_implementation="retrieval_attention").to(self.device).eval()
         log(f"model {args.model} on {self.device} ({dt}) loaded in {time.perf_counter() - t0:.1f} s; batch {self.batch}")
-        params = inspect.signature(self.model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kwarg(self.model)
         self.layers = make_layer_classes()
         self.layers["ivf_topk"].train_threads = max(1, torch.get_num_threads())  # k-means training only
         self.base_cfg = run_config(args)

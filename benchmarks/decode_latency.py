@@ -578,18 +578,28 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         target = args.ivf_target_recall if args.ivf_target_recall is not None else shared.get("ours_recall") or 0.9
         if args.ivf_nprobe:
             lay0.set_nprobe(args.ivf_nprobe)
-        else:  # smallest power-of-2 nprobe whose recall on the recall heads reaches the target
+        else:  # the smallest nprobe whose recall on the recall heads reaches the target: powers of 2, then bisection
             chosen, sweep = None, []
             nl = lay0.nlist_used
-            cands = sorted({min(nl, 2 ** i) for i in range(0, int(math.log2(nl)) + 2)})
-            for npb in cands:
+
+            def ivf_recall(npb):
                 lay0.set_nprobe(npb)
-                ids = lay0.search_ids(qp)
-                r = recall_of(ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
+                r = recall_of(lay0.search_ids(qp), d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
                 sweep.append((npb, round(r, 4)))
-                if r >= target - 1e-9:
+                return r
+
+            below = 0  # largest nprobe known to stay under the target
+            for npb in sorted({min(nl, 2 ** i) for i in range(0, int(math.log2(nl)) + 2)}):
+                if ivf_recall(npb) >= target - 1e-9:
                     chosen = npb
                     break
+                below = npb
+            while chosen is not None and chosen - below > 1:  # recall grows with nprobe: bisect (below, chosen]
+                mid = (below + chosen) // 2
+                if ivf_recall(mid) >= target - 1e-9:
+                    chosen = mid
+                else:
+                    below = mid
             chosen = chosen or nl
             lay0.set_nprobe(chosen)
             extra["ivf_nprobe_sweep"] = sweep
@@ -802,7 +812,7 @@ def run_e2e(args, dev, emit):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     import retrieval_attention as ra
-    from retrieval_attention.compat import set_attn_implementation
+    from retrieval_attention.compat import cache_kwarg, set_attn_implementation
 
     ctx, new = args.e2e_context, args.e2e_new_tokens
     q = args.quick
@@ -819,6 +829,7 @@ def run_e2e(args, dev, emit):
     finally:
         torch.set_default_dtype(old)
     model.eval()
+    cache_kw = cache_kwarg(model)
     sync(dev)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"e2e: random Llama ({n_params / 1e9:.2f}B parameters, {args.e2e_layers} layers) made on {dev} in {time.perf_counter() - t0:.1f}s")
@@ -848,7 +859,7 @@ def run_e2e(args, dev, emit):
             with torch.no_grad():
                 sync(dev)
                 t = time.perf_counter()
-                out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
                 sync(dev)
                 prefill_s = time.perf_counter() - t
                 peak_prefill = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
@@ -858,7 +869,7 @@ def run_e2e(args, dev, emit):
                 for i in range(new):
                     sync(dev)
                     t = time.perf_counter()
-                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=nxt, **{cache_kw: cache}, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
                     sync(dev)
                     step_s.append(time.perf_counter() - t)
