@@ -100,7 +100,7 @@ def parse_args(argv=None):
                     help="profile one untimed decode_attention call of layer 0 per method (torch.profiler, the last warmup "
                          "step) and write the operator table to DIR/profile_<context>_<method>.txt")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end generate of a random 8B-shaped Llama")
-    ap.add_argument("--e2e-context", type=int, default=131072)
+    ap.add_argument("--e2e-context", type=int, default=None, help="prompt tokens of the e2e run (default 131072; quick 2048)")
     ap.add_argument("--e2e-new-tokens", type=int, default=16)
     ap.add_argument("--e2e-layers", type=int, default=32, help="decoder layers of the e2e model (8B: 32)")
     ap.add_argument("--e2e-vocab", type=int, default=32000)
@@ -118,6 +118,8 @@ def parse_args(argv=None):
     a.layers_1m = a.layers_1m or a.layers
     a.q_heads = a.q_heads or (8 if q else 32)
     a.kv_heads = a.kv_heads or (2 if q else 8)
+    if a.e2e_context is None:
+        a.e2e_context = 2048 if q else 131072
     if a.max_train_queries is None:
         a.max_train_queries = 2048 if q else 16384
     a.steps = a.steps or (3 if q else 8)
