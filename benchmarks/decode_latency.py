@@ -26,7 +26,9 @@ one {"bench": "decode_e2e", ...} line per e2e method, then a {"bench": "decode_e
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import logging
 import math
 import os
 import platform
@@ -106,6 +108,8 @@ def parse_args(argv=None):
     ap.add_argument("--e2e-vocab", type=int, default=32000)
     ap.add_argument("--e2e-index", default="query_guided", help="RetrievalConfig.index of the e2e retrieval run")
     ap.add_argument("--e2e-methods", default="full,ours", help="comma list of full,ours")
+    ap.add_argument("--watchdog-s", type=float, default=None, metavar="S",
+                    help="print every thread's Python stack to stderr every S seconds (to see where a slow run spends it)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     q = a.quick
@@ -818,6 +822,12 @@ def run_e2e(args, dev, emit):
 
     ctx, new = args.e2e_context, args.e2e_new_tokens
     q = args.quick
+    # each layer's index build, as the library logs it, with this script's clock
+    ra_log = logging.getLogger("retrieval_attention")
+    handler = logging.Handler()
+    handler.emit = lambda r: log(f"  [{r.threadName}] {r.getMessage()}")
+    ra_log.addHandler(handler)
+    ra_log.setLevel(logging.INFO)
     hidden, inter, heads, kvh = (256, 512, 8, 2) if q else (4096, 14336, 32, 8)
     conf = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.e2e_layers, num_attention_heads=heads,
                        num_key_value_heads=kvh, vocab_size=args.e2e_vocab, max_position_embeddings=ctx + new + 16,
@@ -876,6 +886,8 @@ def run_e2e(args, dev, emit):
                     sync(dev)
                     step_s.append(time.perf_counter() - t)
                     del out
+                    if i == 0:
+                        log(f"e2e {method}: prefill {prefill_s:.1f}s, first decode step {step_s[0]:.2f}s")
         except torch.cuda.OutOfMemoryError as e:
             log(f"e2e {method}: out of device memory ({str(e)[:200]})")
             emit({**base, "method": method, "error": "out of memory"})
@@ -992,6 +1004,8 @@ def plot(results, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.watchdog_s:
+        faulthandler.dump_traceback_later(args.watchdog_s, repeat=True, file=sys.stderr)
     import torch
 
     import retrieval_attention as ra  # noqa: F401
@@ -1032,6 +1046,8 @@ def main(argv=None):
         run_context(args, T, dev, shared, emit)
     if args.e2e:
         run_e2e(args, dev, emit)
+    if args.watchdog_s:
+        faulthandler.cancel_dump_traceback_later()
     if "pool" in shared:
         shared["pool"].shutdown()
     env = {"bench": "decode_env", "device": device_desc(dev), "cpu": cpu_desc(), "threads": torch.get_num_threads(),
