@@ -907,6 +907,7 @@ def run_e2e(args, dev, emit):
             sm = cache.summary()
             rec.update({"gpu_kv_bytes": int(sm["device_kv_bytes"]), "cpu_kv_bytes": int(sm["cpu_kv_bytes"]),
                         "cpu_index_bytes": int(sm["cpu_index_bytes"]), "index_build_s": round(sm["index_build_s"], 3),
+                        "knn_s": round(sm["knn_s"], 3), "max_train_queries": rcfg.max_train_queries,
                         "scanned_frac": round(sm["scanned_frac"], 5), "index": args.e2e_index, "index_sharing": args.index_sharing,
                         "note": "on a GPU the index builds run in a background thread during/after the prefill; the first "
                                 "decode step waits for them (first_decode_step_s) and is not in decode_tokens_per_s"})

@@ -1,0 +1,71 @@
+"""Build time of one 8B-shaped OffloadedLayer (synthetic OOD keys, kNN precomputed as on a GPU), built from the
+main thread and from a background thread (as RetrievalCache does on a GPU), with the OpenMP thread count each sees.
+
+    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16]
+"""
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from qk_data import SyntheticQK  # noqa: E402
+
+from retrieval_attention._ext import _C  # noqa: E402
+from retrieval_attention.index import exact_knn  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--train", type=int, default=4096, help="training queries per query head")
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--sharing", default="per_kv_head")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--modes", default="main,thread")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(0)
+    G = a.q_heads // a.kv_heads
+    keys, train = [], []
+    for g in range(a.kv_heads):
+        syn = SyntheticQK(a.d, seed=g)
+        keys.append(syn.keys(a.n, rng))
+        train += [syn.queries(a.train, rng) for _ in range(G)]
+    K = torch.as_tensor(np.stack(keys)).bfloat16().contiguous()
+    Q = torch.as_tensor(np.stack(train)).float().contiguous()
+    t = time.perf_counter()
+    knn = exact_knn(K.to(dev), Q.to(dev), 100).cpu()
+    knn_s = time.perf_counter() - t
+    for mode in a.modes.split(","):
+        res = {}
+
+        def build():
+            res["omp_threads_seen"] = torch.get_num_threads()
+            layer = _C.OffloadedLayer(torch.bfloat16, a.q_heads, a.kv_heads, a.d, a.d, "query_guided", {}, 4096, a.sharing)
+            t0 = time.perf_counter()
+            layer.build(K, K, Q, knn)
+            res["build_s"] = round(time.perf_counter() - t0, 3)
+
+        if mode == "main":
+            build()
+        else:
+            th = threading.Thread(target=build)
+            th.start()
+            th.join()
+        print(json.dumps({"bench": "build_threads", "mode": mode, "n": a.n, "train_per_head": a.train, "sharing": a.sharing,
+                          "threads_main": torch.get_num_threads(), "knn_s": round(knn_s, 3), "knn_device": dev.type,
+                          "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
