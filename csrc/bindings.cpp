@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <numeric>
 #include <variant>
 
 #include "retrieval_attention/index_registry.h"
@@ -269,6 +270,31 @@ class PyOffloadedLayer {
     return py::make_tuple(out, lse, visited);
   }
 
+  // The decode path's form of retrieve_attend: q (q_heads, m, head_dim) in any float dtype (e.g. the bf16 page-locked
+  // staging buffer of a GPU query, widened here), out then lse written into `results` (float32, contiguous, at least
+  // q_heads*m*(value_dim + 1) elements: e.g. the page-locked buffer the merge reads from), and the total number of keys
+  // scored returned. It saves the Python-side copies and small tensors of retrieve_attend on every layer and token.
+  int64_t retrieve_attend_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, const at::Tensor& results) const {
+    check_cpu(q, "q");
+    check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
+    TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
+    TORCH_CHECK_VALUE(top_k >= 1, "top_k must be >= 1, got ", top_k);
+    check_cpu(results, "results");
+    const int64_t m = q.size(1);
+    TORCH_CHECK_TYPE(results.scalar_type() == at::kFloat, "results must be float32");
+    TORCH_CHECK_VALUE(results.is_contiguous() && results.numel() >= hq_ * m * (dv_ + 1), "results must be contiguous with at least ",
+                      hq_ * m * (dv_ + 1), " elements, got ", results.numel());
+    const auto qf = q.to(at::kFloat).contiguous();
+    std::vector<int64_t> visited(static_cast<size_t>(hq_ * m));
+    float* out = results.data_ptr<float>();
+    const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
+      ra::SearchParams p;
+      p.ef = ef;
+      layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out, out + hq_ * m * dv_, visited.data(), nullptr);
+    });
+    return std::accumulate(visited.begin(), visited.end(), int64_t{0});
+  }
+
   // A copy of every kv head's CPU key rows: (kv_heads, size, head_dim) in the storage dtype (the exact mass probe of
   // RetrievalLayer reads them; not meant to run concurrently with build/append).
   at::Tensor keys() const {
@@ -368,6 +394,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)
+      .def("retrieve_attend_into", &PyOffloadedLayer::retrieve_attend_into, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
+           py::arg("results"))
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def("keys", &PyOffloadedLayer::keys)
       .def_property_readonly("size", &PyOffloadedLayer::size)

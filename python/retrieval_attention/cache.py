@@ -382,9 +382,15 @@ class RetrievalLayer(CacheLayerMixin):
         out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True,
                                               key_start=key_start)
         if n_cpu:
-            q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
-            out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
-            out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
+            if type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend:
+                # the built-in retrieval: one C++ call reads the staged query and writes out/lse where the copy back reads
+                q_cpu = None
+                out_c_dev, lse_c_dev, lse_c, visited_mean = self._retrieve_attend_to_device(staged, scaling, out.device)
+            else:  # a subclass's cpu_retrieve_attend hook (research baselines)
+                q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
+                out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
+                out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
+                visited_mean = float(visited.double().mean())
             if self.steps % CPU_SHARE_EVERY == 0:
                 # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
                 # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync,
@@ -394,9 +400,9 @@ class RetrievalLayer(CacheLayerMixin):
                 self.cpu_share_steps += 1
             every = self.cfg.mass_probe_every
             if every and self.steps % every == 0:
-                self._probe_mass(q_cpu, scaling, lse, lse_c)
+                self._probe_mass(q_cpu if q_cpu is not None else self.wait_query(staged), scaling, lse, lse_c)
             out, lse = merge_attention_any_device(out, lse, out_c_dev, lse_c_dev)
-            self.last_visited_mean = float(visited.double().mean())
+            self.last_visited_mean = visited_mean
             self.visited_sum += self.last_visited_mean
             self.cpu_candidates_sum += n_cpu
         self.steps += 1
@@ -423,15 +429,35 @@ class RetrievalLayer(CacheLayerMixin):
         self._copy_event.record()
         return host, self._copy_event
 
+    def _wait_staged(self, staged) -> torch.Tensor:
+        """-> the CPU tensor of query_to_host in the query's dtype, once its copy has finished."""
+        host, ready = staged
+        if ready is not None:
+            ready.synchronize()
+        return host
+
     def wait_query(self, staged) -> torch.Tensor:
         """-> the query of query_to_host as a float32 CPU tensor (rows, m, d), once its copy has finished."""
-        host, ready = staged
-        if ready is None:
-            return host
-        ready.synchronize()
+        host = self._wait_staged(staged)
         if host.dtype == torch.float32:
             return host
         return self._host_buffer("q", host.shape).copy_(host)
+
+    def _retrieve_attend_to_device(self, staged, scaling: float, device):
+        """The built-in retrieval of decode_attention: (out (rows, m, dv), lse (rows, m)) over the CPU tokens on
+        `device`, the lse on the CPU, and the mean keys scored per (head, query). OffloadedLayer.retrieve_attend_into
+        widens the staged query itself and writes out then lse into one float32 buffer; on a GPU that is the
+        page-locked buffer that one asynchronous copy moves to the device, ordered before the merge (the next
+        step's query copy waits for it before the buffer is written again)."""
+        q_host = self._wait_staged(staged)
+        rows, m, _ = q_host.shape
+        n_out = rows * m * self.values.shape[-1]
+        shape = (n_out + rows * m,)
+        flat = self._host_buffer("results", shape) if device.type == "cuda" else torch.empty(shape, dtype=torch.float32)
+        visited = self.offloaded.retrieve_attend_into(q_host, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size), scaling, flat)
+        lse_c = flat[n_out:].view(rows, m)
+        dev = flat.to(device, non_blocking=True) if device.type == "cuda" else flat
+        return dev[:n_out].view(rows, m, -1), dev[n_out:].view(rows, m), lse_c, visited / (rows * m)
 
     def results_to_device(self, out_c: torch.Tensor, lse_c: torch.Tensor, device):
         """The CPU part's (out (rows, m, dv), lse (rows, m)) -> the model's device. On a GPU both go in one

@@ -125,6 +125,56 @@ def test_sparse_recall_against_exact_topk(sharing):
     assert visited.double().mean() < 0.5 * keys.shape[1]
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_retrieve_attend_into_matches_retrieve_attend(q_dtype):
+    """The decode path's call (staged query in its own dtype, out then lse into one buffer, keys scored summed)
+    gives what retrieve_attend gives, bit for bit; bad buffers are clear errors."""
+    hq, hkv, d, k = 6, 2, 32, 20
+    keys, train, test = _layer_problem()
+    layer = ra._ext._C.OffloadedLayer(torch.bfloat16, hq, hkv, d, d, "query_guided", {}, 0, "per_kv_head")
+    layer.build(keys.bfloat16(), keys.bfloat16(), train)
+    q = test[:, :3].to(q_dtype)
+    out, lse, visited = layer.retrieve_attend(q.float(), k, 64, 0.25)
+    flat = torch.full((hq * 3 * (d + 1) + 5,), float("nan"))
+    total = layer.retrieve_attend_into(q, k, 64, 0.25, flat)
+    assert total == int(visited.sum())
+    assert torch.equal(flat[: out.numel()].view_as(out), out)
+    assert torch.equal(flat[out.numel() : out.numel() + lse.numel()].view_as(lse), lse)
+    assert flat[-5:].isnan().all()  # nothing written past out and lse
+    with pytest.raises(ValueError, match="at least"):
+        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(hq * 3 * (d + 1) - 1))
+    with pytest.raises(TypeError, match="float32"):
+        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(hq * 3 * (d + 1), dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(2 * hq * 3 * (d + 1))[::2])
+    with pytest.raises(ValueError, match="q shape"):
+        layer.retrieve_attend_into(q[:, :, :-1], k, 64, 0.25, flat)
+
+
+def test_builtin_retrieval_equals_the_hook_path(device):
+    """decode_attention's built-in retrieval (retrieve_attend_into) and the cpu_retrieve_attend hook that research
+    subclasses override give the same tokens and logits, mass probes included."""
+
+    class ThroughHook(ra.RetrievalLayer):
+        def cpu_retrieve_attend(self, q_cpu, scaling):
+            return super().cpu_retrieve_attend(q_cpu, scaling)
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model(seed=11).to(device, dtype)
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, 97, (1, 140), generator=g).to(device)
+    cfg = ra.RetrievalConfig(**SPARSE, mass_probe_every=3)
+    runs = []
+    for layer_class in (ra.RetrievalLayer, ThroughHook):
+        cache = ra.RetrievalCache(model.config, cfg, layer_class=layer_class)
+        runs.append(greedy(model, ids, cache, 20) + (cache.summary(),))
+    (a_seq, a_logits, a_sum), (b_seq, b_logits, b_sum) = runs
+    assert torch.equal(a_seq, b_seq) and torch.equal(a_logits, b_logits)
+    for key in ("scanned_frac", "recovered_mass_mean", "recovered_mass_min", "cpu_mass_share"):
+        assert a_sum[key] == b_sum[key], key
+    assert a_sum["recovered_mass_mean"] is not None
+
+
 def test_per_kv_head_builds_one_index_per_group():
     """Hq/Hkv times fewer graphs and graph bytes. (Build time is measured, not asserted: README "Index sharing".)"""
     hq, hkv, d = 6, 2, 32
