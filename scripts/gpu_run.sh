@@ -46,7 +46,7 @@ try:
 except Exception as e:
     print('raw op error caught:', type(e).__name__, str(e)[:70])
 " 2>&1 | tail -2; echo "exc rc=${PIPESTATUS[0]}";;
-gputests) stamp gputests; timeout ${GPUTESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_hf_exactness.py tests/python/test_reliability.py::test_ops_bad_and_edge_inputs tests/python/test_packaging.py::test_extension_loads_the_shared_cxx_runtime > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|crashed" "$OUT/pytest_gpu.log" | head -12; tail -2 "$OUT/pytest_gpu.log";;
+gputests) stamp gputests; timeout ${GPUTESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_hf_exactness.py tests/python/test_reliability.py::test_ops_bad_and_edge_inputs tests/python/test_packaging.py::test_extension_loads_the_shared_cxx_runtime tests/python/test_sharing_and_persist.py::test_builtin_retrieval_equals_the_hook_path > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|crashed" "$OUT/pytest_gpu.log" | head -12; tail -2 "$OUT/pytest_gpu.log";;
 decode) stamp decode; timeout ${DECODE_S:-300} python3 benchmarks/decode_latency.py --json --contexts ${DECODE_CTX:-131072} --layers 1 --threads 16 --methods ${DECODE_METHODS:-full,ours,flat,ivf,static} ${DECODE_ARGS:-} --out "$OUT" --no-plot > "$OUT/decode.jsonl" 2> "$OUT/decode.err"; echo "decode rc=$?"; tail -25 "$OUT/decode.err";;
 profile) stamp profile  # where a decode step's fixed per-layer cost goes: one profiled decode_attention call per method
        timeout ${PROFILE_S:-240} python3 benchmarks/decode_latency.py --json --contexts ${DECODE_CTX:-131072} --layers 1 --threads 16 --methods ours,static \
