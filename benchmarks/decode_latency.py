@@ -1027,7 +1027,8 @@ def main(argv=None):
         if jsonl:
             jsonl.write(line + "\n")
             jsonl.flush()
-        log(f"{rec.get('context')} {rec.get('method')}: ms/token {rec.get('ms_per_token')} recall {rec.get('recall')}")
+        if rec.get("method"):  # not the closing decode_env line
+            log(f"{rec.get('context')} {rec['method']}: ms/token {rec.get('ms_per_token')} recall {rec.get('recall')}")
 
     try:
         import faiss  # noqa: F401
