@@ -38,8 +38,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-METHODS = ("full", "ours", "flat", "ivf", "static")
-LIB_INDEX = {"ours": "query_guided", "flat": "flat", "ivf": "flat", "static": "flat"}
+METHODS = ("full", "ours", "flat", "ivf", "static", "ours_hook")
+LIB_INDEX = {"ours": "query_guided", "ours_hook": "query_guided", "flat": "flat", "ivf": "flat", "static": "flat"}
+OURS = ("ours", "ours_hook")  # ours_hook: the same index through the Python cpu_retrieve_attend hook (its overhead)
 T0 = time.perf_counter()
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout (table on stderr)")
     ap.add_argument("--out", default=None, help="directory for decode_latency.jsonl and decode_latency.png")
     ap.add_argument("--contexts", default=None, help="comma list of context lengths (default 32768,131072,524288,1048576)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS[:5]), help="comma list of " + ",".join(METHODS) + " (default: all but ours_hook)")
     ap.add_argument("--layers", type=int, default=None, help="layers built and timed per context (default 2; quick 1)")
     ap.add_argument("--layers-1m", type=int, default=None,
                     help="layers built at contexts >= 512K (default: --layers); graph builds there are the slowest part")
@@ -454,7 +455,15 @@ def make_layer_classes(args):
                 return 0
             return sum(idx.ntotal * (idx.d * 4 + 8) + idx.nlist * idx.d * 4 for idx, _ in self._ivf)
 
-    return {"ours": ra.RetrievalLayer, "flat": ra.RetrievalLayer, "ivf": IVFLayer, "static": StaticOnlyLayer}
+    class ThroughHookLayer(ra.RetrievalLayer):
+        """ours through the cpu_retrieve_attend hook path of decode_attention (what research subclasses take), to
+        time the built-in path's savings side by side."""
+
+        def cpu_retrieve_attend(self, q_cpu, scaling):
+            return super().cpu_retrieve_attend(q_cpu, scaling)
+
+    return {"ours": ra.RetrievalLayer, "ours_hook": ThroughHookLayer, "flat": ra.RetrievalLayer, "ivf": IVFLayer,
+            "static": StaticOnlyLayer}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,8 +555,8 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     scale = d ** -0.5
     params = dict(args.index_params)
     cfg = ra.RetrievalConfig(n_sink=args.n_sink, n_window=args.n_window, top_k=args.top_k, index=LIB_INDEX[method], ef=args.ef,
-                             index_params=params if method == "ours" else {},
-                             index_sharing=args.index_sharing if method == "ours" else "per_query_head",
+                             index_params=params if method in OURS else {},
+                             index_sharing=args.index_sharing if method in OURS else "per_query_head",
                              max_train_queries=None if args.max_train_queries == 0 else args.max_train_queries,
                              evict_chunk=1,  # one token moves to the CPU per step: CPU id i <-> position n_sink + i below
                              max_unindexed_tokens=args.max_unindexed)
@@ -799,7 +808,7 @@ def run_context(args, T, dev, shared, emit):
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         rec = {**base, "method": method, **r, "cell_s": round(time.perf_counter() - t1, 1)}
-        if method == "ours":
+        if method in OURS:
             rec["index_sharing"] = args.index_sharing
         emit(rec)
     del datas
@@ -933,7 +942,7 @@ def fmt(v, nd=2):
 
 def table(results) -> str:
     rows = [r for r in results if r["bench"] == "decode"]
-    head = (f"{'context':>8} {'method':<7} {'ms/token':>9} {'+update':>8} {'recall':>6} {'scan%':>6} {'gpuKV MB':>9} "
+    head = (f"{'context':>8} {'method':<9} {'ms/token':>9} {'+update':>8} {'recall':>6} {'scan%':>6} {'gpuKV MB':>9} "
             f"{'cpuKV MB':>9} {'gpu_st':>7} {'search':>7} {'cpu_att':>7} {'xfer':>6} {'merge':>6} {'floor':>6} {'build/L s':>9}")
     lines = [f"decode attention per token, summed over {rows[0]['layers_reported'] if rows else 32} layers "
              "(ms; measured layers x scale; breakdown parts timed separately)", head]
@@ -945,7 +954,7 @@ def table(results) -> str:
             ms_s = fmt(ms)
         sf = r.get("scanned_frac")
         lines.append(
-            f"{r['context']:>8} {r['method']:<7} {ms_s:>9} {fmt(r.get('update_ms_per_token')):>8} {fmt(r.get('recall'), 3):>6} "
+            f"{r['context']:>8} {r['method']:<9} {ms_s:>9} {fmt(r.get('update_ms_per_token')):>8} {fmt(r.get('recall'), 3):>6} "
             f"{fmt(None if sf is None else 100 * sf, 2):>6} {r.get('gpu_kv_bytes', 0) / 2**20:>9.1f} {r.get('cpu_kv_bytes', 0) / 2**20:>9.1f} "
             f"{fmt(r.get('gpu_static_ms', r.get('gpu_attention_ms'))):>7} {fmt(r.get('cpu_search_ms')):>7} {fmt(r.get('cpu_attention_ms')):>7} "
             f"{fmt(r.get('transfer_ms')):>6} {fmt(r.get('merge_ms')):>6} {fmt(r.get('floor_ms')):>6} {fmt(r.get('build_s'), 1):>9}")
