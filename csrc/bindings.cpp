@@ -6,9 +6,6 @@
 #include <cstring>
 #include <numeric>
 #include <variant>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "retrieval_attention/index_registry.h"
 #include "retrieval_attention/indexed_keys.h"
@@ -371,21 +368,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // pybind11 itself maps std::invalid_argument to ValueError and std::runtime_error to RuntimeError.
   m.def("check_index_params", &check_index_params, py::arg("type"), py::arg("params"));
   m.def("resolved_index_params", &resolved_index_params, py::arg("type"), py::arg("params"));
-  // OpenMP threads of the parallel regions the calling thread starts (its own setting only; e.g. the background
-  // index-build thread leaves a core to the thread that drives the GPU). Returns the previous value; 1 without OpenMP.
-  m.def(
-      "set_this_thread_omp_threads",
-      [](int n) {
-        TORCH_CHECK_VALUE(n >= 1, "thread count must be >= 1, got ", n);
-#ifdef _OPENMP
-        const int before = omp_get_max_threads();
-        omp_set_num_threads(n);
-        return before;
-#else
-        return 1;
-#endif
-      },
-      py::arg("n"));
 
   py::class_<PyIndex>(m, "KeyIndex")
       .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none())

@@ -290,14 +290,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.phase = "decode"
         self.build_seconds += time.perf_counter() - t0
 
-        run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
-        build_threads = max(1, torch.get_num_threads() - 1)
-
         def build():
-            if run_async:
-                # all cores but one: the thread that drives the GPU (later layers' prefill, the first decode step)
-                # keeps one for itself instead of waiting behind the build's threads
-                _ext._C.set_this_thread_omp_threads(build_threads)
             t1 = time.perf_counter()
             self.offloaded.build(cpu_k, cpu_v, train, knn)  # C++, GIL released
             self.on_cpu_tokens(cpu_k, cpu_v, train)
@@ -307,6 +300,7 @@ class RetrievalLayer(CacheLayerMixin):
             if self.on_built is not None:
                 self.on_built(cpu_k.shape[1])
 
+        run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
         if run_async:
             # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ...; the first
             # use of this layer's CPU part waits for it (_wait_for_build).

@@ -38,7 +38,7 @@ class RetrievalConfig:
                  have accumulated, then inserted into the indexes in one batch (0: insert at every eviction).
     progress:    a tqdm progress bar over the layers' index builds (None: on a terminal, for prompts of 8K+ CPU tokens).
     async_build: build each layer's indexes in a background thread while later layers compute
-                 (None: only when the KV lives on a GPU), with all but one of torch's threads.
+                 (None: only when the KV lives on a GPU).
     mass_probe_every: every this many decode steps (0: never, the default) each layer also computes, on the CPU, the
                  exact log-sum-exp over *all* its CPU keys and records the share of the true attention mass (over the
                  static set plus every CPU key) that the static set plus the retrieved top_k keys captured:
