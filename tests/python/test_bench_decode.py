@@ -70,3 +70,19 @@ def test_sanity_relations(lines):
     assert [e for e, _, _ in rows["ours"]["ef_sweep"]] == [32, 128]
     if "ivf" in rows:
         assert rows["ivf"]["ivf_nprobe"] >= 1 and rows["ivf"]["cpu_search_ms_measured"] is True
+
+
+def test_ours_hook_retrieves_what_ours_retrieves(tmp_path):
+    """--methods ours,ours_hook: the hook-path variant is built and searched like ours (same index, sharing, beam), so
+    the side-by-side timing compares the two decode paths and nothing else."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [x for x in (os.environ.get("PYTHONPATH", ""), os.path.join(REPO, "python")) if x]))
+    args = ["--quick", "--json", "--device", "cpu", "--contexts", "1536", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "64",
+            "--steps", "2", "--warmup", "1", "--probe-queries", "4", "--flush-mb", "0", "--max-train-queries", "512",
+            "--ef-sweep", "", "--methods", "ours,ours_hook", "--no-plot"]
+    p = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["method"]: r for r in map(json.loads, p.stdout.splitlines()) if r["bench"] == "decode"}
+    assert set(rows) == {"ours", "ours_hook"}
+    for key in ("recall", "scanned_frac", "mass_frac_topk", "gpu_kv_bytes"):
+        assert rows["ours"][key] == rows["ours_hook"][key], key
