@@ -46,6 +46,12 @@ _EXECUTOR = None
 _PROGRESS_LOCK = threading.Lock()
 
 
+def _progress_by_default(cpu_tokens: int) -> bool:
+    """RetrievalConfig.progress=None: a bar for prompts of 8K+ CPU tokens, where someone watches (a terminal, or a
+    Jupyter kernel, whose stderr is no tty but whose tqdm.auto bar is a widget)."""
+    return cpu_tokens >= 8192 and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+
+
 def _build_executor():
     """One background thread for index builds: layers are built one after another, each using all OpenMP threads."""
     global _EXECUTOR
@@ -623,7 +629,7 @@ class RetrievalCache(Cache):
         """A progress bar over the layers' index builds: shown for long prompts on a terminal (RetrievalConfig.progress)."""
         show = self.retrieval_config.progress
         if show is None:
-            show = cpu_tokens >= 8192 and sys.stderr.isatty()
+            show = _progress_by_default(cpu_tokens)
         if not show:
             return
         with _PROGRESS_LOCK:

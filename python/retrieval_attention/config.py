@@ -36,7 +36,8 @@ class RetrievalConfig:
                  move to the CPU in one batch (amortises transfers and index inserts; exactness is unaffected).
     max_unindexed_tokens: tokens moved to the CPU during decoding are searched exactly (a flat scan) until this many
                  have accumulated, then inserted into the indexes in one batch (0: insert at every eviction).
-    progress:    a tqdm progress bar over the layers' index builds (None: on a terminal, for prompts of 8K+ CPU tokens).
+    progress:    a tqdm progress bar over the layers' index builds (None: on a terminal or in a Jupyter kernel, for
+                 prompts of 8K+ CPU tokens).
     async_build: build each layer's indexes in a background thread while later layers compute
                  (None: only when the KV lives on a GPU).
     mass_probe_every: every this many decode steps (0: never, the default) each layer also computes, on the CPU, the

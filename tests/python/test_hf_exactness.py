@@ -1,4 +1,6 @@
 """End to end through transformers: with top_k >= CPU tokens, RetrievalCache decoding equals full attention."""
+import sys
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -247,6 +249,27 @@ def test_progress_bar_and_logging(capsys, caplog):
     with torch.no_grad():
         model(torch.randint(0, 97, (1, 50)), past_key_values=quiet)
     assert "building CPU indexes" not in capsys.readouterr().err
+
+
+def test_progress_shown_by_default_on_a_terminal_or_in_a_notebook(monkeypatch):
+    """progress=None: long prompts get the bar where someone watches; a Jupyter kernel's stderr is no tty."""
+    from retrieval_attention import cache as cache_mod
+
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stderr", Stream(False))
+    assert not cache_mod._progress_by_default(100_000)  # a log file or CI
+    monkeypatch.setattr(sys, "stderr", Stream(True))
+    assert cache_mod._progress_by_default(100_000) and not cache_mod._progress_by_default(8191)
+    monkeypatch.setattr(sys, "stderr", Stream(False))
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert cache_mod._progress_by_default(100_000)
 
 
 def test_sampling_matches_full_attention_in_exactness_mode():
