@@ -908,7 +908,8 @@ def run_e2e(args, dev, emit):
                "decode_tokens_per_s": round(len(timed) / sum(timed), 3), "ms_per_token": round(1e3 * sum(timed) / len(timed), 3),
                "gpu_peak_bytes_prefill": int(peak_prefill),
                "gpu_peak_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0,
-               "gpu_model_bytes": int(base_mem), "first_decode_step_s": round(step_s[0], 3)}
+               "gpu_model_bytes": int(base_mem), "first_decode_step_s": round(step_s[0], 3),
+               "step_ms": [round(1e3 * x, 2) for x in timed]}  # each timed step: is the host steady?
         if method == "full":
             kv = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values) if t is not None)
             rec.update({"gpu_kv_bytes": int(kv), "cpu_kv_bytes": 0, "index_build_s": 0.0})
