@@ -626,7 +626,7 @@ class RetrievalCache(Cache):
             layer.on_built = self._layer_built
 
     def _layer_built(self, cpu_tokens: int) -> None:
-        """A progress bar over the layers' index builds: shown for long prompts on a terminal (RetrievalConfig.progress)."""
+        """A progress bar over the layers' index builds: shown for long prompts on a terminal or in a notebook (RetrievalConfig.progress)."""
         show = self.retrieval_config.progress
         if show is None:
             show = _progress_by_default(cpu_tokens)
