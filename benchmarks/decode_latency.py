@@ -168,6 +168,15 @@ def cpu_desc() -> str:
     return platform.machine()
 
 
+def numa_nodes() -> int | None:
+    """NUMA nodes the kernel shows (None where it does not say): memory placement can make runs of the same
+    latency-bound search differ."""
+    try:
+        return sum(1 for x in os.listdir("/sys/devices/system/node") if x.startswith("node") and x[4:].isdigit())
+    except OSError:
+        return None
+
+
 def measure_cpu_bandwidth(mb: int) -> float:
     """Best-of-5 bandwidth (GB/s) of a multithreaded CPU copy of `mb` MiB: (bytes read + bytes written) / time."""
     import torch
@@ -1063,7 +1072,7 @@ def main(argv=None):
     if "pool" in shared:
         shared["pool"].shutdown()
     env = {"bench": "decode_env", "device": device_desc(dev), "cpu": cpu_desc(), "threads": torch.get_num_threads(),
-           "cpu_bw_gbs": round(bw, 2), "torch": torch.__version__, "have_faiss": have_faiss, "quick": args.quick,
+           "cpu_bw_gbs": round(bw, 2), "numa_nodes": numa_nodes(), "torch": torch.__version__, "have_faiss": have_faiss, "quick": args.quick,
            "total_s": round(time.perf_counter() - T0, 1), "argv": sys.argv[1:] if argv is None else list(argv)}
     emit(env)
     txt = table(results)
