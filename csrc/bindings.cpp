@@ -250,9 +250,7 @@ class PyOffloadedLayer {
 
   // Returns (out, lse, visited), plus the retrieved ids (Hq, m, top_k; -1 padded) when return_ids.
   py::tuple retrieve_attend(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, bool return_ids) const {
-    check_cpu(q, "q");
-    check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
-    TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
+    check_queries(q);
     const auto qf = q.to(at::kFloat).contiguous();
     const int64_t m = q.size(1);
     auto out = at::empty({hq_, m, dv_}, at::kFloat);
@@ -275,9 +273,7 @@ class PyOffloadedLayer {
   // q_heads*m*(value_dim + 1) elements: e.g. the page-locked buffer the merge reads from), and the total number of keys
   // scored returned. It saves the Python-side copies and small tensors of retrieve_attend on every layer and token.
   int64_t retrieve_attend_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, const at::Tensor& results) const {
-    check_cpu(q, "q");
-    check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
-    TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
+    check_queries(q);
     TORCH_CHECK_VALUE(top_k >= 1, "top_k must be >= 1, got ", top_k);
     check_cpu(results, "results");
     const int64_t m = q.size(1);
@@ -336,6 +332,13 @@ class PyOffloadedLayer {
     TORCH_CHECK_VALUE(values.size(0) == hkv_ && values.size(1) == keys.size(1) && values.size(2) == dv_, "values shape ", values.sizes(),
                       " does not match keys");
     return keys.size(1);
+  }
+
+  // q (q_heads, queries, head_dim) on the CPU, any float dtype
+  void check_queries(const at::Tensor& q) const {
+    check_cpu(q, "q");
+    check_dim(q, 3, "q", "(q_heads, queries, head_dim)");
+    TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
   }
 
   template <class Fn>

@@ -457,13 +457,11 @@ class RetrievalLayer(CacheLayerMixin):
         step's query copy waits for it before the buffer is written again)."""
         q_host = self._wait_staged(staged)
         rows, m, _ = q_host.shape
-        n_out = rows * m * self.values.shape[-1]
-        shape = (n_out + rows * m,)
+        shape = (rows * m * (self.values.shape[-1] + 1),)
         flat = self._host_buffer("results", shape) if device.type == "cuda" else torch.empty(shape, dtype=torch.float32)
         visited = self.offloaded.retrieve_attend_into(q_host, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size), scaling, flat)
-        lse_c = flat[n_out:].view(rows, m)
-        dev = flat.to(device, non_blocking=True) if device.type == "cuda" else flat
-        return dev[:n_out].view(rows, m, -1), dev[n_out:].view(rows, m), lse_c, visited / (rows * m)
+        out_c_dev, lse_c_dev = self._results_on_device(flat, rows, m, device)
+        return out_c_dev, lse_c_dev, flat[-rows * m :].view(rows, m), visited / (rows * m)
 
     def results_to_device(self, out_c: torch.Tensor, lse_c: torch.Tensor, device):
         """The CPU part's (out (rows, m, dv), lse (rows, m)) -> the model's device. On a GPU both go in one
@@ -475,8 +473,15 @@ class RetrievalLayer(CacheLayerMixin):
         flat = self._host_buffer("results", (n_out + lse_c.numel(),))
         flat[:n_out].view(out_c.shape).copy_(out_c)
         flat[n_out:].view(lse_c.shape).copy_(lse_c)
-        dev = flat.to(device, non_blocking=True)
-        return dev[:n_out].view(out_c.shape), dev[n_out:].view(lse_c.shape)
+        return self._results_on_device(flat, *lse_c.shape, device)
+
+    @staticmethod
+    def _results_on_device(flat: torch.Tensor, rows: int, m: int, device):
+        """flat = out (rows, m, dv) then lse (rows, m), float32 on the CPU -> both on `device`, in one asynchronous
+        copy on a GPU (flat is then the page-locked results buffer)."""
+        dev = flat.to(device, non_blocking=True) if device.type == "cuda" else flat
+        n_out = flat.numel() - rows * m
+        return dev[:n_out].view(rows, m, -1), dev[n_out:].view(rows, m)
 
     def exact_cpu_lse(self, q_cpu: torch.Tensor, scaling: float) -> torch.Tensor:
         """q_cpu (batch*q_heads, m, d) float32 -> (batch*q_heads, m) float32: the exact log-sum-exp of the scaled scores
