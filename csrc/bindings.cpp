@@ -215,7 +215,8 @@ class PyOffloadedLayer {
         v_);
   }
 
-  void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries, const c10::optional<at::Tensor>& knn) {
+  void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries, const c10::optional<at::Tensor>& knn,
+             bool index_now) {
     const int64_t t = check_kv(keys, values);
     check_cpu(train_queries, "train_queries");
     check_dim(train_queries, 3, "train_queries", "(q_heads, n_train, head_dim)");
@@ -235,9 +236,14 @@ class PyOffloadedLayer {
     visit_layer([&](auto& layer, auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       layer.build(ptr<const T>(kc), ptr<const T>(vc), t, tq.data_ptr<float>(), tq.size(1), knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr,
-                  knn_c.defined() ? knn_c.size(2) : 0);
+                  knn_c.defined() ? knn_c.size(2) : 0, index_now);
     });
   }
+
+  void build_indexes() {
+    visit_layer([&](auto& layer, auto*) { layer.build_indexes(); });
+  }
+  bool build_pending() const { return std::visit([](const auto& l) { return l->build_pending(); }, v_); }
 
   void append(const at::Tensor& keys, const at::Tensor& values) {
     const int64_t t = check_kv(keys, values);
@@ -393,7 +399,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   py::arg("value_dim"), py::arg("index_type"), py::arg("params"), py::arg("max_unindexed") = 0,
                   py::arg("sharing") = "per_query_head")
       .def("save", &PyOffloadedLayer::save, py::arg("path"))
-      .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none())
+      .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none(),
+           py::arg("index_now") = true)
+      .def("build_indexes", &PyOffloadedLayer::build_indexes)
+      .def_property_readonly("build_pending", &PyOffloadedLayer::build_pending)
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)

@@ -13,7 +13,9 @@
 //     (batch row, head) either way: a group never spans two batch rows.
 //   * build(): first tokens plus the training queries (the layer's prefill queries) -> the indexes, made by the
 //     IndexFactory. With no tokens yet, the training queries are kept and the indexes are made when the first tokens
-//     arrive through append().
+//     arrive through append(). build(..., index_now = false) stores the rows only: they are searchable at once (every
+//     row scanned exactly) and build_indexes() makes the indexes later under the shared lock, so decoding need not
+//     wait for it; append() and save() wait (save refuses a layer whose build has not run).
 //   * append(): tokens evicted from the GPU window; stored at once. They join the indexes in batches: while at most
 //     `max_unindexed` rows are not yet indexed, searches scan those rows exactly and merge them with the index's
 //     results (exact for them), so inserting into the graphs costs nothing per decode step.
@@ -30,6 +32,7 @@
 //     Work inside each call is OpenMP-parallel over heads; the caller should not hold the Python GIL.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <shared_mutex>
@@ -86,15 +89,50 @@ class OffloadedLayer {
   bool indexed() const { return indexes_[0] != nullptr; }
 
   // knn (Hq, m, knn_k) optional: exact neighbours (row ids of this layer's first t tokens) of each training query.
-  void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0) {
+  // index_now = false stores the rows (searchable at once, by exact scans) and leaves the indexes to a later
+  // build_indexes() call, during which searches keep running.
+  void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0,
+             bool index_now = true) {
     require(all_finite(keys, hkv_ * t * d_) && all_finite(train_q, hq_ * m * d_), "keys or training queries contain NaN or Inf");
+    {
+      std::unique_lock<std::shared_mutex> lock(mu_);
+      require(!indexed() && !build_pending_ && keys_[0]->size() == 0, "layer already built");
+      require(m >= 0 && t >= 0 && knn_k >= 0, "counts must be non-negative");
+      train_q_.assign(train_q, train_q + hq_ * m * d_);
+      n_train_ = m;
+      if (knn != nullptr && knn_k > 0) knn_.assign(knn, knn + hq_ * m * knn_k);
+      knn_k_ = knn != nullptr ? knn_k : 0;
+      append_rows(keys, values, t);
+      build_pending_ = t > 0;
+    }
+    if (index_now) build_indexes();
+  }
+
+  // Makes the indexes a build(..., index_now = false) left pending (no-op if none is). The indexes are built under
+  // the shared lock, so retrieve_attend runs meanwhile (scanning the rows exactly); append() waits for it.
+  void build_indexes() {
+    std::vector<std::unique_ptr<KeyIndex<T>>> made;
+    {
+      std::shared_lock<std::shared_mutex> lock(mu_);
+      if (!build_pending_) return;
+      require(!building_.exchange(true), "build_indexes is already running");
+      try {
+        made = create_indexes(knn_.empty() ? nullptr : knn_.data(), knn_k_);
+      } catch (...) {
+        building_ = false;
+        throw;
+      }
+    }
     std::unique_lock<std::shared_mutex> lock(mu_);
-    require(!indexed() && keys_[0]->size() == 0, "layer already built");
-    require(m >= 0 && t >= 0 && knn_k >= 0, "counts must be non-negative");
-    train_q_.assign(train_q, train_q + hq_ * m * d_);
-    n_train_ = m;
-    append_rows(keys, values, t);
-    if (t > 0) make_indexes(knn, knn_k);
+    install_indexes(std::move(made));
+    build_pending_ = false;
+    building_ = false;
+    if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_)  // rows appended before the build started
+      parallel_for_split(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
+  }
+  bool build_pending() const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    return build_pending_;
   }
 
   void append(const T* keys, const T* values, int64_t t) {
@@ -104,7 +142,7 @@ class OffloadedLayer {
     if (t == 0) return;
     append_rows(keys, values, t);
     if (!indexed()) {
-      make_indexes();
+      if (!build_pending_) install_indexes(create_indexes());  // a layer whose first tokens arrive now
     } else if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_) {
       parallel_for_split(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
     }
@@ -141,18 +179,20 @@ class OffloadedLayer {
         SearchParams p = params;
         p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
         p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
-        const KeyIndex<T>& index = *index_of(h);
-        int64_t vis = index.search_one(q + hm * d_, k, p, ids.data(), scores.data());
-        if (index.size() < n) {  // rows not indexed yet: scan them exactly and merge
+        // no index yet (its build is pending): every row is scanned exactly
+        const KeyIndex<T>* index = index_of(h);
+        int64_t vis = index ? index->search_one(q + hm * d_, k, p, ids.data(), scores.data()) : 0;
+        const int64_t n_indexed = index ? index->size() : 0;
+        if (n_indexed < n) {  // rows not indexed yet: scan them exactly and merge
           TopK best(k);
           for (int64_t j = 0; j < k; ++j)
             if (ids[static_cast<size_t>(j)] >= 0) best.push(scores[static_cast<size_t>(j)], ids[static_cast<size_t>(j)]);
-          for (int64_t i = std::max(index.size(), p.min_id); i < n; ++i) {
+          for (int64_t i = std::max(n_indexed, p.min_id); i < n; ++i) {
             const float s = dot_row(q + hm * d_, keys_[kv]->row(i), d_);
             if (!best.full() || s >= best.threshold()) best.push(s, i);
           }
           best.sorted_into(ids.data(), scores.data());
-          vis += n - index.size();
+          vis += n - n_indexed;
         }
         for (auto& id : ids)
           if (id >= 0 && id < p.min_id) id = -1;
@@ -188,6 +228,7 @@ class OffloadedLayer {
   // Writes the whole layer (vectors, indexes, pending training queries, min_ids) to `path` atomically (serialize.h).
   void save(const std::string& path) const {
     std::shared_lock<std::shared_mutex> lock(mu_);
+    require(!build_pending_, "save: the layer's indexes are not built yet (build_indexes)");
     const int64_t n = keys_[0]->size(), n_indexed = indexed() ? indexes_[0]->size() : 0;
     PayloadWriter w;
     w.put<uint32_t>(kPayloadVersion);
@@ -293,24 +334,32 @@ class OffloadedLayer {
       values_[h]->append(values + h * t * dv_, t);
     }
   }
-  void make_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0) {
+  // One index per query head or per kv head over the stores, from the kept training queries; reads only.
+  std::vector<std::unique_ptr<KeyIndex<T>>> create_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0) const {
     const int64_t group = hq_ / hkv_;
+    std::vector<std::unique_ptr<KeyIndex<T>>> made(static_cast<size_t>(index_count()));
     if (sharing_ == IndexSharing::PerKvHead) {
       // The group's query heads are consecutive, so its pooled training queries (group * n_train rows) and their
       // neighbour lists are one contiguous block of the (Hq, n_train, .) layout.
       parallel_for_split(hkv_, [&](int64_t kv) {
         const int64_t first = kv * group * n_train_;
-        indexes_[static_cast<size_t>(kv)] =
+        made[static_cast<size_t>(kv)] =
             factory_(keys_[kv], train_q_.data() + first * d_, group * n_train_, knn ? knn + first * knn_k : nullptr, knn_k);
       });
     } else {
       parallel_for_split(hq_, [&](int64_t h) {
-        indexes_[static_cast<size_t>(h)] =
+        made[static_cast<size_t>(h)] =
             factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_, knn ? knn + h * n_train_ * knn_k : nullptr, knn_k);
       });
     }
+    return made;
+  }
+  void install_indexes(std::vector<std::unique_ptr<KeyIndex<T>>> made) {
+    indexes_ = std::move(made);
     std::vector<float>().swap(train_q_);  // the graphs keep no query vectors
+    std::vector<int64_t>().swap(knn_);
     n_train_ = 0;
+    knn_k_ = 0;
   }
 
   int64_t hq_, hkv_, d_, dv_, max_unindexed_;
@@ -320,6 +369,10 @@ class OffloadedLayer {
   std::vector<std::unique_ptr<KeyIndex<T>>> indexes_;
   std::vector<float> train_q_;
   int64_t n_train_ = 0;
+  std::vector<int64_t> knn_;  // the training queries' neighbour lists, kept for a pending build
+  int64_t knn_k_ = 0;
+  bool build_pending_ = false;  // rows stored by build(..., index_now = false), indexes not made yet
+  std::atomic<bool> building_{false};
   std::vector<int64_t> min_ids_;
   mutable std::shared_mutex mu_;
 };

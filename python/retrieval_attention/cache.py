@@ -42,7 +42,6 @@ logger = logging.getLogger("retrieval_attention")
 
 CPU_SHARE_EVERY = 8  # decode steps between two samples of the free "cpu_mass_share" estimate, per layer
 
-_EXECUTOR = None
 _PROGRESS_LOCK = threading.Lock()
 
 
@@ -52,12 +51,16 @@ def _progress_by_default(cpu_tokens: int) -> bool:
     return cpu_tokens >= 8192 and (sys.stderr.isatty() or "ipykernel" in sys.modules)
 
 
-def _build_executor():
-    """One background thread for index builds: layers are built one after another, each using all OpenMP threads."""
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-index-build")
-    return _EXECUTOR
+_EXECUTORS = {}
+
+
+def _background(name: str):
+    """One background thread per kind of work: "ra-store" moves each layer's CPU rows into the C++ stores, "ra-index-build"
+    builds the indexes, layers one after another, each using all OpenMP threads. Separate threads, so that a layer's
+    rows are stored (and searchable) while earlier layers' indexes are still being built."""
+    if name not in _EXECUTORS:
+        _EXECUTORS[name] = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    return _EXECUTORS[name]
 
 
 # -- saved caches -----------------------------------------------------------------------------------------------------
@@ -158,7 +161,8 @@ class RetrievalLayer(CacheLayerMixin):
         self._recovered_sum = 0.0
         self._recovered_count = 0
         self._recovered_min = None
-        self._build_future = None
+        self._build_future = None  # the background build (rows stored, then indexes made)
+        self._rows_future = None  # done once the background build has stored the rows (decoding may start)
         self.on_built = getattr(self, "on_built", None)  # set by RetrievalCache: progress reporting
         self.static_pad = self.cpu_pad = None  # (batch,) pad tokens at the front of the static set / CPU ids
 
@@ -236,7 +240,7 @@ class RetrievalLayer(CacheLayerMixin):
     # -- retrieval ---------------------------------------------------------------------------------------------
     @property
     def cpu_tokens(self) -> int:
-        self._wait_for_build()
+        self._wait_for_rows()
         return 0 if self.offloaded is None else self.offloaded.size
 
     @property
@@ -296,9 +300,22 @@ class RetrievalLayer(CacheLayerMixin):
         self.phase = "decode"
         self.build_seconds += time.perf_counter() - t0
 
-        def build():
+        run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
+        # Decoding need not wait for a background build: once the rows are stored, the CPU part answers by exact scans
+        # until the indexes are installed. Subclasses with their own cpu_retrieve_attend (research baselines) and
+        # on_cpu_tokens hook see the layer only when it is complete.
+        serve_early = run_async and type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
+
+        def store():
             t1 = time.perf_counter()
-            self.offloaded.build(cpu_k, cpu_v, train, knn)  # C++, GIL released
+            self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False)  # C++, GIL released: rows only
+            self.build_seconds += time.perf_counter() - t1
+
+        def build(rows):
+            if rows is not None:
+                rows.result()  # re-raises a failure to store the rows
+            t1 = time.perf_counter()
+            self._make_indexes()
             self.on_cpu_tokens(cpu_k, cpu_v, train)
             self.build_seconds += time.perf_counter() - t1
             logger.info("layer %d: %d CPU tokens indexed (%s) in %.2f s", self.layer_idx, cpu_k.shape[1], cfg.index,
@@ -306,22 +323,46 @@ class RetrievalLayer(CacheLayerMixin):
             if self.on_built is not None:
                 self.on_built(cpu_k.shape[1])
 
-        run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
         if run_async:
-            # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ...; the first
-            # use of this layer's CPU part waits for it (_wait_for_build).
-            self._build_future = _build_executor().submit(build)
+            # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ... and, once the
+            # prompt is done, while decoding runs (_wait_for_rows).
+            rows = _background("ra-store").submit(store)
+            self._build_future = _background("ra-index-build").submit(build, rows)
+            self._rows_future = rows if serve_early else None
         else:
-            build()
+            store()
+            build(None)
+
+    def _make_indexes(self) -> None:
+        """The index half of a build, after the rows are stored: C++ with the GIL released; searches run meanwhile."""
+        self.offloaded.build_indexes()
+
+    def _wait_for_rows(self) -> None:
+        """Waits until the CPU part can answer: its rows stored (decoding during the index build) or, without that,
+        the whole build done."""
+        if self._rows_future is not None and self._build_future is not None and not self._build_future.done():
+            t0 = time.perf_counter()
+            try:
+                self._rows_future.result()  # re-raises a failure to store the rows
+            finally:
+                self.build_wait_seconds += time.perf_counter() - t0
+            return
+        self._wait_for_build()
 
     def _wait_for_build(self) -> None:
         future, self._build_future = self._build_future, None
+        self._rows_future = None
         if future is not None:
             t0 = time.perf_counter()
             try:
                 future.result()  # re-raises a build error here
             finally:
                 self.build_wait_seconds += time.perf_counter() - t0
+
+    @property
+    def building(self) -> bool:
+        """True while this layer's indexes are being built in the background (decoding scans its CPU rows exactly)."""
+        return self._build_future is not None and not self._build_future.done()
 
     # -- the static set lives in preallocated device buffers: appending a token writes in place --------------
     def _set_static(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -348,7 +389,11 @@ class RetrievalLayer(CacheLayerMixin):
 
     def _evict_overflow(self) -> None:
         """Before new tokens arrive, shrink the window back to n_window once it has grown by evict_chunk tokens:
-        the oldest window tokens become sinks while there are fewer than n_sink, the rest move to the CPU index."""
+        the oldest window tokens become sinks while there are fewer than n_sink, the rest move to the CPU index.
+        While the CPU indexes are still being built, the window keeps growing instead (appending would wait for the
+        build); the overflow moves once the build is done."""
+        if self.building and self._rows_future is not None:
+            return
         self._wait_for_build()
         window = self.keys.shape[-2] - self.n_sink_kept
         if window < self.cfg.n_window + self.cfg.evict_chunk:
@@ -585,8 +630,13 @@ class RetrievalLayer(CacheLayerMixin):
         self.seen = int(entry["seen"])
         self.phase = "decode"
 
-    def stats(self) -> dict:
+    def wait_for_index(self) -> None:
+        """Blocks until this layer's background index build (if any) is done; re-raises its error."""
         self._wait_for_build()
+
+    def stats(self) -> dict:
+        """This layer's figures now; does not wait for a background index build ("index_building" says if one runs)."""
+        self._wait_for_rows()
         gpu = 0 if self.keys is None else self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return {
             "layer": self.layer_idx,
@@ -597,6 +647,7 @@ class RetrievalLayer(CacheLayerMixin):
             "index_build_s": self.build_seconds,
             "knn_s": self.knn_seconds,
             "index_build_wait_s": self.build_wait_seconds,
+            "index_building": self.building,
             "device_kv_bytes": gpu,
             "cpu_kv_bytes": 0 if self.offloaded is None else self.offloaded.vector_bytes,
             "cpu_index_bytes": 0 if self.offloaded is None else self.offloaded.index_bytes,
@@ -764,7 +815,10 @@ class RetrievalCache(Cache):
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
         index_build_s (split at prefill + graph builds + later inserts), of which knn_s the bipartite kNN on the
-        device at prefill; index_build_wait_s: time the first decode step waited for an asynchronous build;
+        device at prefill (index_build_s grows until the layer's background build is done); index_build_wait_s: time
+        decoding waited for a background build (only for its rows to be stored: decoding scans them exactly meanwhile);
+        index_building: whether the layer's background index build is still running (stats() does not wait for it;
+        wait_for_indexes() does);
         device_kv_bytes, cpu_kv_bytes, cpu_index_bytes;
         decode_steps; cpu_mass_share: mean over heads, queries and decode steps (with CPU tokens) of the share of the merged
         attention mass that came from the retrieved CPU keys, sigmoid(lse_cpu - lse_static) (always on, nearly free);
@@ -772,6 +826,12 @@ class RetrievalCache(Cache):
         minimum over probed (head, query, step) of the share of the exact attention mass (static set + all CPU keys)
         that the static set plus the retrieved keys captured (1.0: nothing missed; None before the first probe)."""
         return [layer.stats() for layer in self.layers]
+
+    def wait_for_indexes(self) -> None:
+        """Blocks until every layer's background index build is done (on a GPU they run during and after the prefill,
+        while decoding goes on with exact scans of the layers not yet indexed); re-raises a build's error."""
+        for layer in self.layers:
+            layer.wait_for_index()
 
     def summary(self) -> dict:
         s = self.stats()
@@ -786,6 +846,7 @@ class RetrievalCache(Cache):
             "index_build_s": sum(x["index_build_s"] for x in s),
             "knn_s": sum(x["knn_s"] for x in s),
             "index_build_wait_s": sum(x["index_build_wait_s"] for x in s),
+            "index_building_layers": sum(bool(x["index_building"]) for x in s),
             "cpu_mass_share": sum(x["cpu_mass_share"] for x in s) / len(s) if s else 0.0,
             "recovered_mass_mean": sum(probed) / len(probed) if probed else None,
             "recovered_mass_min": min(x["recovered_mass_min"] for x in s if x["recovered_mass_min"] is not None) if probed else None,

@@ -163,7 +163,9 @@ def test_builtin_retrieval_equals_the_hook_path(device):
     model = tiny_model(seed=11).to(device, dtype)
     g = torch.Generator().manual_seed(12)
     ids = torch.randint(0, 97, (1, 140), generator=g).to(device)
-    cfg = ra.RetrievalConfig(**SPARSE, mass_probe_every=3)
+    # builds in the foreground: with a background build the built-in path would answer its first steps by exact scans
+    # while the hook path waits for the indexes (test_decoding_does_not_wait_for_the_index_build)
+    cfg = ra.RetrievalConfig(**SPARSE, mass_probe_every=3, async_build=False)
     runs = []
     for layer_class in (ra.RetrievalLayer, ThroughHook):
         cache = ra.RetrievalCache(model.config, cfg, layer_class=layer_class)
@@ -400,3 +402,103 @@ def test_precomputed_knn_builds_the_same_graphs(sharing):
     b = layers[1].retrieve_attend(q, 10, 32, d ** -0.5, return_ids=True)
     assert torch.equal(a[-1], b[-1])
     assert torch.equal(a[0], b[0])
+
+
+# -- decoding while the indexes build ---------------------------------------------------------------------------------
+def _exact_topk_ids(keys, q, hq, k):
+    group = hq // keys.shape[0]
+    scores = torch.einsum("hmd,hnd->hmn", q.double(), keys.repeat_interleave(group, 0).double())
+    return scores.topk(k, dim=-1).indices
+
+
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+def test_rows_stored_without_indexes_are_searched_exactly(tmp_path, sharing):
+    """build(..., index_now=False): every row answers by exact scan (the exact top-k, all rows scored); save waits for
+    the indexes (clear error); build_indexes() then installs them and searches use the graphs."""
+    hq, hkv, d, k = 6, 2, 32, 20
+    keys, train, test = _layer_problem(seed=5, n=3000, m=600, hq=hq, hkv=hkv, d=d)
+    values = torch.randn(keys.shape, generator=torch.Generator().manual_seed(6))
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, sharing)
+    layer.build(keys, values, train, index_now=False)
+    assert layer.build_pending and layer.index_count == 0 and layer.size == 3000
+    _, _, visited, ids = layer.retrieve_attend(test, k, 64, 1.0, return_ids=True)
+    assert bool((visited == 3000).all())
+    exact = _exact_topk_ids(keys, test, hq, k)
+    assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(ids.reshape(-1, k), exact.reshape(-1, k)))
+    with pytest.raises(ValueError, match="not built yet"):
+        layer.save(str(tmp_path / "pending.bin"))
+    assert not (tmp_path / "pending.bin").exists()
+    layer.build_indexes()
+    assert not layer.build_pending and layer.index_count == (hq if sharing == "per_query_head" else hkv)
+    _, _, visited, _ = layer.retrieve_attend(test, k, 64, 1.0, return_ids=True)
+    assert float(visited.double().mean()) < 3000  # the graphs answer now
+    layer.build_indexes()  # nothing pending: no-op
+    layer.save(str(tmp_path / "built.bin"))
+
+
+def test_searches_run_while_the_indexes_build():
+    """retrieve_attend from this thread while build_indexes runs in another (both release the GIL): every answer is a
+    valid exact-or-graph result, and rows appended after the build are searchable."""
+    import threading
+
+    hq, hkv, d, k = 6, 2, 32, 10
+    keys, train, test = _layer_problem(seed=7, n=6000, m=3000, hq=hq, hkv=hkv, d=d)
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0)
+    layer.build(keys, keys.clone(), train, index_now=False)
+    worker = threading.Thread(target=layer.build_indexes)
+    worker.start()
+    answers = 0
+    while worker.is_alive() or answers == 0:
+        out, lse, visited, ids = layer.retrieve_attend(test[:, :4], k, 32, 1.0, return_ids=True)
+        assert bool(torch.isfinite(lse).all()) and bool(((ids >= 0) & (ids < 6000)).all())
+        answers += 1
+    worker.join()
+    assert not layer.build_pending and layer.index_count == hq
+    new = torch.randn(hkv, 5, d) * 10
+    layer.append(new, new.clone())
+    assert layer.size == 6005
+
+
+def test_decoding_does_not_wait_for_the_index_build(device):
+    """A background build held back after the rows are stored: generate still runs (exact scans of every CPU row,
+    the window growing instead of evicting) and matches exact top-k (flat) retrieval; once the build is let go, the
+    window shrinks back and the graphs answer."""
+    import threading
+
+    gate = threading.Event()
+
+    class HeldBack(ra.RetrievalLayer):
+        def _make_indexes(self):
+            assert gate.wait(120)
+            super()._make_indexes()
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model(seed=13).to(device, dtype)
+    g = torch.Generator().manual_seed(14)
+    ids = torch.randint(0, 97, (1, 160), generator=g).to(device)
+    sparse = dict(SPARSE, top_k=6)
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(**sparse, async_build=True), layer_class=HeldBack)
+    try:
+        seq, logits = greedy(model, ids, cache, 12)
+        assert all(layer.building for layer in cache.layers)
+        assert cache.summary()["index_building_layers"] == len(cache.layers)
+        stats_cpu = [layer.offloaded.size for layer in cache.layers]
+        assert all(layer.static_tokens > sparse["n_sink"] + sparse["n_window"] + sparse["evict_chunk"] for layer in cache.layers)
+        assert all(layer.visited_sum == layer.cpu_candidates_sum for layer in cache.layers)  # every CPU row scored
+    finally:
+        gate.set()
+    # until the first eviction would be due (evict_chunk steps) both hold the same static set: the exact scans of the
+    # unindexed rows retrieve what a flat (exact top-k) index does; later the held-back window attends more tokens
+    flat_seq, flat_logits = greedy(model, ids, ra.RetrievalCache(model.config, ra.RetrievalConfig(**dict(sparse, index="flat"))), 12)
+    same = sparse["evict_chunk"]
+    assert torch.equal(seq[:, : ids.shape[1] + same], flat_seq[:, : ids.shape[1] + same])
+    tol = 2e-2 if device == "cuda" else 1e-4
+    torch.testing.assert_close(logits[:same], flat_logits[:same], rtol=tol, atol=tol)
+    assert bool(torch.isfinite(logits).all())
+    cache.wait_for_indexes()
+    assert cache.summary()["index_building_layers"] == 0
+    assert all(not layer.building for layer in cache.layers) and all(s["cpu_tokens"] == n for s, n in zip(cache.stats(), stats_cpu))
+    longer = torch.cat([seq, torch.randint(0, 97, (1, 3), generator=g).to(device)], dim=1)
+    greedy(model, longer, cache, 2)  # the deferred tokens move to the CPU now
+    assert all(layer.static_tokens <= sparse["n_sink"] + sparse["n_window"] + sparse["evict_chunk"] for layer in cache.layers)
+    assert all(layer.offloaded.index_count > 0 for layer in cache.layers)
