@@ -301,10 +301,10 @@ class RetrievalLayer(CacheLayerMixin):
         self.build_seconds += time.perf_counter() - t0
 
         run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
-        # Decoding need not wait for a background build: once the rows are stored, the CPU part answers by exact scans
-        # until the indexes are installed. Subclasses with their own cpu_retrieve_attend (research baselines) and
-        # on_cpu_tokens hook see the layer only when it is complete.
-        serve_early = run_async and type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
+        # decode_during_build: decoding need not wait for a background build: once the rows are stored, the CPU part
+        # answers by exact scans until the indexes are installed. Subclasses with their own cpu_retrieve_attend
+        # (research baselines) and on_cpu_tokens hook see the layer only when it is complete.
+        serve_early = run_async and cfg.decode_during_build and type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
 
         def store():
             t1 = time.perf_counter()
@@ -324,8 +324,8 @@ class RetrievalLayer(CacheLayerMixin):
                 self.on_built(cpu_k.shape[1])
 
         if run_async:
-            # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ... and, once the
-            # prompt is done, while decoding runs (_wait_for_rows).
+            # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ... and, with
+            # decode_during_build, while decoding runs (_wait_for_rows).
             rows = _background("ra-store").submit(store)
             self._build_future = _background("ra-index-build").submit(build, rows)
             self._rows_future = rows if serve_early else None

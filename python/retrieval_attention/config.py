@@ -40,6 +40,11 @@ class RetrievalConfig:
                  prompts of 8K+ CPU tokens).
     async_build: build each layer's indexes in a background thread while later layers compute
                  (None: only when the KV lives on a GPU).
+    decode_during_build: with background builds, decode without waiting for them: a layer whose indexes are still
+                 being built scans all its CPU keys exactly (the exact top_k, as index="flat" retrieves; slower per
+                 token), and tokens leaving the device window stay on the device until its build is done. The first
+                 tokens come right after the prefill instead of after the builds, but what is retrieved then depends
+                 on build timing: leave it off (the default) to measure the graph's accuracy.
     mass_probe_every: every this many decode steps (0: never, the default) each layer also computes, on the CPU, the
                  exact log-sum-exp over *all* its CPU keys and records the share of the true attention mass (over the
                  static set plus every CPU key) that the static set plus the retrieved top_k keys captured:
@@ -60,6 +65,7 @@ class RetrievalConfig:
     max_train_queries: int | None = None
     cpu_dtype: object = None
     async_build: bool | None = None
+    decode_during_build: bool = False
     evict_chunk: int = 64
     max_unindexed_tokens: int = 4096
     progress: bool | None = None
@@ -104,6 +110,10 @@ class RetrievalConfig:
             raise TypeError(f"RetrievalConfig.progress must be None or a bool, got {self.progress!r}")
         if self.async_build is not None and not isinstance(self.async_build, bool):
             raise TypeError(f"RetrievalConfig.async_build must be None or a bool, got {self.async_build!r}")
+        if not isinstance(self.decode_during_build, bool):
+            raise TypeError(f"RetrievalConfig.decode_during_build must be a bool, got {self.decode_during_build!r}")
+        if self.decode_during_build and self.async_build is False:
+            raise ValueError("RetrievalConfig.decode_during_build needs background builds (async_build None or True)")
 
     def search_beam(self, cpu_tokens: int) -> int:
         """The graph search's beam for a layer holding `cpu_tokens` CPU keys: `ef` when set, else

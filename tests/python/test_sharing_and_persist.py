@@ -163,9 +163,7 @@ def test_builtin_retrieval_equals_the_hook_path(device):
     model = tiny_model(seed=11).to(device, dtype)
     g = torch.Generator().manual_seed(12)
     ids = torch.randint(0, 97, (1, 140), generator=g).to(device)
-    # builds in the foreground: with a background build the built-in path would answer its first steps by exact scans
-    # while the hook path waits for the indexes (test_decoding_does_not_wait_for_the_index_build)
-    cfg = ra.RetrievalConfig(**SPARSE, mass_probe_every=3, async_build=False)
+    cfg = ra.RetrievalConfig(**SPARSE, mass_probe_every=3)
     runs = []
     for layer_class in (ra.RetrievalLayer, ThroughHook):
         cache = ra.RetrievalCache(model.config, cfg, layer_class=layer_class)
@@ -460,7 +458,7 @@ def test_searches_run_while_the_indexes_build():
 
 
 def test_decoding_does_not_wait_for_the_index_build(device):
-    """A background build held back after the rows are stored: generate still runs (exact scans of every CPU row,
+    """decode_during_build=True and a background build held back after the rows are stored: generate still runs (exact scans of every CPU row,
     the window growing instead of evicting) and matches exact top-k (flat) retrieval; once the build is let go, the
     window shrinks back and the graphs answer."""
     import threading
@@ -477,7 +475,7 @@ def test_decoding_does_not_wait_for_the_index_build(device):
     g = torch.Generator().manual_seed(14)
     ids = torch.randint(0, 97, (1, 160), generator=g).to(device)
     sparse = dict(SPARSE, top_k=6)
-    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(**sparse, async_build=True), layer_class=HeldBack)
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(**sparse, async_build=True, decode_during_build=True), layer_class=HeldBack)
     try:
         seq, logits = greedy(model, ids, cache, 12)
         assert all(layer.building for layer in cache.layers)
@@ -502,3 +500,28 @@ def test_decoding_does_not_wait_for_the_index_build(device):
     greedy(model, longer, cache, 2)  # the deferred tokens move to the CPU now
     assert all(layer.static_tokens <= sparse["n_sink"] + sparse["n_window"] + sparse["evict_chunk"] for layer in cache.layers)
     assert all(layer.offloaded.index_count > 0 for layer in cache.layers)
+
+
+def test_decoding_waits_for_the_index_build_by_default():
+    """Without decode_during_build the first decode step waits for the layer's build (timing-independent results);
+    the option needs background builds."""
+    import threading
+
+    released = threading.Event()
+
+    class Slow(ra.RetrievalLayer):
+        def _make_indexes(self):
+            released.wait(1.0)  # nobody sets it: each layer's build just takes 1 s longer
+            super()._make_indexes()
+
+    model = tiny_model(seed=15)
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(16))
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(**SPARSE, async_build=True), layer_class=Slow)
+    greedy(model, ids, cache, 3)
+    assert all(not layer.building for layer in cache.layers)
+    assert sum(s["index_build_wait_s"] for s in cache.stats()) > 0.3  # the builds end >= 1 s apart
+    assert all(s["scanned_frac"] < 1.0 for s in cache.stats())  # the graphs answered every step
+    with pytest.raises(ValueError, match="decode_during_build"):
+        ra.RetrievalConfig(decode_during_build=True, async_build=False)
+    with pytest.raises(TypeError, match="decode_during_build"):
+        ra.RetrievalConfig(decode_during_build=1)
