@@ -149,6 +149,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.offloaded = None
         self.build_seconds = 0.0
         self.knn_seconds = 0.0  # device bipartite kNN at prefill (part of build_seconds, on the critical path)
+        self.offload_seconds = 0.0  # the prompt's CPU part leaving the device at prefill (on the critical path)
         self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
         self.last_visited_mean = 0.0
         self.steps = 0
@@ -254,6 +255,16 @@ class RetrievalLayer(CacheLayerMixin):
     def _to_cpu(self, t: torch.Tensor) -> torch.Tensor:
         return self._flat_heads(t).to("cpu", self.cpu_dtype).contiguous()
 
+    def _prompt_to_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        """The prompt's CPU part (batch, kv_heads, n, d) -> (batch*kv_heads, n, d) on the CPU. From a GPU: one
+        asynchronous copy into page-locked memory (torch's cached host blocks, reused layer after layer), several times
+        the bandwidth of a copy to pageable memory; the caller records an event the reader waits for."""
+        if not t.is_cuda:
+            return self._to_cpu(t)
+        host = torch.empty((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]), dtype=self.cpu_dtype, pin_memory=True)
+        host.copy_(self._flat_heads(t), non_blocking=True)
+        return host
+
     def finish_prefill(self, query: torch.Tensor, left_padding: torch.Tensor | None = None) -> None:
         """Split the prompt's KV into the static set and the CPU part, and build the CPU indexes.
 
@@ -291,7 +302,13 @@ class RetrievalLayer(CacheLayerMixin):
             t_knn = time.perf_counter()
             knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
             self.knn_seconds += time.perf_counter() - t_knn
-        cpu_k, cpu_v = self._to_cpu(cpu_k), self._to_cpu(cpu_v)
+        n_cpu = cpu_end - n_sink
+        t_off = time.perf_counter()
+        cpu_k, cpu_v, copied = self._prompt_to_cpu(cpu_k), self._prompt_to_cpu(cpu_v), None
+        if cpu_k.is_pinned():
+            copied = torch.cuda.Event()
+            copied.record()  # the store thread waits for it, the device goes on with the next layers
+        self.offload_seconds += time.perf_counter() - t_off
         self._set_static(
             torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2),
             torch.cat([self.values[:, :, :n_sink], self.values[:, :, cpu_end:]], dim=-2),
@@ -307,8 +324,16 @@ class RetrievalLayer(CacheLayerMixin):
         serve_early = run_async and cfg.decode_during_build and type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
 
         def store():
+            nonlocal cpu_k, cpu_v
             t1 = time.perf_counter()
+            if copied is not None:
+                copied.synchronize()
             self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False)  # C++, GIL released: rows only
+            if cpu_k.is_pinned():
+                # the stores hold the rows now; a subclass's on_cpu_tokens gets ordinary memory, and the page-locked
+                # blocks go back to torch's host cache for the next layer
+                hook = type(self).on_cpu_tokens is not RetrievalLayer.on_cpu_tokens
+                cpu_k, cpu_v = (cpu_k.clone(), cpu_v.clone()) if hook else (None, None)
             self.build_seconds += time.perf_counter() - t1
 
         def build(rows):
@@ -318,10 +343,10 @@ class RetrievalLayer(CacheLayerMixin):
             self._make_indexes()
             self.on_cpu_tokens(cpu_k, cpu_v, train)
             self.build_seconds += time.perf_counter() - t1
-            logger.info("layer %d: %d CPU tokens indexed (%s) in %.2f s", self.layer_idx, cpu_k.shape[1], cfg.index,
+            logger.info("layer %d: %d CPU tokens indexed (%s) in %.2f s", self.layer_idx, n_cpu, cfg.index,
                         time.perf_counter() - t1)
             if self.on_built is not None:
-                self.on_built(cpu_k.shape[1])
+                self.on_built(n_cpu)
 
         if run_async:
             # The graphs of layer l are built on the CPU while the GPU computes layers l+1, l+2, ... and, with
@@ -646,6 +671,7 @@ class RetrievalLayer(CacheLayerMixin):
             "search_beam": self.cfg.search_beam(self.cpu_tokens) if self.cfg.index == "query_guided" else None,
             "index_build_s": self.build_seconds,
             "knn_s": self.knn_seconds,
+            "offload_s": self.offload_seconds,
             "index_build_wait_s": self.build_wait_seconds,
             "index_building": self.building,
             "device_kv_bytes": gpu,
@@ -815,7 +841,8 @@ class RetrievalCache(Cache):
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
         index_build_s (split at prefill + graph builds + later inserts), of which knn_s the bipartite kNN on the
-        device at prefill (index_build_s grows until the layer's background build is done); index_build_wait_s: time
+        device at prefill; offload_s: the prefill's time handing the prompt's CPU part to the CPU (the copy is
+        asynchronous from a GPU, so this is mostly queueing it) (index_build_s grows until the layer's background build is done); index_build_wait_s: time
         decoding waited for a background build (only for its rows to be stored: decoding scans them exactly meanwhile);
         index_building: whether the layer's background index build is still running (stats() does not wait for it;
         wait_for_indexes() does);
@@ -845,6 +872,7 @@ class RetrievalCache(Cache):
             "search_beam": max((x["search_beam"] for x in s if x["search_beam"] is not None), default=None),
             "index_build_s": sum(x["index_build_s"] for x in s),
             "knn_s": sum(x["knn_s"] for x in s),
+            "offload_s": sum(x["offload_s"] for x in s),
             "index_build_wait_s": sum(x["index_build_wait_s"] for x in s),
             "index_building_layers": sum(bool(x["index_building"]) for x in s),
             "cpu_mass_share": sum(x["cpu_mass_share"] for x in s) / len(s) if s else 0.0,
