@@ -525,3 +525,27 @@ def test_decoding_waits_for_the_index_build_by_default():
         ra.RetrievalConfig(decode_during_build=True, async_build=False)
     with pytest.raises(TypeError, match="decode_during_build"):
         ra.RetrievalConfig(decode_during_build=1)
+
+
+def test_on_cpu_tokens_hook_gets_the_prompt_rows(device):
+    """A subclass's on_cpu_tokens sees the prompt's CPU rows as the stores hold them, in ordinary (not page-locked)
+    memory that stays valid after the prefill."""
+    seen = []
+
+    class Recording(ra.RetrievalLayer):
+        def on_cpu_tokens(self, keys, values, train_queries):
+            seen.append((self.layer_idx, keys, values, train_queries is not None))
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model(seed=17).to(device, dtype)
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(18)).to(device)
+    cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(**SPARSE), layer_class=Recording)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    cache.wait_for_indexes()
+    prompt = sorted((s for s in seen if s[3]), key=lambda s: s[0])
+    assert [s[0] for s in prompt] == list(range(len(cache.layers)))
+    for (_, keys, values, _), layer in zip(prompt, cache.layers):
+        assert keys.device.type == "cpu" and not keys.is_pinned() and not values.is_pinned()
+        stored = layer.offloaded.keys()
+        assert keys.shape == stored.shape and torch.equal(keys.to(stored.dtype), stored)
