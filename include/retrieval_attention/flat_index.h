@@ -23,6 +23,7 @@ class FlatIndex final : public KeyIndex<T> {
   int64_t size() const override { return n_; }
   int64_t dim() const override { return keys_->dim(); }
   std::string type_name() const override { return "flat"; }
+  bool exact() const override { return true; }
   int64_t structure_bytes() const override { return 0; }
   void index_new_rows() override { n_ = keys_->size(); }
   void write_payload(PayloadWriter& w) const override { w.put<int64_t>(n_); }

@@ -7,6 +7,8 @@
 //     If fewer than k rows are found the tail is (-1, -inf). Returns the number of keys whose score was
 //     computed ("visited"), the cost measure reported by last_search_stats.
 //     search_one is const and may run concurrently from many threads.
+//   * exact(): true for an index whose search_one scores every row (FlatIndex); an owner holding many queries per
+//     key store may then scan the rows once for all of them instead.
 //   * index_new_rows(): the store has grown; make rows [size(), store.size()) searchable. Needs exclusive
 //     access (no concurrent search_one); owners guard this with a shared_mutex.
 //   * write_payload()/the type's static load(): persistence inside the common file format (serialize.h).
@@ -34,6 +36,8 @@ class KeyIndex {
   virtual int64_t dim() const = 0;
   virtual int64_t search_one(const float* query, int64_t k, const SearchParams& params, int64_t* ids, float* scores) const = 0;
   virtual void index_new_rows() = 0;
+  // True when search_one scores every row (the exact index): owners may scan the rows themselves instead.
+  virtual bool exact() const { return false; }
   virtual std::string type_name() const = 0;
   // Bytes of index structure (graph edges etc.), not counting the shared key store.
   virtual int64_t structure_bytes() const = 0;

@@ -20,7 +20,9 @@
 //     `max_unindexed` rows are not yet indexed, searches scan those rows exactly and merge them with the index's
 //     results (exact for them), so inserting into the graphs costs nothing per decode step.
 //   * retrieve_attend(): for each (query head, query) finds the top-k keys with its index and attends
-//     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact.
+//     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact. Rows scored
+//     exactly (all of them with the flat index or before a pending build, else those not yet inserted) are read once
+//     per kv head for all queries of its GQA group.
 //   * save()/load_state(): one file in the serialize.h format (type name "offloaded_layer"): payload = shape, sharing,
 //     row counts, min_ids, pending training queries, every kv head's key and value rows, then each index's own
 //     payload (length-prefixed). Loading checks the stored shape and sharing against this (empty) layer's and every
@@ -164,6 +166,15 @@ class OffloadedLayer {
     require(top_k > 0, "top_k must be positive");
     require(all_finite(q, hq_ * m * d_), "queries contain NaN or Inf");
     const int64_t n = keys_[0]->size(), k = std::min(top_k, n), group = hq_ / hkv_;
+    // Rows a query head scores exactly: from its min_id on, all of them with an exact index (flat) or before its index
+    // exists (a pending build), else those appended since the index's last insert.
+    std::vector<int64_t> exact_from(static_cast<size_t>(hq_));
+    for (int64_t h = 0; h < hq_; ++h) {
+      const KeyIndex<T>* index = index_of(h);
+      const int64_t min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(h / group)];
+      exact_from[static_cast<size_t>(h)] = std::max(index == nullptr || index->exact() ? 0 : index->size(), min_id);
+    }
+    const ExactScan scan = k > 0 ? scan_exactly(q, m, k, exact_from) : ExactScan{};
     parallel_for(hq_ * m, [&](int64_t hm) {
       const int64_t h = hm / m, kv = h / group;
       thread_local std::vector<int64_t> ids;
@@ -179,20 +190,16 @@ class OffloadedLayer {
         SearchParams p = params;
         p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
         p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
-        // no index yet (its build is pending): every row is scanned exactly
         const KeyIndex<T>* index = index_of(h);
-        int64_t vis = index ? index->search_one(q + hm * d_, k, p, ids.data(), scores.data()) : 0;
-        const int64_t n_indexed = index ? index->size() : 0;
-        if (n_indexed < n) {  // rows not indexed yet: scan them exactly and merge
+        int64_t vis = index && !index->exact() ? index->search_one(q + hm * d_, k, p, ids.data(), scores.data()) : 0;
+        const int64_t from = exact_from[static_cast<size_t>(h)];
+        if (from < n) {  // merge the exact scan's best rows (disjoint from the index's: rows >= its size)
           TopK best(k);
           for (int64_t j = 0; j < k; ++j)
             if (ids[static_cast<size_t>(j)] >= 0) best.push(scores[static_cast<size_t>(j)], ids[static_cast<size_t>(j)]);
-          for (int64_t i = std::max(n_indexed, p.min_id); i < n; ++i) {
-            const float s = dot_row(q + hm * d_, keys_[kv]->row(i), d_);
-            if (!best.full() || s >= best.threshold()) best.push(s, i);
-          }
+          scan.merge_into(best, kv, hm - kv * group * m, k);
           best.sorted_into(ids.data(), scores.data());
-          vis += n - n_indexed;
+          vis += n - from;
         }
         for (auto& id : ids)
           if (id >= 0 && id < p.min_id) id = -1;
@@ -325,6 +332,61 @@ class OffloadedLayer {
   }
 
  private:
+  // Per (kv head, row block, query of the group) the best k rows of that block, best first ((-1, -inf) padded).
+  struct ExactScan {
+    int64_t blocks = 0, queries = 0;  // blocks per kv head; queries per kv head (group * m)
+    std::vector<int64_t> ids;
+    std::vector<float> scores;
+    // pushes query `local` (of kv head kv's group * m) candidates into best
+    void merge_into(TopK& best, int64_t kv, int64_t local, int64_t k) const {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const size_t at = static_cast<size_t>(((kv * blocks + b) * queries + local) * k);
+        for (int64_t j = 0; j < k && ids[at + static_cast<size_t>(j)] >= 0; ++j) best.push(scores[at + static_cast<size_t>(j)], ids[at + static_cast<size_t>(j)]);
+      }
+    }
+  };
+
+  // The exact part of retrieve_attend: query head h scores rows [exact_from[h], n). Each kv head's rows are read once
+  // for all group * m queries of its group (GQA: group times fewer bytes than a scan per query head), in row blocks
+  // spread over the threads. Ties go to the smaller id in every block and in the merge, so the result is the exact
+  // top-k of one scan.
+  ExactScan scan_exactly(const float* q, int64_t m, int64_t k, const std::vector<int64_t>& exact_from) const {
+    const int64_t n = keys_[0]->size(), group = hq_ / hkv_;
+    ExactScan scan;
+    scan.queries = group * m;
+    int64_t lowest = n;
+    for (int64_t f : exact_from) lowest = std::min(lowest, f);
+    if (lowest >= n) return scan;
+    constexpr int64_t kMinBlockRows = 1024;
+    scan.blocks = std::clamp<int64_t>((2 * max_threads() + hkv_ - 1) / hkv_, 1, (n - lowest + kMinBlockRows - 1) / kMinBlockRows);
+    scan.ids.assign(static_cast<size_t>(hkv_ * scan.blocks * scan.queries * k), -1);
+    scan.scores.assign(scan.ids.size(), kNegInf);
+    parallel_for(hkv_ * scan.blocks, [&](int64_t item) {
+      const int64_t kv = item / scan.blocks, b = item % scan.blocks;
+      int64_t from = n;
+      for (int64_t g = 0; g < group; ++g) from = std::min(from, exact_from[static_cast<size_t>(kv * group + g)]);
+      const int64_t per = (n - from + scan.blocks - 1) / scan.blocks;
+      const int64_t r0 = from + b * per, r1 = std::min(n, r0 + per);
+      thread_local std::vector<TopK> best;
+      best.assign(static_cast<size_t>(scan.queries), TopK(k));
+      const float* qg = q + kv * group * m * d_;  // the group's queries: consecutive heads, m each
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* row = keys_[kv]->row(i);
+        for (int64_t l = 0; l < scan.queries; ++l) {
+          if (i < exact_from[static_cast<size_t>(kv * group + l / m)]) continue;
+          const float s = dot_row(qg + l * d_, row, d_);
+          TopK& t = best[static_cast<size_t>(l)];
+          if (!t.full() || s >= t.threshold()) t.push(s, i);
+        }
+      }
+      for (int64_t l = 0; l < scan.queries; ++l) {
+        const size_t at = static_cast<size_t>((item * scan.queries + l) * k);
+        best[static_cast<size_t>(l)].sorted_into(scan.ids.data() + at, scan.scores.data() + at);
+      }
+    });
+    return scan;
+  }
+
   const KeyIndex<T>* index_of(int64_t h) const {
     return indexes_[static_cast<size_t>(sharing_ == IndexSharing::PerKvHead ? h / (hq_ / hkv_) : h)].get();
   }

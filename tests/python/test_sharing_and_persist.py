@@ -549,3 +549,28 @@ def test_on_cpu_tokens_hook_gets_the_prompt_rows(device):
         assert keys.device.type == "cpu" and not keys.is_pinned() and not values.is_pinned()
         stored = layer.offloaded.keys()
         assert keys.shape == stored.shape and torch.equal(keys.to(stored.dtype), stored)
+
+
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+def test_exact_scan_reads_each_group_once_and_is_exact(sharing):
+    """The flat index and the not-yet-inserted tail are scanned once per kv head for the group's queries (several per
+    head here, and left padding on one kv head): the exact top-k of every (head, query), best first, each row counted."""
+    hq, hkv, d, k, m, n = 6, 2, 32, 15, 3, 5000
+    g = torch.Generator().manual_seed(21)
+    keys = torch.randn(hkv, n, d, generator=g)
+    q = torch.randn(hq, m, d, generator=g)
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "flat", {}, 0, sharing)
+    layer.build(keys, keys.clone(), torch.zeros(hq, 0, d))
+    layer.set_min_ids(torch.tensor([0, 37]))
+    _, _, visited, ids = layer.retrieve_attend(q, k, 16, 1.0, return_ids=True)
+    scores = torch.einsum("hmd,hnd->hmn", q.double(), keys.repeat_interleave(hq // hkv, 0).double())
+    scores[hq // hkv :, :, :37] = float("-inf")  # kv head 1's padding
+    assert torch.equal(ids, scores.topk(k, dim=-1).indices)
+    assert visited[: hq // hkv].eq(n).all() and visited[hq // hkv :].eq(n - 37).all()
+    # a graph layer with rows appended after its build: the tail is scanned the same way and merged
+    graph = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 10_000, sharing)
+    graph.build(keys[:, :4000].contiguous(), keys[:, :4000].contiguous(), torch.randn(hq, 300, d, generator=g))
+    graph.append(keys[:, 4000:].contiguous(), keys[:, 4000:].contiguous())
+    _, _, visited, ids = graph.retrieve_attend(q, k, 5000, 1.0, return_ids=True)  # a beam over every key: exact
+    assert torch.equal(ids, torch.einsum("hmd,hnd->hmn", q.double(), keys.repeat_interleave(hq // hkv, 0).double()).topk(k, dim=-1).indices)
+    assert bool((visited >= 1000).all())
