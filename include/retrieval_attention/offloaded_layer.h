@@ -368,13 +368,18 @@ class OffloadedLayer {
       const int64_t per = (n - from + scan.blocks - 1) / scan.blocks;
       const int64_t r0 = from + b * per, r1 = std::min(n, r0 + per);
       thread_local std::vector<TopK> best;
+      thread_local std::vector<float> s4;
       best.assign(static_cast<size_t>(scan.queries), TopK(k));
+      s4.resize(static_cast<size_t>((scan.queries + 3) / 4 * 4));
       const float* qg = q + kv * group * m * d_;  // the group's queries: consecutive heads, m each
+      const int64_t quads = scan.queries / 4;
       for (int64_t i = r0; i < r1; ++i) {
         const T* row = keys_[kv]->row(i);
+        for (int64_t u = 0; u < quads; ++u) dot_row4(qg + 4 * u * d_, row, d_, s4.data() + 4 * u);  // the row is read once per 4
+        for (int64_t l = 4 * quads; l < scan.queries; ++l) s4[static_cast<size_t>(l)] = dot_row(qg + l * d_, row, d_);
         for (int64_t l = 0; l < scan.queries; ++l) {
           if (i < exact_from[static_cast<size_t>(kv * group + l / m)]) continue;
-          const float s = dot_row(qg + l * d_, row, d_);
+          const float s = s4[static_cast<size_t>(l)];
           TopK& t = best[static_cast<size_t>(l)];
           if (!t.full() || s >= t.threshold()) t.push(s, i);
         }

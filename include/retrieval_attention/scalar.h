@@ -115,6 +115,24 @@ inline float dot_row(const float* q, const T* row, int64_t d) {
   return s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+// dot_row of four queries (q, q + d, q + 2d, q + 3d) against one row, read and widened once: out[j] is bit-equal to
+// dot_row(q + j * d, row, d) (same lanes, same reduction order).
+template <class T>
+inline void dot_row4(const float* q, const T* row, int64_t d, float* out) {
+  float a[4][8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float r = to_float(row[i + l]);
+      for (int j = 0; j < 4; ++j) a[j][l] += q[j * d + i + l] * r;
+    }
+  for (int j = 0; j < 4; ++j) {
+    float s = 0.f;
+    for (int64_t t = i; t < d; ++t) s += q[j * d + t] * to_float(row[t]);
+    out[j] = s + ((a[j][0] + a[j][4]) + (a[j][1] + a[j][5])) + ((a[j][2] + a[j][6]) + (a[j][3] + a[j][7]));
+  }
+}
+
 // A hint that the `bytes` from p will be read soon (one request per 64-byte cache line); no effect on results.
 inline void prefetch_bytes(const void* p, int64_t bytes) {
 #if defined(__GNUC__)

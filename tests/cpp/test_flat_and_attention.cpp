@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <random>
 
 #include "reference.h"
 #include "retrieval_attention/attention.h"
@@ -27,6 +28,20 @@ TEST_CASE("half and bfloat16 round trips", "[scalar]") {
   CHECK(std::isnan(to_float(from_float<Half>(NAN))));
   // every half bit pattern that is finite survives half -> float -> half
   for (uint32_t b = 0; b < 0x7c00; ++b) REQUIRE(from_float<Half>(to_float(Half{uint16_t(b)})).bits == b);
+}
+
+TEST_CASE("dot_row4 scores four queries bit for bit as dot_row does", "[scalar]") {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  for (int64_t d : {1, 7, 8, 64, 100, 128}) {
+    std::vector<float> q(static_cast<size_t>(4 * d));
+    std::vector<BFloat16> row(static_cast<size_t>(d));
+    for (auto& x : q) x = nd(rng);
+    for (auto& x : row) x = from_float<BFloat16>(nd(rng));
+    float four[4];
+    dot_row4(q.data(), row.data(), d, four);
+    for (int j = 0; j < 4; ++j) CHECK(four[j] == dot_row(q.data() + j * d, row.data(), d));
+  }
 }
 
 TEST_CASE("huge-page vectors: large blocks aligned to 2 MiB, contents kept across growth", "[alloc]") {
