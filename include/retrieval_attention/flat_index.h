@@ -1,7 +1,7 @@
 // retrieval_attention/flat_index.h -- the exact index: every key is scored.
 //
 // Contract
-//   * FlatIndex<T> scores all rows [0, size()) of its shared key store with float32 accumulation and
+//   * FlatIndex<T> scores all rows [0, size()) of its shared key store with float32 accumulation (simd::dot) and
 //     returns the exact top-k by inner product (ties: smaller id first). visited == size().
 //   * It is the reference every approximate index is tested against, and the "flat" baseline.
 //   * Thread safety as in index.h: search_one is const/concurrent; index_new_rows is exclusive.
@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "index.h"
+#include "simd_dot.h"
 #include "topk.h"
 
 namespace retrieval_attention {
@@ -40,7 +41,7 @@ class FlatIndex final : public KeyIndex<T> {
     const int64_t d = keys_->dim(), first = std::max<int64_t>(0, params.min_id);
     TopK best(k);
     for (int64_t i = first; i < n_; ++i) {
-      const float s = dot_row(q, keys_->row(i), d);
+      const float s = simd::dot(q, keys_->row(i), d);
       if (!best.full() || s >= best.threshold()) best.push(s, i);
     }
     best.sorted_into(ids, scores);

@@ -45,6 +45,7 @@
 #include "index.h"
 #include "parallel.h"
 #include "serialize.h"
+#include "simd_dot.h"
 #include "topk.h"
 
 namespace retrieval_attention {
@@ -375,8 +376,8 @@ class OffloadedLayer {
       const int64_t quads = scan.queries / 4;
       for (int64_t i = r0; i < r1; ++i) {
         const T* row = keys_[kv]->row(i);
-        for (int64_t u = 0; u < quads; ++u) dot_row4(qg + 4 * u * d_, row, d_, s4.data() + 4 * u);  // the row is read once per 4
-        for (int64_t l = 4 * quads; l < scan.queries; ++l) s4[static_cast<size_t>(l)] = dot_row(qg + l * d_, row, d_);
+        for (int64_t u = 0; u < quads; ++u) simd::dot4(qg + 4 * u * d_, row, d_, s4.data() + 4 * u);  // the row is read once per 4
+        for (int64_t l = 4 * quads; l < scan.queries; ++l) s4[static_cast<size_t>(l)] = simd::dot(qg + l * d_, row, d_);
         for (int64_t l = 0; l < scan.queries; ++l) {
           if (i < exact_from[static_cast<size_t>(kv * group + l / m)]) continue;
           const float s = s4[static_cast<size_t>(l)];

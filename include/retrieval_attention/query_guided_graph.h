@@ -57,50 +57,20 @@
 #include "huge_page_allocator.h"
 #include "index.h"
 #include "parallel.h"
+#include "simd_dot.h"
 #include "topk.h"
 
 namespace retrieval_attention {
 
 namespace qg_detail {
-// Inner product of a float32 query with a row of T. On x86-64 with AVX+FMA (checked once at run time; the
-// library is compiled without -march) rows are widened 8 at a time and accumulated with FMA, else dot_row.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RA_QG_X86_SIMD 1
-__attribute__((target("avx,fma"), always_inline)) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-__attribute__((target("avx,fma"), always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx,fma"), always_inline)) inline __m256 load8(const BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i z = _mm_setzero_si128();
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_unpacklo_epi16(z, h))), _mm_castsi128_ps(_mm_unpackhi_epi16(z, h)), 1);
-}
-__attribute__((target("avx,fma,f16c"), always_inline)) inline __m256 load8(const Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-// always_inline so that the loops of AVX callers (occluded_avx) inline it; dot_avx is the out-of-line entry
-template <class T>
-__attribute__((target("avx,fma,f16c"), always_inline)) inline float dot_avx_inl(const float* q, const T* row, int64_t d) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= d; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(row + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(row + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), load8(row + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), load8(row + i + 24), a3);
-  }
-  for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(row + i), a0);
-  float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < d; ++i) s += q[i] * to_float(row[i]);
-  return s;
-}
-template <class T>
-__attribute__((target("avx,fma,f16c"))) float dot_avx(const float* q, const T* row, int64_t d) {
-  return dot_avx_inl(q, row, d);
-}
+using simd::dot;  // simd_dot.h: AVX+FMA when the CPU has it (checked once at run time), else dot_row
+#ifdef RA_X86_SIMD
+using simd::dot_avx_inl;
+using simd::have_avx_fma;
+using simd::hsum256;
+using simd::load8;
+#endif
+#ifdef RA_X86_SIMD
 // dot_avx(q, row) that also writes the row, widened to float32, to out (the same sums, bit for bit): prune
 // scores each candidate against p once and keeps the float copy contiguous for its RNG pass.
 template <class T>
@@ -144,11 +114,6 @@ __attribute__((target("avx,fma,f16c"))) inline bool occluded_avx(const float* c,
     if (dot_avx_inl(c, kept + r * d, d) > half + khalf[r]) return true;
   return false;
 }
-inline bool have_avx_fma() {
-  static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma") &&
-                         (!std::is_same<Half, Half>::value || __builtin_cpu_supports("f16c"));
-  return ok;
-}
 #endif
 
 // Phase timer of the build, printed to stderr when the environment variable RA_QG_PROFILE is set.
@@ -167,15 +132,8 @@ class PhaseTimer {
   std::chrono::steady_clock::time_point t_;
 };
 
-template <class T>
-inline float dot(const float* q, const T* row, int64_t d) {
-#ifdef RA_QG_X86_SIMD
-  if (have_avx_fma()) return dot_avx(q, row, d);
-#endif
-  return dot_row(q, row, d);
-}
 inline bool occluded(const float* c, const float* kept, const float* khalf, int64_t nk, float half, int64_t d) {
-#ifdef RA_QG_X86_SIMD
+#ifdef RA_X86_SIMD
   if (have_avx_fma()) return occluded_avx(c, kept, khalf, nk, half, d);
 #endif
   for (int64_t r = 0; r < nk; ++r)
@@ -240,7 +198,7 @@ inline void smallest_sorted(std::vector<uint64_t>& keys, const float* vals, size
 
 template <class T>
 inline float dot_copy(const float* q, const T* row, float* out, int64_t d) {
-#ifdef RA_QG_X86_SIMD
+#ifdef RA_X86_SIMD
   if (have_avx_fma()) return dot_copy_avx(q, row, out, d);
 #endif
   for (int64_t i = 0; i < d; ++i) out[i] = to_float(row[i]);

@@ -12,6 +12,7 @@
 #include "retrieval_attention/huge_page_allocator.h"
 #include "retrieval_attention/offloaded_layer.h"
 #include "retrieval_attention/parallel.h"
+#include "retrieval_attention/simd_dot.h"
 #include "retrieval_attention/topk.h"
 
 using namespace retrieval_attention;
@@ -30,7 +31,7 @@ TEST_CASE("half and bfloat16 round trips", "[scalar]") {
   for (uint32_t b = 0; b < 0x7c00; ++b) REQUIRE(from_float<Half>(to_float(Half{uint16_t(b)})).bits == b);
 }
 
-TEST_CASE("dot_row4 scores four queries bit for bit as dot_row does", "[scalar]") {
+TEST_CASE("dot_row4 / simd::dot4 score four queries bit for bit as dot_row / simd::dot do", "[scalar]") {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;
   for (int64_t d : {1, 7, 8, 64, 100, 128}) {
@@ -41,6 +42,8 @@ TEST_CASE("dot_row4 scores four queries bit for bit as dot_row does", "[scalar]"
     float four[4];
     dot_row4(q.data(), row.data(), d, four);
     for (int j = 0; j < 4; ++j) CHECK(four[j] == dot_row(q.data() + j * d, row.data(), d));
+    simd::dot4(q.data(), row.data(), d, four);  // the dispatched kernels: AVX+FMA on most x86-64 machines
+    for (int j = 0; j < 4; ++j) CHECK(four[j] == simd::dot(q.data() + j * d, row.data(), d));
   }
 }
 
