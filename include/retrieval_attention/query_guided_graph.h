@@ -69,8 +69,6 @@ using simd::dot_avx_inl;
 using simd::have_avx_fma;
 using simd::hsum256;
 using simd::load8;
-#endif
-#ifdef RA_X86_SIMD
 // dot_avx(q, row) that also writes the row, widened to float32, to out (the same sums, bit for bit): prune
 // scores each candidate against p once and keeps the float copy contiguous for its RNG pass.
 template <class T>
