@@ -130,8 +130,7 @@ class OffloadedLayer {
     install_indexes(std::move(made));
     build_pending_ = false;
     building_ = false;
-    if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_)  // rows appended before the build started
-      parallel_for_split(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
+    insert_if_due();  // rows appended before the build started
   }
   bool build_pending() const {
     std::shared_lock<std::shared_mutex> lock(mu_);
@@ -146,8 +145,8 @@ class OffloadedLayer {
     append_rows(keys, values, t);
     if (!indexed()) {
       if (!build_pending_) install_indexes(create_indexes());  // a layer whose first tokens arrive now
-    } else if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_) {
-      parallel_for_split(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
+    } else {
+      insert_if_due();
     }
   }
 
@@ -421,6 +420,11 @@ class OffloadedLayer {
       });
     }
     return made;
+  }
+  // More than max_unindexed rows are not in the indexes yet: insert them (caller holds the exclusive lock).
+  void insert_if_due() {
+    if (keys_[0]->size() - indexes_[0]->size() > max_unindexed_)
+      parallel_for_split(index_count(), [&](int64_t i) { indexes_[static_cast<size_t>(i)]->index_new_rows(); });
   }
   void install_indexes(std::vector<std::unique_ptr<KeyIndex<T>>> made) {
     indexes_ = std::move(made);

@@ -16,7 +16,6 @@
 
 namespace retrieval_attention {
 
-// team: threads of the region (0: OpenMP's default).
 // Threads a parallel_for at this level uses (1 without OpenMP).
 inline int max_threads() {
 #ifdef _OPENMP
@@ -26,6 +25,7 @@ inline int max_threads() {
 #endif
 }
 
+// team: threads of the region (0: OpenMP's default).
 template <class Fn>
 void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
   std::exception_ptr error;

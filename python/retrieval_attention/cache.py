@@ -162,8 +162,8 @@ class RetrievalLayer(CacheLayerMixin):
         self._recovered_sum = 0.0
         self._recovered_count = 0
         self._recovered_min = None
-        self._build_future = None  # the background build (rows stored, then indexes made)
-        self._rows_future = None  # done once the background build has stored the rows (decoding may start)
+        self._build_future = None  # the background index build (it starts once the store thread has stored the rows)
+        self._rows_future = None  # with decode_during_build: the store thread's job; done = decoding may start
         self.on_built = getattr(self, "on_built", None)  # set by RetrievalCache: progress reporting
         self.static_pad = self.cpu_pad = None  # (batch,) pad tokens at the front of the static set / CPU ids
 
@@ -841,9 +841,9 @@ class RetrievalCache(Cache):
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
         index_build_s (split at prefill + graph builds + later inserts), of which knn_s the bipartite kNN on the
-        device at prefill; offload_s: the prefill's time handing the prompt's CPU part to the CPU (the copy is
-        asynchronous from a GPU, so this is mostly queueing it) (index_build_s grows until the layer's background build is done); index_build_wait_s: time
-        decoding waited for a background build (only for its rows to be stored: decoding scans them exactly meanwhile);
+        device at prefill (index_build_s grows until the layer's background build is done); offload_s: the prefill's
+        time handing the prompt's CPU part to the CPU (from a GPU the copy is asynchronous, so this is mostly queueing
+        it); index_build_wait_s: time decoding waited for a background build (only for its rows to be stored: decoding scans them exactly meanwhile);
         index_building: whether the layer's background index build is still running (stats() does not wait for it;
         wait_for_indexes() does);
         device_kv_bytes, cpu_kv_bytes, cpu_index_bytes;
