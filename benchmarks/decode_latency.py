@@ -754,7 +754,11 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     elt = 2  # bf16 storage
     key_bytes = 4 if method == "ivf" else elt  # faiss IVF-Flat stores float32 codes
     k_eff = 0 if method == "static" else min(args.top_k, n0)
-    floor_bytes = L_rep * Hq * (visited_mean * d * key_bytes + k_eff * (d + d) * elt)
+    if method == "flat":  # the exact scan reads each kv head's rows once for its whole GQA group (KeyIndex::exact)
+        scan_bytes = L_rep * args.kv_heads * n0 * d * elt
+    else:
+        scan_bytes = L_rep * Hq * visited_mean * d * key_bytes
+    floor_bytes = scan_bytes + L_rep * Hq * k_eff * (d + d) * elt
     res = {
         "ms_per_token": round(per["e2e"], 4),
         "update_ms_per_token": round(per["update"], 4),

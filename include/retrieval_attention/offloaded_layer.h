@@ -34,6 +34,7 @@
 //     Work inside each call is OpenMP-parallel over heads; the caller should not hold the Python GIL.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -96,7 +97,7 @@ class OffloadedLayer {
   // build_indexes() call, during which searches keep running.
   void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0,
              bool index_now = true) {
-    require(all_finite(keys, hkv_ * t * d_) && all_finite(train_q, hq_ * m * d_), "keys or training queries contain NaN or Inf");
+    require(rows_finite(keys, t) && all_finite(train_q, hq_ * m * d_), "keys or training queries contain NaN or Inf");
     {
       std::unique_lock<std::shared_mutex> lock(mu_);
       require(!indexed() && !build_pending_ && keys_[0]->size() == 0, "layer already built");
@@ -138,7 +139,7 @@ class OffloadedLayer {
   }
 
   void append(const T* keys, const T* values, int64_t t) {
-    require(all_finite(keys, hkv_ * t * d_), "keys contain NaN or Inf");
+    require(rows_finite(keys, t), "keys contain NaN or Inf");
     std::unique_lock<std::shared_mutex> lock(mu_);
     require(t >= 0, "token count must be non-negative");
     if (t == 0) return;
@@ -395,11 +396,29 @@ class OffloadedLayer {
   const KeyIndex<T>* index_of(int64_t h) const {
     return indexes_[static_cast<size_t>(sharing_ == IndexSharing::PerKvHead ? h / (hq_ / hkv_) : h)].get();
   }
+  // A prompt's rows are hundreds of MB that land in fresh pages; the page faults and copies of the 2 x hkv stores
+  // go faster on several threads than on one. Decode appends (a few tokens) stay on the calling thread.
+  static constexpr int64_t kParallelRows = 4096;
   void append_rows(const T* keys, const T* values, int64_t t) {
-    for (int64_t h = 0; h < hkv_; ++h) {
-      keys_[h]->append(keys + h * t * d_, t);
-      values_[h]->append(values + h * t * dv_, t);
+    auto store_one = [&](int64_t j) {
+      const int64_t h = j / 2;
+      if (j % 2 == 0)
+        keys_[h]->append(keys + h * t * d_, t);
+      else
+        values_[h]->append(values + h * t * dv_, t);
+    };
+    if (t >= kParallelRows) {
+      parallel_for(2 * hkv_, store_one);
+    } else {
+      for (int64_t j = 0; j < 2 * hkv_; ++j) store_one(j);
     }
+  }
+  // all_finite over the hkv heads' t x d key rows, one head per thread for a prompt.
+  bool rows_finite(const T* keys, int64_t t) const {
+    if (t < kParallelRows) return all_finite(keys, hkv_ * t * d_);
+    std::vector<uint8_t> ok(static_cast<size_t>(hkv_), 0);
+    parallel_for(hkv_, [&](int64_t h) { ok[static_cast<size_t>(h)] = all_finite(keys + h * t * d_, t * d_); });
+    return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
   }
   // One index per query head or per kv head over the stores, from the kept training queries; reads only.
   std::vector<std::unique_ptr<KeyIndex<T>>> create_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0) const {

@@ -574,3 +574,26 @@ def test_exact_scan_reads_each_group_once_and_is_exact(sharing):
     _, _, visited, ids = graph.retrieve_attend(q, k, 5000, 1.0, return_ids=True)  # a beam over every key: exact
     assert torch.equal(ids, torch.einsum("hmd,hnd->hmn", q.double(), keys.repeat_interleave(hq // hkv, 0).double()).topk(k, dim=-1).indices)
     assert bool((visited >= 1000).all())
+
+
+def test_prompt_rows_stored_on_several_threads_keep_heads_and_values_apart():
+    """A prompt of >= 4096 tokens is stored (and checked for NaN) one kv head's keys or values per thread: with top_k
+    covering every row, the flat layer's output equals dense attention over each head's own keys and values, and a
+    NaN in the last head's keys is refused without storing anything."""
+    hq, hkv, d, t = 4, 2, 16, 5000
+    g = torch.Generator().manual_seed(11)
+    keys, values = torch.randn((hkv, t, d), generator=g), torch.randn((hkv, t, d), generator=g)
+    q = torch.randn((hq, 2, d), generator=g)
+    bad = keys.clone()
+    bad[-1, -1, 3] = float("nan")
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "flat", {}, 0, "per_query_head")
+    with pytest.raises(ValueError, match="NaN"):
+        layer.build(bad, values, torch.zeros((hq, 0, d)))
+    assert layer.size == 0
+    layer.build(keys, values, torch.zeros((hq, 0, d)))
+    out, lse, _, _ = layer.retrieve_attend(q, t, 64, 0.25, return_ids=True)
+    kh, vh = keys.repeat_interleave(hq // hkv, 0).double(), values.repeat_interleave(hq // hkv, 0).double()
+    s = torch.einsum("hmd,hnd->hmn", q.double(), kh) * 0.25
+    ref = torch.einsum("hmn,hnd->hmd", torch.softmax(s, -1), vh)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
