@@ -72,7 +72,7 @@ class PyIndex {
   explicit PyIndex(Variant v) : v_(std::move(v)) {}
 
   static PyIndex build(const at::Tensor& keys, const c10::optional<at::Tensor>& train_queries, const std::string& type, const py::dict& params,
-                       const c10::optional<at::Tensor>& knn) {
+                       const c10::optional<at::Tensor>& knn, const c10::optional<at::Tensor>& key_knn) {
     check_cpu(keys, "keys");
     check_dim(keys, 2, "keys", "(n, dim)");
     check_float_storage(keys, "keys");
@@ -91,12 +91,22 @@ class PyIndex {
       TORCH_CHECK_VALUE(knn_c.numel() == 0 || (knn_c.min().item<int64_t>() >= -1 && knn_c.max().item<int64_t>() < keys.size(0)),
                         "knn ids must be in [-1, n_keys)");
     }
+    at::Tensor key_knn_c;
+    if (key_knn) {
+      check_cpu(*key_knn, "key_knn");
+      check_dim(*key_knn, 2, "key_knn", "(n_keys, k)");
+      TORCH_CHECK_TYPE(key_knn->scalar_type() == at::kLong, "key_knn must be int64");
+      TORCH_CHECK_VALUE(key_knn->size(0) == keys.size(0) && key_knn->size(1) > 0, "key_knn must have one row per key and k > 0 columns");
+      TORCH_CHECK_VALUE(type == "query_guided", "key_knn is for index type 'query_guided'");
+      key_knn_c = key_knn->contiguous();
+    }
     return dispatch_storage(keys.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       py::gil_scoped_release no_gil;
       auto builder = [&](std::shared_ptr<const ra::VectorStore<T>> store) {
         return ra::build_index<T>(spec, store, train.defined() ? train.data_ptr<float>() : nullptr, train.defined() ? train.size(0) : 0,
-                                  knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr, knn_c.defined() ? knn_c.size(1) : 0);
+                                  knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr, knn_c.defined() ? knn_c.size(1) : 0,
+                                  key_knn_c.defined() ? key_knn_c.data_ptr<int64_t>() : nullptr, key_knn_c.defined() ? key_knn_c.size(1) : 0);
       };
       return translate_errors([&] { return PyIndex(Variant(std::make_unique<ra::IndexedKeys<T>>(ptr<const T>(kc), kc.size(0), kc.size(1), builder))); });
     });
@@ -216,7 +226,7 @@ class PyOffloadedLayer {
   }
 
   void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries, const c10::optional<at::Tensor>& knn,
-             bool index_now) {
+             bool index_now, const c10::optional<at::Tensor>& key_knn) {
     const int64_t t = check_kv(keys, values);
     check_cpu(train_queries, "train_queries");
     check_dim(train_queries, 3, "train_queries", "(q_heads, n_train, head_dim)");
@@ -233,10 +243,21 @@ class PyOffloadedLayer {
       knn_c = knn->contiguous();
       TORCH_CHECK_VALUE(knn_c.numel() == 0 || (knn_c.min().item<int64_t>() >= -1 && knn_c.max().item<int64_t>() < t), "knn ids must be in [-1, tokens)");
     }
+    at::Tensor key_knn_c;
+    if (key_knn) {
+      check_cpu(*key_knn, "key_knn");
+      check_dim(*key_knn, 3, "key_knn", "(kv_heads, tokens, k)");
+      TORCH_CHECK_TYPE(key_knn->scalar_type() == at::kLong, "key_knn must be int64");
+      TORCH_CHECK_VALUE(key_knn->size(0) == hkv_ && key_knn->size(1) == t && key_knn->size(2) > 0, "key_knn shape ", key_knn->sizes(),
+                        " does not match (", hkv_, ", ", t, ", k > 0)");
+      key_knn_c = key_knn->contiguous();
+      TORCH_CHECK_VALUE(key_knn_c.min().item<int64_t>() >= -1 && key_knn_c.max().item<int64_t>() < t, "key_knn ids must be in [-1, tokens)");
+    }
     visit_layer([&](auto& layer, auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       layer.build(ptr<const T>(kc), ptr<const T>(vc), t, tq.data_ptr<float>(), tq.size(1), knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr,
-                  knn_c.defined() ? knn_c.size(2) : 0, index_now);
+                  knn_c.defined() ? knn_c.size(2) : 0, index_now, key_knn_c.defined() ? key_knn_c.data_ptr<int64_t>() : nullptr,
+                  key_knn_c.defined() ? key_knn_c.size(2) : 0);
     });
   }
 
@@ -379,7 +400,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("resolved_index_params", &resolved_index_params, py::arg("type"), py::arg("params"));
 
   py::class_<PyIndex>(m, "KeyIndex")
-      .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none())
+      .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none(),
+                  py::arg("key_knn") = py::none())
       .def_static("load", &PyIndex::load, py::arg("path"))
       .def("search", &PyIndex::search, py::arg("queries"), py::arg("k"), py::arg("ef"))
       .def("add", &PyIndex::add, py::arg("new_keys"))
@@ -400,7 +422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   py::arg("sharing") = "per_query_head")
       .def("save", &PyOffloadedLayer::save, py::arg("path"))
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none(),
-           py::arg("index_now") = true)
+           py::arg("index_now") = true, py::arg("key_knn") = py::none())
       .def("build_indexes", &PyOffloadedLayer::build_indexes)
       .def_property_readonly("build_pending", &PyOffloadedLayer::build_pending)
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))

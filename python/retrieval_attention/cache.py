@@ -35,7 +35,7 @@ from . import _ext
 from ._version import __version__
 from .compat import Cache, CacheLayerMixin, model_attention_shape, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
-from .index import exact_knn
+from .index import exact_key_knn, exact_knn
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
@@ -148,7 +148,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.n_sink_kept = 0
         self.offloaded = None
         self.build_seconds = 0.0
-        self.knn_seconds = 0.0  # device bipartite kNN at prefill (part of build_seconds, on the critical path)
+        self.knn_seconds = 0.0  # device kNN at prefill: bipartite and key-to-key lists (part of build_seconds, on the critical path)
         self.offload_seconds = 0.0  # the prompt's CPU part leaving the device at prefill (on the critical path)
         self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
         self.last_visited_mean = 0.0
@@ -295,12 +295,15 @@ class RetrievalLayer(CacheLayerMixin):
         )
         if self.cpu_pad is not None:
             self.offloaded.set_min_ids(self.cpu_pad.repeat_interleave(self.kv_heads))
-        knn = None
+        knn = key_knn = None
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
-            # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
-            k_train = _ext._C.resolved_index_params(cfg.index, cfg.index_params)["k_train"]
+            # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build. So do each key's nearest
+            # keys (ef_weak of them), from which the graph links the keys the projection leaves weak, instead of
+            # searching the graph for each of them on the CPU (the longest part of a build with few training queries)
+            params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
             t_knn = time.perf_counter()
-            knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), k_train).cpu()
+            knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]).cpu()
+            key_knn = exact_key_knn(self._flat_heads(cpu_k), params["ef_weak"]).cpu()
             self.knn_seconds += time.perf_counter() - t_knn
         n_cpu = cpu_end - n_sink
         t_off = time.perf_counter()
@@ -328,7 +331,7 @@ class RetrievalLayer(CacheLayerMixin):
             t1 = time.perf_counter()
             if copied is not None:
                 copied.synchronize()
-            self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False)  # C++, GIL released: rows only
+            self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False, key_knn=key_knn)  # C++, GIL released: rows only
             if cpu_k.is_pinned():
                 # the stores hold the rows now; a subclass's on_cpu_tokens gets ordinary memory, and the page-locked
                 # blocks go back to torch's host cache for the next layer

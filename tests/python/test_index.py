@@ -206,6 +206,21 @@ def test_exact_knn_matches_topk_per_head():
     assert exact_knn(keys, queries, 1000).shape == (6, 50, 300)  # k clamped to n
 
 
+def test_exact_key_knn_matches_brute_force():
+    """Each key's nearest other keys (L2, itself excluded; key blocks and chunk maxima) equal a brute-force topk, for n
+    not a multiple of the chunk, several blocks, and k clamped to n - 1."""
+    from retrieval_attention.index import exact_key_knn
+
+    g = torch.Generator().manual_seed(8)
+    for groups, n, d, k in ((2, 1000, 16, 16), (1, 300, 8, 5), (3, 129, 4, 200), (1, 1, 4, 3)):
+        keys = torch.randn(groups, n, d, generator=g)
+        got = exact_key_knn(keys, k, max_block_bytes=1 << 16)
+        dist = torch.cdist(keys.double(), keys.double())
+        dist[:, torch.arange(n), torch.arange(n)] = float("inf")
+        assert got.shape == (groups, n, min(k, n - 1))
+        assert torch.equal(got, dist.topk(min(k, n - 1), largest=False).indices)
+
+
 @pytest.mark.skipif(not hasattr(ra, "QueryGuidedIndex"), reason="no query_guided index")
 def test_query_guided_build_knobs():
     g = torch.Generator().manual_seed(5)

@@ -125,6 +125,66 @@ def test_sparse_recall_against_exact_topk(sharing):
     assert visited.double().mean() < 0.5 * keys.shape[1]
 
 
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+def test_weak_keys_linked_from_given_key_lists(sharing):
+    """build(..., key_knn=each key's nearest keys): the graphs link their weak keys from the lists instead of searching,
+    with the recall of the searched build (both measured against the exact top-k), every key reachable; bad lists are
+    clear errors and leave the layer empty."""
+    from retrieval_attention.index import exact_key_knn, exact_knn
+
+    hq, hkv, d, k = 6, 2, 32, 20
+    keys, train, test = _layer_problem(seed=3, n=4000, m=200)
+    knn = exact_knn(keys, train, 100)
+    lists = exact_key_knn(keys, 16)
+    exact = torch.einsum("hmd,hnd->hmn", test, keys.repeat_interleave(hq // hkv, 0)).topk(k, dim=-1).indices
+    recalls = {}
+    for name, key_knn in (("search", None), ("lists", lists)):
+        layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, sharing)
+        layer.build(keys, keys.clone(), train, knn, key_knn=key_knn)
+        _, _, visited, ids = layer.retrieve_attend(test, k, 64, 1.0, return_ids=True)
+        hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.reshape(-1, k), exact.reshape(-1, k)))
+        recalls[name] = hits / exact.numel()
+        assert visited.double().mean() < 0.5 * keys.shape[1]
+    assert recalls["lists"] > 0.85 and recalls["lists"] > recalls["search"] - 0.03, recalls
+    bad_cases = (
+        (lists.int(), TypeError, "int64"),
+        (lists[:1], ValueError, "key_knn shape"),
+        (lists[:, :, :0], ValueError, "key_knn shape"),
+        (torch.full_like(lists, 4000), ValueError, "key_knn ids"),
+    )
+    for bad, err, msg in bad_cases:
+        layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, sharing)
+        with pytest.raises(err, match=msg):
+            layer.build(keys, keys.clone(), train, knn, key_knn=bad)
+        assert layer.size == 0
+
+
+def test_key_index_build_takes_key_lists():
+    """KeyIndex.build(..., key_knn) (the bipartite kNN computed by the index): the graph answers queries like the
+    searched build does (recall@10 against the exact top-10); lists for another type or of the wrong shape are clear
+    errors."""
+    from retrieval_attention.index import exact_key_knn
+
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(3000, 16, generator=g)
+    train = torch.randn(300, 16, generator=g) + 2.0
+    test = train[:100] + 0.3 * torch.randn(100, 16, generator=g)
+    exact = (test @ keys.T).topk(10, dim=1).indices
+    lists = exact_key_knn(keys.unsqueeze(0), 16)[0]
+    recalls = []
+    for key_knn in (None, lists):
+        handle = ra._ext._C.KeyIndex.build(keys, train, "query_guided", {}, None, key_knn)
+        ids, _, _ = handle.search(test, 10, 32)
+        recalls.append(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact)) / exact.numel())
+    assert recalls[1] > 0.9 and recalls[1] > recalls[0] - 0.03, recalls
+    with pytest.raises(ValueError, match="query_guided"):
+        ra._ext._C.KeyIndex.build(keys, None, "flat", {}, None, lists)
+    with pytest.raises(ValueError, match="one row per key"):
+        ra._ext._C.KeyIndex.build(keys, train, "query_guided", {}, None, lists[:10])
+    with pytest.raises(ValueError, match="out of range"):
+        ra._ext._C.KeyIndex.build(keys, train, "query_guided", {}, None, torch.full_like(lists, -5))
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_retrieve_attend_into_matches_retrieve_attend(q_dtype):
     """The decode path's call (staged query in its own dtype, out then lse into one buffer, keys scored summed)

@@ -1,0 +1,93 @@
+"""Does linking the graph's weak keys from exact key-to-key lists (as a GPU could compute them) keep recall, and how
+much build time does it save? For each model_qk head: the query-guided graph built from the exact bipartite kNN (as on
+a GPU) with the weak keys linked by the default beam search, and again with each weak key's exact L2 nearest keys
+given instead. Prints one JSON line per (head, variant, ef) and a summary of keys scanned at --target recall.
+
+    python scripts/dev/weak_lists_recall.py --model-qk benchmarks/results/cache/model_qk_T32768.npz --layers 1,3,5 --heads 0,4
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+import qk_data  # noqa: E402
+
+import retrieval_attention as ra  # noqa: E402
+from retrieval_attention import _ext  # noqa: E402
+from retrieval_attention.index import _IndexBase  # noqa: E402
+
+
+def topk_blocks(a, b, k, l2, exclude_self=False, block=2048):
+    """Exact top-k of rows of a against rows of b: inner product, or smallest L2 (2 a.b - |b|^2)."""
+    out = torch.empty((a.shape[0], k), dtype=torch.int64)
+    bt = b.T.contiguous()
+    half = (b * b).sum(1) if l2 else None
+    for s in range(0, a.shape[0], block):
+        sc = a[s : s + block] @ bt
+        if l2:
+            sc = 2 * sc - half
+        if exclude_self:
+            r = torch.arange(s, min(s + block, a.shape[0]))
+            sc[r - s, r] = -float("inf")
+        out[s : s + block] = torch.topk(sc, k, dim=1).indices
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-qk", required=True)
+    ap.add_argument("--layers", default="1,3,5")
+    ap.add_argument("--heads", default="0,4")
+    ap.add_argument("--key-k", default="16,32", help="key-to-key list lengths to try")
+    ap.add_argument("--efs", default="100,128,160,200,256,320,400")
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-train", type=int, default=None, help="use this many training queries per head (evenly spaced)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    probs = qk_data.load_model_qk(a.model_qk, layers=[int(x) for x in a.layers.split(",")], heads=[int(x) for x in a.heads.split(",")])
+    efs = [int(x) for x in a.efs.split(",")]
+    params = {"degree": 32, "k_train": 100, "ef_build": 128, "ef_weak": 16, "n_pivots": 4}
+    curves = {}
+    for p in probs:
+        keys = torch.from_numpy(p.keys).float()
+        tq = torch.from_numpy(p.train_q).float()
+        if a.max_train and tq.shape[0] > a.max_train:
+            tq = tq[torch.linspace(0, tq.shape[0] - 1, a.max_train).round().long()]
+        tq = tq.contiguous()
+        ex_ids, ex_sc = qk_data.exact_topk(p.keys, p.eval_q, 100)
+        knn = topk_blocks(tq, keys, 100, l2=False)
+        variants = [("search", None, 0.0)]
+        for kk in [int(x) for x in a.key_k.split(",") if x]:
+            t = time.perf_counter()
+            kl = topk_blocks(keys, keys, kk, l2=True, exclude_self=True)
+            variants.append((f"lists{kk}", kl, time.perf_counter() - t))
+        for name, kl, list_s in variants:
+            t = time.perf_counter()
+            handle = _ext._C.KeyIndex.build(keys.bfloat16(), tq, "query_guided", params, knn, kl)
+            build_s = time.perf_counter() - t
+            idx = _IndexBase(handle)
+            for ef in efs:
+                ids, _ = idx.search(torch.from_numpy(p.eval_q), 100, ef)
+                rec = float(qk_data.recall_per_query(ids.numpy(), p.keys, p.eval_q, ex_sc[:, 99], 100).mean())
+                scan = idx.last_search_stats["scanned_frac"]
+                curves.setdefault(name, {}).setdefault(ef, []).append((rec, scan))
+                print(json.dumps({"head": p.name, "variant": name, "ef": ef, "recall": round(rec, 4), "scanned_frac": round(scan, 5),
+                                  "build_s": round(build_s, 3), "key_lists_s_cpu": round(list_s, 3), "n": p.n}), flush=True)
+    for name, by_ef in curves.items():
+        pts = sorted((float(np.mean([r for r, _ in v])), float(np.mean([s for _, s in v]))) for v in by_ef.values())
+        at = None
+        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
+            if r0 < a.target <= r1:
+                at = s0 + (s1 - s0) * (a.target - r0) / (r1 - r0)
+        print(json.dumps({"summary": name, "scanned_frac_at_target": None if at is None else round(at, 5),
+                          "curve": [(round(r, 4), round(s, 5)) for r, s in pts]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
