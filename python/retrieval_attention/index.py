@@ -151,20 +151,26 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
 
     keys (G, n, d) -> ids (G, n, min(k, n - 1)) int64, nearest first. The query-guided graph links the keys its
     projection leaves with few edges (the "weak" keys) from these lists instead of searching for them (ef_weak long:
-    see RetrievalLayer.finish_prefill). Scores are 2 k_i.k_j - |k_j|^2 in float32 (TF32 matmul on a GPU). A row's top k
-    lie in the `chunk`-column chunks whose maxima are among the row's k largest chunk maxima, so each block takes chunk
-    maxima in one pass and ranks only those chunks' entries."""
+    see RetrievalLayer.finish_prefill). Scores 2 k_i.k_j - |k_j|^2 come out of one float32 matmul (TF32 on a GPU) of
+    [k_i, 1] by [2 k_j, -|k_j|^2], so each block's score matrix is written once and read once: a row's top k lie in the
+    `chunk`-column chunks whose maxima are among the row's k largest chunk maxima, so each block takes chunk maxima and
+    ranks only those chunks' entries."""
     groups, n, d = keys.shape
     k = min(k, n - 1)
     dev = keys.device
     if k <= 0:
         return torch.empty((groups, n, 0), dtype=torch.int64, device=dev)
     n_pad = -(-n // chunk) * chunk
-    kf = torch.zeros((groups, n_pad, d), dtype=torch.float32, device=dev)
-    kf[:, :n] = keys.float()
-    neg_half = torch.full((groups, 1, n_pad), float("-inf"), dtype=torch.float32, device=dev)
-    neg_half[:, 0, :n] = -(kf[:, :n] * kf[:, :n]).sum(-1)  # padding columns score -inf
-    kt = kf.transpose(1, 2)
+    d_aug = -(-(d + 1) // 8) * 8
+    kf = keys.float()
+    left = torch.zeros((groups, n, d_aug), dtype=torch.float32, device=dev)
+    left[:, :, :d] = kf
+    left[:, :, d] = 1.0
+    right = torch.zeros((groups, n_pad, d_aug), dtype=torch.float32, device=dev)
+    right[:, :n, :d] = 2.0 * kf
+    right[:, :n, d] = -(kf * kf).sum(-1)
+    right[:, n:, d] = float("-inf")  # padding columns never rank
+    right = right.transpose(1, 2)
     block = max(1, min(n, max_block_bytes // max(1, groups * n_pad * 4)))
     n_chunks = n_pad // chunk
     kc = min(k, n_chunks)
@@ -175,7 +181,7 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
         torch.backends.cuda.matmul.allow_tf32 = True
         for s in range(0, n, block):
             b = min(block, n - s)
-            sc = torch.baddbmm(neg_half.expand(groups, b, n_pad), kf[:, s : s + b], kt, alpha=2.0)  # (G, b, n_pad)
+            sc = torch.bmm(left[:, s : s + b], right)  # (G, b, n_pad)
             rows = torch.arange(b, device=dev)
             sc[:, rows, rows + s] = float("-inf")  # not itself
             top_chunks = sc.view(groups, b, n_chunks, chunk).amax(-1).topk(kc, dim=-1).indices  # (G, b, kc)

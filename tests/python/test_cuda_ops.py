@@ -464,3 +464,19 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(ops.dense_attention.default, (q, keys, values, 0.125, True))
     o, l = ops.dense_attention(q, keys, values, 0.125, False)
     torch.library.opcheck(ops.merge_attention.default, (o, l, o.clone(), l.clone()))
+
+
+def test_exact_key_knn_on_cuda_matches_the_cpu_lists():
+    """The key-to-key lists the GPU prefill gives the graph builds (TF32 scores) hold nearly the same neighbours as the
+    float32 CPU lists; every id is a valid other key of the same group."""
+    from retrieval_attention.index import exact_key_knn
+
+    g = torch.Generator().manual_seed(12)
+    keys = torch.randn(3, 5000, 64, generator=g) * 3 + torch.randn(3, 1, 64, generator=g) * 5
+    cpu = exact_key_knn(keys, 16)
+    gpu = exact_key_knn(keys.cuda().bfloat16(), 16).cpu()
+    cpu_bf = exact_key_knn(keys.bfloat16(), 16)
+    assert gpu.shape == cpu.shape == (3, 5000, 16)
+    assert bool(((gpu >= 0) & (gpu < 5000)).all()) and not bool((gpu == torch.arange(5000)[None, :, None]).any())
+    same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(gpu.reshape(-1, 16), cpu_bf.reshape(-1, 16)))
+    assert same / gpu.numel() > 0.97
