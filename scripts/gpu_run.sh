@@ -67,6 +67,7 @@ e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --jso
 buildthreads) stamp buildthreads; for n in 16384 131072; do RA_QG_PROFILE=${BT_PROFILE:-0} timeout 200 python3 scripts/dev/build_threads.py --n $n --train 4096 --threads 16; done \
        > "$OUT/buildthreads.jsonl" 2> "$OUT/buildthreads.err"; echo "buildthreads rc=$?"; cut -c1-400 "$OUT/buildthreads.jsonl";;
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
+keyknn) stamp keyknn; timeout 120 python3 scripts/dev/key_knn_time.py > "$OUT/key_knn_time.jsonl" 2> "$OUT/key_knn_time.err"; echo "keyknn rc=$?"; cat "$OUT/key_knn_time.jsonl"; tail -3 "$OUT/key_knn_time.err";;
 buildtime) stamp buildtime; timeout 150 python3 benchmarks/recall.py --build-time --json --bt-layers 2 --bt-heads 32 --bt-kv-heads 8 --bt-n 131072 --bt-d 128 --threads 16 --qg-device cuda > "$OUT/buildtime.jsonl" 2> "$OUT/buildtime.err"; echo "buildtime rc=$?"; tail -3 "$OUT/buildtime.jsonl" | cut -c1-300;;
 esac; done
 stamp done

@@ -44,7 +44,8 @@ class RetrievalConfig:
                  being built scans all its CPU keys exactly (the exact top_k, as index="flat" retrieves; slower per
                  token), and tokens leaving the device window stay on the device until its build is done. The first
                  tokens come right after the prefill instead of after the builds, but what is retrieved then depends
-                 on build timing: leave it off (the default) to measure the graph's accuracy.
+                 on build timing: leave it off (the default) to measure the graph's accuracy. It also skips the
+                 prefill's key-to-key lists on the GPU (a shorter prefill, longer CPU builds; docs/TUNING.md).
     mass_probe_every: every this many decode steps (0: never, the default) each layer also computes, on the CPU, the
                  exact log-sum-exp over *all* its CPU keys and records the share of the true attention mass (over the
                  static set plus every CPU key) that the static set plus the retrieved top_k keys captured:

@@ -1,6 +1,6 @@
 """Where exact_key_knn's time goes on a GPU: one 8B layer's keys (8 kv heads x --tokens x 128, bf16). Times the whole
 call and, over the same key blocks, the matmul alone and the matmul plus the chunk maxima (median of --repeats each).
-One JSON line.   python scripts/dev/key_knn_time.py [--tokens 130432]
+One JSON line. Not run yet.   bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
 """
 import argparse
 import json
