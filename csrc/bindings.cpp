@@ -251,7 +251,8 @@ class PyOffloadedLayer {
       TORCH_CHECK_VALUE(key_knn->size(0) == hkv_ && key_knn->size(1) == t && key_knn->size(2) > 0, "key_knn shape ", key_knn->sizes(),
                         " does not match (", hkv_, ", ", t, ", k > 0)");
       key_knn_c = key_knn->contiguous();
-      TORCH_CHECK_VALUE(key_knn_c.min().item<int64_t>() >= -1 && key_knn_c.max().item<int64_t>() < t, "key_knn ids must be in [-1, tokens)");
+      TORCH_CHECK_VALUE(key_knn_c.numel() == 0 || (key_knn_c.min().item<int64_t>() >= -1 && key_knn_c.max().item<int64_t>() < t),
+                        "key_knn ids must be in [-1, tokens)");
     }
     visit_layer([&](auto& layer, auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

@@ -110,6 +110,7 @@ class OffloadedLayer {
       knn_k_ = knn != nullptr ? knn_k : 0;
       if (key_knn != nullptr && key_knn_k > 0) key_knn_.assign(key_knn, key_knn + hkv_ * t * key_knn_k);
       key_knn_k_ = key_knn != nullptr ? key_knn_k : 0;
+      key_knn_rows_ = t;
       append_rows(keys, values, t);
       build_pending_ = t > 0;
     }
@@ -427,8 +428,11 @@ class OffloadedLayer {
   // One index per query head or per kv head over the stores, from the kept training queries; reads only.
   std::vector<std::unique_ptr<KeyIndex<T>>> create_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0, const int64_t* key_knn = nullptr,
                                                            int64_t key_knn_k = 0) const {
-    const int64_t group = hq_ / hkv_, n = keys_[0]->size();
-    auto key_lists = [&](int64_t kv) { return key_knn ? key_knn + kv * n * key_knn_k : nullptr; };
+    // The key lists cover the rows build() got; rows appended before a pending build ran have none, so then the
+    // graphs search for their weak keys instead.
+    const int64_t group = hq_ / hkv_;
+    if (keys_[0]->size() != key_knn_rows_) key_knn = nullptr;
+    auto key_lists = [&](int64_t kv) { return key_knn ? key_knn + kv * key_knn_rows_ * key_knn_k : nullptr; };
     std::vector<std::unique_ptr<KeyIndex<T>>> made(static_cast<size_t>(index_count()));
     if (sharing_ == IndexSharing::PerKvHead) {
       // The group's query heads are consecutive, so its pooled training queries (group * n_train rows) and their
@@ -461,6 +465,7 @@ class OffloadedLayer {
     n_train_ = 0;
     knn_k_ = 0;
     key_knn_k_ = 0;
+    key_knn_rows_ = 0;
   }
 
   int64_t hq_, hkv_, d_, dv_, max_unindexed_;
@@ -474,6 +479,7 @@ class OffloadedLayer {
   int64_t knn_k_ = 0;
   std::vector<int64_t> key_knn_;  // each key's nearest keys (Hkv x t x key_knn_k), kept for a pending build
   int64_t key_knn_k_ = 0;
+  int64_t key_knn_rows_ = 0;  // t of the build() that gave them
   bool build_pending_ = false;  // rows stored by build(..., index_now = false), indexes not made yet
   std::atomic<bool> building_{false};
   std::vector<int64_t> min_ids_;

@@ -188,6 +188,44 @@ TEST_CASE("query-guided graph: precomputed neighbour lists give the same graph a
   }
 }
 
+TEST_CASE("query-guided graph: weak keys linked from given key lists keep recall and reachability", "[query_guided]") {
+  const int64_t n = 4000, d = 32, m = 100, kk = 16;  // few training queries: most keys are weak
+  auto data = make_ood(n, d, m, 60, 41);
+  auto store = make_store<float>(data.keys, d);
+  QueryGuidedParams p;
+  p.degree = 24;
+  p.k_train = 50;
+  std::vector<int64_t> knn(m * p.k_train), lists(n * kk);
+  exact_topk(data.train.data(), m, *store, n, p.k_train, knn.data(), nullptr);
+  for (int64_t i = 0; i < n; ++i) {  // each key's kk nearest other keys in L2, by brute force
+    std::vector<std::pair<float, int64_t>> dist;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == i) continue;
+      float s = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        const float t = data.keys[i * d + c] - data.keys[j * d + c];
+        s += t * t;
+      }
+      dist.emplace_back(s, j);
+    }
+    std::partial_sort(dist.begin(), dist.begin() + kk, dist.end());
+    for (int64_t r = 0; r < kk; ++r) lists[i * kk + r] = r == 3 ? -1 : dist[r].second;  // a -1 pad is skipped
+  }
+  auto searched = QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p);
+  auto linked = QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p, lists.data(), kk);
+  FlatIndex<float> flat(store);
+  CHECK(linked->reachable_count() == n);
+  for (int64_t i = 0; i < n; ++i) REQUIRE(linked->out_degree(i) <= linked->max_degree());
+  const RecallStats a = measure(*searched, flat, data.test, d, 10, 64), b = measure(*linked, flat, data.test, d, 10, 64);
+  INFO("recall@10 searched " << a.recall << " linked " << b.recall);
+  CHECK(b.recall >= 0.9);
+  CHECK(b.recall >= a.recall - 0.03);
+  lists[5] = n;  // out of range
+  CHECK_THROWS_AS(QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p, lists.data(), kk),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(QueryGuidedGraph<float>::build(store, data.train.data(), m, p, lists.data(), 0), std::invalid_argument);
+}
+
 TEMPLATE_TEST_CASE("query-guided graph: inserted keys are found, also starting from an empty graph", "[query_guided]", float, Half, BFloat16) {
   const int64_t d = 32, n0 = 1200, n_new = 300;
   auto data = make_ood(n0, d, 300, 40, 31);

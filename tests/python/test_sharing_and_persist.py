@@ -159,6 +159,25 @@ def test_weak_keys_linked_from_given_key_lists(sharing):
         assert layer.size == 0
 
 
+def test_key_lists_of_a_pending_build_with_rows_appended_since():
+    """Rows appended between build(..., index_now=False, key_knn=...) and build_indexes() have no key lists: the graphs
+    then search for their weak keys as without lists, and every row, old or appended, is retrievable."""
+    from retrieval_attention.index import exact_key_knn, exact_knn
+
+    hq, hkv, d = 4, 2, 16
+    keys, train, _ = _layer_problem(seed=9, n=3000, m=200, hq=hq, hkv=hkv, d=d)
+    extra = torch.randn(hkv, 100, d, generator=torch.Generator().manual_seed(10)) * 4
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, "per_kv_head")
+    layer.build(keys, keys.clone(), train, exact_knn(keys, train, 100), index_now=False, key_knn=exact_key_knn(keys, 16))
+    layer.append(extra, extra.clone())
+    layer.build_indexes()
+    assert layer.size == 3100 and not layer.build_pending
+    # each appended key, as a query scaled up, is its own best match (norms of 4x the others)
+    q = extra.repeat_interleave(hq // hkv, 0)[:, :20] * 3
+    _, _, _, ids = layer.retrieve_attend(q, 1, 64, 1.0, return_ids=True)
+    assert (ids[..., 0] == torch.arange(3000, 3020)).float().mean() > 0.9
+
+
 def test_key_index_build_takes_key_lists():
     """KeyIndex.build(..., key_knn) (the bipartite kNN computed by the index): the graph answers queries like the
     searched build does (recall@10 against the exact top-10); lists for another type or of the wrong shape are clear
