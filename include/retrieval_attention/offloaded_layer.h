@@ -15,7 +15,9 @@
 //     IndexFactory. With no tokens yet, the training queries are kept and the indexes are made when the first tokens
 //     arrive through append(). build(..., index_now = false) stores the rows only: they are searchable at once (every
 //     row scanned exactly) and build_indexes() makes the indexes later under the shared lock, so decoding need not
-//     wait for it; append() and save() wait (save refuses a layer whose build has not run).
+//     wait for it; append() and save() wait (save refuses a layer whose build has not run). Optional key lists
+//     (each row's nearest rows of its kv head, Hkv x t x k, e.g. from a GPU) go to the factory for the graphs' weak-key
+//     links; they cover the t rows build() got, so if rows were appended before a pending build runs, none are used.
 //   * append(): tokens evicted from the GPU window; stored at once. They join the indexes in batches: while at most
 //     `max_unindexed` rows are not yet indexed, searches scan those rows exactly and merge them with the index's
 //     results (exact for them), so inserting into the graphs costs nothing per decode step.
