@@ -1,6 +1,11 @@
 """Build phases (RA_QG_PROFILE=1) of one synthetic 128K-key graph, d 128, 8,192 training queries, 2 threads: weak keys
 searched vs linked from exact key lists (computed here on the CPU).   RA_QG_PROFILE=1 python scripts/dev/weak_lists_phases_128k.py"""
-import sys, time, torch, numpy as np
+import sys
+import time
+
+import numpy as np
+import torch
+
 sys.path.insert(0, "benchmarks")
 from qk_data import SyntheticQK
 from retrieval_attention import _ext
