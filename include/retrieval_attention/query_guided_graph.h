@@ -13,8 +13,8 @@
 //     build_from_neighbors() takes the kNN lists precomputed by the caller (m x knn_k int64 row-major,
 //     best-first, -1 = padding; e.g. from a GPU) and skips the kNN; it may also take each key's nearest other
 //     keys (n x key_knn_k, L2), which then replace the weak keys' searches (their lists are pruned instead).
-//     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point after build() and after load() of a graph that
-//     was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
+//     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point after
+//     build() and after load() of a graph that was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
 //     environment prints the time of each build phase to stderr. Non-finite keys or training queries are
 //     rejected (std::invalid_argument) by build(), build_from_neighbors() and index_new_rows().
 //   * Graph: each key has at most max_degree() = degree + slack out-neighbours (ids uint32), stored in one
@@ -282,7 +282,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   }
 
  public:
-
   int64_t size() const override { return n_; }
   int64_t dim() const override { return keys_->dim(); }
   std::string type_name() const override { return "query_guided"; }

@@ -327,7 +327,6 @@ class RetrievalLayer(CacheLayerMixin):
         self.phase = "decode"
         self.build_seconds += time.perf_counter() - t0
 
-
         def store():
             nonlocal cpu_k, cpu_v
             t1 = time.perf_counter()

@@ -17,25 +17,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import qk_data  # noqa: E402
 
-import retrieval_attention as ra  # noqa: E402
 from retrieval_attention import _ext  # noqa: E402
-from retrieval_attention.index import _IndexBase  # noqa: E402
-
-
-def topk_blocks(a, b, k, l2, exclude_self=False, block=2048):
-    """Exact top-k of rows of a against rows of b: inner product, or smallest L2 (2 a.b - |b|^2)."""
-    out = torch.empty((a.shape[0], k), dtype=torch.int64)
-    bt = b.T.contiguous()
-    half = (b * b).sum(1) if l2 else None
-    for s in range(0, a.shape[0], block):
-        sc = a[s : s + block] @ bt
-        if l2:
-            sc = 2 * sc - half
-        if exclude_self:
-            r = torch.arange(s, min(s + block, a.shape[0]))
-            sc[r - s, r] = -float("inf")
-        out[s : s + block] = torch.topk(sc, k, dim=1).indices
-    return out
+from retrieval_attention.index import _IndexBase, exact_key_knn, exact_knn  # noqa: E402
 
 
 def main():
@@ -61,11 +44,11 @@ def main():
             tq = tq[torch.linspace(0, tq.shape[0] - 1, a.max_train).round().long()]
         tq = tq.contiguous()
         ex_ids, ex_sc = qk_data.exact_topk(p.keys, p.eval_q, 100)
-        knn = topk_blocks(tq, keys, 100, l2=False)
+        knn = exact_knn(keys[None], tq[None], 100)[0]
         variants = [("search", None, 0.0)]
         for kk in [int(x) for x in a.key_k.split(",") if x]:
             t = time.perf_counter()
-            kl = topk_blocks(keys, keys, kk, l2=True, exclude_self=True)
+            kl = exact_key_knn(keys[None], kk)[0]
             variants.append((f"lists{kk}", kl, time.perf_counter() - t))
         for name, kl, list_s in variants:
             t = time.perf_counter()
