@@ -1,7 +1,10 @@
 """Build time of one 8B-shaped OffloadedLayer (synthetic OOD keys, kNN precomputed as on a GPU), built from the
 main thread and from a background thread (as RetrievalCache does on a GPU), with the OpenMP thread count each sees.
 
-    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16]
+    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16]
+
+--key-lists L also computes each key's L nearest other keys (exact_key_knn, on the GPU when there is one) and hands
+them to the build, as RetrievalCache's prefill does; RA_QG_PROFILE=1 prints each graph's build phases.
 """
 import argparse
 import json
@@ -17,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qk_data import SyntheticQK  # noqa: E402
 
 from retrieval_attention._ext import _C  # noqa: E402
-from retrieval_attention.index import exact_knn  # noqa: E402
+from retrieval_attention.index import exact_key_knn, exact_knn  # noqa: E402
 
 
 def main():
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--sharing", default="per_kv_head")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="main,thread")
+    ap.add_argument("--key-lists", type=int, default=0, help="length of each key's list of nearest keys (0: none)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -46,6 +50,11 @@ def main():
     t = time.perf_counter()
     knn = exact_knn(K.to(dev), Q.to(dev), 100).cpu()
     knn_s = time.perf_counter() - t
+    key_knn, key_knn_s = None, None
+    if a.key_lists:
+        t = time.perf_counter()
+        key_knn = exact_key_knn(K.to(dev), a.key_lists).cpu()
+        key_knn_s = round(time.perf_counter() - t, 3)
     for mode in a.modes.split(","):
         res = {}
 
@@ -53,7 +62,7 @@ def main():
             res["omp_threads_seen"] = torch.get_num_threads()
             layer = _C.OffloadedLayer(torch.bfloat16, a.q_heads, a.kv_heads, a.d, a.d, "query_guided", {}, 4096, a.sharing)
             t0 = time.perf_counter()
-            layer.build(K, K, Q, knn)
+            layer.build(K, K, Q, knn, key_knn=key_knn)
             res["build_s"] = round(time.perf_counter() - t0, 3)
 
         if mode == "main":
@@ -64,6 +73,7 @@ def main():
             th.join()
         print(json.dumps({"bench": "build_threads", "mode": mode, "n": a.n, "train_per_head": a.train, "sharing": a.sharing,
                           "threads_main": torch.get_num_threads(), "knn_s": round(knn_s, 3), "knn_device": dev.type,
+                          "key_lists": a.key_lists, "key_knn_s": key_knn_s,
                           "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **res}), flush=True)
 
 

@@ -1,5 +1,5 @@
 """Where exact_key_knn's time goes on a GPU: one 8B layer's keys (8 kv heads x --tokens x 128, bf16). Times the whole
-call and, over the same key blocks, the matmul alone and the matmul plus the chunk maxima (median of --repeats each).
+call and, over the same key blocks, the matmul alone and the matmul plus the chunk maxima, in float32 (TF32) and in bf16, (median of --repeats each).
 One JSON line. Not run yet.   bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
 """
 import argparse
@@ -38,17 +38,23 @@ def main():
     block = max(1, min(n, (1 << 30) // (G * n_pad * 4)))
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    def mm_only(amax=False):
+    left16, right16 = left.bfloat16(), right.bfloat16()
+
+    def mm_only(amax=False, half=False):
+        lft, rgt = (left16, right16) if half else (left, right)
         for s in range(0, n, block):
-            sc = torch.bmm(left[:, s : s + block], right)
+            sc = torch.bmm(lft[:, s : s + block], rgt)
             if amax:
                 sc.view(G, sc.shape[1], n_pad // chunk, chunk).amax(-1)
 
     full = timed(lambda: exact_key_knn(keys, 16), a.repeats)
     mm = timed(mm_only, a.repeats)
     mm_amax = timed(lambda: mm_only(True), a.repeats)
+    mm16 = timed(lambda: mm_only(half=True), a.repeats)
+    mm16_amax = timed(lambda: mm_only(True, True), a.repeats)
     print(json.dumps({"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows": block, "blocks": -(-n // block),
-                      "exact_key_knn_s": full, "matmul_s": mm, "matmul_plus_chunk_max_s": mm_amax}))
+                      "exact_key_knn_s": full, "matmul_s": mm, "matmul_plus_chunk_max_s": mm_amax,
+                      "matmul_bf16_s": mm16, "matmul_bf16_plus_chunk_max_s": mm16_amax}))
 
 
 if __name__ == "__main__":
