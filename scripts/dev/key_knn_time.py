@@ -1,6 +1,8 @@
 """Where exact_key_knn's time goes on a GPU: one 8B layer's keys (8 kv heads x --tokens x 128, bf16). Times the whole
-call and, over the same key blocks, the matmul alone and the matmul plus the chunk maxima, in float32 (TF32) and in bf16, (median of --repeats each).
-One JSON line. Not run yet.   bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
+call (float16 candidate scores, float32 re-ranking) and, over the same key blocks, the score matmul alone and the
+matmul plus the chunk maxima, in float32 (TF32), bf16 and float16, and float16 with the chunk maxima in two steps
+as exact_key_knn takes them (median of --repeats each). One JSON line.
+    bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
 """
 import argparse
 import json
@@ -35,26 +37,26 @@ def main():
     n_pad, chunk = -(-n // 128) * 128, 128
     left = torch.randn((G, n, 136), device="cuda", generator=g)
     right = torch.randn((G, 136, n_pad), device="cuda", generator=g)
-    block = max(1, min(n, (1 << 30) // (G * n_pad * 4)))
+    block = max(1, min(n, (1 << 30) // (G * n_pad * 4)))  # float32 scores: the block rows of the TF32 variants
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # as exact_key_knn runs it
+    halves = {torch.bfloat16: (left.bfloat16(), right.bfloat16()), torch.float16: (left.half(), right.half())}
 
-    left16, right16 = left.bfloat16(), right.bfloat16()
-
-    def mm_only(amax=False, half=False):
-        lft, rgt = (left16, right16) if half else (left, right)
-        for s in range(0, n, block):
-            sc = torch.bmm(lft[:, s : s + block], rgt)
-            if amax:
-                sc.view(G, sc.shape[1], n_pad // chunk, chunk).amax(-1)
+    def mm_only(amax=False, dtype=torch.float32, step=1):
+        lft, rgt = halves.get(dtype, (left, right))
+        rows = block * 4 // lft.element_size()  # the same score bytes per block
+        for s in range(0, n, rows):
+            sc = torch.bmm(lft[:, s : s + rows], rgt)
+            if amax:  # step 4: a max over strided groups of 4 columns, then over the 4 (as exact_key_knn on a GPU)
+                sc.view(-1, chunk // step, step).amax(1).amax(-1)
 
     full = timed(lambda: exact_key_knn(keys, 16), a.repeats)
-    mm = timed(mm_only, a.repeats)
-    mm_amax = timed(lambda: mm_only(True), a.repeats)
-    mm16 = timed(lambda: mm_only(half=True), a.repeats)
-    mm16_amax = timed(lambda: mm_only(True, True), a.repeats)
-    print(json.dumps({"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows": block, "blocks": -(-n // block),
-                      "exact_key_knn_s": full, "matmul_s": mm, "matmul_plus_chunk_max_s": mm_amax,
-                      "matmul_bf16_s": mm16, "matmul_bf16_plus_chunk_max_s": mm16_amax}))
+    res = {"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows_fp32": block, "exact_key_knn_s": full}
+    for name, dt in (("", torch.float32), ("_bf16", torch.bfloat16), ("_fp16", torch.float16)):
+        res[f"matmul{name}_s"] = timed(lambda: mm_only(dtype=dt), a.repeats)
+        res[f"matmul{name}_plus_chunk_max_s"] = timed(lambda: mm_only(True, dt), a.repeats)
+    res["matmul_fp16_plus_chunk_max_2step_s"] = timed(lambda: mm_only(True, torch.float16, 4), a.repeats)
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

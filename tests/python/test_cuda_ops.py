@@ -467,19 +467,29 @@ def test_opcheck_on_cuda():
 
 
 def test_exact_key_knn_on_cuda_matches_the_cpu_lists():
-    """The key-to-key lists the GPU prefill gives the graph builds (TF32 scores) hold nearly the same neighbours as the
-    float32 CPU lists; every id is a valid other key of the same group."""
+    """The key-to-key lists the GPU prefill gives the graph builds (float16 candidates, float32 re-ranking) are the
+    exact float32 CPU lists but where float16 rounding lost a neighbour: rank by rank, the distances agree for >= 99.9%
+    of the entries, also for keys of large or small norm (the float16 stage rescales them). Every id is a valid other
+    key of the same group, without repeats, nearest first."""
     from retrieval_attention.index import exact_key_knn
 
     g = torch.Generator().manual_seed(12)
-    keys = torch.randn(3, 5000, 64, generator=g) * 3 + torch.randn(3, 1, 64, generator=g) * 5
-    cpu = exact_key_knn(keys, 16)
-    gpu = exact_key_knn(keys.cuda().bfloat16(), 16).cpu()
-    cpu_bf = exact_key_knn(keys.bfloat16(), 16)
-    assert gpu.shape == cpu.shape == (3, 5000, 16)
-    assert bool(((gpu >= 0) & (gpu < 5000)).all()) and not bool((gpu == torch.arange(5000)[None, :, None]).any())
-    same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(gpu.reshape(-1, 16), cpu_bf.reshape(-1, 16)))
-    assert same / gpu.numel() > 0.97
+    base = torch.randn(3, 5000, 64, generator=g) * 3 + torch.randn(3, 1, 64, generator=g) * 5
+    for factor in (1.0, 300.0, 3e-5):
+        keys = (base * factor).bfloat16()  # both devices see the same stored keys
+        cpu = exact_key_knn(keys, 16)
+        gpu = exact_key_knn(keys.cuda(), 16).cpu()
+        assert gpu.shape == cpu.shape == (3, 5000, 16)
+        assert bool(((gpu >= 0) & (gpu < 5000)).all()) and not bool((gpu == torch.arange(5000)[None, :, None]).any())
+        ordered = gpu.sort(-1).values
+        assert not bool((ordered[..., 1:] == ordered[..., :-1]).any()), "repeated ids"
+        kd = keys.double()
+        dist = [torch.cdist(kd[h : h + 1], kd[h : h + 1])[0] for h in range(3)]
+        d_gpu = torch.stack([dist[h].gather(1, gpu[h]) for h in range(3)])
+        d_cpu = torch.stack([dist[h].gather(1, cpu[h]) for h in range(3)])
+        assert bool((d_gpu[..., 1:] >= d_gpu[..., :-1] * (1 - 1e-6)).all()), "not nearest first"
+        same = torch.isclose(d_gpu, d_cpu, rtol=1e-6, atol=0).double().mean().item()
+        assert same >= 0.999, (factor, same)
 
 
 def test_query_guided_index_from_cuda_tensors_uses_device_lists():

@@ -221,6 +221,21 @@ def test_exact_key_knn_matches_brute_force():
         assert torch.equal(got, dist.topk(min(k, n - 1), largest=False).indices)
 
 
+def test_exact_key_knn_large_and_small_norm_keys():
+    """Keys with a large common offset, scaled far up or down (the candidate stage rescales them by a power of two):
+    the lists' distances equal the brute-force k smallest, rank by rank (ids may swap only at float32 near-ties)."""
+    from retrieval_attention.index import exact_key_knn
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(2, 700, 32, generator=g) + 4 * torch.randn(2, 1, 32, generator=g)
+    for factor in (300.0, 1e-4):
+        keys = base * factor
+        got = exact_key_knn(keys, 16, max_block_bytes=1 << 18)
+        dist = torch.cdist(keys.double(), keys.double())
+        dist[:, torch.arange(700), torch.arange(700)] = float("inf")
+        assert torch.allclose(dist.gather(-1, got), dist.topk(16, largest=False).values, rtol=1e-6, atol=0), factor
+
+
 @pytest.mark.skipif(not hasattr(ra, "QueryGuidedIndex"), reason="no query_guided index")
 def test_query_guided_build_knobs():
     g = torch.Generator().manual_seed(5)
