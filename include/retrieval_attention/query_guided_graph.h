@@ -629,7 +629,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     cbuf.resize(cand.size() * static_cast<size_t>(d));
     for (size_t i = 0; i < cand.size(); ++i) {
       const uint32_t c = cand[i];
-      if (i + 4 < cand.size()) prefetch_bytes(base + static_cast<int64_t>(cand[i + 4]) * d, d * static_cast<int64_t>(sizeof(R)));
+      static const size_t ahead = [] { const char* e = std::getenv("RA_QG_DEV_PF_AHEAD"); return e ? static_cast<size_t>(std::atoi(e)) : size_t{4}; }();
+      if (i + ahead < cand.size()) prefetch_bytes(base + static_cast<int64_t>(cand[i + ahead]) * d, d * static_cast<int64_t>(sizeof(R)));
       const float ip = qg_detail::dot_copy(pf, base + static_cast<int64_t>(c) * d, cbuf.data() + i * static_cast<size_t>(d), d);
       scored[i] = {sp + sq_[c] - 2.f * ip, ip, c};
     }
@@ -757,15 +758,37 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   template <class R>
   void link_from_lists(const R* base, const std::vector<uint32_t>& order, const int64_t* lists_in, int64_t kk, int64_t n_rev) {
     std::vector<std::vector<uint32_t>> lists(order.size());
-    parallel_for(static_cast<int64_t>(order.size()), [&](int64_t b) {
-      thread_local std::vector<uint32_t> cand;
-      const uint32_t x = order[static_cast<size_t>(b)];
+    const int64_t n_order = static_cast<int64_t>(order.size());
+    static const int dev_pipe = [] { const char* e = std::getenv("RA_QG_DEV_PIPE"); return e ? std::atoi(e) : 0; }();
+    const int64_t d = keys_->dim();
+    // prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms
+    auto prefetch_candidates = [&](uint32_t x) {
       const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
-      cand.assign(row + 1, row + 1 + row[0]);
+      for (uint32_t j = 1; j <= row[0]; ++j) {
+        prefetch_bytes(base + static_cast<int64_t>(row[j]) * d, d * static_cast<int64_t>(sizeof(R)));
+        __builtin_prefetch(sq_.data() + row[j]);
+      }
       const int64_t* given = lists_in + static_cast<int64_t>(x) * kk;
       for (int64_t j = 0; j < kk; ++j)
-        if (given[j] >= 0 && given[j] != static_cast<int64_t>(x)) cand.push_back(static_cast<uint32_t>(given[j]));
-      prune(base, x, cand, p_.degree, lists[static_cast<size_t>(b)]);
+        if (given[j] >= 0) {
+          prefetch_bytes(base + given[j] * d, d * static_cast<int64_t>(sizeof(R)));
+          __builtin_prefetch(sq_.data() + given[j]);
+        }
+    };
+    const int64_t blk = dev_pipe ? 32 : 1;
+    parallel_for((n_order + blk - 1) / blk, [&](int64_t c) {
+      thread_local std::vector<uint32_t> cand;
+      const int64_t hi = std::min(n_order, (c + 1) * blk);
+      for (int64_t b = c * blk; b < hi; ++b) {
+        if (dev_pipe && b + 1 < hi) prefetch_candidates(order[static_cast<size_t>(b) + 1]);
+        const uint32_t x = order[static_cast<size_t>(b)];
+        const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
+        cand.assign(row + 1, row + 1 + row[0]);
+        const int64_t* given = lists_in + static_cast<int64_t>(x) * kk;
+        for (int64_t j = 0; j < kk; ++j)
+          if (given[j] >= 0 && given[j] != static_cast<int64_t>(x)) cand.push_back(static_cast<uint32_t>(given[j]));
+        prune(base, x, cand, p_.degree, lists[static_cast<size_t>(b)]);
+      }
     });
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     for (size_t b = 0; b < order.size(); ++b) {
@@ -1012,8 +1035,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     {
       std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
-      parallel_for(n, [&](int64_t p) {
-        thread_local std::vector<uint32_t> pl;
+      static const int dev_pipe = [] { const char* e = std::getenv("RA_QG_DEV_PIPE"); return e ? std::atoi(e) : 0; }();
+      // key p's candidates: the other neighbours of the training queries that have p among their pivots
+      auto gather = [&](int64_t p, std::vector<uint32_t>& pl) {
         pl.clear();
         for (uint32_t e = inv_start[static_cast<size_t>(p)]; e < inv_start[static_cast<size_t>(p) + 1]; ++e) {
           const int64_t i = inv[e];
@@ -1021,7 +1045,25 @@ class QueryGuidedGraph final : public KeyIndex<T> {
           for (int64_t t = first[static_cast<size_t>(i)]; t < kk; ++t)
             if (row[t] >= 0 && row[t] != p) pl.push_back(static_cast<uint32_t>(row[t]));
         }
-        if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
+      };
+      const int64_t blk = dev_pipe ? 32 : 1;
+      parallel_for((n + blk - 1) / blk, [&](int64_t c) {
+        thread_local std::vector<uint32_t> pl, next;
+        const int64_t hi = std::min(n, (c + 1) * blk);
+        gather(c * blk, pl);
+        for (int64_t p = c * blk; p < hi; ++p) {
+          if (p + 1 < hi) {  // the next key's candidate rows load while this key is pruned
+            gather(p + 1, next);
+            if (dev_pipe > 1)
+              for (size_t j = 0; j < std::min<size_t>(next.size(), 64); ++j) {
+                const uint32_t id = next[j];
+                prefetch_bytes(base + static_cast<int64_t>(id) * d, d * static_cast<int64_t>(sizeof(T)));
+                __builtin_prefetch(sq_.data() + id);
+              }
+          }
+          if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
+          pl.swap(next);
+        }
       });
       for (int64_t p = 0; p < n; ++p) {
         set_row(static_cast<uint32_t>(p), lists[static_cast<size_t>(p)]);
@@ -1055,7 +1097,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         hubs.half_sq[h] = 0.5f * sq_[strong[h]];
       }
     }
-    std::shuffle(weak.begin(), weak.end(), rng);
+    static const bool dev_sorted = std::getenv("RA_QG_DEV_WEAK_SORTED") != nullptr;
+    if (!(key_knn && dev_sorted)) std::shuffle(weak.begin(), weak.end(), rng);
     if (key_knn)
       link_from_lists(base, weak, key_knn, key_knn_k, kWeakReverse);
     else
