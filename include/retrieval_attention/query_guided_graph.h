@@ -629,8 +629,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     cbuf.resize(cand.size() * static_cast<size_t>(d));
     for (size_t i = 0; i < cand.size(); ++i) {
       const uint32_t c = cand[i];
-      static const size_t ahead = [] { const char* e = std::getenv("RA_QG_DEV_PF_AHEAD"); return e ? static_cast<size_t>(std::atoi(e)) : size_t{4}; }();
-      if (i + ahead < cand.size()) prefetch_bytes(base + static_cast<int64_t>(cand[i + ahead]) * d, d * static_cast<int64_t>(sizeof(R)));
+      if (i + 4 < cand.size()) prefetch_bytes(base + static_cast<int64_t>(cand[i + 4]) * d, d * static_cast<int64_t>(sizeof(R)));
       const float ip = qg_detail::dot_copy(pf, base + static_cast<int64_t>(c) * d, cbuf.data() + i * static_cast<size_t>(d), d);
       scored[i] = {sp + sq_[c] - 2.f * ip, ip, c};
     }
@@ -759,28 +758,29 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   void link_from_lists(const R* base, const std::vector<uint32_t>& order, const int64_t* lists_in, int64_t kk, int64_t n_rev) {
     std::vector<std::vector<uint32_t>> lists(order.size());
     const int64_t n_order = static_cast<int64_t>(order.size());
-    static const int dev_pipe = [] { const char* e = std::getenv("RA_QG_DEV_PIPE"); return e ? std::atoi(e) : 0; }();
     const int64_t d = keys_->dim();
-    // prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms
+    // Prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms. The keys
+    // go to the threads in blocks, and each key's candidates load while the key before it is pruned: on a host
+    // running 8 builds at once the phase waits on memory latency (10-13% less time on the H200 host; RESULTS.md).
     auto prefetch_candidates = [&](uint32_t x) {
       const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
       for (uint32_t j = 1; j <= row[0]; ++j) {
         prefetch_bytes(base + static_cast<int64_t>(row[j]) * d, d * static_cast<int64_t>(sizeof(R)));
-        __builtin_prefetch(sq_.data() + row[j]);
+        prefetch_bytes(sq_.data() + row[j], sizeof(float));
       }
       const int64_t* given = lists_in + static_cast<int64_t>(x) * kk;
       for (int64_t j = 0; j < kk; ++j)
         if (given[j] >= 0) {
           prefetch_bytes(base + given[j] * d, d * static_cast<int64_t>(sizeof(R)));
-          __builtin_prefetch(sq_.data() + given[j]);
+          prefetch_bytes(sq_.data() + given[j], sizeof(float));
         }
     };
-    const int64_t blk = dev_pipe ? 32 : 1;
+    const int64_t blk = 32;
     parallel_for((n_order + blk - 1) / blk, [&](int64_t c) {
       thread_local std::vector<uint32_t> cand;
       const int64_t hi = std::min(n_order, (c + 1) * blk);
       for (int64_t b = c * blk; b < hi; ++b) {
-        if (dev_pipe && b + 1 < hi) prefetch_candidates(order[static_cast<size_t>(b) + 1]);
+        if (b + 1 < hi) prefetch_candidates(order[static_cast<size_t>(b) + 1]);
         const uint32_t x = order[static_cast<size_t>(b)];
         const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
         cand.assign(row + 1, row + 1 + row[0]);
@@ -1035,7 +1035,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<std::pair<uint32_t, uint32_t>> edges;
     {
       std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
-      static const int dev_pipe = [] { const char* e = std::getenv("RA_QG_DEV_PIPE"); return e ? std::atoi(e) : 0; }();
       // key p's candidates: the other neighbours of the training queries that have p among their pivots
       auto gather = [&](int64_t p, std::vector<uint32_t>& pl) {
         pl.clear();
@@ -1046,20 +1045,20 @@ class QueryGuidedGraph final : public KeyIndex<T> {
             if (row[t] >= 0 && row[t] != p) pl.push_back(static_cast<uint32_t>(row[t]));
         }
       };
-      const int64_t blk = dev_pipe ? 32 : 1;
+      // As in link_from_lists: threads take blocks of keys, and the next key's candidates (the first 64) load while
+      // this key is pruned.
+      const int64_t blk = 32;
       parallel_for((n + blk - 1) / blk, [&](int64_t c) {
         thread_local std::vector<uint32_t> pl, next;
         const int64_t hi = std::min(n, (c + 1) * blk);
         gather(c * blk, pl);
         for (int64_t p = c * blk; p < hi; ++p) {
-          if (p + 1 < hi) {  // the next key's candidate rows load while this key is pruned
+          if (p + 1 < hi) {
             gather(p + 1, next);
-            if (dev_pipe > 1)
-              for (size_t j = 0; j < std::min<size_t>(next.size(), 64); ++j) {
-                const uint32_t id = next[j];
-                prefetch_bytes(base + static_cast<int64_t>(id) * d, d * static_cast<int64_t>(sizeof(T)));
-                __builtin_prefetch(sq_.data() + id);
-              }
+            for (size_t j = 0; j < std::min<size_t>(next.size(), 64); ++j) {
+              prefetch_bytes(base + static_cast<int64_t>(next[j]) * d, d * static_cast<int64_t>(sizeof(T)));
+              prefetch_bytes(sq_.data() + next[j], sizeof(float));
+            }
           }
           if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
           pl.swap(next);
@@ -1097,8 +1096,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         hubs.half_sq[h] = 0.5f * sq_[strong[h]];
       }
     }
-    static const bool dev_sorted = std::getenv("RA_QG_DEV_WEAK_SORTED") != nullptr;
-    if (!(key_knn && dev_sorted)) std::shuffle(weak.begin(), weak.end(), rng);
+    std::shuffle(weak.begin(), weak.end(), rng);
     if (key_knn)
       link_from_lists(base, weak, key_knn, key_knn_k, kWeakReverse);
     else
