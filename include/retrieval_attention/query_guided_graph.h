@@ -761,7 +761,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const int64_t d = keys_->dim();
     // Prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms. The keys
     // go to the threads in blocks, and each key's candidates load while the key before it is pruned: on a host
-    // running 8 builds at once the phase waits on memory latency (10-16% less time per phase on the H200 host; benchmarks/RESULTS.md).
+    // running 8 builds at once the phase waits on memory latency (10-16% less time per phase on the H200 host;
+    // benchmarks/RESULTS.md).
     auto prefetch_candidates = [&](uint32_t x) {
       const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
       for (uint32_t j = 1; j <= row[0]; ++j) {
