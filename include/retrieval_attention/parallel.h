@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
-#include <cstdlib>
 #include <mutex>
 #ifdef _OPENMP
 #include <omp.h>
@@ -97,13 +96,11 @@ void parallel_for_split(int64_t n, Fn&& fn) {
   }
   if (n > 1 && n < threads && omp_get_level() == 0) {
     const int items = static_cast<int>(n);
-    static const int dev_factor = [] { const char* e = std::getenv("RA_DEV_SPLIT_OVERSUBSCRIBE"); return e ? std::max(1, std::atoi(e)) : 1; }();
-    const int inner = threads * dev_factor;
     NestedRegions nested;
     parallel_for(
         n,
         [&](int64_t i) {
-          omp_set_num_threads(inner / items + (i < inner % items ? 1 : 0));  // this item's inner team
+          omp_set_num_threads(threads / items + (i < threads % items ? 1 : 0));  // this item's inner team
           fn(i);
         },
         /*dynamic=*/true, /*team=*/items);
