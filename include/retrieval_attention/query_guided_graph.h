@@ -597,6 +597,14 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     }
   }
 
+  // Starts loading what prune() reads of candidate c: its row and its squared norm.
+  template <class R>
+  void prefetch_key(const R* base, int64_t c) const {
+    const int64_t d = keys_->dim();
+    prefetch_bytes(base + c * d, d * static_cast<int64_t>(sizeof(R)));
+    prefetch_bytes(sq_.data() + c, sizeof(float));
+  }
+
   // RNG-style pruning of p's candidate set down to max_keep neighbours, written to out.
   // Inner product is not a metric, so the pruning geometry is Euclidean between keys (|a|^2 + |b|^2 - 2 a.b
   // from cached squared norms): candidates are taken nearest-first and c is dropped when an already kept r is
@@ -758,23 +766,16 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   void link_from_lists(const R* base, const std::vector<uint32_t>& order, const int64_t* lists_in, int64_t kk, int64_t n_rev) {
     std::vector<std::vector<uint32_t>> lists(order.size());
     const int64_t n_order = static_cast<int64_t>(order.size());
-    const int64_t d = keys_->dim();
     // Prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms. The keys
     // go to the threads in blocks, and each key's candidates load while the key before it is pruned: on a host
     // running 8 builds at once the phase waits on memory latency (10-16% less time per phase on the H200 host;
     // benchmarks/RESULTS.md).
     auto prefetch_candidates = [&](uint32_t x) {
       const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
-      for (uint32_t j = 1; j <= row[0]; ++j) {
-        prefetch_bytes(base + static_cast<int64_t>(row[j]) * d, d * static_cast<int64_t>(sizeof(R)));
-        prefetch_bytes(sq_.data() + row[j], sizeof(float));
-      }
+      for (uint32_t j = 1; j <= row[0]; ++j) prefetch_key(base, row[j]);
       const int64_t* given = lists_in + static_cast<int64_t>(x) * kk;
       for (int64_t j = 0; j < kk; ++j)
-        if (given[j] >= 0) {
-          prefetch_bytes(base + given[j] * d, d * static_cast<int64_t>(sizeof(R)));
-          prefetch_bytes(sq_.data() + given[j], sizeof(float));
-        }
+        if (given[j] >= 0) prefetch_key(base, given[j]);
     };
     const int64_t blk = 32;
     parallel_for((n_order + blk - 1) / blk, [&](int64_t c) {
@@ -1056,10 +1057,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         for (int64_t p = c * blk; p < hi; ++p) {
           if (p + 1 < hi) {
             gather(p + 1, next);
-            for (size_t j = 0; j < std::min<size_t>(next.size(), 64); ++j) {
-              prefetch_bytes(base + static_cast<int64_t>(next[j]) * d, d * static_cast<int64_t>(sizeof(T)));
-              prefetch_bytes(sq_.data() + next[j], sizeof(float));
-            }
+            for (size_t j = 0; j < std::min<size_t>(next.size(), 64); ++j) prefetch_key(base, next[j]);
           }
           if (!pl.empty()) prune(base, static_cast<uint32_t>(p), pl, p_.degree, lists[static_cast<size_t>(p)]);
           pl.swap(next);
