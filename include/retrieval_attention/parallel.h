@@ -2,14 +2,23 @@
 //
 // An exception escaping an OpenMP region terminates the process; parallel_for catches the first one
 // thrown by any iteration, lets the others finish, and rethrows it on the calling thread.
-// parallel_for_split is for a few large items that are parallel inside (one graph build per head): the
-// threads are split between the items, and each item's own parallel_for loops run on its share.
+// parallel_for_split is for a few large items that are parallel inside (one graph build per head): every thread
+// of the caller's team takes items, and the items' own parallel_for loops hand their iterations to a work pool that
+// every thread without an item of its own serves. So a thread whose item finished early helps the items still
+// running, instead of idling while the slowest one ends (one 8B layer builds 8 graphs whose times differ by 1.5x).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
+#include <functional>
+#include <memory>
 #include <mutex>
+#include <thread>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -25,6 +34,80 @@ inline int max_threads() {
 #endif
 }
 
+// The work pool of one parallel_for_split call. A parallel_for run by one of its items posts its iterations as a
+// job; the item's thread and every idle thread of the call take iterations from the posted jobs (the one with the
+// most left first) until all are taken, and the item's thread returns when its own job's iterations are done.
+class SplitPool {
+ public:
+  // The pool the calling thread works for (null outside parallel_for_split).
+  static SplitPool*& current() {
+    thread_local SplitPool* pool = nullptr;
+    return pool;
+  }
+
+  explicit SplitPool(int64_t items) : items_left_(items) {}
+
+  // body(i) for i in [0, n) on this thread and the pool's idle ones; body must not throw.
+  void run(int64_t n, const std::function<void(int64_t)>& body) {
+    auto job = std::make_shared<Job>(n, &body);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      jobs_.push_back(job);
+    }
+    wake_.notify_all();
+    job->work();
+    while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();  // iterations other threads hold
+    std::lock_guard<std::mutex> lock(mu_);
+    jobs_.erase(std::find(jobs_.begin(), jobs_.end(), job));
+  }
+
+  // Called once per finished item; the last one releases the helpers.
+  void item_finished() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--items_left_ == 0) wake_.notify_all();
+  }
+
+  // Serves posted jobs until every item has finished.
+  void help() {
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return items_left_ == 0 || (job = most_left()) != nullptr; });
+        if (!job) return;
+      }
+      job->work();
+    }
+  }
+
+ private:
+  struct Job {
+    Job(int64_t n_, const std::function<void(int64_t)>* body_) : n(n_), body(body_) {}
+    void work() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        (*body)(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+    const int64_t n;
+    const std::function<void(int64_t)>* body;  // lives on the posting thread's stack until done == n
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  std::shared_ptr<Job> most_left() const {  // caller holds mu_
+    std::shared_ptr<Job> best;
+    int64_t left = 0;
+    for (const auto& j : jobs_) {
+      const int64_t l = j->n - j->next.load(std::memory_order_relaxed);
+      if (l > left) left = l, best = j;
+    }
+    return best;
+  }
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::vector<std::shared_ptr<Job>> jobs_;
+  int64_t items_left_;
+};
+
 // team: threads of the region (0: OpenMP's default).
 template <class Fn>
 void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
@@ -38,6 +121,11 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
       if (!error) error = std::current_exception();
     }
   };
+  if (SplitPool* pool = SplitPool::current()) {  // inside parallel_for_split: share the iterations with its threads
+    if (n > 0) pool->run(n, std::function<void(int64_t)>(body));
+    if (error) std::rethrow_exception(error);
+    return;
+  }
   if (dynamic) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team > 0 ? team : omp_get_max_threads())
     for (int64_t i = 0; i < n; ++i) body(i);
@@ -48,62 +136,52 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
   if (error) std::rethrow_exception(error);
 }
 
-#ifdef _OPENMP
-// Allows two levels of active parallel regions while at least one instance lives (max-active-levels is one
-// setting for the whole process; concurrent users, e.g. index builds in two threads, share one save/restore).
-class NestedRegions {
- public:
-  NestedRegions() {
-    std::lock_guard<std::mutex> lock(mu());
-    if (users()++ == 0) {
-      saved() = omp_get_max_active_levels();
-      omp_set_max_active_levels(std::max(saved(), 2));
-    }
-  }
-  ~NestedRegions() {
-    std::lock_guard<std::mutex> lock(mu());
-    if (--users() == 0) omp_set_max_active_levels(saved());
-  }
-  NestedRegions(const NestedRegions&) = delete;
-  NestedRegions& operator=(const NestedRegions&) = delete;
-
- private:
-  static std::mutex& mu() {
-    static std::mutex m;
-    return m;
-  }
-  static int& users() {
-    static int u = 0;
-    return u;
-  }
-  static int& saved() {
-    static int s = 1;
-    return s;
-  }
-};
-#endif
-
-// fn(i) for i in [0, n). With fewer items than threads, item i runs on a team of about threads / n threads
-// (nested OpenMP; without it the items' inner loops would run serially and 6 heads would use 6 of 16 cores);
-// a single item runs on the calling thread with every thread for its own loops.
+// fn(i) for i in [0, n): the threads of a new team take items, and each item's parallel_for loops run on its own
+// thread plus every thread of the team that has no item left to start (SplitPool). A single item runs on the
+// calling thread with every thread for its own loops; inside another parallel region or pool this is parallel_for.
 template <class Fn>
 void parallel_for_split(int64_t n, Fn&& fn) {
 #ifdef _OPENMP
   const int threads = omp_get_max_threads();
-  if (n == 1 && omp_get_level() == 0) {  // one item: its own loops get every thread (a region around it would not)
+  if (n == 1 && omp_get_level() == 0 && SplitPool::current() == nullptr) {  // its loops get every thread
     fn(int64_t{0});
     return;
   }
-  if (n > 1 && n < threads && omp_get_level() == 0) {
+  if (n > 1 && n < threads && omp_get_level() == 0 && std::getenv("RA_DEV_SPLIT_TEAMS")) {  // DEV A/B: the old nested teams
     const int items = static_cast<int>(n);
-    NestedRegions nested;
+    const int saved = omp_get_max_active_levels();
+    omp_set_max_active_levels(std::max(saved, 2));
     parallel_for(
         n,
         [&](int64_t i) {
-          omp_set_num_threads(threads / items + (i < threads % items ? 1 : 0));  // this item's inner team
+          omp_set_num_threads(threads / items + (i < threads % items ? 1 : 0));
           fn(i);
         },
         /*dynamic=*/true, /*team=*/items);
+    omp_set_max_active_levels(saved);
+    return;
+  }
+  if (n > 1 && threads > 1 && omp_get_level() == 0 && SplitPool::current() == nullptr) {
+    SplitPool pool(n);
+    std::atomic<int64_t> next_item{0};
+    std::exception_ptr error;
+    std::mutex error_mu;
+#pragma omp parallel num_threads(threads)
+    {
+      SplitPool::current() = &pool;
+      for (int64_t i; (i = next_item.fetch_add(1)) < n;) {
+        try {
+          fn(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (!error) error = std::current_exception();
+        }
+        pool.item_finished();
+      }
+      pool.help();
+      SplitPool::current() = nullptr;
+    }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif

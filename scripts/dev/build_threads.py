@@ -1,15 +1,17 @@
 """Build time of one 8B-shaped OffloadedLayer (synthetic OOD keys, kNN precomputed as on a GPU), built from the
 main thread and from a background thread (as RetrievalCache does on a GPU), with the OpenMP thread count each sees.
 
-    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16]
+    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16] [--hash]
 
 --key-lists L also computes each key's L nearest other keys (exact_key_knn, on the GPU when there is one) and hands
 them to the build, as RetrievalCache's prefill does; RA_QG_PROFILE=1 prints each graph's build phases.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -34,6 +36,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="main,thread")
     ap.add_argument("--key-lists", type=int, default=0, help="length of each key's list of nearest keys (0: none)")
+    ap.add_argument("--hash", action="store_true", help="also print a hash of the saved layer (equal: identical graphs)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -64,6 +67,11 @@ def main():
             t0 = time.perf_counter()
             layer.build(K, K, Q, knn, key_knn=key_knn)
             res["build_s"] = round(time.perf_counter() - t0, 3)
+            if a.hash:
+                with tempfile.TemporaryDirectory() as tmp:
+                    layer.save(os.path.join(tmp, "layer.bin"))
+                    with open(os.path.join(tmp, "layer.bin"), "rb") as f:
+                        res["saved_sha1"] = hashlib.sha1(f.read()).hexdigest()[:12]
 
         if mode == "main":
             build()

@@ -2,9 +2,14 @@
 // each against a naive double-precision reference on seeded random shapes.
 #include <catch2/catch.hpp>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <random>
+#include <set>
+#include <thread>
 
 #include "reference.h"
 #include "retrieval_attention/attention.h"
@@ -278,35 +283,46 @@ TEST_CASE("index files: round trip, corruption, truncation and foreign files are
   CHECK_THROWS_AS(read_index_file(path), std::runtime_error);
 }
 
-TEST_CASE("parallel_for_split: every item once, few items share the threads, nesting setting restored", "[parallel]") {
+TEST_CASE("parallel_for_split: every item and inner iteration once, idle threads help the slow item", "[parallel]") {
   const int threads = 4;
   omp_set_num_threads(threads);
-  const int levels_before = omp_get_max_active_levels();
   for (int64_t n : {1, 2, 3, 4, 9}) {
-    std::vector<int> runs(static_cast<size_t>(n), 0), inner_team(static_cast<size_t>(n), 0);
+    std::vector<int> runs(static_cast<size_t>(n), 0);
+    std::vector<std::vector<std::atomic<int>>> inner(static_cast<size_t>(n));
+    for (auto& v : inner) v = std::vector<std::atomic<int>>(static_cast<size_t>(100 + n));
     parallel_for_split(n, [&](int64_t i) {
       ++runs[static_cast<size_t>(i)];
-      // the item's own parallel loop: how many threads it got
-#pragma omp parallel
-      {
-#pragma omp single
-        inner_team[static_cast<size_t>(i)] = omp_get_num_threads();
-      }
+      auto& it = inner[static_cast<size_t>(i)];
+      parallel_for(static_cast<int64_t>(it.size()), [&](int64_t j) { ++it[static_cast<size_t>(j)]; });
     });
     for (int64_t i = 0; i < n; ++i) {
       CHECK(runs[static_cast<size_t>(i)] == 1);
-      if (n < threads) CHECK(inner_team[static_cast<size_t>(i)] == threads / n + (i < threads % n ? 1 : 0));
-      else if (levels_before < 2) CHECK(inner_team[static_cast<size_t>(i)] == 1);  // enough items: one thread each
+      for (auto& c : inner[static_cast<size_t>(i)]) CHECK(c.load() == 1);
     }
   }
-  CHECK(omp_get_max_active_levels() == levels_before);
-  // an exception thrown by one item reaches the caller after the others ran, the setting restored as well
-  std::vector<int> ran(3, 0);
-  CHECK_THROWS_AS(parallel_for_split(3, [&](int64_t i) {
-                    ran[static_cast<size_t>(i)] = 1;
-                    if (i == 1) throw std::invalid_argument("item 1");
-                  }),
-                  std::invalid_argument);
-  CHECK(ran == std::vector<int>{1, 1, 1});
-  CHECK(omp_get_max_active_levels() == levels_before);
+  // item 0's loop is slow and the others end at once: the threads left without an item run its iterations too
+  std::mutex mu;
+  std::set<std::thread::id> workers;
+  parallel_for_split(3, [&](int64_t i) {
+    if (i != 0) return;
+    parallel_for(200, [&](int64_t) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      std::lock_guard<std::mutex> lock(mu);
+      workers.insert(std::this_thread::get_id());
+    });
+  });
+  CHECK(workers.size() >= 3);  // a team of its own share (4 / 3 threads) would give it 2
+  // an exception thrown by one item, or inside an item's loop, reaches the caller after the others ran
+  for (bool in_loop : {false, true}) {
+    std::vector<int> ran(3, 0);
+    CHECK_THROWS_AS(parallel_for_split(3, [&](int64_t i) {
+                      ran[static_cast<size_t>(i)] = 1;
+                      if (i == 1 && !in_loop) throw std::invalid_argument("item 1");
+                      parallel_for(50, [&](int64_t j) {
+                        if (i == 1 && in_loop && j == 7) throw std::invalid_argument("item 1, iteration 7");
+                      });
+                    }),
+                    std::invalid_argument);
+    CHECK(ran == std::vector<int>{1, 1, 1});
+  }
 }
