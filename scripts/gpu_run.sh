@@ -69,7 +69,7 @@ buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROF
 splitab) stamp splitab; mkdir -p "$OUT/splitab"  # DEV A/B: one 8B layer's build, old nested teams vs the shared work pool
        for r in 1 2; do for v in teams pool; do
          if [ $v = teams ]; then export RA_DEV_SPLIT_TEAMS=1; else unset RA_DEV_SPLIT_TEAMS; fi
-         timeout 150 python3 scripts/dev/build_threads.py --n 131072 --train ${BT_TRAIN:-2048} --threads 16 --key-lists 16 --modes thread,thread,thread --hash \
+         timeout 150 python3 scripts/dev/build_threads.py --n 131072 --train ${BT_TRAIN:-2048} --threads 16 --key-lists 16 --modes thread,thread,thread --hash ${BT_ARGS:-} \
            > "$OUT/splitab/${v}_$r.jsonl" 2> "$OUT/splitab/${v}_$r.err"; echo "splitab $v $r rc=$?"; done; done; unset RA_DEV_SPLIT_TEAMS
        python3 -c "
 import glob, json, statistics as st

@@ -147,6 +147,10 @@ void parallel_for_split(int64_t n, Fn&& fn) {
     fn(int64_t{0});
     return;
   }
+  if (n >= threads && std::getenv("RA_DEV_SPLIT_TEAMS")) {  // DEV A/B: the old plain loop over items
+    parallel_for(n, fn);
+    return;
+  }
   if (n > 1 && n < threads && omp_get_level() == 0 && std::getenv("RA_DEV_SPLIT_TEAMS")) {  // DEV A/B: the old nested teams
     const int items = static_cast<int>(n);
     const int saved = omp_get_max_active_levels();
