@@ -66,18 +66,6 @@ e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --jso
        > "$OUT/e2e.jsonl" 2> "$OUT/e2e.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e.jsonl" | cut -c1-400;;
 buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROFILE=${BT_PROFILE:-0} timeout 200 python3 scripts/dev/build_threads.py --n $n --train ${BT_TRAIN:-4096} --threads 16 --key-lists ${BT_LISTS:-0} --modes ${BT_MODES:-main,thread}; done \
        > "$OUT/buildthreads.jsonl" 2> "$OUT/buildthreads.err"; echo "buildthreads rc=$?"; cut -c1-400 "$OUT/buildthreads.jsonl";;
-splitab) stamp splitab; mkdir -p "$OUT/splitab"  # DEV A/B: one 8B layer's build, old nested teams vs the shared work pool
-       for r in 1 2; do for v in teams pool; do
-         if [ $v = teams ]; then export RA_DEV_SPLIT_TEAMS=1; else unset RA_DEV_SPLIT_TEAMS; fi
-         timeout 150 python3 scripts/dev/build_threads.py --n 131072 --train ${BT_TRAIN:-2048} --threads 16 --key-lists 16 --modes thread,thread,thread --hash ${BT_ARGS:-} \
-           > "$OUT/splitab/${v}_$r.jsonl" 2> "$OUT/splitab/${v}_$r.err"; echo "splitab $v $r rc=$?"; done; done; unset RA_DEV_SPLIT_TEAMS
-       python3 -c "
-import glob, json, statistics as st
-for v in ('teams', 'pool'):
-    rs = [json.loads(l) for f in sorted(glob.glob('$OUT/splitab/%s_*.jsonl' % v)) for l in open(f) if l.startswith('{')]
-    b = [r['build_s'] for r in rs]
-    print(v, 'builds', b, 'median', st.median(b) if b else None, 'hashes', sorted({r.get('saved_sha1') for r in rs}))
-";;
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
 keyknn) stamp keyknn; timeout 120 python3 scripts/dev/key_knn_time.py > "$OUT/key_knn_time.jsonl" 2> "$OUT/key_knn_time.err"; echo "keyknn rc=$?"; cat "$OUT/key_knn_time.jsonl"; tail -3 "$OUT/key_knn_time.err";;
 buildtime) stamp buildtime; timeout 150 python3 benchmarks/recall.py --build-time --json --bt-layers 2 --bt-heads 32 --bt-kv-heads 8 --bt-n 131072 --bt-d 128 --threads 16 --qg-device cuda > "$OUT/buildtime.jsonl" 2> "$OUT/buildtime.err"; echo "buildtime rc=$?"; tail -3 "$OUT/buildtime.jsonl" | cut -c1-300;;

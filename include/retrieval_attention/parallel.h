@@ -12,7 +12,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -33,6 +32,27 @@ inline int max_threads() {
   return 1;
 #endif
 }
+
+// Keeps the first exception thrown by any of the calls it wraps, for rethrow() on the calling thread.
+class FirstException {
+ public:
+  template <class F>
+  void run(F&& f) {
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void rethrow() {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  std::mutex mu_;
+};
 
 // The work pool of one parallel_for_split call. A parallel_for run by one of its items posts its iterations as a
 // job; the item's thread and every idle thread of the call take iterations from the posted jobs (the one with the
@@ -111,19 +131,11 @@ class SplitPool {
 // team: threads of the region (0: OpenMP's default).
 template <class Fn>
 void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
-  std::exception_ptr error;
-  std::mutex error_mu;
-  auto body = [&](int64_t i) {
-    try {
-      fn(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mu);
-      if (!error) error = std::current_exception();
-    }
-  };
+  FirstException error;
+  auto body = [&](int64_t i) { error.run([&] { fn(i); }); };
   if (SplitPool* pool = SplitPool::current()) {  // inside parallel_for_split: share the iterations with its threads
     if (n > 0) pool->run(n, std::function<void(int64_t)>(body));
-    if (error) std::rethrow_exception(error);
+    error.rethrow();
     return;
   }
   if (dynamic) {
@@ -133,7 +145,7 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
 #pragma omp parallel for schedule(static) num_threads(team > 0 ? team : omp_get_max_threads())
     for (int64_t i = 0; i < n; ++i) body(i);
   }
-  if (error) std::rethrow_exception(error);
+  error.rethrow();
 }
 
 // fn(i) for i in [0, n): the threads of a new team take items, and each item's parallel_for loops run on its own
@@ -147,45 +159,21 @@ void parallel_for_split(int64_t n, Fn&& fn) {
     fn(int64_t{0});
     return;
   }
-  if (n >= threads && std::getenv("RA_DEV_SPLIT_TEAMS")) {  // DEV A/B: the old plain loop over items
-    parallel_for(n, fn);
-    return;
-  }
-  if (n > 1 && n < threads && omp_get_level() == 0 && std::getenv("RA_DEV_SPLIT_TEAMS")) {  // DEV A/B: the old nested teams
-    const int items = static_cast<int>(n);
-    const int saved = omp_get_max_active_levels();
-    omp_set_max_active_levels(std::max(saved, 2));
-    parallel_for(
-        n,
-        [&](int64_t i) {
-          omp_set_num_threads(threads / items + (i < threads % items ? 1 : 0));
-          fn(i);
-        },
-        /*dynamic=*/true, /*team=*/items);
-    omp_set_max_active_levels(saved);
-    return;
-  }
   if (n > 1 && threads > 1 && omp_get_level() == 0 && SplitPool::current() == nullptr) {
     SplitPool pool(n);
     std::atomic<int64_t> next_item{0};
-    std::exception_ptr error;
-    std::mutex error_mu;
+    FirstException error;
 #pragma omp parallel num_threads(threads)
     {
       SplitPool::current() = &pool;
       for (int64_t i; (i = next_item.fetch_add(1)) < n;) {
-        try {
-          fn(i);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mu);
-          if (!error) error = std::current_exception();
-        }
+        error.run([&] { fn(i); });
         pool.item_finished();
       }
       pool.help();
       SplitPool::current() = nullptr;
     }
-    if (error) std::rethrow_exception(error);
+    error.rethrow();
     return;
   }
 #endif
