@@ -12,7 +12,8 @@
 //     balancing (every key gets up to degree/2 in-edges from its own out-neighbours), and a connectivity pass.
 //     build_from_neighbors() takes the kNN lists precomputed by the caller (m x knn_k int64 row-major,
 //     best-first, -1 = padding; e.g. from a GPU) and skips the kNN; it may also take each key's nearest other
-//     keys (n x key_knn_k, L2), which then replace the weak keys' searches (their lists are pruned instead).
+//     keys (n x key_knn_k, L2), which then replace the weak keys' searches (a weak key links to its list
+//     and its own out-edges, pruned only where they exceed the degree).
 //     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point after
 //     build() and after load() of a graph that was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
 //     environment prints the time of each build phase to stderr. Non-finite keys or training queries are
@@ -760,17 +761,24 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     });
   }
 
-  // Links keys `order` to the pruned union of their current out-edges and their given neighbour lists (lists: n x kk,
-  // -1 = padding), all at once (no search, so no key waits for another), then adds n_rev reverse edges per key.
+  // Links keys `order` to the union of their current out-edges and their given neighbour lists (lists: n x kk,
+  // -1 = padding), all at once (no search, so no key waits for another), then adds n_rev reverse edges per key, from
+  // the first n_rev entries of its new list. A union that fits the degree is taken as it is, the given list first
+  // (nearest first), and no candidate row is read: weak keys have fewer than degree/2 out-edges, so with lists of up to
+  // degree/2 keys every union fits. Pruning such a union kept every candidate and only reordered them; without it the
+  // weak-key phase took a third of the time for equal recall (benchmarks/RESULTS.md, thirteenth session). A longer
+  // union is pruned.
   template <class R>
   void link_from_lists(const R* base, const std::vector<uint32_t>& order, const int64_t* lists_in, int64_t kk, int64_t n_rev) {
     std::vector<std::vector<uint32_t>> lists(order.size());
     const int64_t n_order = static_cast<int64_t>(order.size());
-    // Prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms. The keys
-    // go to the threads in blocks, and each key's candidates load while the key before it is pruned: on a host
-    // running 8 builds at once the phase waits on memory latency (10-16% less time per phase on the H200 host;
-    // benchmarks/RESULTS.md).
+    const auto may_prune = [&](uint32_t x) { return adj_[static_cast<size_t>(x) * static_cast<size_t>(stride_)] + kk > p_.degree; };
+    // Prefetches the rows of key x's candidates (its out-edges and its given list) and their squared norms when x may
+    // be pruned. The keys go to the threads in blocks, and each key's candidates load while the key before it is
+    // pruned: on a host running 8 builds at once the phase waits on memory latency (10-16% less time per phase on the
+    // H200 host; benchmarks/RESULTS.md).
     auto prefetch_candidates = [&](uint32_t x) {
+      if (!may_prune(x)) return;
       const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
       for (uint32_t j = 1; j <= row[0]; ++j) prefetch_key(base, row[j]);
       const int64_t* given = lists_in + static_cast<int64_t>(x) * kk;
@@ -785,11 +793,17 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         if (b + 1 < hi) prefetch_candidates(order[static_cast<size_t>(b) + 1]);
         const uint32_t x = order[static_cast<size_t>(b)];
         const uint32_t* row = adj_.data() + static_cast<int64_t>(x) * stride_;
-        cand.assign(row + 1, row + 1 + row[0]);
         const int64_t* given = lists_in + static_cast<int64_t>(x) * kk;
+        std::vector<uint32_t>& out = lists[static_cast<size_t>(b)];
+        const auto add = [&](uint32_t v) {
+          if (v != x && std::find(out.begin(), out.end(), v) == out.end()) out.push_back(v);
+        };
         for (int64_t j = 0; j < kk; ++j)
-          if (given[j] >= 0 && given[j] != static_cast<int64_t>(x)) cand.push_back(static_cast<uint32_t>(given[j]));
-        prune(base, x, cand, p_.degree, lists[static_cast<size_t>(b)]);
+          if (given[j] >= 0) add(static_cast<uint32_t>(given[j]));
+        for (uint32_t j = 1; j <= row[0]; ++j) add(row[j]);
+        if (static_cast<int64_t>(out.size()) <= p_.degree) continue;
+        cand.assign(out.begin(), out.end());
+        prune(base, x, cand, p_.degree, out);
       }
     });
     std::vector<std::pair<uint32_t, uint32_t>> edges;

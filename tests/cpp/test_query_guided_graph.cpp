@@ -188,6 +188,26 @@ TEST_CASE("query-guided graph: precomputed neighbour lists give the same graph a
   }
 }
 
+// Each key's kk nearest other keys in L2 (n x kk, nearest first), by brute force.
+static std::vector<int64_t> l2_key_lists(const std::vector<float>& keys, int64_t n, int64_t d, int64_t kk) {
+  std::vector<int64_t> lists(static_cast<size_t>(n * kk));
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<std::pair<float, int64_t>> dist;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == i) continue;
+      float s = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        const float t = keys[static_cast<size_t>(i * d + c)] - keys[static_cast<size_t>(j * d + c)];
+        s += t * t;
+      }
+      dist.emplace_back(s, j);
+    }
+    std::partial_sort(dist.begin(), dist.begin() + kk, dist.end());
+    for (int64_t r = 0; r < kk; ++r) lists[static_cast<size_t>(i * kk + r)] = dist[static_cast<size_t>(r)].second;
+  }
+  return lists;
+}
+
 TEST_CASE("query-guided graph: weak keys linked from given key lists keep recall and reachability", "[query_guided]") {
   const int64_t n = 4000, d = 32, m = 100, kk = 16;  // few training queries: most keys are weak
   auto data = make_ood(n, d, m, 60, 41);
@@ -195,22 +215,9 @@ TEST_CASE("query-guided graph: weak keys linked from given key lists keep recall
   QueryGuidedParams p;
   p.degree = 24;
   p.k_train = 50;
-  std::vector<int64_t> knn(m * p.k_train), lists(n * kk);
+  std::vector<int64_t> knn(m * p.k_train), lists = l2_key_lists(data.keys, n, d, kk);
   exact_topk(data.train.data(), m, *store, n, p.k_train, knn.data(), nullptr);
-  for (int64_t i = 0; i < n; ++i) {  // each key's kk nearest other keys in L2, by brute force
-    std::vector<std::pair<float, int64_t>> dist;
-    for (int64_t j = 0; j < n; ++j) {
-      if (j == i) continue;
-      float s = 0;
-      for (int64_t c = 0; c < d; ++c) {
-        const float t = data.keys[i * d + c] - data.keys[j * d + c];
-        s += t * t;
-      }
-      dist.emplace_back(s, j);
-    }
-    std::partial_sort(dist.begin(), dist.begin() + kk, dist.end());
-    for (int64_t r = 0; r < kk; ++r) lists[i * kk + r] = r == 3 ? -1 : dist[r].second;  // a -1 pad is skipped
-  }
+  for (int64_t i = 0; i < n; ++i) lists[i * kk + 3] = -1;  // a -1 pad is skipped
   auto searched = QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p);
   auto linked = QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p, lists.data(), kk);
   FlatIndex<float> flat(store);
@@ -224,6 +231,27 @@ TEST_CASE("query-guided graph: weak keys linked from given key lists keep recall
   CHECK_THROWS_AS(QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p, lists.data(), kk),
                   std::invalid_argument);
   CHECK_THROWS_AS(QueryGuidedGraph<float>::build(store, data.train.data(), m, p, lists.data(), 0), std::invalid_argument);
+}
+
+TEST_CASE("query-guided graph: a weak key's list that fits the degree is linked whole", "[query_guided]") {
+  // no training queries: every key but the entry point is weak, and its list (8) plus the reverse edges it gets stays
+  // within degree 32, so no list entry may be pruned away
+  const int64_t n = 600, d = 16, kk = 8;
+  auto keys = random_matrix(n, d, 7, 1.f);
+  auto store = make_store<float>(keys, d);
+  QueryGuidedParams p;
+  p.degree = 32;
+  const std::vector<int64_t> lists = l2_key_lists(keys, n, d, kk);
+  auto g = QueryGuidedGraph<float>::build_from_neighbors(store, nullptr, 0, nullptr, 0, p, lists.data(), kk);
+  CHECK(g->reachable_count() == n);
+  int64_t missing = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == g->entry_point()) continue;
+    const uint32_t* nb = g->neighbors(i);
+    for (int64_t r = 0; r < kk; ++r)
+      missing += std::find(nb, nb + g->out_degree(i), static_cast<uint32_t>(lists[static_cast<size_t>(i * kk + r)])) == nb + g->out_degree(i);
+  }
+  CHECK(missing == 0);
 }
 
 TEMPLATE_TEST_CASE("query-guided graph: inserted keys are found, also starting from an empty graph", "[query_guided]", float, Half, BFloat16) {
