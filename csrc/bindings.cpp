@@ -3,11 +3,7 @@
 // Python-side wrappers (python/retrieval_attention/index.py, cache.py) do the user-facing validation.
 #include <torch/extension.h>
 
-#include <c10/core/Event.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
-
 #include <cstring>
-#include <optional>
 #include <numeric>
 #include <variant>
 
@@ -300,74 +296,27 @@ class PyOffloadedLayer {
     return py::make_tuple(out, lse, visited);
   }
 
-  // One decode step of the layer's attention with the built-in retrieval, on the query's device (CPU or GPU):
-  //   query (batch, q_heads, m, head_dim) on the model's device, any float dtype; static_keys / static_values
-  //   (batch, kv_heads, n_static, head_dim | value_dim) on that device (slices of larger buffers are read in
-  //   place); static_out / static_lse: the static set's attention when the caller computed it (left-padded
-  //   batches, whose masking the kernels do not do), else it is computed here by causal dense_attention.
-  // On a GPU, in this order: the query is copied to a page-locked buffer kept by this object and an event is
-  // recorded, the static attention is queued, then with the GIL released the event is awaited, the CPU searches and
-  // attends into a second kept page-locked buffer (out then lse), that buffer is copied to the device, and the
-  // merge is queued. The next step rewrites both buffers safely: its query copy is queued after this step's
-  // results copy, and its CPU part writes the results only after that query copy has finished.
-  // One call instead of a dozen Python-level tensor ops per layer and token (their host time is the decode step's
-  // largest cost after the search). Returns (out (batch, m, q_heads, value_dim) in the query's dtype, then float32
-  // (rows, m) on the device: the merged lse, the static set's lse, the CPU part's lse; then the query on the CPU
-  // (rows, m, head_dim) in its dtype and the keys scored in total); rows = batch * q_heads.
-  py::tuple decode_step(const at::Tensor& query, const at::Tensor& static_keys, const at::Tensor& static_values, double scale, int64_t top_k,
-                        int64_t ef, const c10::optional<at::Tensor>& static_out, const c10::optional<at::Tensor>& static_lse) {
-    check_dim(query, 4, "query", "(batch, q_heads, queries, head_dim)");
-    check_dim(static_keys, 4, "static_keys", "(batch, kv_heads, n_static, head_dim)");
-    check_dim(static_values, 4, "static_values", "(batch, kv_heads, n_static, value_dim)");
-    TORCH_CHECK_TYPE(at::isFloatingType(query.scalar_type()), "query must be a floating tensor, got ", query.scalar_type());
-    const int64_t m = query.size(2), rows = query.size(0) * query.size(1);
-    TORCH_CHECK_VALUE(rows == hq_ && query.size(3) == d_, "query shape ", query.sizes(), " does not match (batch, q_heads, m, ", d_,
-                      ") with batch * q_heads = ", hq_);
-    TORCH_CHECK_VALUE(static_keys.size(0) * static_keys.size(1) == hkv_ && static_keys.size(3) == d_ && static_values.size(3) == dv_,
-                      "static keys/values shapes ", static_keys.sizes(), " / ", static_values.sizes(), " do not match this layer (",
-                      hkv_, " kv rows, head_dim ", d_, ", value_dim ", dv_, ")");
+  // The decode path's form of retrieve_attend: q (q_heads, m, head_dim) in any float dtype (e.g. the bf16 page-locked
+  // staging buffer of a GPU query, widened here), out then lse written into `results` (float32, contiguous, at least
+  // q_heads*m*(value_dim + 1) elements: e.g. the page-locked buffer the merge reads from), and the total number of keys
+  // scored returned. It saves the Python-side copies and small tensors of retrieve_attend on every layer and token.
+  int64_t retrieve_attend_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, const at::Tensor& results) const {
+    check_queries(q);
     TORCH_CHECK_VALUE(top_k >= 1, "top_k must be >= 1, got ", top_k);
-    TORCH_CHECK_VALUE(static_out.has_value() == static_lse.has_value(), "static_out and static_lse go together");
-    const at::Device dev = query.device();
-    const bool on_gpu = !dev.is_cpu();
-    at::Tensor out, lse, lse_static, lse_cpu_part, q_host;
-    int64_t visited_total = 0;
-    {
-      py::gil_scoped_release no_gil;
-      translate_errors([&] {
-        const at::Tensor q = query.reshape({rows, m, d_});
-        if (on_gpu) {
-          q_host = kept_host_buffer(q_staged_, {rows, m, d_}, query.scalar_type());
-          q_host.copy_(q, /*non_blocking=*/true);
-          if (!query_copied_ || query_copied_on_ != dev) {  // an event records on one device only
-            query_copied_.emplace(dev.type());
-            query_copied_on_ = dev;
-          }
-          query_copied_->record(c10::impl::getDeviceGuardImpl(dev.type())->getStream(dev));
-        } else {
-          q_host = q;
-        }
-        at::Tensor out_s;
-        if (static_out) {
-          out_s = *static_out, lse_static = *static_lse;
-        } else {
-          const int64_t n_static = static_keys.size(2);
-          std::tie(out_s, lse_static) = dense_attention_op().call(q, static_keys.reshape({hkv_, n_static, d_}),
-                                                             static_values.reshape({hkv_, n_static, dv_}), scale, /*causal=*/true);
-        }
-        if (on_gpu) query_copied_->synchronize();
-        const int64_t n_out = rows * m * dv_;
-        const at::Tensor results =
-            on_gpu ? kept_host_buffer(results_host_, {n_out + rows * m}, at::kFloat) : at::empty({n_out + rows * m}, at::kFloat);
-        visited_total = retrieve_into(q_host, top_k, ef, scale, results.data_ptr<float>());
-        const at::Tensor on_dev = on_gpu ? results.to(at::TensorOptions().device(dev), /*non_blocking=*/true) : results;
-        lse_cpu_part = on_dev.narrow(0, n_out, rows * m).view({rows, m});
-        at::Tensor merged;
-        std::tie(merged, lse) = merge_attention_op().call(out_s, lse_static, on_dev.narrow(0, 0, n_out).view({rows, m, dv_}), lse_cpu_part);
-        out = merged.view({query.size(0), query.size(1), m, dv_}).transpose(1, 2).to(query.scalar_type());
-      });
-    }
-    return py::make_tuple(out, lse, lse_static, lse_cpu_part, q_host, visited_total);
+    check_cpu(results, "results");
+    const int64_t m = q.size(1);
+    TORCH_CHECK_TYPE(results.scalar_type() == at::kFloat, "results must be float32");
+    TORCH_CHECK_VALUE(results.is_contiguous() && results.numel() >= hq_ * m * (dv_ + 1), "results must be contiguous with at least ",
+                      hq_ * m * (dv_ + 1), " elements, got ", results.numel());
+    const auto qf = q.to(at::kFloat).contiguous();
+    std::vector<int64_t> visited(static_cast<size_t>(hq_ * m));
+    float* out = results.data_ptr<float>();
+    const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
+      ra::SearchParams p;
+      p.ef = ef;
+      layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out, out + hq_ * m * dv_, visited.data(), nullptr);
+    });
+    return std::accumulate(visited.begin(), visited.end(), int64_t{0});
   }
 
   // A copy of every kv head's CPU key rows: (kv_heads, size, head_dim) in the storage dtype (the exact mass probe of
@@ -420,41 +369,6 @@ class PyOffloadedLayer {
     TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
   }
 
-  // The CPU search and attention of decode_step: q (rows, m, head_dim) on the CPU in any float dtype, out then lse
-  // written to `results`; called with the GIL released. Returns the keys scored in total.
-  int64_t retrieve_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, float* results) {
-    const auto qf = q.to(at::kFloat).contiguous();
-    const int64_t m = q.size(1);
-    std::vector<int64_t> visited(static_cast<size_t>(hq_ * m));
-    std::visit(
-        [&](auto& layer) {
-          ra::SearchParams p;
-          p.ef = ef;
-          layer->retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), results, results + hq_ * m * dv_, visited.data(),
-                                 nullptr);
-        },
-        v_);
-    return std::accumulate(visited.begin(), visited.end(), int64_t{0});
-  }
-
-  // A page-locked CPU tensor of this shape and dtype kept in `slot` across steps (made again when either changes).
-  static at::Tensor kept_host_buffer(at::Tensor& slot, at::IntArrayRef shape, at::ScalarType dtype) {
-    if (!slot.defined() || slot.sizes() != shape || slot.scalar_type() != dtype)
-      slot = at::empty(shape, at::TensorOptions().dtype(dtype).pinned_memory(true));
-    return slot;
-  }
-
-  using AttentionOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool);
-  using MergeOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
-  static const c10::TypedOperatorHandle<AttentionOp>& dense_attention_op() {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::dense_attention", "").typed<AttentionOp>();
-    return op;
-  }
-  static const c10::TypedOperatorHandle<MergeOp>& merge_attention_op() {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::merge_attention", "").typed<MergeOp>();
-    return op;
-  }
-
   template <class Fn>
   void visit_layer(Fn&& fn) {
     std::visit(
@@ -476,9 +390,6 @@ class PyOffloadedLayer {
   int64_t hq_, hkv_, d_, dv_;
   std::string sharing_;
   Variant v_;
-  at::Tensor q_staged_, results_host_;        // decode_step's page-locked buffers (GPU queries only)
-  std::optional<c10::Event> query_copied_;    // decode_step: the query's copy to q_staged_ has finished
-  std::optional<at::Device> query_copied_on_;  // the device query_copied_ records on
 };
 
 }  // namespace
@@ -518,8 +429,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)
-      .def("decode_step", &PyOffloadedLayer::decode_step, py::arg("query"), py::arg("static_keys"), py::arg("static_values"), py::arg("scale"),
-           py::arg("top_k"), py::arg("ef"), py::arg("static_out") = py::none(), py::arg("static_lse") = py::none())
+      .def("retrieve_attend_into", &PyOffloadedLayer::retrieve_attend_into, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
+           py::arg("results"))
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def("keys", &PyOffloadedLayer::keys)
       .def_property_readonly("size", &PyOffloadedLayer::size)

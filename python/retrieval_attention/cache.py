@@ -453,54 +453,40 @@ class RetrievalLayer(CacheLayerMixin):
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query (batch, q_heads, m, d) -> attention output (batch, m, q_heads, dv) in the query dtype."""
         B, H, m, d = query.shape
-        n_cpu = self.cpu_tokens
-        key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
-        builtin = type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
-        if n_cpu and builtin and (query.device.type == "cpu" or _ext.HAS_CUDA_KERNELS):
-            # The built-in retrieval: one C++ call copies the query to the CPU, queues the static attention on the
-            # device, searches and attends on the CPU meanwhile, and queues the results' copy back and the merge.
-            static = (None, None)
-            if key_start is not None:  # left padding: the static set's masked attention comes from the torch math
-                static = dense_attention_any_device(query.reshape(B * H, m, d), self._flat_heads(self.keys), self._flat_heads(self.values),
-                                                    scaling, causal=True, key_start=key_start)
-            out, _, lse_static, lse_c_dev, q_host, visited = self.offloaded.decode_step(
-                query, self.keys, self.values, scaling, self.cfg.top_k, self.cfg.search_beam(n_cpu), *static)
-            self._account_cpu_part(lse_static, lse_c_dev, visited / (B * H * m), lambda: q_host.float(), scaling)
-            return out
         q = query.reshape(B * H, m, d)
+        n_cpu = self.cpu_tokens
         # Start the query's copy to the CPU, then launch the device's static attention (asynchronous on a GPU), so the
         # CPU search below overlaps the device work.
         staged = self.query_to_host(q) if n_cpu else None
+        key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
         out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True,
                                               key_start=key_start)
-        if n_cpu:  # a subclass's cpu_retrieve_attend hook (research baselines), or a GPU without the package's kernels
-            q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
-            out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
-            out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
-            self._account_cpu_part(lse, lse_c_dev, float(visited.double().mean()), lambda: q_cpu, scaling)
-            out, _ = merge_attention_any_device(out, lse, out_c_dev, lse_c_dev)
-        else:
-            self.steps += 1
-        return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
-
-    def _account_cpu_part(self, lse_static, lse_c_dev, visited_mean: float, q_cpu, scaling: float) -> None:
-        """Statistics of one decode step with CPU tokens: lse_static and lse_c_dev, the (rows, m) lse of the static set
-        and of the retrieved CPU keys on the model's device; q_cpu, a callable giving the float32 CPU query (called on
-        mass-probe steps only)."""
-        if self.steps % CPU_SHARE_EVERY == 0:
-            # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
-            # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync, on
-            # every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
-            share = torch.sigmoid(lse_c_dev - lse_static.float()).mean()
-            self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
-            self.cpu_share_steps += 1
-        every = self.cfg.mass_probe_every
-        if every and self.steps % every == 0:
-            self._probe_mass(q_cpu(), scaling, lse_static, lse_c_dev)
-        self.last_visited_mean = visited_mean
-        self.visited_sum += visited_mean
-        self.cpu_candidates_sum += self.cpu_tokens
+        if n_cpu:
+            if type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend:
+                # the built-in retrieval: one C++ call reads the staged query and writes out/lse where the copy back reads
+                q_cpu = None
+                out_c_dev, lse_c_dev, lse_c, visited_mean = self._retrieve_attend_to_device(staged, scaling, out.device)
+            else:  # a subclass's cpu_retrieve_attend hook (research baselines)
+                q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
+                out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
+                out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
+                visited_mean = float(visited.double().mean())
+            if self.steps % CPU_SHARE_EVERY == 0:
+                # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
+                # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync,
+                # on every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
+                share = torch.sigmoid(lse_c_dev - lse.float()).mean()
+                self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
+                self.cpu_share_steps += 1
+            every = self.cfg.mass_probe_every
+            if every and self.steps % every == 0:
+                self._probe_mass(q_cpu if q_cpu is not None else self.wait_query(staged), scaling, lse, lse_c)
+            out, lse = merge_attention_any_device(out, lse, out_c_dev, lse_c_dev)
+            self.last_visited_mean = visited_mean
+            self.visited_sum += self.last_visited_mean
+            self.cpu_candidates_sum += n_cpu
         self.steps += 1
+        return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
 
     def _host_buffer(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
         buf = self._host_buffers.get(name)
@@ -589,7 +575,7 @@ class RetrievalLayer(CacheLayerMixin):
         """RetrievalConfig.mass_probe_every: the share of the true attention mass (static set + every CPU key) that the
         static set plus the retrieved keys captured, per (head, query) of this step."""
         ls = lse_static.detach().to("cpu", torch.float32)
-        lr = lse_retrieved.to("cpu", torch.float32)
+        lr = lse_retrieved.to(torch.float32)
         lse_all = self.exact_cpu_lse(q_cpu, scaling)
         recovered = torch.exp(torch.logaddexp(ls, lr) - torch.logaddexp(ls, lse_all))
         self.mass_probes += 1

@@ -205,51 +205,33 @@ def test_key_index_build_takes_key_lists():
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_matches_its_parts(device, q_dtype):
-    """The decode path's one call (query copy, static attention, CPU retrieval, merge) gives what its parts give one by
-    one: dense_attention over the static set, retrieve_attend, merge_attention; a given static (out, lse) is used as
-    is; bad shapes are clear errors."""
-    hq, hkv, d, k, m = 6, 2, 32, 20, 3
+def test_retrieve_attend_into_matches_retrieve_attend(q_dtype):
+    """The decode path's call (staged query in its own dtype, out then lse into one buffer, keys scored summed)
+    gives what retrieve_attend gives, bit for bit; bad buffers are clear errors."""
+    hq, hkv, d, k = 6, 2, 32, 20
     keys, train, test = _layer_problem()
     layer = ra._ext._C.OffloadedLayer(torch.bfloat16, hq, hkv, d, d, "query_guided", {}, 0, "per_kv_head")
     layer.build(keys.bfloat16(), keys.bfloat16(), train)
-    g = torch.Generator().manual_seed(5)
-    static_k = torch.randn(1, hkv, 10, d, generator=g).to(device, q_dtype)
-    static_v = torch.randn(1, hkv, 10, d, generator=g).to(device, q_dtype)
-    query = test[:, :m].to(q_dtype).unsqueeze(0).to(device)  # (1, hq, m, d)
-    out, lse, lse_static, lse_cpu, q_host, total = layer.decode_step(query, static_k, static_v, 0.25, k, 64)
-
-    q_rows = query[0]
-    out_s, lse_s = ra.dense_attention(q_rows, static_k[0], static_v[0], 0.25, causal=True)
-    out_c, lse_c, visited = layer.retrieve_attend(q_rows.cpu().float(), k, 64, 0.25)
-    want_out, want_lse = ra.merge_attention(out_s, lse_s, out_c.to(device), lse_c.to(device))
+    q = test[:, :3].to(q_dtype)
+    out, lse, visited = layer.retrieve_attend(q.float(), k, 64, 0.25)
+    flat = torch.full((hq * 3 * (d + 1) + 5,), float("nan"))
+    total = layer.retrieve_attend_into(q, k, 64, 0.25, flat)
     assert total == int(visited.sum())
-    assert q_host.device.type == "cpu" and q_host.dtype == q_dtype and torch.equal(q_host, q_rows.cpu())
-    assert torch.equal(lse_static, lse_s) and torch.equal(lse_cpu.cpu(), lse_c) and torch.equal(lse, want_lse)
-    assert out.shape == (1, m, hq, d) and out.dtype == q_dtype and out.device == query.device
-    assert torch.equal(out, want_out.view(1, hq, m, d).transpose(1, 2).to(q_dtype))
-    assert torch.isfinite(out.float()).all() and (lse_cpu.cpu() > -float("inf")).all()
-
-    # a static (out, lse) given by the caller replaces the kernel's: here the CPU part alone
-    empty = (torch.zeros_like(out_s), torch.full_like(lse_s, -float("inf")))
-    out2, lse2, _, _, _, _ = layer.decode_step(query, static_k, static_v, 0.25, k, 64, *empty)
-    assert torch.equal(lse2.cpu(), lse_c)
-    assert torch.equal(out2, out_c.to(device).view(1, hq, m, d).transpose(1, 2).to(q_dtype))
-
-    with pytest.raises(ValueError, match="query shape"):
-        layer.decode_step(query[..., :-1], static_k, static_v, 0.25, k, 64)
-    with pytest.raises(ValueError, match="static keys/values"):
-        layer.decode_step(query, static_k[:, :1], static_v[:, :1], 0.25, k, 64)
-    with pytest.raises(ValueError, match="query"):
-        layer.decode_step(query[0], static_k, static_v, 0.25, k, 64)
-    with pytest.raises(ValueError, match="top_k"):
-        layer.decode_step(query, static_k, static_v, 0.25, 0, 64)
-    with pytest.raises(ValueError, match="together"):
-        layer.decode_step(query, static_k, static_v, 0.25, k, 64, out_s, None)
+    assert torch.equal(flat[: out.numel()].view_as(out), out)
+    assert torch.equal(flat[out.numel() : out.numel() + lse.numel()].view_as(lse), lse)
+    assert flat[-5:].isnan().all()  # nothing written past out and lse
+    with pytest.raises(ValueError, match="at least"):
+        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(hq * 3 * (d + 1) - 1))
+    with pytest.raises(TypeError, match="float32"):
+        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(hq * 3 * (d + 1), dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(2 * hq * 3 * (d + 1))[::2])
+    with pytest.raises(ValueError, match="q shape"):
+        layer.retrieve_attend_into(q[:, :, :-1], k, 64, 0.25, flat)
 
 
 def test_builtin_retrieval_equals_the_hook_path(device):
-    """decode_attention's built-in retrieval (OffloadedLayer.decode_step) and the cpu_retrieve_attend hook that research
+    """decode_attention's built-in retrieval (retrieve_attend_into) and the cpu_retrieve_attend hook that research
     subclasses override give the same tokens and logits, mass probes included."""
 
     class ThroughHook(ra.RetrievalLayer):
