@@ -37,7 +37,7 @@ for s in $steps; do case $s in
 build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --target /tmp/pylib .whl/faiss*.whl > "$OUT/faiss_install.log" 2>&1; python3 -c "import faiss; print('faiss', faiss.__version__)"; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
        python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)"
        grep "no shared libstdc" "$OUT/build.log"; readelf -d python/retrieval_attention/_C*.so | grep NEEDED | tr -s ' ' | cut -d' ' -f6 | tr '\n' ' '; echo;;
-tests) stamp tests; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_hf_exactness.py tests/python/test_index.py tests/python/test_reliability.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|ERROR|crashed" "$OUT/pytest_gpu.log" | head -20; tail -3 "$OUT/pytest_gpu.log";;
+tests) stamp tests; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_hf_exactness.py tests/python/test_index.py tests/python/test_reliability.py tests/python/test_sharing_and_persist.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|ERROR|crashed" "$OUT/pytest_gpu.log" | head -20; tail -3 "$OUT/pytest_gpu.log";;
 exc) stamp exc  # a C++ error inside a raw torch.ops kernel must reach Python as an exception, not crash the process
      python3 -c "
 import torch, retrieval_attention
