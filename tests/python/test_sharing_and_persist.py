@@ -676,3 +676,40 @@ def test_prompt_rows_stored_on_several_threads_keep_heads_and_values_apart():
     ref = torch.einsum("hmn,hnd->hmd", torch.softmax(s, -1), vh)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_knn_on_a_side_stream_builds_the_graphs_of_synchronous_lists(tmp_path):
+    """The prefill queues each layer's kNN on a side stream and goes on with the next layers; every layer's saved CPU
+    part (rows and graphs) is byte-identical to one built from lists computed synchronously from the same keys and
+    training queries (so nothing the side stream read was overwritten meanwhile)."""
+    from retrieval_attention.index import exact_key_knn, exact_knn
+
+    seen = {}
+
+    class Capture(ra.RetrievalLayer):
+        def on_cpu_tokens(self, keys, values, train_queries):
+            if train_queries is not None:  # the prefill's call
+                seen[self.layer_idx] = (keys.clone(), values.clone(), train_queries.clone())
+
+    model = tiny_model(seed=3).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(4)).cuda()
+    cfg = ra.RetrievalConfig(n_sink=4, n_window=16, index="query_guided", index_sharing="per_kv_head", max_train_queries=200)
+    cache = ra.RetrievalCache(model.config, cfg, layer_class=Capture)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    cache.wait_for_indexes()
+    params = ra._ext._C.resolved_index_params("query_guided", {})
+    assert sorted(seen) == list(range(len(cache.layers)))
+    for i, layer in enumerate(cache.layers):
+        keys, values, train = seen[i]
+        assert keys.dtype == torch.bfloat16 and train.shape == (4, 200, 16)
+        kg = keys.cuda()
+        knn = exact_knn(kg, train.cuda().to(kg.dtype), params["k_train"]).cpu()
+        key_knn = exact_key_knn(kg, params["ef_weak"]).cpu()
+        ref = ra._ext._C.OffloadedLayer(torch.bfloat16, 4, 2, 16, 16, "query_guided", {}, cfg.max_unindexed_tokens, "per_kv_head")
+        ref.build(keys, values, train, knn, index_now=True, key_knn=key_knn)
+        layer.offloaded.save(str(tmp_path / f"cache_{i}.bin"))
+        ref.save(str(tmp_path / f"sync_{i}.bin"))
+        assert (tmp_path / f"cache_{i}.bin").read_bytes() == (tmp_path / f"sync_{i}.bin").read_bytes(), i
+    assert all(s["knn_s"] > 0 for s in cache.stats())
