@@ -63,24 +63,6 @@ def _background(name: str):
     return _EXECUTORS[name]
 
 
-_KNN_STREAMS: dict = {}
-
-
-def _knn_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The side stream of a GPU on which prefills queue their kNN (one per device, shared by the layers: their kNN
-    runs in layer order)."""
-    if device not in _KNN_STREAMS:
-        _KNN_STREAMS[device] = torch.cuda.Stream(device)
-    return _KNN_STREAMS[device]
-
-
-def _to_pinned(t: torch.Tensor) -> torch.Tensor:
-    """An asynchronous copy of device tensor t into new page-locked CPU memory, queued on the current stream."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
-
-
 # -- saved caches -----------------------------------------------------------------------------------------------------
 _MANIFEST = "manifest.json"
 _FORMAT = "retrieval_attention.RetrievalCache"
@@ -166,7 +148,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.n_sink_kept = 0
         self.offloaded = None
         self.build_seconds = 0.0
-        self.knn_seconds = 0.0  # device time of the prefill's kNN (bipartite and key-to-key lists, on a side stream)
+        self.knn_seconds = 0.0  # device kNN at prefill: bipartite and key-to-key lists (part of build_seconds, on the critical path)
         self.offload_seconds = 0.0  # the prompt's CPU part leaving the device at prefill (on the critical path)
         self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
         self.last_visited_mean = 0.0
@@ -318,30 +300,18 @@ class RetrievalLayer(CacheLayerMixin):
         # answers by exact scans until the indexes are installed. Subclasses with their own cpu_retrieve_attend
         # (research baselines) and on_cpu_tokens hook see the layer only when it is complete.
         serve_early = run_async and cfg.decode_during_build and type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
-        knn = key_knn = knn_timing = None
+        knn = key_knn = None
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
-            # Bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build. It runs on a side stream,
-            # after this layer's prefill work and beside the next layers' (the store thread waits for its lists), so
-            # its memory-bound steps can share the GPU with their kernels instead of following them.
+            # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
             params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
-            keys_flat, q_flat = self._flat_heads(cpu_k), self._flat_heads(q)
-            side = _knn_stream(keys_flat.device)
-            side.wait_stream(torch.cuda.current_stream(keys_flat.device))
-            for t in (keys_flat, q_flat):
-                t.record_stream(side)  # their memory is not reused while the side stream still reads it
-            knn_timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            with torch.cuda.stream(side):
-                knn_timing[0].record()
-                knn = _to_pinned(exact_knn(keys_flat, q_flat, params["k_train"]))
-                if not serve_early:
-                    # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak
-                    # instead of searching for each on the CPU (3.5x faster 128K builds, ~0.5 s more GPU per 8B layer
-                    # on an H200). decode_during_build puts the first token first, so it leaves the searches to the CPU.
-                    key_knn = _to_pinned(exact_key_knn(keys_flat, params["ef_weak"]))
-                knn_timing[1].record()
-            del keys_flat, q_flat
-            if os.environ.get("RA_DEV_SYNC_KNN") == "1":  # DEV A/B: wait here, as before the side stream
-                knn_timing[1].synchronize()
+            t_knn = time.perf_counter()
+            knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]).cpu()
+            if not serve_early:
+                # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak
+                # instead of searching for each on the CPU (3.5x faster 128K builds, ~0.9 s more prefill per 8B layer on
+                # an H200). decode_during_build puts the first token first, so it leaves the searches to the CPU.
+                key_knn = exact_key_knn(self._flat_heads(cpu_k), params["ef_weak"]).cpu()
+            self.knn_seconds += time.perf_counter() - t_knn
         n_cpu = cpu_end - n_sink
         t_off = time.perf_counter()
         cpu_k, cpu_v, copied = self._prompt_to_cpu(cpu_k), self._prompt_to_cpu(cpu_v), None
@@ -362,9 +332,6 @@ class RetrievalLayer(CacheLayerMixin):
             t1 = time.perf_counter()
             if copied is not None:
                 copied.synchronize()
-            if knn_timing is not None:
-                knn_timing[1].synchronize()  # the lists are in their page-locked buffers
-                self.knn_seconds += knn_timing[0].elapsed_time(knn_timing[1]) / 1e3
             self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False, key_knn=key_knn)  # C++, GIL released: rows only
             if cpu_k.is_pinned():
                 # the stores hold the rows now; a subclass's on_cpu_tokens gets ordinary memory, and the page-locked

@@ -193,10 +193,8 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     # and the inputs (|x| in [32, 64) for the largest) far above its subnormals (< 2^-14) but for negligible entries.
     x = kf - kf.mean(1, keepdim=True)
     sq = (x * x).sum(-1)
-    e = torch.frexp(sq.amax(-1)).exponent  # max |x|^2 = f * 2^e, f in [0.5, 1)
-    # 2^floor((12 - e) / 2) from its float32 bits (exact, and no device sync: the prefill queues this call on a side
-    # stream and goes on)
-    scale = ((torch.div(12 - e, 2, rounding_mode="floor") + 127) << 23).to(torch.int32).view(torch.float32).view(groups, 1, 1)
+    exps = torch.frexp(sq.amax(-1)).exponent.tolist()  # max |x|^2 = f * 2^e, f in [0.5, 1)
+    scale = torch.tensor([2.0 ** ((12 - e) // 2) for e in exps], device=dev).view(groups, 1, 1)
     x = x * scale
     sq = sq * (scale * scale).view(groups, 1)
     left = torch.zeros((groups, n, d_aug), dtype=sdtype, device=dev)
