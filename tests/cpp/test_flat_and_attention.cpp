@@ -96,6 +96,40 @@ TEMPLATE_TEST_CASE("FlatIndex returns the exact top-k", "[flat]", float, Half, B
   }
 }
 
+TEST_CASE("exact_topk over several key and query blocks: the exact top-k, ties to the smaller id", "[flat]") {
+  // 2,502 keys (3 blocks of 1,024, the last not a multiple of 4), 70 queries (a block of 64 and one of 6), d = 19; every
+  // key row appears 3 times (ids r, r + 834, r + 1668, in different key blocks), so equal scores are exact ties
+  const int64_t n_base = 834, n = 3 * n_base, m = 70, d = 19, k = 37;
+  auto base = ra_test::convert<BFloat16>(random_matrix(n_base, d, 7));
+  std::vector<BFloat16> rows;
+  for (int rep = 0; rep < 3; ++rep) rows.insert(rows.end(), base.begin(), base.end());
+  VectorStore<BFloat16> store(d);
+  store.append(rows.data(), n);
+  auto q = random_matrix(m, d, 8);
+  std::vector<int64_t> ids(m * k);
+  std::vector<float> scores(m * k);
+  exact_topk(q.data(), m, store, n, k, ids.data(), scores.data());
+  auto base_f = ra_test::widen(base);
+  for (int64_t i = 0; i < m; ++i) {
+    std::vector<double> score_of(n_base);
+    std::vector<std::pair<double, int64_t>> ref;  // (score, base row) best-first
+    for (int64_t r = 0; r < n_base; ++r) {
+      double s = 0;
+      for (int64_t c = 0; c < d; ++c) s += double(q[i * d + c]) * base_f[r * d + c];
+      score_of[r] = s;
+      ref.emplace_back(s, r);
+    }
+    std::sort(ref.begin(), ref.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::vector<int64_t> want;  // each base row's three ids, smallest first
+    for (size_t r = 0; want.size() < static_cast<size_t>(k); ++r)
+      for (int rep = 0; rep < 3 && want.size() < static_cast<size_t>(k); ++rep) want.push_back(ref[r].second + rep * n_base);
+    for (int64_t j = 0; j < k; ++j) {
+      CHECK(ids[i * k + j] == want[static_cast<size_t>(j)]);
+      CHECK(scores[i * k + j] == Approx(score_of[want[j] % n_base]).epsilon(1e-4).margin(1e-4));
+    }
+  }
+}
+
 TEST_CASE("FlatIndex pads with -1 when k exceeds n and indexes appended rows", "[flat]") {
   const int64_t d = 4;
   auto store = std::make_shared<VectorStore<float>>(d);
