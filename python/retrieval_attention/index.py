@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import _ext, _knn_triton
+from . import _ext
 from ._checks import FLOAT_STORAGE, as_tensor, check_finite, check_float, check_positive_int, check_rank
 
 
@@ -121,93 +121,6 @@ class FlatIndex(_IndexBase):
         self.build_seconds = time.perf_counter() - t0
 
 
-def _fp16_scaled(x: torch.Tensor, target_exp: int) -> torch.Tensor:
-    """x (G, n, d) float32 times a power of two per group (exact; rankings unchanged) that puts max |x_i|^2 in
-    [2^(target_exp - 2), 2^target_exp), so its float16 copy neither overflows nor loses the bulk to subnormals."""
-    exps = torch.frexp((x * x).sum(-1).amax(-1).clamp_min(1e-30)).exponent.tolist()
-    scale = torch.tensor([2.0 ** ((target_exp - e) // 2) for e in exps], device=x.device).view(-1, 1, 1)
-    return x * scale
-
-
-def _fused_candidates(left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor, m: int, exclude_self: bool,
-                      max_block_bytes: int):
-    """Yields (start, cand, bad) per block of rows: cand (G, b, m) int64, each row's m columns of largest approximate
-    score left @ right^T + bias (float16 products, float32 sums; the chunk top-2 kernel, _knn_triton), bad where a
-    candidate is padding or itself. left (G, r, d), right (G, n, d) float32, bias (G, n) float32."""
-    G, r, d = left.shape
-    n = right.shape[1]
-    D = _knn_triton.padded_dim(d)
-    perm, c = _knn_triton.column_order(n, left.device)
-    right_pad = torch.zeros((G, c, D), dtype=torch.float16, device=left.device)
-    right_pad[:, :n, :d] = right
-    bias_pad = torch.full((G, c), float("-inf"), device=left.device)
-    bias_pad[:, :n] = bias
-    right_pad, bias_pad = right_pad[:, perm], bias_pad[:, perm]
-    position = torch.empty_like(perm)
-    position[perm] = torch.arange(c, device=left.device)  # where each original column sits
-    width = 2 * (c // _knn_triton.CH)
-    m = min(m, width)
-    # bytes per block row: the kernel's output and topk's scratch, the candidates' float32 rows the caller gathers
-    block = max(1, min(r, max_block_bytes // (G * (width * 20 + m * (4 * d + 32)))))
-    if block >= _knn_triton.BM and block < r:
-        block -= block % _knn_triton.BM  # whole row tiles
-    for s in range(0, r, block):
-        b = min(block, r - s)
-        lb = torch.zeros((G, b, D), dtype=torch.float16, device=left.device)
-        lb[:, :, :d] = left[:, s : s + b]
-        own = position[s : s + b].to(torch.int32).expand(G, b) if exclude_self else None
-        vals, cols = _knn_triton.chunk_top2(lb, right_pad, bias_pad, own)
-        top = vals.topk(m, dim=-1)
-        cand = perm[cols.gather(-1, top.indices).long()]
-        yield s, cand, top.values == float("-inf")
-
-
-def _use_fused(keys: torch.Tensor, n: int, k: int) -> bool:
-    """The fused kernel on GPUs with Triton, where its n/32 chunks make a lost entry rare: an entry is lost where three
-    of a row's best share a chunk, about k^2 / (6 (n/32)^2) of a list's entries for keys in random order, under 0.1%
-    from n >= 416 k (41.6K keys for the bipartite lists' k = 100). Below that, and below 16K keys, the score matrix is
-    small enough for the torch path."""
-    return keys.is_cuda and n >= max(416 * k, 16384) and _knn_triton.available(keys.device)
-
-
-def _fused_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int) -> torch.Tensor:
-    """exact_knn on a GPU through the chunk top-2 kernel: 2k candidates a query by approximate score, re-ranked by
-    their float32 inner products."""
-    groups, n, d = keys.shape
-    heads, m, _ = queries.shape
-    kf = keys.float()
-    q = queries.float().reshape(groups, heads // groups * m, d)
-    # for a fixed query, q.(k - mean) ranks the keys as q.k does; centring shrinks the keys' float16 rounding error
-    left, right = _fp16_scaled(q, 12), _fp16_scaled(kf - kf.mean(1, keepdim=True), 12)
-    flat = kf.reshape(groups * n, d)
-    first = (torch.arange(groups, device=keys.device) * n).view(groups, 1, 1)
-    out = torch.empty((groups, q.shape[1], k), dtype=torch.int64, device=keys.device)
-    bias = torch.zeros((groups, n), device=keys.device)
-    for s, cand, bad in _fused_candidates(left, right, bias, 2 * k, False, max_block_bytes):
-        b = cand.shape[1]
-        vec = flat.index_select(0, (cand + first).view(-1)).view(groups, b, -1, d)
-        score = torch.matmul(vec, q[:, s : s + b].unsqueeze(-1)).squeeze(-1).masked_fill_(bad, float("-inf"))
-        out[:, s : s + b] = cand.gather(-1, score.topk(k, dim=-1, sorted=True).indices)
-    return out.reshape(heads, m, k)
-
-
-def _fused_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int) -> torch.Tensor:
-    """exact_key_knn on a GPU through the chunk top-2 kernel: 2k candidates a key by approximate score
-    2 x_i.x_j - |x_j|^2 (x centred and scaled as in exact_key_knn), re-ranked by float32 distance."""
-    groups, n, d = keys.shape
-    kf = keys.float()
-    x = _fp16_scaled(kf - kf.mean(1, keepdim=True), 12)
-    flat = kf.reshape(groups * n, d)
-    first = (torch.arange(groups, device=keys.device) * n).view(groups, 1, 1)
-    out = torch.empty((groups, n, k), dtype=torch.int64, device=keys.device)
-    for s, cand, bad in _fused_candidates(x, 2.0 * x, -(x * x).sum(-1), 2 * k, True, max_block_bytes):
-        b = cand.shape[1]
-        vec = flat.index_select(0, (cand + first).view(-1)).view(groups, b, -1, d)
-        dist = torch.linalg.vector_norm(vec.sub_(kf[:, s : s + b].unsqueeze(2)), dim=-1).masked_fill_(bad, float("inf"))
-        out[:, s : s + b] = cand.gather(-1, dist.topk(k, dim=-1, largest=False, sorted=True).indices)
-    return out
-
-
 def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int = 1 << 30) -> torch.Tensor:
     """Top-k key ids (by inner product) of each query, on the tensors' device, in query blocks.
 
@@ -224,8 +137,6 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
     heads, m, _ = queries.shape
     per = heads // groups
     k = min(k, n)
-    if _use_fused(keys, n, k):
-        return _fused_knn(keys, queries, k, max_block_bytes)
     # GPUs score in the keys' 16-bit dtype (tensor cores); the CPU scores in float32
     dtype = keys.dtype if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
     kt = keys.to(dtype).transpose(1, 2)  # (G, d, n)
@@ -266,8 +177,6 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     dev = keys.device
     if k <= 0:
         return torch.empty((groups, n, 0), dtype=torch.int64, device=dev)
-    if _use_fused(keys, n, k):
-        return _fused_key_knn(keys, k, max_block_bytes)
     half = keys.is_cuda  # the CPU has no fast float16 matmul
     sdtype, sbytes = (torch.float16, 2) if half else (torch.float32, 4)
     n_pad = -(-n // chunk) * chunk

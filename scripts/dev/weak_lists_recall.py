@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--layers", default="1,3,5")
     ap.add_argument("--heads", default="0,4")
     ap.add_argument("--key-k", default="16,32", help="key-to-key list lengths to try")
+    ap.add_argument("--subset-strides", default="", help="also: lists of each key's 16 nearest among every s-th key only")
     ap.add_argument("--efs", default="100,128,160,200,256,320,400")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
@@ -50,6 +51,16 @@ def main():
             t = time.perf_counter()
             kl = exact_key_knn(keys[None], kk)[0]
             variants.append((f"lists{kk}", kl, time.perf_counter() - t))
+        for st in [int(x) for x in a.subset_strides.split(",") if x]:
+            t = time.perf_counter()
+            cols = torch.arange(0, keys.shape[0], st)
+            dist = torch.cdist(keys, keys[cols])
+            own = torch.arange(keys.shape[0])
+            mine = own % st == 0
+            dist[own[mine], own[mine] // st] = float("inf")  # not itself
+            kl = cols[dist.topk(16, dim=1, largest=False).indices]
+            del dist
+            variants.append((f"subset{st}", kl, time.perf_counter() - t))
         for name, kl, list_s in variants:
             t = time.perf_counter()
             handle = _ext._C.KeyIndex.build(keys.bfloat16(), tq, "query_guided", params, knn, kl)
