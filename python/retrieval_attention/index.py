@@ -151,12 +151,22 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
     return out.reshape(heads, m, k)
 
 
-def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128) -> torch.Tensor:
+# Each key's GPU neighbour list for the graph build is sought among every KEY_LIST_COLUMN_STRIDE-th key
+# (exact_key_knn's column_stride): half the score matrix, same graph quality on the model's Q/K (RESULTS.md, fifteenth
+# session). Benchmarks may set it to 1 for an A/B.
+KEY_LIST_COLUMN_STRIDE = 2
+
+
+def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128,
+                  column_stride: int = 1) -> torch.Tensor:
     """Each key's k nearest other keys of its group by L2 distance, on the keys' device, in key blocks.
 
-    keys (G, n, d) -> ids (G, n, min(k, n - 1)) int64, nearest first. The query-guided graph links the keys its
-    projection leaves with few edges (the "weak" keys) from these lists instead of searching for them (ef_weak long:
-    see RetrievalLayer.finish_prefill).
+    keys (G, n, d) -> ids (G, n, min(k, c - 1)) int64, nearest first, where the neighbours are sought among the c keys
+    0, s, 2s, ... (s = column_stride; c = n for s = 1). The query-guided graph links the keys its projection leaves
+    with few edges (the "weak" keys) from these lists instead of searching for them (ef_weak long: see
+    RetrievalLayer.finish_prefill). Seeking them among every other key (s = 2) halves the score matrix, and on the
+    model's 32K Q/K the graphs scan 5.56% of the keys at recall@100 0.95 against 5.51% with all keys (s = 4: 5.96%;
+    benchmarks/RESULTS.md, fifteenth session).
 
     Two stages per key block. Candidates: scores 2 x_i.x_j - |x_j|^2 (x: the keys minus their group mean, scaled by a
     power of two; same ranking as the L2 distance) come out of one matmul of [x_i, 1] by [2 x_j, -|x_j|^2], float16
@@ -173,13 +183,15 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     float32 near-ties. Measured on an H200 for random keys, and for anisotropic keys with a common offset
     (8 x 130,432 x 128, k=16): every sampled entry's distance equals the float64 brute force's at its rank."""
     groups, n, d = keys.shape
-    k = min(k, n - 1)
+    stride = check_positive_int(column_stride, "column_stride")
+    n_cols = -(-n // stride)
+    k = min(k, n_cols - 1)
     dev = keys.device
     if k <= 0:
         return torch.empty((groups, n, 0), dtype=torch.int64, device=dev)
     half = keys.is_cuda  # the CPU has no fast float16 matmul
     sdtype, sbytes = (torch.float16, 2) if half else (torch.float32, 4)
-    n_pad = -(-n // chunk) * chunk
+    n_pad = -(-n_cols // chunk) * chunk
     n_chunks = n_pad // chunk
     d_aug = -(-(d + 1) // 8) * 8
     # Margins against the candidate scores' rounding: a neighbour of approximate rank <= kc always lies in the kept
@@ -206,8 +218,8 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     left[:, :, :d] = x
     left[:, :, d] = 1.0
     right = torch.zeros((groups, n_pad, d_aug), dtype=sdtype, device=dev)  # padding columns score 0: masked below
-    right[:, :n, :d] = 2.0 * x
-    right[:, :n, d] = -sq
+    right[:, :n_cols, :d] = 2.0 * x[:, ::stride]
+    right[:, :n_cols, d] = -sq[:, ::stride]
     right = right.transpose(1, 2)
     del x, sq
     flat = kf.reshape(groups * n, d)
@@ -225,8 +237,9 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             b = min(block, n - s)
             sc = torch.bmm(left[:, s : s + b], right)  # (G, b, n_pad)
             rows = torch.arange(s, s + b, device=dev)
-            sc[:, rows - s, rows] = float("-inf")  # not itself
-            sc[:, :, n:] = float("-inf")  # padding columns never rank
+            own = rows[rows % stride == 0]  # the rows that are also columns
+            sc[:, own - s, own // stride] = float("-inf")  # not itself
+            sc[:, :, n_cols:] = float("-inf")  # padding columns never rank
             sc = sc.view(groups * b * n_chunks, chunk)  # one chunk a row
             cmax = sc.view(-1, chunk // step, step).amax(1).amax(-1)
             top_chunks = cmax.view(groups, b, n_chunks).topk(kc, dim=-1).indices  # (G, b, kc)
@@ -234,9 +247,10 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             kept = sc.index_select(0, chunk_rows.view(-1)).view(groups, b, kc * chunk)
             del sc
             pos = kept.topk(m, dim=-1).indices  # (G, b, m) by approximate score
-            cand = top_chunks.gather(-1, pos // chunk) * chunk + pos % chunk
+            col = top_chunks.gather(-1, pos // chunk) * chunk + pos % chunk
+            cand = col * stride
             # self and padding come in only when fewer than m other keys sit in the kept chunks
-            bad = (cand >= n) | (cand == rows.view(1, b, 1))
+            bad = (col >= n_cols) | (cand == rows.view(1, b, 1))
             vec = flat.index_select(0, (cand.clamp(max=n - 1) + first).view(-1)).view(groups, b, m, d)
             dist = torch.linalg.vector_norm(vec.sub_(kf[:, s : s + b].unsqueeze(2)), dim=-1)
             dist.masked_fill_(bad, float("inf"))
@@ -284,7 +298,8 @@ class QueryGuidedIndex(_IndexBase):
         knn = key_knn = None
         if device_keys.is_cuda and tq.is_cuda and tq.shape[0] > 0:
             knn = exact_knn(device_keys.unsqueeze(0), tq.float().unsqueeze(0), params["k_train"])[0].cpu()
-            key_knn = exact_key_knn(device_keys.unsqueeze(0), params["ef_weak"])[0].cpu() if k.shape[0] > 1 else None
+            key_knn = exact_key_knn(device_keys.unsqueeze(0), params["ef_weak"], column_stride=KEY_LIST_COLUMN_STRIDE)[0].cpu()
+            key_knn = key_knn if key_knn.shape[-1] > 0 else None  # a single candidate key: nothing to link
         tq = tq.detach().to("cpu", torch.float32).contiguous()
         super().__init__(_ext._C.KeyIndex.build(k, tq, "query_guided", params, knn, key_knn))
         self.build_seconds = time.perf_counter() - t0

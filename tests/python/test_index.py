@@ -221,6 +221,27 @@ def test_exact_key_knn_matches_brute_force():
         assert torch.equal(got, dist.topk(min(k, n - 1), largest=False).indices)
 
 
+def test_key_knn_among_every_sth_key():
+    """column_stride s: each key's nearest other keys among keys 0, s, 2s, ... equal a brute-force topk over those
+    columns (ids in the original numbering), for rows that are columns and rows that are not, several blocks, k
+    clamped to the columns less one; a bad stride is a clear error."""
+    from retrieval_attention.index import exact_key_knn
+
+    g = torch.Generator().manual_seed(18)
+    for groups, n, d, k, s in ((2, 1000, 16, 16, 2), (1, 301, 8, 5, 3), (3, 129, 4, 200, 2), (1, 5, 4, 3, 4)):
+        keys = torch.randn(groups, n, d, generator=g)
+        got = exact_key_knn(keys, k, max_block_bytes=1 << 16, column_stride=s)
+        cols = torch.arange(0, n, s)
+        dist = torch.cdist(keys.double(), keys[:, cols].double())
+        dist[:, cols, torch.arange(len(cols))] = float("inf")  # a column row is not its own neighbour
+        kk = min(k, len(cols) - 1)
+        assert got.shape == (groups, n, kk)
+        assert torch.equal(got, cols[dist.topk(kk, largest=False).indices])
+    assert exact_key_knn(torch.randn(1, 2, 4), 16, column_stride=2).shape == (1, 2, 0)
+    with pytest.raises(ValueError, match="column_stride"):
+        exact_key_knn(torch.randn(1, 10, 4), 3, column_stride=0)
+
+
 def test_exact_key_knn_large_and_small_norm_keys():
     """Keys with a large common offset, scaled far up or down (the candidate stage rescales them by a power of two):
     the lists' distances equal the brute-force k smallest, rank by rank (ids may swap only at float32 near-ties)."""
