@@ -151,10 +151,12 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
     return out.reshape(heads, m, k)
 
 
-# Each key's GPU neighbour list for the graph build is sought among every KEY_LIST_COLUMN_STRIDE-th key
-# (exact_key_knn's column_stride): half the score matrix, same graph quality on the model's Q/K (RESULTS.md, fifteenth
-# session). Benchmarks may set it to 1 for an A/B.
-KEY_LIST_COLUMN_STRIDE = 2
+# The GPU neighbour lists of the graph builds seek each key's nearest among every KEY_LIST_COLUMN_STRIDE-th key
+# (exact_key_knn's column_stride). 2 halves the score matrix for the same graph quality on the model's Q/K, and a 128K
+# 8B prefill on the H200 took 35.5 s instead of 41.3; but the CPU builds got 10% slower (the even keys gather the
+# weak keys' in-edges), they became the critical path, and the first token came as late (RESULTS.md, fifteenth
+# session). So 1 stays the default; a host whose CPU builds outpace its prefill gains from 2.
+KEY_LIST_COLUMN_STRIDE = 1
 
 
 def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128,
@@ -166,7 +168,7 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     with few edges (the "weak" keys) from these lists instead of searching for them (ef_weak long: see
     RetrievalLayer.finish_prefill). Seeking them among every other key (s = 2) halves the score matrix, and on the
     model's 32K Q/K the graphs scan 5.56% of the keys at recall@100 0.95 against 5.51% with all keys (s = 4: 5.96%;
-    benchmarks/RESULTS.md, fifteenth session).
+    benchmarks/RESULTS.md, fifteenth session); KEY_LIST_COLUMN_STRIDE is what the builds use.
 
     Two stages per key block. Candidates: scores 2 x_i.x_j - |x_j|^2 (x: the keys minus their group mean, scaled by a
     power of two; same ranking as the L2 distance) come out of one matmul of [x_i, 1] by [2 x_j, -|x_j|^2], float16

@@ -3,7 +3,7 @@ main thread and from a background thread (as RetrievalCache does on a GPU), with
 
     python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16] [--hash]
 
---key-lists L also computes each key's L nearest other keys (exact_key_knn, on the GPU when there is one) and hands
+--key-lists L (with --key-list-stride S: among every S-th key) also computes each key's L nearest other keys (exact_key_knn, on the GPU when there is one) and hands
 them to the build, as RetrievalCache's prefill does; RA_QG_PROFILE=1 prints each graph's build phases.
 """
 import argparse
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="main,thread")
     ap.add_argument("--key-lists", type=int, default=0, help="length of each key's list of nearest keys (0: none)")
+    ap.add_argument("--key-list-stride", type=int, default=1, help="exact_key_knn's column_stride for those lists")
     ap.add_argument("--hash", action="store_true", help="also print a hash of the saved layer (equal: identical graphs)")
     a = ap.parse_args()
     if a.threads:
@@ -56,7 +57,7 @@ def main():
     key_knn, key_knn_s = None, None
     if a.key_lists:
         t = time.perf_counter()
-        key_knn = exact_key_knn(K.to(dev), a.key_lists).cpu()
+        key_knn = exact_key_knn(K.to(dev), a.key_lists, column_stride=a.key_list_stride).cpu()
         key_knn_s = round(time.perf_counter() - t, 3)
     for mode in a.modes.split(","):
         res = {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: the A/B of KEY_LIST_COLUMN_STRIDE (1 = every key, 2 = the library default) at 128K on the H200:
+# One device call: the A/B of KEY_LIST_COLUMN_STRIDE (1 = every key, the default; 2 = every other key) at 128K on the H200:
 # decode (recall and build per layer of ours) and the end-to-end prefill, then the GPU tests on the final code.
 #   LIMIT=585 bash scripts/dev/stride_ab.sh     (outputs in $OUT/o.tgz)
 set -u

@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--heads", default="0,4")
     ap.add_argument("--key-k", default="16,32", help="key-to-key list lengths to try")
     ap.add_argument("--subset-strides", default="", help="also: lists of each key's 16 nearest among every s-th key only")
+    ap.add_argument("--classes", default="", help="also: lists of each key's 16 nearest among the keys of its class "
+                    "(position mod c) only")
     ap.add_argument("--efs", default="100,128,160,200,256,320,400")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
@@ -61,6 +63,12 @@ def main():
             kl = cols[dist.topk(16, dim=1, largest=False).indices]
             del dist
             variants.append((f"subset{st}", kl, time.perf_counter() - t))
+        for c in [int(x) for x in a.classes.split(",") if x]:
+            t = time.perf_counter()
+            kl = torch.empty((keys.shape[0], 16), dtype=torch.int64)
+            for r in range(c):
+                kl[r::c] = exact_key_knn(keys[None, r::c], 16)[0] * c + r
+            variants.append((f"classes{c}", kl, time.perf_counter() - t))
         for name, kl, list_s in variants:
             t = time.perf_counter()
             handle = _ext._C.KeyIndex.build(keys.bfloat16(), tq, "query_guided", params, knn, kl)
