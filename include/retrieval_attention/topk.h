@@ -145,6 +145,12 @@ void exact_topk(const float* queries, int64_t m, const VectorStore<T>& keys, int
     const int64_t q0 = qb * kQueryBlock, mq = std::min(kQueryBlock, m - q0);
     std::vector<TopK> best(static_cast<size_t>(mq), TopK(k));
     RowMat Kf(kKeyBlock, d);
+    const auto widen_keys = [&](int64_t k0, int64_t nk) {  // key rows k0 .. k0+nk-1 into Kf as float32
+      for (int64_t r = 0; r < nk; ++r) {
+        const T* src = keys.row(k0 + r);
+        for (int64_t c = 0; c < d; ++c) Kf(r, c) = to_float(src[c]);
+      }
+    };
 #ifdef RA_X86_SIMD
     if (use_avx) {
       // the query block transposed (d x 64, zero-padded) once; key rows widened block by block; scores key-major
@@ -157,10 +163,7 @@ void exact_topk(const float* queries, int64_t m, const VectorStore<T>& keys, int
       const int64_t mq_pad = (mq + 15) / 16 * 16;
       for (int64_t k0 = 0; k0 < n; k0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, n - k0);
-        for (int64_t r = 0; r < nk; ++r) {
-          const T* src = keys.row(k0 + r);
-          for (int64_t c = 0; c < d; ++c) Kf(r, c) = to_float(src[c]);
-        }
+        widen_keys(k0, nk);
         topk_detail::scores_avx(Kf.data(), nk, d, Qt.data(), mq_pad, St.data());
         topk_detail::offer_avx(St.data(), nk, mq_pad, k0, best.data(), thr);
       }
@@ -171,10 +174,7 @@ void exact_topk(const float* queries, int64_t m, const VectorStore<T>& keys, int
       RowMat S(mq, kKeyBlock);
       for (int64_t k0 = 0; k0 < n; k0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, n - k0);
-        for (int64_t r = 0; r < nk; ++r) {
-          const T* src = keys.row(k0 + r);
-          for (int64_t c = 0; c < d; ++c) Kf(r, c) = to_float(src[c]);
-        }
+        widen_keys(k0, nk);
         S.leftCols(nk).noalias() = Q * Kf.topRows(nk).transpose();
         for (int64_t i = 0; i < mq; ++i) {
           TopK& t = best[static_cast<size_t>(i)];
