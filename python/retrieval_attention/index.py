@@ -159,6 +159,13 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
 KEY_LIST_COLUMN_STRIDE = 1
 
 
+def build_key_lists(keys: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The key-to-key lists a graph build takes (keys (G, n, d) on the GPU): exact_key_knn at KEY_LIST_COLUMN_STRIDE,
+    on the CPU; None when there is no other candidate key to link to."""
+    lists = exact_key_knn(keys, k, column_stride=KEY_LIST_COLUMN_STRIDE).cpu()
+    return lists if lists.shape[-1] > 0 else None
+
+
 def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128,
                   column_stride: int = 1) -> torch.Tensor:
     """Each key's k nearest other keys of its group by L2 distance, on the keys' device, in key blocks.
@@ -300,8 +307,8 @@ class QueryGuidedIndex(_IndexBase):
         knn = key_knn = None
         if device_keys.is_cuda and tq.is_cuda and tq.shape[0] > 0:
             knn = exact_knn(device_keys.unsqueeze(0), tq.float().unsqueeze(0), params["k_train"])[0].cpu()
-            key_knn = exact_key_knn(device_keys.unsqueeze(0), params["ef_weak"], column_stride=KEY_LIST_COLUMN_STRIDE)[0].cpu()
-            key_knn = key_knn if key_knn.shape[-1] > 0 else None  # a single candidate key: nothing to link
+            key_knn = build_key_lists(device_keys.unsqueeze(0), params["ef_weak"])
+            key_knn = key_knn[0] if key_knn is not None else None
         tq = tq.detach().to("cpu", torch.float32).contiguous()
         super().__init__(_ext._C.KeyIndex.build(k, tq, "query_guided", params, knn, key_knn))
         self.build_seconds = time.perf_counter() - t0
