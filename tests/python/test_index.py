@@ -242,51 +242,6 @@ def test_key_knn_among_every_sth_key():
         exact_key_knn(torch.randn(1, 10, 4), 3, column_stride=0)
 
 
-def test_cluster_key_knn_lists():
-    """cluster_key_knn: with every cluster probed the lists are the exact ones (distance rank by rank); on keys drawn
-    around well-separated centres, probing 4 of 32 clusters finds nearly all exact entries; never the key itself,
-    ids in range, the same lists twice; -1 pads rows whose probed clusters hold fewer than k other keys."""
-    from retrieval_attention.index import cluster_key_knn, exact_key_knn
-
-    g = torch.Generator().manual_seed(19)
-    keys = torch.randn(2, 600, 8, generator=g)
-    got = cluster_key_knn(keys, 10, n_probe=8, keys_per_cluster=100, max_block_bytes=1 << 16)  # 6 clusters, all probed
-    dist = torch.cdist(keys.double(), keys.double())
-    dist[:, torch.arange(600), torch.arange(600)] = float("inf")
-    assert got.shape == (2, 600, 10)
-    assert torch.allclose(dist.gather(-1, got), dist.topk(10, largest=False).values, rtol=1e-5, atol=0)
-
-    centres = 8 * torch.randn(32, 16, generator=g)
-    keys = centres[torch.randint(0, 32, (2, 8192), generator=g)] + torch.randn(2, 8192, 16, generator=g)
-    got = cluster_key_knn(keys, 16, n_probe=4, keys_per_cluster=256)
-    exact = exact_key_knn(keys, 16)
-    found = (got.unsqueeze(-1) == exact.unsqueeze(-2)).any(-2).float().mean()
-    assert found > 0.98, found
-    assert ((got >= 0) & (got < 8192)).all()
-    assert not (got == torch.arange(8192).view(1, -1, 1)).any()
-    assert torch.equal(got, cluster_key_knn(keys, 16, n_probe=4, keys_per_cluster=256))
-
-    few = cluster_key_knn(torch.randn(1, 64, 4, generator=g), 20, n_probe=1, keys_per_cluster=8)  # ~8 keys per cluster
-    assert few.shape == (1, 64, 20) and (few[..., -1] == -1).any() and (few[..., 0] >= 0).all()
-    assert cluster_key_knn(torch.randn(1, 1, 4), 5).shape == (1, 1, 0)
-    with pytest.raises(ValueError, match="n_probe"):
-        cluster_key_knn(torch.randn(1, 10, 4), 3, n_probe=0)
-
-
-def test_build_key_lists_follows_the_module_setting(monkeypatch):
-    """build_key_lists gives the cluster lists when KEY_LIST_CLUSTER_PROBE asks and the keys make enough clusters, and
-    the exact lists otherwise."""
-    import retrieval_attention.index as I
-
-    keys = torch.randn(1, 200, 8, generator=torch.Generator().manual_seed(20))
-    assert torch.equal(I.build_key_lists(keys, 6), I.exact_key_knn(keys, 6))
-    monkeypatch.setattr(I, "KEY_LIST_CLUSTER_PROBE", 2)
-    monkeypatch.setattr(I, "KEY_LIST_KEYS_PER_CLUSTER", 16)  # 12 clusters > 2 x 2 probed
-    assert torch.equal(I.build_key_lists(keys, 6), I.cluster_key_knn(keys, 6, n_probe=2, keys_per_cluster=16))
-    monkeypatch.setattr(I, "KEY_LIST_KEYS_PER_CLUSTER", 50)  # 4 clusters: exact
-    assert torch.equal(I.build_key_lists(keys, 6), I.exact_key_knn(keys, 6))
-
-
 def test_exact_key_knn_large_and_small_norm_keys():
     """Keys with a large common offset, scaled far up or down (the candidate stage rescales them by a power of two):
     the lists' distances equal the brute-force k smallest, rank by rank (ids may swap only at float32 near-ties)."""
