@@ -117,17 +117,12 @@ def parse_args(argv=None):
     ap.add_argument("--key-list-stride", type=int, default=None, metavar="S",
                     help="seek each key's GPU neighbour list among every S-th key (retrieval_attention.index."
                          "KEY_LIST_COLUMN_STRIDE; for an A/B of the library's default)")
-    ap.add_argument("--key-list-probe", type=int, default=None, metavar="P",
-                    help="take the GPU neighbour lists from cluster_key_knn with P probed clusters, 0: exact "
-                         "(retrieval_attention.index.KEY_LIST_CLUSTER_PROBE; for an A/B of the library's default)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
-    import retrieval_attention.index as ra_index
-
     if a.key_list_stride is not None:
+        import retrieval_attention.index as ra_index
+
         ra_index.KEY_LIST_COLUMN_STRIDE = a.key_list_stride
-    if a.key_list_probe is not None:
-        ra_index.KEY_LIST_CLUSTER_PROBE = a.key_list_probe
     q = a.quick
     a.contexts = [int(x) for x in (a.contexts or ("2048,8192" if q else "32768,131072,524288,1048576")).split(",") if x]
     a.methods = [m for m in a.methods.split(",") if m]

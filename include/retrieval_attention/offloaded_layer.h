@@ -123,10 +123,6 @@ class OffloadedLayer {
   // Makes the indexes a build(..., index_now = false) left pending (no-op if none is). The indexes are built under
   // the shared lock, so retrieve_attend runs meanwhile (scanning the rows exactly); append() waits for it.
   void build_indexes() {
-#ifdef _OPENMP
-    // DEV experiment: RA_DEV_BUILD_THREADS=N gives the calling thread's builds N OpenMP threads
-    if (const char* nt = std::getenv("RA_DEV_BUILD_THREADS"); nt && *nt) omp_set_num_threads(std::max(1, std::atoi(nt)));
-#endif
     std::vector<std::unique_ptr<KeyIndex<T>>> made;
     {
       std::shared_lock<std::shared_mutex> lock(mu_);
@@ -446,7 +442,7 @@ class OffloadedLayer {
       // neighbour lists are one contiguous block of the (Hq, n_train, .) layout.
       // DEV experiment: RA_DEV_GRAPH_WAVE=W builds the graphs W at a time (their key rows fit a smaller cache)
       const char* wave_env = std::getenv("RA_DEV_GRAPH_WAVE");
-      const int64_t wave = wave_env && *wave_env ? std::max<int64_t>(1, std::atoll(wave_env)) : hkv_;
+      const int64_t wave = wave_env ? std::max<int64_t>(1, std::atoll(wave_env)) : hkv_;
       for (int64_t w0 = 0; w0 < hkv_; w0 += wave)
       parallel_for_split(std::min(wave, hkv_ - w0), [&](int64_t wi) {
         const int64_t kv = w0 + wi;

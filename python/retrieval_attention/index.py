@@ -157,101 +157,13 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
 # weak keys' in-edges), they became the critical path, and the first token came as late (RESULTS.md, fifteenth
 # session). So 1 stays the default; a host whose CPU builds outpace its prefill gains from 2.
 KEY_LIST_COLUMN_STRIDE = 1
-# KEY_LIST_CLUSTER_PROBE > 0: the lists come from cluster_key_knn with that many probed clusters (of one per
-# KEY_LIST_KEYS_PER_CLUSTER keys) when the keys make more than 2 x that many clusters; 0: exact_key_knn always.
-KEY_LIST_CLUSTER_PROBE = 0
-KEY_LIST_KEYS_PER_CLUSTER = 512
 
 
 def build_key_lists(keys: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The key-to-key lists a graph build takes (keys (G, n, d) on the GPU), on the CPU: cluster_key_knn where
-    KEY_LIST_CLUSTER_PROBE asks for it (and the keys make enough clusters), else exact_key_knn at
-    KEY_LIST_COLUMN_STRIDE; None when there is no other candidate key to link to."""
-    n = keys.shape[1]
-    if KEY_LIST_CLUSTER_PROBE > 0 and round(n / KEY_LIST_KEYS_PER_CLUSTER) > 2 * KEY_LIST_CLUSTER_PROBE:
-        lists = cluster_key_knn(keys, k, n_probe=KEY_LIST_CLUSTER_PROBE, keys_per_cluster=KEY_LIST_KEYS_PER_CLUSTER).cpu()
-    else:
-        lists = exact_key_knn(keys, k, column_stride=KEY_LIST_COLUMN_STRIDE).cpu()
+    """The key-to-key lists a graph build takes (keys (G, n, d) on the GPU): exact_key_knn at KEY_LIST_COLUMN_STRIDE,
+    on the CPU; None when there is no other candidate key to link to."""
+    lists = exact_key_knn(keys, k, column_stride=KEY_LIST_COLUMN_STRIDE).cpu()
     return lists if lists.shape[-1] > 0 else None
-
-
-def _nearest_centroids(x: torch.Tensor, cent: torch.Tensor, p: int, block: int = 1 << 14) -> torch.Tensor:
-    """x (r, d), cent (C, d) float32 -> the p centroids nearest each row in L2 (r, p), nearest first."""
-    half_sq = 0.5 * (cent * cent).sum(-1)
-    return torch.cat([(x[s : s + block] @ cent.T - half_sq).topk(p, dim=-1).indices for s in range(0, x.shape[0], block)])
-
-
-def cluster_key_knn(keys: torch.Tensor, k: int, n_probe: int = 16, keys_per_cluster: int = 512, iters: int = 8,
-                    seed: int = 0, max_block_bytes: int = 1 << 28) -> torch.Tensor:
-    """Each key's k nearest other keys of its group by L2 distance, sought only among the keys of the n_probe k-means
-    clusters nearest its own cluster's centroid (its own first): an approximation of exact_key_knn that scores
-    about n_probe / C of the key pairs (C = n / keys_per_cluster clusters per group).
-
-    keys (G, n, d) -> ids (G, n, min(k, n - 1)) int64, nearest first (by float32 distance among the candidates), -1
-    where the probed clusters hold fewer than k other keys. Deterministic for given inputs on one device: the k-means
-    starts from `seed`'s random keys and sums its clusters with a matmul, not atomics.
-
-    Per group: k-means (`iters` Lloyd steps on a sample of 64 keys per cluster) of the centred keys; every key joins
-    its nearest centroid; each cluster's keys, in pieces of 256, are scored against the concatenated keys of its
-    probed clusters in one padded batched matmul and keep the top k. On the model's 32K Q/K (6 heads, C = 64), the
-    lists of n_probe 4 and 16 hold 51-100% and 74-100% of the exact lists' entries (the clusters fit some heads'
-    keys badly), and the graphs built from them scan 5.92% and 5.58% of the keys at recall@100 0.95 against 5.51%
-    with exact lists (benchmarks/RESULTS.md, sixteenth session)."""
-    groups, n, d = keys.shape
-    k = min(check_positive_int(k, "k"), n - 1)
-    dev = keys.device
-    out = torch.full((groups, n, max(k, 0)), -1, dtype=torch.int64, device=dev)
-    if k <= 0:
-        return out
-    n_clusters = max(1, min(n, round(n / check_positive_int(keys_per_cluster, "keys_per_cluster"))))
-    probe = min(check_positive_int(n_probe, "n_probe"), n_clusters)
-    piece = 256
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    ar_piece = torch.arange(piece, device=dev)
-    for g in range(groups):
-        x = keys[g].float()
-        x = x - x.mean(0)
-        sample = x[torch.randperm(n, generator=gen, device=dev)[: min(n, 64 * n_clusters)]]
-        cent = sample[:n_clusters].clone()
-        for _ in range(iters):
-            one_hot = torch.nn.functional.one_hot(_nearest_centroids(sample, cent, 1)[:, 0], n_clusters).float()
-            count = one_hot.sum(0).unsqueeze(1)
-            cent = torch.where(count > 0, (one_hot.T @ sample) / count.clamp(min=1), cent)  # an empty cluster stays
-        assign = _nearest_centroids(x, cent, 1)[:, 0]
-        probed = _nearest_centroids(cent, cent, probe)  # (C, probe)
-        order = torch.argsort(assign, stable=True)  # key ids grouped by cluster
-        count = torch.bincount(assign, minlength=n_clusters)
-        start = torch.cumsum(count, 0) - count
-        # candidates of cluster c: the keys of its probed clusters, one row per cluster padded with -1
-        seg_len = count[probed.reshape(-1)]
-        cand_len = seg_len.view(n_clusters, probe).sum(1)
-        width = int(cand_len.max())
-        seg = torch.repeat_interleave(torch.arange(n_clusters * probe, device=dev), seg_len)
-        pos_all = torch.arange(seg.shape[0], device=dev)
-        member = start[probed.reshape(-1)][seg] + pos_all - (torch.cumsum(seg_len, 0) - seg_len)[seg]
-        row = seg // probe
-        cand = torch.full((n_clusters, width), -1, dtype=torch.int64, device=dev)
-        cand[row, pos_all - (torch.cumsum(cand_len, 0) - cand_len)[row]] = order[member]
-        # query pieces: each cluster's keys, `piece` at a time
-        n_pieces = (count + piece - 1) // piece
-        piece_cluster = torch.repeat_interleave(torch.arange(n_clusters, device=dev), n_pieces)
-        piece_no = torch.arange(piece_cluster.shape[0], device=dev) - (torch.cumsum(n_pieces, 0) - n_pieces)[piece_cluster]
-        piece_first = start[piece_cluster] + piece_no * piece
-        piece_len = count[piece_cluster] - piece_no * piece
-        half_sq = 0.5 * (x * x).sum(-1)
-        batch = max(1, max_block_bytes // (piece * width * 5 + (piece + width) * d * 4))
-        for s in range(0, piece_cluster.shape[0], batch):
-            b = slice(s, s + batch)
-            rows = torch.where(ar_piece < piece_len[b, None], order[(piece_first[b, None] + ar_piece).clamp(max=n - 1)], -1)
-            cols = cand[piece_cluster[b]]
-            # ranking by x_i.x_j - |x_j|^2 / 2 is ranking by distance; padding and the key itself never rank
-            sc = torch.bmm(x[rows.clamp(min=0)], x[cols.clamp(min=0)].transpose(1, 2)) - half_sq[cols.clamp(min=0)].unsqueeze(1)
-            sc.masked_fill_((cols < 0).unsqueeze(1) | (cols.unsqueeze(1) == rows.unsqueeze(2)), float("-inf"))
-            top = sc.topk(min(k, width), dim=-1)
-            ids = torch.where(torch.isfinite(top.values), cols.gather(1, top.indices.flatten(1)).view_as(top.indices), -1)
-            kept = rows >= 0
-            out[g, rows[kept], : ids.shape[-1]] = ids[kept]
-    return out
 
 
 def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128,

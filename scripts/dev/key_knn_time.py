@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from retrieval_attention.index import cluster_key_knn, exact_key_knn
+from retrieval_attention.index import exact_key_knn
 
 
 def timed(fn, repeats):
@@ -52,8 +52,6 @@ def main():
 
     full = timed(lambda: exact_key_knn(keys, 16), a.repeats)
     res = {"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows_fp32": block, "exact_key_knn_s": full}
-    for probe in (8, 16):
-        res[f"cluster_key_knn_p{probe}_s"] = timed(lambda: cluster_key_knn(keys, 16, n_probe=probe), a.repeats)
     for name, dt in (("", torch.float32), ("_bf16", torch.bfloat16), ("_fp16", torch.float16)):
         res[f"matmul{name}_s"] = timed(lambda: mm_only(dtype=dt), a.repeats)
         res[f"matmul{name}_plus_chunk_max_s"] = timed(lambda: mm_only(True, dt), a.repeats)

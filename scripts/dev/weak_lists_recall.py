@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 import qk_data  # noqa: E402
 
 from retrieval_attention import _ext  # noqa: E402
-from retrieval_attention.index import _IndexBase, cluster_key_knn, exact_key_knn, exact_knn  # noqa: E402
+from retrieval_attention.index import _IndexBase, exact_key_knn, exact_knn  # noqa: E402
 
 
 def main():
@@ -30,8 +30,6 @@ def main():
     ap.add_argument("--subset-strides", default="", help="also: lists of each key's 16 nearest among every s-th key only")
     ap.add_argument("--classes", default="", help="also: lists of each key's 16 nearest among the keys of its class "
                     "(position mod c) only")
-    ap.add_argument("--cluster-probes", default="", help="also: lists of each key's 16 nearest among the keys of the P "
-                    "k-means clusters nearest its own (cluster_key_knn), for each P given")
     ap.add_argument("--efs", default="100,128,160,200,256,320,400")
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,10 +63,6 @@ def main():
             for r in range(c):
                 kl[r::c] = exact_key_knn(keys[None, r::c], 16)[0] * c + r
             variants.append((f"classes{c}", kl, time.perf_counter() - t))
-        for pr in [int(x) for x in a.cluster_probes.split(",") if x]:
-            t = time.perf_counter()
-            kl = cluster_key_knn(keys[None], 16, n_probe=pr)[0]
-            variants.append((f"cluster{pr}", kl, time.perf_counter() - t))
         for name, kl, list_s in variants:
             t = time.perf_counter()
             handle = _ext._C.KeyIndex.build(keys.bfloat16(), tq, "query_guided", params, knn, kl)
