@@ -38,7 +38,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <shared_mutex>
@@ -440,12 +439,7 @@ class OffloadedLayer {
     if (sharing_ == IndexSharing::PerKvHead) {
       // The group's query heads are consecutive, so its pooled training queries (group * n_train rows) and their
       // neighbour lists are one contiguous block of the (Hq, n_train, .) layout.
-      // DEV experiment: RA_DEV_GRAPH_WAVE=W builds the graphs W at a time (their key rows fit a smaller cache)
-      const char* wave_env = std::getenv("RA_DEV_GRAPH_WAVE");
-      const int64_t wave = wave_env ? std::max<int64_t>(1, std::atoll(wave_env)) : hkv_;
-      for (int64_t w0 = 0; w0 < hkv_; w0 += wave)
-      parallel_for_split(std::min(wave, hkv_ - w0), [&](int64_t wi) {
-        const int64_t kv = w0 + wi;
+      parallel_for_split(hkv_, [&](int64_t kv) {
         const int64_t first = kv * group * n_train_;
         made[static_cast<size_t>(kv)] =
             factory_(keys_[kv], train_q_.data() + first * d_, group * n_train_, knn ? knn + first * knn_k : nullptr, knn_k, key_lists(kv),
