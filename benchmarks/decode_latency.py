@@ -113,7 +113,9 @@ def parse_args(argv=None):
     ap.add_argument("--e2e-decode-during-build", action="store_true",
                     help="RetrievalConfig.decode_during_build for ours: decode while the indexes build (exact scans meanwhile)")
     ap.add_argument("--watchdog-s", type=float, default=None, metavar="S",
-                    help="print every thread's Python stack to stderr every S seconds (to see where a slow run spends it)")
+                    help="print every thread's Python stack to stderr every S seconds (to see where a slow run spends it; "
+                         "faulthandler reads running threads' frames unlocked and once crashed the process doing so, so "
+                         "pick S beyond a normal run's length)")
     ap.add_argument("--key-list-stride", type=int, default=None, metavar="S",
                     help="seek each key's GPU neighbour list among every S-th key (retrieval_attention.index."
                          "KEY_LIST_COLUMN_STRIDE; for an A/B of the library's default)")
