@@ -501,13 +501,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     }
     // one row's unvisited neighbours; a plain array (the vector's push_back reached the thread-local scratch
     // through a call per element)
-    static const int64_t expand_at_once = [] {  // DEV experiment: RA_DEV_EXPAND=E expands E candidates per step
-      const char* e = std::getenv("RA_DEV_EXPAND");
-      return e && *e ? std::max<int64_t>(1, std::atoll(e)) : int64_t{1};
-    }();
-    const int64_t fresh_cap = expand_at_once * stride_;
-    if (static_cast<int64_t>(s.fresh.size()) < fresh_cap) s.fresh.resize(static_cast<size_t>(fresh_cap));
-    if (static_cast<int64_t>(s.accepted.size()) < fresh_cap) s.accepted.resize(static_cast<size_t>(fresh_cap));
+    if (static_cast<int64_t>(s.fresh.size()) < stride_) s.fresh.resize(static_cast<size_t>(stride_));
+    if (static_cast<int64_t>(s.accepted.size()) < stride_) s.accepted.resize(static_cast<size_t>(stride_));
     uint32_t* fresh = s.fresh.data();
     size_t next = 0;  // first candidate that may be unexpanded
     while (next < s.beam.size()) {
@@ -515,22 +510,18 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         ++next;
         continue;
       }
+      s.beam[next].expanded = true;
+      const uint32_t* row = adj + static_cast<int64_t>(s.beam[next].id) * stride_;
+      const uint32_t cnt = row[0];
       // Whether a neighbour was already visited is a coin flip for the branch predictor: collect the unvisited
       // ones without a branch (each id is written, the count advances only for new ones), then prefetch their rows.
       uint32_t n_fresh = 0;
-      for (size_t at = next, taken = 0; at < s.beam.size() && static_cast<int64_t>(taken) < expand_at_once; ++at) {
-        if (s.beam[at].expanded) continue;
-        s.beam[at].expanded = true;
-        ++taken;
-        const uint32_t* row = adj + static_cast<int64_t>(s.beam[at].id) * stride_;
-        const uint32_t cnt = row[0];
-        for (uint32_t j = 1; j <= cnt; ++j) {
-          const uint32_t v = row[j];
-          const uint32_t is_new = mark[v] != ep ? 1u : 0u;
-          mark[v] = ep;
-          fresh[n_fresh] = v;
-          n_fresh += is_new;
-        }
+      for (uint32_t j = 1; j <= cnt; ++j) {
+        const uint32_t v = row[j];
+        const uint32_t is_new = mark[v] != ep ? 1u : 0u;
+        mark[v] = ep;
+        fresh[n_fresh] = v;
+        n_fresh += is_new;
       }
       for (uint32_t f = 0; f < n_fresh; ++f)
         prefetch_bytes(base + static_cast<int64_t>(fresh[f]) * d, d * static_cast<int64_t>(sizeof(R)));
