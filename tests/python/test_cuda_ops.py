@@ -492,6 +492,29 @@ def test_exact_key_knn_on_cuda_matches_the_cpu_lists():
         assert same >= 0.999, (factor, same)
 
 
+def test_exact_knn_on_cuda_is_the_topk_of_its_scores():
+    """The training queries' neighbour lists on a GPU (16-bit GEMM, top-k over each row's best column chunks) are the
+    exact top-k: with small integer entries every score is an integer that 16-bit floats hold exactly, so rank by
+    rank the scores of the returned ids equal a full torch.topk's (ties may pick other ids of the same score), and
+    the ids are distinct keys of the right group. Also for n not a multiple of the chunk and several query blocks."""
+    from retrieval_attention.index import exact_knn
+
+    g = torch.Generator().manual_seed(14)
+    for dtype in (torch.bfloat16, torch.float16):
+        keys = torch.randint(-2, 3, (2, 9000, 64), generator=g).to(dtype).cuda()  # |score| <= 256: exact in bf16
+        queries = torch.randint(-2, 3, (6, 300, 64), generator=g).float().cuda()
+        got = exact_knn(keys, queries, 20, max_block_bytes=6 * 9000 * 4 * 64)  # 71 chunks of 128 > 2 x 20: chunked
+        assert got.shape == (6, 300, 20)
+        for h in range(6):
+            scores = queries[h].double() @ keys[h // 3].double().T
+            ref = scores.topk(20, dim=-1).values
+            mine = scores.gather(1, got[h])
+            assert torch.equal(mine, ref), (dtype, h)
+            ordered = got[h].sort(-1).values
+            assert not bool((ordered[:, 1:] == ordered[:, :-1]).any()), "repeated ids"
+            assert bool(((got[h] >= 0) & (got[h] < 9000)).all())
+
+
 def test_query_guided_index_from_cuda_tensors_uses_device_lists():
     """ra.QueryGuidedIndex on CUDA keys and queries (bipartite kNN and key-to-key lists on the GPU) answers like the
     CPU-built index: recall@10 against the exact top-10 within a few points, and high."""

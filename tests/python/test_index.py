@@ -204,6 +204,12 @@ def test_exact_knn_matches_topk_per_head():
         ref = torch.topk(queries[h] @ keys[h // 3].T, 7, dim=1).indices
         assert torch.equal(got[h], ref)
     assert exact_knn(keys, queries, 1000).shape == (6, 50, 300)  # k clamped to n
+    # many more columns than k: the topk runs over each row's k best chunks (n not a multiple of the chunk)
+    keys, queries = torch.randn(2, 5000, 16, generator=g), torch.randn(4, 70, 16, generator=g)
+    for chunk in (128, 64):
+        got = exact_knn(keys, queries, 9, max_block_bytes=4 * 5000 * 4 * 16, chunk=chunk)
+        for h in range(4):
+            assert torch.equal(got[h], torch.topk(queries[h] @ keys[h // 2].T, 9, dim=1).indices)
 
 
 def test_exact_key_knn_matches_brute_force():
