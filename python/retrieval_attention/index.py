@@ -143,15 +143,15 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
     dtype = keys.dtype if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
     # With many more columns than k, each row's top k lie in the k `chunk`-column chunks with the largest maxima: the
     # top-k runs over those k * chunk entries instead of all n (ties aside, the same lists).
-    n_chunks = -(-n // chunk)
+    n_chunks = -(-n // check_positive_int(chunk, "chunk"))
     chunked = n_chunks > 2 * k
-    n_cols = n_chunks * chunk if chunked else n
-    kt = torch.zeros((groups, d, n_cols), dtype=dtype, device=keys.device)  # padding columns: masked below
-    kt[:, :, :n] = keys.to(dtype).transpose(1, 2)
+    kt = keys.to(dtype).transpose(1, 2)  # (G, d, n)
+    if chunked and n_chunks * chunk > n:  # whole chunks: zero columns up to a multiple of the chunk, masked below
+        kt = torch.cat([kt, kt.new_zeros((groups, d, n_chunks * chunk - n))], dim=2)
     q = queries.to(dtype).reshape(groups, per, m, d)
     block = max(1, min(m, max_block_bytes // max(1, heads * n * 4)))  # bounds the (G, per*block, n) score matrix
     # on a GPU a max over strided groups of 4 columns and then over the 4 is faster than one over each chunk's columns
-    step = 4 if keys.is_cuda else 1
+    step = 4 if keys.is_cuda and chunk % 4 == 0 else 1
     out = torch.empty((groups, per, m, k), dtype=torch.int64, device=keys.device)
     for s in range(0, m, block):
         qb = q[:, :, s : s + block]
