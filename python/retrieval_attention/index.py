@@ -121,6 +121,29 @@ class FlatIndex(_IndexBase):
         self.build_seconds = time.perf_counter() - t0
 
 
+def _chunk_max_step(t: torch.Tensor, chunk: int) -> int:
+    """On a GPU, a max over strided groups of 4 columns and then over the 4 takes half the time of one max over each
+    chunk's contiguous columns (on the CPU, 5 times more): the group width for t's device."""
+    return 4 if t.is_cuda and chunk % 4 == 0 else 1
+
+
+def _top_chunks(scores: torch.Tensor, n_chunks: int, chunk: int, kc: int):
+    """scores (G, R, n_chunks * chunk), contiguous -> (the kc chunks of `chunk` columns with the largest maxima in each
+    row (G, R, kc), their entries (G, R, kc * chunk)). A row's r best entries lie in its r best chunks."""
+    groups, rows = scores.shape[:2]
+    flat = scores.view(groups * rows * n_chunks, chunk)  # one chunk a row
+    step = _chunk_max_step(scores, chunk)
+    cmax = flat.view(-1, chunk // step, step).amax(1).amax(-1)
+    top = cmax.view(groups, rows, n_chunks).topk(kc, dim=-1).indices
+    chunk_rows = torch.arange(groups * rows, device=scores.device).view(groups, rows, 1) * n_chunks + top
+    return top, flat.index_select(0, chunk_rows.view(-1)).view(groups, rows, kc * chunk)
+
+
+def _chunk_columns(top: torch.Tensor, pos: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Positions in _top_chunks' entries -> column ids of the score matrix."""
+    return top.gather(-1, pos // chunk) * chunk + pos % chunk
+
+
 def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128) -> torch.Tensor:
     """Top-k key ids (by inner product) of each query, on the tensors' device, in query blocks.
 
@@ -150,8 +173,6 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
         kt = torch.cat([kt, kt.new_zeros((groups, d, n_chunks * chunk - n))], dim=2)
     q = queries.to(dtype).reshape(groups, per, m, d)
     block = max(1, min(m, max_block_bytes // max(1, heads * n * 4)))  # bounds the (G, per*block, n) score matrix
-    # on a GPU a max over strided groups of 4 columns and then over the 4 is faster than one over each chunk's columns
-    step = 4 if keys.is_cuda and chunk % 4 == 0 else 1
     out = torch.empty((groups, per, m, k), dtype=torch.int64, device=keys.device)
     for s in range(0, m, block):
         qb = q[:, :, s : s + block]
@@ -160,13 +181,8 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
         scores = torch.bmm(qb.reshape(groups, rows, d), kt)  # (G, per*b, n_cols)
         if chunked:
             scores[:, :, n:] = float("-inf")
-            flat = scores.view(groups * rows * n_chunks, chunk)
-            cmax = flat.view(-1, chunk // step, step).amax(1).amax(-1)
-            top_chunks = cmax.view(groups, rows, n_chunks).topk(k, dim=-1).indices  # (G, rows, k)
-            chunk_rows = torch.arange(groups * rows, device=keys.device).view(groups, rows, 1) * n_chunks + top_chunks
-            kept = flat.index_select(0, chunk_rows.view(-1)).view(groups, rows, k * chunk)
-            pos = torch.topk(kept.float(), k, dim=-1, sorted=True).indices
-            ids = top_chunks.gather(-1, pos // chunk) * chunk + pos % chunk
+            top_chunks, kept = _top_chunks(scores, n_chunks, chunk, k)
+            ids = _chunk_columns(top_chunks, torch.topk(kept.float(), k, dim=-1, sorted=True).indices, chunk)
         else:
             ids = torch.topk(scores.float(), k, dim=-1, sorted=True).indices
         out[:, :, s : s + b] = ids.reshape(groups, per, b, k)
@@ -231,9 +247,7 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     margin = 2 if half else 1
     kc = min(margin * k, n_chunks)
     m = min(2 * margin * k, kc * chunk)
-    # On a GPU, a max over strided groups of 4 columns and then over the 4 takes half the time of one max over each
-    # chunk's contiguous columns (on the CPU, 5 times more).
-    step = 4 if half and chunk % 4 == 0 else 1
+    step = _chunk_max_step(keys, chunk)
     kf = keys.float()
     # Distances do not change under a shift, and centring shrinks |x|^2 (LLM keys share a large offset), hence the
     # float16 scores' absolute rounding error. A power-of-two scale is exact and keeps the ranking; it puts
@@ -271,14 +285,9 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             own = rows[rows % stride == 0]  # the rows that are also columns
             sc[:, own - s, own // stride] = float("-inf")  # not itself
             sc[:, :, n_cols:] = float("-inf")  # padding columns never rank
-            sc = sc.view(groups * b * n_chunks, chunk)  # one chunk a row
-            cmax = sc.view(-1, chunk // step, step).amax(1).amax(-1)
-            top_chunks = cmax.view(groups, b, n_chunks).topk(kc, dim=-1).indices  # (G, b, kc)
-            chunk_rows = torch.arange(groups * b, device=dev).view(groups, b, 1) * n_chunks + top_chunks
-            kept = sc.index_select(0, chunk_rows.view(-1)).view(groups, b, kc * chunk)
+            top_chunks, kept = _top_chunks(sc, n_chunks, chunk, kc)  # (G, b, kc), (G, b, kc * chunk)
             del sc
-            pos = kept.topk(m, dim=-1).indices  # (G, b, m) by approximate score
-            col = top_chunks.gather(-1, pos // chunk) * chunk + pos % chunk
+            col = _chunk_columns(top_chunks, kept.topk(m, dim=-1).indices, chunk)  # (G, b, m) by approximate score
             cand = col * stride
             # self and padding come in only when fewer than m other keys sit in the kept chunks
             bad = (col >= n_cols) | (cand == rows.view(1, b, 1))
