@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 
 #include "retrieval_attention/attention.h"
+#include "retrieval_attention/chunk_top.h"
+#include "chunk_top_checks.h"
 #include "tensor_checks.h"
 
 namespace ra = retrieval_attention;
@@ -109,16 +111,36 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, 
   return {out, lse};
 }
 
+at::Tensor chunk_top_candidates_cpu(const at::Tensor& scores, int64_t chunk, int64_t kc, int64_t m) {
+  check_chunk_top_args(scores, chunk, kc, m);
+  check_cpu(scores, "scores");
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kHalf,
+                   "scores must be float32 or float16 on the CPU, got ", scores.scalar_type());
+  const auto sc = scores.contiguous();
+  const int64_t rows = sc.size(0), cols = sc.size(1);
+  auto out = at::empty({rows, m}, sc.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  translate_errors([&] {
+    if (sc.scalar_type() == at::kFloat)
+      ra::chunk_top_candidates<float>(sc.data_ptr<float>(), rows, cols, chunk, kc, m, out.data_ptr<int64_t>());
+    else
+      ra::chunk_top_candidates<ra::Half>(reinterpret_cast<const ra::Half*>(sc.data_ptr()), rows, cols, chunk, kc, m, out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(retrieval_attention, m) {
   m.def("sparse_attention(Tensor q, Tensor keys, Tensor values, Tensor ids, float scale) -> (Tensor, Tensor)");
   m.def("dense_attention(Tensor q, Tensor keys, Tensor values, float scale, bool causal=False) -> (Tensor, Tensor)");
   m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
+  m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
   m.impl("sparse_attention", &sparse_attention_cpu);
   m.impl("dense_attention", &dense_attention_cpu);
   m.impl("merge_attention", &merge_attention_cpu);
+  m.impl("chunk_top_candidates", &chunk_top_candidates_cpu);
 }

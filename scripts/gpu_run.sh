@@ -38,6 +38,7 @@ build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && python3 -m pip install
        python3 -c "import retrieval_attention as ra, retrieval_attention._ext as e; print('HAS_CUDA_KERNELS', e.HAS_CUDA_KERNELS)"
        grep "no shared libstdc" "$OUT/build.log"; readelf -d python/retrieval_attention/_C*.so | grep NEEDED | tr -s ' ' | cut -d' ' -f6 | tr '\n' ' '; echo;;
 tests) stamp tests; timeout 420 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_hf_exactness.py tests/python/test_index.py tests/python/test_reliability.py tests/python/test_sharing_and_persist.py > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; grep -E "FAILED|ERROR|crashed" "$OUT/pytest_gpu.log" | head -20; tail -3 "$OUT/pytest_gpu.log";;
+pytestk) stamp pytestk; timeout ${PYTESTK_S:-200} python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_ops.py tests/python/test_ops.py tests/python/test_index.py -k "${PYTEST_K:-chunk_top}" > "$OUT/pytest_k.log" 2>&1; echo "pytest -k rc=$?"; grep -E "FAILED|ERROR|Error|assert" "$OUT/pytest_k.log" | head -20; tail -3 "$OUT/pytest_k.log";;
 exc) stamp exc  # a C++ error inside a raw torch.ops kernel must reach Python as an exception, not crash the process
      python3 -c "
 import torch, retrieval_attention

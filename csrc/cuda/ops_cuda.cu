@@ -9,6 +9,7 @@
 //   sparse_attention(q, keys, values, ids, scale) -> (out, lse)   [validates ids: one device->host sync]
 //   dense_attention(q, keys, values, scale, causal) -> (out, lse)
 //   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
+//   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [float16 scores; chunk_top.cuh]
 //
 // Headers: c10/cuda (stream, guard, launch check) rather than ATen/cuda/CUDAContext.h, which pulls in the
 // cuBLAS/cuSPARSE/cuSOLVER headers; c10::cuda::getCurrentCUDAStream is the function at::cuda re-exports.
@@ -22,6 +23,8 @@
 #include <string>
 #include <tuple>
 
+#include "../chunk_top_checks.h"
+#include "retrieval_attention/cuda/chunk_top.cuh"
 #include "retrieval_attention/cuda/decode_attention.cuh"
 
 namespace {
@@ -227,10 +230,32 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
   return {out, lse};
 }
 
+Tensor chunk_top_candidates_cuda(const Tensor& scores_in, int64_t chunk, int64_t kc, int64_t m) {
+  ra_ext::check_chunk_top_args(scores_in, chunk, kc, m);
+  TORCH_CHECK_VALUE(scores_in.is_cuda(), "scores must be a CUDA tensor, got device ", scores_in.device());
+  TORCH_CHECK_TYPE(scores_in.scalar_type() == at::kHalf, "scores must be float16 on a GPU, got ", scores_in.scalar_type());
+  const c10::cuda::CUDAGuard guard(scores_in.device());
+  const int64_t rows = scores_in.size(0), cols = scores_in.size(1);
+  TORCH_CHECK_VALUE(rac::chunk_top_supported(cols, chunk, kc, m), "chunk_top_candidates on a GPU needs chunk a power of two in [8, 256] and at most ",
+                    rac::kChunkTopMaxEntries, " chunks per row and kept entries (kc * chunk); got cols ", cols, ", chunk ", chunk, ", kc ", kc);
+  TORCH_CHECK_VALUE(rows < (int64_t{1} << 31), "scores: at most 2^31 - 1 rows, got ", rows);
+  // rows of cols float16 (a multiple of 8) are 16-byte aligned once the first one is
+  Tensor scores = scores_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 != 0) scores = scores.clone();
+  Tensor out = at::empty({rows, m}, scores.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scores.get_device()).stream();
+  C10_CUDA_CHECK(rac::chunk_top_candidates(reinterpret_cast<const __half*>(scores.data_ptr()), rows, cols, chunk, kc, m,
+                                           out.data_ptr<int64_t>(), stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) {
   m.impl("sparse_attention", &sparse_attention_cuda);
   m.impl("dense_attention", &dense_attention_cuda);
   m.impl("merge_attention", &merge_attention_cuda);
+  m.impl("chunk_top_candidates", &chunk_top_candidates_cuda);
 }

@@ -144,6 +144,32 @@ def _chunk_columns(top: torch.Tensor, pos: torch.Tensor, chunk: int) -> torch.Te
     return top.gather(-1, pos // chunk) * chunk + pos % chunk
 
 
+def _chunk_candidates(scores: torch.Tensor, chunk: int, kc: int, m: int) -> torch.Tensor:
+    """scores (G, R, n_chunks * chunk), contiguous -> (G, R, m) int64: the columns of each row's m largest entries
+    among the entries of its kc chunks with the largest maxima, largest first (ties: smaller column first).
+
+    The extension's chunk_top_candidates op (one pass over the scores, csrc/cuda: include/retrieval_attention/cuda/
+    chunk_top.cuh; CPU: chunk_top.h) where it applies; torch ops otherwise (a CUDA build of torch without the
+    package's kernels, or shapes the kernel does not take), which give the same set up to ties."""
+    groups, rows, cols = scores.shape
+    flat = scores.view(groups * rows, cols)
+    if scores.is_cuda:
+        usable = _ext.HAS_CUDA_KERNELS and scores.dtype == torch.float16 and _chunk_top_fits(cols, chunk, kc, m)
+    else:
+        usable = scores.dtype in (torch.float32, torch.float16)
+    if usable:
+        return torch.ops.retrieval_attention.chunk_top_candidates(flat, chunk, kc, m).view(groups, rows, m)
+    top_chunks, kept = _top_chunks(scores, cols // chunk, chunk, kc)  # (G, R, kc), (G, R, kc * chunk)
+    return _chunk_columns(top_chunks, kept.topk(m, dim=-1).indices, chunk)
+
+
+def _chunk_top_fits(cols: int, chunk: int, kc: int, m: int) -> bool:
+    """Whether the CUDA chunk-top kernel takes these shapes (chunk_top_supported() in chunk_top.cuh)."""
+    n_chunks = cols // chunk
+    return (8 <= chunk <= 256 and chunk & (chunk - 1) == 0 and cols % chunk == 0 and n_chunks <= 8192
+            and 1 <= kc <= n_chunks and kc * chunk <= 8192 and 1 <= m <= kc * chunk)
+
+
 def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128) -> torch.Tensor:
     """Top-k key ids (by inner product) of each query, on the tensors' device, in query blocks.
 
@@ -285,9 +311,8 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             own = rows[rows % stride == 0]  # the rows that are also columns
             sc[:, own - s, own // stride] = float("-inf")  # not itself
             sc[:, :, n_cols:] = float("-inf")  # padding columns never rank
-            top_chunks, kept = _top_chunks(sc, n_chunks, chunk, kc)  # (G, b, kc), (G, b, kc * chunk)
+            col = _chunk_candidates(sc, chunk, kc, m)  # (G, b, m), best approximate score first
             del sc
-            col = _chunk_columns(top_chunks, kept.topk(m, dim=-1).indices, chunk)  # (G, b, m) by approximate score
             cand = col * stride
             # self and padding come in only when fewer than m other keys sit in the kept chunks
             bad = (col >= n_cols) | (cand == rows.view(1, b, 1))

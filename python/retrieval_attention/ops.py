@@ -102,6 +102,11 @@ def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
     return out_a.new_empty(out_a.shape, dtype=torch.float32), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("retrieval_attention::chunk_top_candidates")
+def _chunk_top_candidates_fake(scores, chunk, kc, m):
+    return scores.new_empty((scores.shape[0], m), dtype=torch.int64)
+
+
 def dense_attention_any_device(q, keys, values, scale: float, causal: bool, key_start=None):
     """dense_attention on the tensors' device: the extension kernel where there is one, else torch math.
 

@@ -1,7 +1,9 @@
 """Where exact_key_knn's time goes on a GPU: one 8B layer's keys (8 kv heads x --tokens x 128, bf16). Times the whole
 call (float16 candidate scores, float32 re-ranking) and, over the same key blocks, the score matmul alone and the
 matmul plus the chunk maxima, in float32 (TF32), bf16 and float16, and float16 with the chunk maxima in two steps
-as exact_key_knn takes them (median of --repeats each). One JSON line.
+as exact_key_knn takes them (median of --repeats each); and exact_key_knn with its candidates from the chunk-top
+kernel against the torch ops (alternated, with the share of equal list entries), and the matmul plus the kernel
+alone. One JSON line.
     bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
 """
 import argparse
@@ -11,6 +13,7 @@ import time
 
 import torch
 
+import retrieval_attention.index as index
 from retrieval_attention.index import exact_key_knn
 
 
@@ -50,8 +53,33 @@ def main():
             if amax:  # step 4: a max over strided groups of 4 columns, then over the 4 (as exact_key_knn on a GPU)
                 sc.view(-1, chunk // step, step).amax(1).amax(-1)
 
-    full = timed(lambda: exact_key_knn(keys, 16), a.repeats)
-    res = {"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows_fp32": block, "exact_key_knn_s": full}
+    fits = index._chunk_top_fits
+
+    def key_lists(kernel):
+        index._chunk_top_fits = fits if kernel else (lambda *args: False)
+        try:
+            return exact_key_knn(keys, 16)
+        finally:
+            index._chunk_top_fits = fits
+
+    kern, ref = key_lists(True), key_lists(False)
+    same = float((kern == ref).double().mean())
+    t_kern, t_torch = [], []
+    for _ in range(a.repeats):  # alternated: the host's noise falls on both
+        t_kern.append(timed(lambda: key_lists(True), 1))
+        t_torch.append(timed(lambda: key_lists(False), 1))
+    res = {"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows_fp32": block,
+           "exact_key_knn_s": statistics.median(t_kern), "exact_key_knn_torch_topk_s": statistics.median(t_torch),
+           "times": {"kernel": t_kern, "torch_topk": t_torch}, "same_entries": round(same, 5)}
+
+    def mm_kernel():
+        lft, rgt = halves[torch.float16]
+        rows = block * 2
+        for s in range(0, n, rows):
+            sc = torch.bmm(lft[:, s : s + rows], rgt)
+            torch.ops.retrieval_attention.chunk_top_candidates(sc.view(-1, n_pad), chunk, 32, 64)
+
+    res["matmul_fp16_plus_chunk_top_kernel_s"] = timed(mm_kernel, a.repeats)
     for name, dt in (("", torch.float32), ("_bf16", torch.bfloat16), ("_fp16", torch.float16)):
         res[f"matmul{name}_s"] = timed(lambda: mm_only(dtype=dt), a.repeats)
         res[f"matmul{name}_plus_chunk_max_s"] = timed(lambda: mm_only(True, dt), a.repeats)

@@ -1,10 +1,12 @@
 // tests/cuda/compile_check.cu -- torch-free translation unit that instantiates every kernel template of
-// include/retrieval_attention/cuda/decode_attention.cuh, so `nvcc -c` type-checks and assembles all of them
+// include/retrieval_attention/cuda/decode_attention.cuh and chunk_top.cuh, so `nvcc -c` type-checks and assembles all of them
 // on a machine without a GPU or a CUDA build of torch (scripts/compile_cuda.sh). Nothing here is run.
 //
 // Each dense_attention<T> / sparse_attention<T> instantiation pulls in the three kernel shapes the
 // dispatcher can pick (16-byte vector path for d = dv = 64 and 128, generic warp-per-key path) plus the
-// split combine kernel; merge_attention instantiates the merge kernel.
+// split combine kernel; merge_attention instantiates the merge kernel; chunk_top_candidates the chunk-top kernel
+// for every supported chunk width.
+#include "retrieval_attention/cuda/chunk_top.cuh"
 #include "retrieval_attention/cuda/decode_attention.cuh"
 
 namespace rac = retrieval_attention::cuda;
@@ -28,5 +30,9 @@ cudaError_t retrieval_attention_compile_check_all(cudaStream_t stream) {
   rac::AttentionParams<__nv_bfloat16> pb;
   if (err == cudaSuccess) err = rac::sparse_attention(pb, splits, nullptr, stream);
   if (err == cudaSuccess) err = rac::merge_attention(nullptr, nullptr, nullptr, nullptr, 0, 0, nullptr, nullptr, stream);
+  (void)rac::chunk_top_supported(1024, 128, 4, 64);
+  (void)rac::chunk_top_smem_bytes(1024, 128, 4);
+  for (int64_t chunk = 8; chunk <= 256 && err == cudaSuccess; chunk *= 2)
+    err = rac::chunk_top_candidates(nullptr, 1, 4 * chunk, chunk, 2, 8, nullptr, stream);
   return err;
 }

@@ -119,6 +119,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.retrieval_attention.dense_attention.default, (q, keys, values, 0.25, True))
     o, l = ra.dense_attention(q, keys, values, 0.25)
     torch.library.opcheck(torch.ops.retrieval_attention.merge_attention.default, (o, l, o.clone(), l.clone()))
+    torch.library.opcheck(torch.ops.retrieval_attention.chunk_top_candidates.default, (torch.randn(6, 64, generator=g), 8, 3, 10))
 
 
 def test_ops_under_torch_compile():
@@ -173,3 +174,51 @@ def test_dense_and_merge_bad_inputs():
         ra.merge_attention(o, l[:2], o, l)
     with pytest.raises(TypeError, match="out_b must be a torch.Tensor"):
         ra.merge_attention(o, l, None, l)
+
+
+def chunk_top_reference(scores, chunk, kc, m):
+    """chunk_top_candidates by its contract, in float64 torch: chunks ranked by their maximum, entries of the kc best
+    chunks by value, NaN as -inf, equal values by smaller chunk / column first (stable sorts)."""
+    x = scores.double().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    rows, cols = x.shape
+    cmax = x.view(rows, cols // chunk, chunk).amax(-1)
+    top = cmax.sort(dim=-1, descending=True, stable=True).indices[:, :kc].sort(-1).values  # kept chunks, in column order
+    kept_cols = (top.unsqueeze(-1) * chunk + torch.arange(chunk)).reshape(rows, kc * chunk)
+    order = x.gather(1, kept_cols).sort(dim=-1, descending=True, stable=True).indices[:, :m]
+    return kept_cols.gather(1, order)
+
+
+def test_chunk_top_candidates_matches_its_contract():
+    """The candidate columns of the key-to-key lists (CPU impl): the m best entries of each row's kc best chunks, best
+    first, with ties (many in float16), NaN, +-inf and -0 ranked as the contract says; kc = all chunks and m = all kept
+    entries included. The CUDA impl is held to this impl in test_cuda_ops.py."""
+    op = torch.ops.retrieval_attention.chunk_top_candidates
+    g = torch.Generator().manual_seed(21)
+    cases = [(40, 32 * 64, 64, 5, 40), (7, 16 * 8, 8, 16, 128), (9, 3 * 128, 128, 1, 1), (5, 256 * 4, 256, 4, 1024)]
+    for rows, cols, chunk, kc, m in cases:
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(rows, cols, generator=g)
+            if dtype == torch.float16:
+                x = (x * 4).round() / 4  # few distinct values: ties everywhere
+            x[0, :: 7] = float("nan")
+            x[1, 3] = float("inf")
+            x[2] = float("-inf")
+            x[3, : cols // 2] = -0.0
+            x[3, cols // 2 :] = 0.0
+            x = x.to(dtype)
+            got = op(x, chunk, kc, m)
+            assert got.dtype == torch.int64 and got.shape == (rows, m)
+            assert torch.equal(got, chunk_top_reference(x, chunk, kc, m)), (rows, cols, chunk, kc, m, dtype)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((torch.zeros(4, 100), 8, 2, 4), ValueError, "multiple of chunk"),
+    ((torch.zeros(4, 64), 8, 9, 4), ValueError, "kc must be in"),
+    ((torch.zeros(4, 64), 8, 2, 17), ValueError, "m must be in"),
+    ((torch.zeros(4, 64), 0, 2, 4), ValueError, "chunk must be"),
+    ((torch.zeros(64), 8, 2, 4), ValueError, "2 dims"),
+    ((torch.zeros(4, 64, dtype=torch.bfloat16), 8, 2, 4), TypeError, "float32 or float16"),
+])
+def test_chunk_top_candidates_bad_inputs(args, exc, match):
+    with pytest.raises(exc, match=match):
+        torch.ops.retrieval_attention.chunk_top_candidates(*args)

@@ -1,0 +1,193 @@
+// retrieval_attention/cuda/chunk_top.cuh -- torch-free CUDA kernel: candidate columns of a float16 score matrix
+// from its best column chunks (the GPU twin of ../chunk_top.h).
+//
+// Contract (identical outputs to chunk_top_candidates<Half> of ../chunk_top.h on identical input)
+//   * scores (rows, cols) __half, row-major, contiguous, 16-byte aligned; cols = n_chunks * chunk.
+//   * out (rows, m) int64: per row, the columns of the m largest entries among the entries of the kc chunks with
+//     the largest maxima, largest first. Entries and chunk maxima compare by value (NaN as -inf), equal values by
+//     smaller column (chunk) first (-0 equals +0): one total order, so the result does not depend on thread timing.
+//   * Limits (chunk_top_supported()): chunk a power of two in [8, 256]; cols % chunk == 0; the chunks of a row and
+//     the kept entries kc * chunk each at most kChunkTopMaxEntries; 1 <= kc <= n_chunks; 1 <= m <= kc * chunk.
+//   * Algorithm: one block of kChunkTopThreads per row. (1) Chunk maxima: 16-byte loads, several in flight per
+//     thread, a chunk's lanes reduced by warp shuffles; each maximum becomes a 64-bit rank key in shared memory.
+//     (2) block_top() picks the kc best keys. (3) The kept chunks' entries are loaded as rank keys and block_top()
+//     picks the m best. block_top() bounds the answer from below by the want-th best of the threads' own maxima
+//     (want distinct entries reach it), sorts only the entries at or above that bound (bitonic, shared memory;
+//     usually a few times `want`, at worst all), and keeps the first `want`.
+//   * Ownership / streams / threads: nothing is allocated; the launch goes to the given stream, asynchronously;
+//     the host function touches no global state except the kernel's shared-memory attribute (set per call).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace retrieval_attention {
+namespace cuda {
+
+constexpr int kChunkTopThreads = 256;
+constexpr int64_t kChunkTopMaxEntries = 8192;
+
+__host__ __device__ inline int64_t chunk_top_pow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+inline bool chunk_top_supported(int64_t cols, int64_t chunk, int64_t kc, int64_t m) {
+  const bool chunk_ok = chunk >= 8 && chunk <= 256 && (chunk & (chunk - 1)) == 0;
+  if (!chunk_ok || cols <= 0 || cols % chunk != 0) return false;
+  const int64_t n_chunks = cols / chunk;
+  return n_chunks <= kChunkTopMaxEntries && kc >= 1 && kc <= n_chunks && kc * chunk <= kChunkTopMaxEntries && m >= 1 && m <= kc * chunk;
+}
+
+// Shared memory of one block: the candidates (chunk keys, then entry keys), the compacted survivors, the threads'
+// maxima, the kept chunk ids and a counter.
+inline size_t chunk_top_smem_bytes(int64_t cols, int64_t chunk, int64_t kc) {
+  const int64_t n_chunks = cols / chunk, e = kc * chunk;
+  const int64_t cand = chunk_top_pow2(n_chunks > e ? n_chunks : e);
+  return sizeof(uint64_t) * (2 * cand + kChunkTopThreads) + sizeof(int) * (kc + 1);
+}
+
+namespace detail {
+
+__device__ __forceinline__ uint64_t rank_key(float v, uint32_t index) {
+  if (v != v) v = -__int_as_float(0x7f800000);  // NaN ranks as -inf
+  if (v == 0.f) v = 0.f;                          // -0 ranks as +0 (fmaxf may return either)
+  const uint32_t u = __float_as_uint(v);
+  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - index);
+}
+
+__device__ __forceinline__ uint32_t rank_index(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu); }
+
+// Bitonic sort of s[0, p) into descending order (p a power of two). Every thread of the block calls it.
+__device__ inline void sort_desc(uint64_t* s, int p) {
+  for (int k = 2; k <= p; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < p; i += blockDim.x) {
+        const int x = i ^ j;
+        if (x > i) {
+          const uint64_t a = s[i], b = s[x];
+          if (((i & k) == 0) ? (a < b) : (a > b)) {
+            s[i] = b;
+            s[x] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The `want` largest of cand[0, count) (shared memory, count >= want >= 1), best first, into the first `want`
+// slots of `survivors` (shared, room for chunk_top_pow2(count)). thread_max: kChunkTopThreads slots; counter: one int.
+__device__ inline void block_top(const uint64_t* cand, int count, int want, uint64_t* survivors, uint64_t* thread_max, int* counter) {
+  const int per = (count + kChunkTopThreads - 1) / kChunkTopThreads;
+  const int lo = threadIdx.x * per, hi = min(count, lo + per);
+  uint64_t best = 0;  // below every rank key (the lowest, -inf at the largest index, is 0x007FFFFF00000000)
+  for (int i = lo; i < hi; ++i) best = cand[i] > best ? cand[i] : best;
+  thread_max[threadIdx.x] = best;
+  if (threadIdx.x == 0) *counter = 0;
+  __syncthreads();
+  sort_desc(thread_max, kChunkTopThreads);
+  // The `want` best thread maxima are `want` distinct entries, so the want-th best entry is at least this bound.
+  const uint64_t bound = want <= kChunkTopThreads ? thread_max[want - 1] : 0;
+  for (int i = lo; i < hi; ++i)
+    if (cand[i] >= bound) survivors[atomicAdd(counter, 1)] = cand[i];
+  __syncthreads();
+  const int n = *counter, p = static_cast<int>(chunk_top_pow2(n));
+  for (int i = n + threadIdx.x; i < p; i += blockDim.x) survivors[i] = 0;
+  __syncthreads();
+  sort_desc(survivors, p);  // keys are distinct, so the order (and the first `want`) is unique
+}
+
+template <int kChunkVecs>  // 16-byte vectors (8 entries) per chunk, a power of two in [1, 32]
+__global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __half* __restrict__ scores, int64_t cols, int kc, int m,
+                                                                     int64_t* __restrict__ out) {
+  constexpr int chunk = 8 * kChunkVecs;
+  extern __shared__ uint64_t smem[];
+  const int n_chunks = static_cast<int>(cols / chunk), e = kc * chunk;
+  const int cap = static_cast<int>(chunk_top_pow2(n_chunks > e ? n_chunks : e));
+  uint64_t* cand = smem;
+  uint64_t* survivors = smem + cap;
+  uint64_t* thread_max = smem + 2 * cap;
+  int* kept_chunks = reinterpret_cast<int*>(thread_max + kChunkTopThreads);
+  int* counter = kept_chunks + kc;
+  const int64_t r = blockIdx.x;
+  const __half* row = scores + r * cols;
+  const uint4* vrow = reinterpret_cast<const uint4*>(row);
+  const int n_vec = static_cast<int>(cols / 8);
+
+  // (1) chunk maxima. A chunk's vectors are consecutive lanes of one warp (vector i sits on thread i % 256).
+  constexpr int kUnroll = 4;
+  for (int base = 0; base < n_vec; base += kChunkTopThreads * kUnroll) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kChunkTopThreads + threadIdx.x;
+      if (i < n_vec) v[u] = __ldcs(vrow + i);  // read once: stream past the caches
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kChunkTopThreads + threadIdx.x;
+      float best = -__int_as_float(0x7f800000);
+      if (i < n_vec) {
+        const __half2* h = reinterpret_cast<const __half2*>(&v[u]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __half22float2(h[q]);
+          best = fmaxf(best, fmaxf(f.x, f.y));  // fmaxf drops NaN, as the CPU's `v > best`
+        }
+      }
+#pragma unroll
+      for (int off = kChunkVecs / 2; off > 0; off >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, off));
+      if (i < n_vec && i % kChunkVecs == 0) cand[i / kChunkVecs] = rank_key(best, static_cast<uint32_t>(i / kChunkVecs));
+    }
+  }
+  __syncthreads();
+
+  // (2) the kc best chunks
+  block_top(cand, n_chunks, kc, survivors, thread_max, counter);
+  for (int s = threadIdx.x; s < kc; s += blockDim.x) kept_chunks[s] = static_cast<int>(rank_index(survivors[s]));
+  __syncthreads();
+
+  // (3) their entries (a thread loads consecutive columns of one chunk), then the m best
+  for (int i = threadIdx.x; i < e; i += blockDim.x) {
+    const int s = i / chunk, col = kept_chunks[s] * chunk + (i - s * chunk);
+    cand[i] = rank_key(__half2float(row[col]), static_cast<uint32_t>(col));
+  }
+  __syncthreads();
+  block_top(cand, e, m, survivors, thread_max, counter);
+  for (int i = threadIdx.x; i < m; i += blockDim.x) out[r * m + i] = static_cast<int64_t>(rank_index(survivors[i]));
+}
+
+template <int kChunkVecs>
+cudaError_t launch_chunk_top(const __half* scores, int64_t rows, int64_t cols, int kc, int m, int64_t* out, cudaStream_t stream) {
+  const size_t smem = chunk_top_smem_bytes(cols, 8 * kChunkVecs, kc);
+  cudaError_t err = cudaFuncSetAttribute(chunk_top_kernel<kChunkVecs>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  chunk_top_kernel<kChunkVecs><<<static_cast<unsigned>(rows), kChunkTopThreads, smem, stream>>>(scores, cols, kc, m, out);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+
+// Enqueues the kernel for rows >= 1 (rows < 2^31) on `stream`. Check chunk_top_supported() first.
+inline cudaError_t chunk_top_candidates(const __half* scores, int64_t rows, int64_t cols, int64_t chunk, int64_t kc, int64_t m,
+                                        int64_t* out, cudaStream_t stream) {
+  const int k = static_cast<int>(kc), mm = static_cast<int>(m);
+  switch (chunk) {
+    case 8: return detail::launch_chunk_top<1>(scores, rows, cols, k, mm, out, stream);
+    case 16: return detail::launch_chunk_top<2>(scores, rows, cols, k, mm, out, stream);
+    case 32: return detail::launch_chunk_top<4>(scores, rows, cols, k, mm, out, stream);
+    case 64: return detail::launch_chunk_top<8>(scores, rows, cols, k, mm, out, stream);
+    case 128: return detail::launch_chunk_top<16>(scores, rows, cols, k, mm, out, stream);
+    case 256: return detail::launch_chunk_top<32>(scores, rows, cols, k, mm, out, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace retrieval_attention
