@@ -1,4 +1,4 @@
-// csrc/chunk_top_checks.h -- argument checks of the chunk_top_candidates op, shared by its CPU (csrc/ops.cpp) and
+// csrc/chunk_top_checks.h -- argument checks of the chunk_top_candidates and rerank_l2 ops, shared by its CPU (csrc/ops.cpp) and
 // CUDA (csrc/cuda/ops_cuda.cu) impls. Every failure is a ValueError naming the argument.
 #pragma once
 
@@ -15,6 +15,30 @@ inline void check_chunk_top_args(const at::Tensor& scores, int64_t chunk, int64_
   TORCH_CHECK_VALUE(cols >= chunk && cols % chunk == 0, "scores: cols (", cols, ") must be a positive multiple of chunk (", chunk, ")");
   TORCH_CHECK_VALUE(kc >= 1 && kc <= cols / chunk, "kc must be in [1, ", cols / chunk, "] (the chunks of a row), got ", kc);
   TORCH_CHECK_VALUE(m >= 1 && m <= kc * chunk, "m must be in [1, ", kc * chunk, "] (the entries of kc chunks), got ", m);
+}
+
+// keys (groups, n, d) float32/float16/bfloat16; cand (groups, b, m) int64 on keys' device; rows row_start ..
+// row_start + b - 1 exist; 1 <= k <= m. The ids' range [-1, n) is checked by the impls.
+inline void check_rerank_l2_args(const at::Tensor& keys, int64_t row_start, const at::Tensor& cand, int64_t k) {
+  TORCH_CHECK_VALUE(keys.defined() && cand.defined(), "rerank_l2: expected tensors, got None");
+  TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (groups, n, d) (3 dims), got ", keys.sizes());
+  TORCH_CHECK_VALUE(cand.dim() == 3, "cand must have shape (groups, rows, m) (3 dims), got ", cand.sizes());
+  const auto s = keys.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, "keys must be float32, float16 or bfloat16, got ", s);
+  TORCH_CHECK_TYPE(cand.scalar_type() == at::kLong, "cand must be int64, got ", cand.scalar_type());
+  TORCH_CHECK_VALUE(cand.device() == keys.device(), "cand must be on ", keys.device(), " like keys, got ", cand.device());
+  TORCH_CHECK_VALUE(cand.size(0) == keys.size(0), "cand has ", cand.size(0), " groups, keys ", keys.size(0));
+  TORCH_CHECK_VALUE(keys.size(2) >= 1, "keys: d must be >= 1");
+  TORCH_CHECK_VALUE(row_start >= 0 && row_start + cand.size(1) <= keys.size(1), "rows [", row_start, ", ", row_start + cand.size(1),
+                    ") must lie in the ", keys.size(1), " keys");
+  TORCH_CHECK_VALUE(k >= 1 && k <= cand.size(2), "k must be in [1, ", cand.size(2), "] (the candidates per row), got ", k);
+}
+
+// Any id outside [-1, n) is an error (on a GPU this costs one device sync).
+inline void check_candidate_ids(const at::Tensor& cand, int64_t n) {
+  if (cand.numel() == 0) return;
+  const int64_t lo = cand.min().item<int64_t>(), hi = cand.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= -1 && hi < n, "cand: key id ", lo < -1 ? lo : hi, " is out of range [0, ", n, ") (-1 marks none)");
 }
 
 }  // namespace ra_ext

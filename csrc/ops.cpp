@@ -129,6 +129,25 @@ at::Tensor chunk_top_candidates_cpu(const at::Tensor& scores, int64_t chunk, int
   return out;
 }
 
+at::Tensor rerank_l2_cpu(const at::Tensor& keys, int64_t row_start, const at::Tensor& cand, int64_t k) {
+  check_rerank_l2_args(keys, row_start, cand, k);
+  check_cpu(keys, "keys");
+  const int64_t groups = keys.size(0), n = keys.size(1), d = keys.size(2), b = cand.size(1), m = cand.size(2);
+  check_candidate_ids(cand, n);
+  const auto kc = keys.contiguous();
+  const auto cc = cand.contiguous();
+  auto out = at::empty({groups, b, k}, cand.options());
+  if (groups * b == 0) return out;
+  translate_errors([&] {
+    dispatch_storage(keys.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ra::rerank_l2<T>(reinterpret_cast<const T*>(kc.data_ptr()), groups, n, d, row_start, cc.data_ptr<int64_t>(), b, m, k,
+                       out.data_ptr<int64_t>());
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(retrieval_attention, m) {
@@ -136,6 +155,7 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def("dense_attention(Tensor q, Tensor keys, Tensor values, float scale, bool causal=False) -> (Tensor, Tensor)");
   m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
+  m.def("rerank_l2(Tensor keys, int row_start, Tensor cand, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
@@ -143,4 +163,5 @@ TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
   m.impl("dense_attention", &dense_attention_cpu);
   m.impl("merge_attention", &merge_attention_cpu);
   m.impl("chunk_top_candidates", &chunk_top_candidates_cpu);
+  m.impl("rerank_l2", &rerank_l2_cpu);
 }

@@ -163,6 +163,25 @@ def _chunk_candidates(scores: torch.Tensor, chunk: int, kc: int, m: int) -> torc
     return _chunk_columns(top_chunks, kept.topk(m, dim=-1).indices, chunk)
 
 
+def _nearest_candidates(keys: torch.Tensor, kf: torch.Tensor, row_start: int, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """keys (G, n, d) and their float32 copy kf, cand (G, b, m) int64 (-1: none) -> (G, b, k): for key row_start + r of
+    each group, its k nearest candidates by float32 L2 distance, nearest first (ties: smaller id first).
+
+    The extension's rerank_l2 op (CPU: chunk_top.h; CUDA: chunk_top.cuh, one warp per key) where it applies; torch ops
+    otherwise (a CUDA build of torch without the package's kernels), which may order equal distances differently."""
+    groups, b, m = cand.shape
+    d = keys.shape[2]
+    if not keys.is_cuda or (_ext.HAS_CUDA_KERNELS and d <= 256 and m <= 256 and keys.shape[1] < 2**31):
+        return torch.ops.retrieval_attention.rerank_l2(keys, row_start, cand, k)
+    flat = kf.reshape(-1, d)
+    first = (torch.arange(groups, device=keys.device) * keys.shape[1]).view(groups, 1, 1)  # each group's key 0 in `flat`
+    vec = flat.index_select(0, (cand.clamp(min=0) + first).view(-1)).view(groups, b, m, d)
+    dist = torch.linalg.vector_norm(vec.sub_(kf[:, row_start : row_start + b].unsqueeze(2)), dim=-1)
+    dist.masked_fill_(cand < 0, float("inf"))
+    del vec
+    return cand.gather(-1, dist.topk(k, dim=-1, largest=False, sorted=True).indices)
+
+
 def _chunk_top_fits(cols: int, chunk: int, kc: int, m: int) -> bool:
     """Whether the CUDA chunk-top kernel takes these shapes (chunk_top_supported() in chunk_top.cuh)."""
     n_chunks = cols // chunk
@@ -246,8 +265,9 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     with float32 accumulation on a GPU (writing and reading the score matrix dominates the time) and float32 on the
     CPU. The entries of approximate rank <= r lie in the `chunk`-column chunks with the r largest maxima, so each block
     ranks only the entries of its top kc chunks and keeps the best m of them: kc = 2k, m = 4k on a GPU, kc = k, m = 2k
-    on the CPU (fewer when there are fewer chunks). Re-ranking: those candidates' float32 distances |k_i - k_j| from
-    the keys as given, the k smallest first.
+    on the CPU (fewer when there are fewer chunks). The extension's chunk_top_candidates op does this in one pass over
+    the block's scores (_chunk_candidates). Re-ranking: those candidates' float32 distances |k_i - k_j| from the keys
+    as given, the k smallest first.
 
     Exact up to the candidate stage's rounding: every returned distance is computed in float32 and the list is
     ordered by it, but on a GPU a true neighbour is missed when the float16 rounding of the scores (about 2^-11 of
@@ -293,8 +313,6 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     right[:, :n_cols, d] = -sq[:, ::stride]
     right = right.transpose(1, 2)
     del x, sq
-    flat = kf.reshape(groups * n, d)
-    first = (torch.arange(groups, device=dev) * n).view(groups, 1, 1)  # row of each group's key 0 in `flat`
     # bytes per block row: scores, chunk maxima (and the step before), the kept chunks' entries, the candidates' key
     # rows (and ids)
     per_row = groups * ((n_pad + (step + 1) * n_chunks + kc * chunk) * sbytes + m * (4 * d + 32))
@@ -315,12 +333,8 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             del sc
             cand = col * stride
             # self and padding come in only when fewer than m other keys sit in the kept chunks
-            bad = (col >= n_cols) | (cand == rows.view(1, b, 1))
-            vec = flat.index_select(0, (cand.clamp(max=n - 1) + first).view(-1)).view(groups, b, m, d)
-            dist = torch.linalg.vector_norm(vec.sub_(kf[:, s : s + b].unsqueeze(2)), dim=-1)
-            dist.masked_fill_(bad, float("inf"))
-            del vec
-            out[:, s : s + b] = cand.gather(-1, dist.topk(k, dim=-1, largest=False, sorted=True).indices)
+            cand.masked_fill_((col >= n_cols) | (cand == rows.view(1, b, 1)), -1)
+            out[:, s : s + b] = _nearest_candidates(keys, kf, s, cand, k)
     finally:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
     return out

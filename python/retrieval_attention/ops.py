@@ -107,6 +107,11 @@ def _chunk_top_candidates_fake(scores, chunk, kc, m):
     return scores.new_empty((scores.shape[0], m), dtype=torch.int64)
 
 
+@torch.library.register_fake("retrieval_attention::rerank_l2")
+def _rerank_l2_fake(keys, row_start, cand, k):
+    return cand.new_empty((cand.shape[0], cand.shape[1], k), dtype=torch.int64)
+
+
 def dense_attention_any_device(q, keys, values, scale: float, causal: bool, key_start=None):
     """dense_attention on the tensors' device: the extension kernel where there is one, else torch math.
 

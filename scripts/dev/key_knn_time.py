@@ -2,8 +2,8 @@
 call (float16 candidate scores, float32 re-ranking) and, over the same key blocks, the score matmul alone and the
 matmul plus the chunk maxima, in float32 (TF32), bf16 and float16, and float16 with the chunk maxima in two steps
 as exact_key_knn takes them (median of --repeats each); and exact_key_knn with its candidates from the chunk-top
-kernel against the torch ops (alternated, with the share of equal list entries), and the matmul plus the kernel
-alone. One JSON line.
+kernel against the torch ops (alternated, with the share of equal list entries; the kernels are chunk_top_candidates and rerank_l2), and the
+matmul plus the chunk-top kernel alone. One JSON line.
     bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
 """
 import argparse
@@ -53,14 +53,13 @@ def main():
             if amax:  # step 4: a max over strided groups of 4 columns, then over the 4 (as exact_key_knn on a GPU)
                 sc.view(-1, chunk // step, step).amax(1).amax(-1)
 
-    fits = index._chunk_top_fits
-
-    def key_lists(kernel):
-        index._chunk_top_fits = fits if kernel else (lambda *args: False)
+    def key_lists(kernel):  # kernel=False: the torch ops the package falls back to without its CUDA kernels
+        had = index._ext.HAS_CUDA_KERNELS
+        index._ext.HAS_CUDA_KERNELS = had and kernel
         try:
             return exact_key_knn(keys, 16)
         finally:
-            index._chunk_top_fits = fits
+            index._ext.HAS_CUDA_KERNELS = had
 
     kern, ref = key_lists(True), key_lists(False)
     same = float((kern == ref).double().mean())

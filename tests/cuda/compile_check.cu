@@ -34,5 +34,9 @@ cudaError_t retrieval_attention_compile_check_all(cudaStream_t stream) {
   (void)rac::chunk_top_smem_bytes(1024, 128, 4);
   for (int64_t chunk = 8; chunk <= 256 && err == cudaSuccess; chunk *= 2)
     err = rac::chunk_top_candidates(nullptr, 1, 4 * chunk, chunk, 2, 8, nullptr, stream);
+  (void)rac::rerank_l2_supported(1000, 128, 64, 16);
+  if (err == cudaSuccess) err = rac::rerank_l2<float>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
+  if (err == cudaSuccess) err = rac::rerank_l2<__half>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
+  if (err == cudaSuccess) err = rac::rerank_l2<__nv_bfloat16>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
   return err;
 }

@@ -561,3 +561,31 @@ def test_chunk_top_candidates_on_cuda_equals_the_cpu_impl():
     with pytest.raises(TypeError, match="float16"):
         ops.chunk_top_candidates(x.bfloat16(), 8, 2, 4)
     torch.library.opcheck(ops.chunk_top_candidates.default, (x, 8, 3, 10))
+
+
+def test_rerank_l2_on_cuda_agrees_with_the_cpu_impl():
+    """The GPU re-ranking of the key lists (one warp per key) lists the same candidates as the CPU impl, nearest
+    first: rank by rank the same float64 distances up to float32 rounding, the same ids but at near-ties, -1 where
+    fewer than k are valid; float32, float16 and bfloat16 keys, d of 128 (the 8B shape), 40 and 256, m up to 256."""
+    g = torch.Generator().manual_seed(24)
+    for dtype, d, m, k in ((torch.bfloat16, 128, 64, 16), (torch.float16, 40, 256, 100), (torch.float32, 256, 33, 33),
+                           (torch.bfloat16, 128, 1, 1)):
+        keys = (torch.randn(3, 2000, d, generator=g) + 2).to(dtype)
+        cand = torch.stack([torch.randperm(2000, generator=g)[:m] for _ in range(3 * 300)]).view(3, 300, m)
+        cand[:, ::7, ::3] = -1
+        cpu = ops.rerank_l2(keys, 1500, cand, k)
+        poison_allocator()
+        gpu = ops.rerank_l2(keys.cuda(), 1500, cand.cuda(), k).cpu()
+        assert gpu.shape == cpu.shape == (3, 300, k)
+        assert torch.equal(gpu < 0, cpu < 0)
+        kd = keys.double()
+        full = torch.cdist(kd[:, 1500:1800], kd)
+        d_gpu, d_cpu = full.gather(-1, gpu.clamp(min=0)), full.gather(-1, cpu.clamp(min=0))
+        assert torch.allclose(d_gpu, d_cpu, rtol=1e-5, atol=1e-6), (dtype, d, m)
+        assert (gpu == cpu).double().mean() >= 0.999, (dtype, d, m)
+    keys = torch.randn(1, 50, 300, device="cuda")
+    with pytest.raises(ValueError, match="d <= 256"):
+        ops.rerank_l2(keys, 0, torch.zeros(1, 2, 4, dtype=torch.int64, device="cuda"), 2)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.rerank_l2(keys[..., :8], 0, torch.full((1, 2, 4), 50, dtype=torch.int64, device="cuda"), 2)
+    torch.library.opcheck(ops.rerank_l2.default, (keys[..., :8].contiguous(), 3, torch.randint(-1, 50, (1, 5, 6), device="cuda"), 4))

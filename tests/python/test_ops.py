@@ -120,6 +120,8 @@ def test_opcheck():
     o, l = ra.dense_attention(q, keys, values, 0.25)
     torch.library.opcheck(torch.ops.retrieval_attention.merge_attention.default, (o, l, o.clone(), l.clone()))
     torch.library.opcheck(torch.ops.retrieval_attention.chunk_top_candidates.default, (torch.randn(6, 64, generator=g), 8, 3, 10))
+    cand = torch.randint(-1, 30, (2, 5, 6), generator=g)
+    torch.library.opcheck(torch.ops.retrieval_attention.rerank_l2.default, (keys, 3, cand, 4))
 
 
 def test_ops_under_torch_compile():
@@ -222,3 +224,45 @@ def test_chunk_top_candidates_matches_its_contract():
 def test_chunk_top_candidates_bad_inputs(args, exc, match):
     with pytest.raises(exc, match=match):
         torch.ops.retrieval_attention.chunk_top_candidates(*args)
+
+
+def test_rerank_l2_matches_its_contract():
+    """The key lists' re-ranking (CPU impl): for key row_start + r, the k nearest of its candidates by float32 L2
+    distance, nearest first, with -1 candidates skipped and -1 padding when fewer than k are valid; a float64
+    reference agrees rank by rank (distances to float32 rounding), for float32, float16 and bfloat16 keys."""
+    op = torch.ops.retrieval_attention.rerank_l2
+    g = torch.Generator().manual_seed(23)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        keys = torch.randn(3, 500, 40, generator=g).to(dtype)
+        cand = torch.stack([torch.randperm(500, generator=g)[:64] for _ in range(3 * 70)]).view(3, 70, 64)
+        cand[:, :, ::9] = -1
+        got = op(keys, 100, cand, 20)
+        assert got.shape == (3, 70, 20) and got.dtype == torch.int64
+        kd = keys.double()
+        dist = torch.cdist(kd[:, 100:170], kd).gather(-1, cand.clamp(min=0)).masked_fill(cand < 0, float("inf"))
+        ref = dist.topk(20, largest=False)
+        mine = torch.cdist(kd[:, 100:170], kd).gather(-1, got)
+        assert torch.allclose(mine, ref.values, rtol=1e-5, atol=0), dtype
+        assert (got == cand.gather(-1, ref.indices)).double().mean() >= 0.999
+    few = torch.full((1, 2, 6), -1, dtype=torch.int64)
+    few[0, :, :2] = torch.tensor([[5, 7], [9, 3]])
+    got = op(torch.randn(1, 12, 4, generator=g), 0, few, 4)
+    assert torch.equal(got[:, :, 2:], torch.full((1, 2, 2), -1)) and set(got[0, 1, :2].tolist()) == {9, 3}
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a: {**a, "cand": a["cand"].int()}, TypeError, "int64"),
+    (lambda a: {**a, "keys": a["keys"].double()}, TypeError, "float32, float16 or bfloat16"),
+    (lambda a: {**a, "k": 0}, ValueError, "k must be in"),
+    (lambda a: {**a, "k": 9}, ValueError, "k must be in"),
+    (lambda a: {**a, "row_start": 45}, ValueError, "must lie in"),
+    (lambda a: {**a, "cand": a["cand"][:1]}, ValueError, "groups"),
+    (lambda a: {**a, "cand": a["cand"].clone().fill_(50)}, ValueError, "out of range"),
+    (lambda a: {**a, "cand": a["cand"].clone().fill_(-2)}, ValueError, "out of range"),
+    (lambda a: {**a, "keys": a["keys"][0]}, ValueError, "3 dims"),
+])
+def test_rerank_l2_bad_inputs(mutate, exc, match):
+    args = {"keys": torch.randn(2, 50, 8), "row_start": 0, "cand": torch.zeros(2, 10, 8, dtype=torch.int64), "k": 4}
+    a = mutate(args)
+    with pytest.raises(exc, match=match):
+        torch.ops.retrieval_attention.rerank_l2(a["keys"], a["row_start"], a["cand"], a["k"])

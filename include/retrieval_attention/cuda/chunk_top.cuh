@@ -1,7 +1,8 @@
-// retrieval_attention/cuda/chunk_top.cuh -- torch-free CUDA kernel: candidate columns of a float16 score matrix
-// from its best column chunks (the GPU twin of ../chunk_top.h).
+// retrieval_attention/cuda/chunk_top.cuh -- torch-free CUDA kernels of the GPU prefill's key-to-key lists (the GPU
+// twins of ../chunk_top.h): candidate columns of a float16 score matrix from its best column chunks, and the
+// candidates re-ranked by their float32 L2 distance.
 //
-// Contract (identical outputs to chunk_top_candidates<Half> of ../chunk_top.h on identical input)
+// Contract of chunk_top_candidates() (identical outputs to chunk_top_candidates<Half> of ../chunk_top.h)
 //   * scores (rows, cols) __half, row-major, contiguous, 16-byte aligned; cols = n_chunks * chunk.
 //   * out (rows, m) int64: per row, the columns of the m largest entries among the entries of the kc chunks with
 //     the largest maxima, largest first. Entries and chunk maxima compare by value (NaN as -inf), equal values by
@@ -10,14 +11,25 @@
 //     the kept entries kc * chunk each at most kChunkTopMaxEntries; 1 <= kc <= n_chunks; 1 <= m <= kc * chunk.
 //   * Algorithm: one block of kChunkTopThreads per row. (1) Chunk maxima: 16-byte loads, several in flight per
 //     thread, a chunk's lanes reduced by warp shuffles; each maximum becomes a 64-bit rank key in shared memory.
-//     (2) block_top() picks the kc best keys. (3) The kept chunks' entries are loaded as rank keys and block_top()
-//     picks the m best. block_top() bounds the answer from below by the want-th best of the threads' own maxima
+//     (2) block_top() picks the kc best keys. (3) The kept chunks' entries are loaded (16-byte loads, issued before
+//     use) as rank keys and block_top() picks the m best. block_top() bounds the answer from below by the want-th best of the threads' own maxima
 //     (want distinct entries reach it), sorts only the entries at or above that bound (bitonic, shared memory;
 //     usually a few times `want`, at worst all), and keeps the first `want`.
-//   * Ownership / streams / threads: nothing is allocated; the launch goes to the given stream, asynchronously;
+//
+// Contract of rerank_l2() (as rerank_l2 of ../chunk_top.h, up to float32 summation order)
+//   * keys (groups, n, d) T in {float, __half, __nv_bfloat16}, contiguous; cand (groups, b, m) int64, entries in
+//     [0, n) or -1 for none; out (groups, b, k) int64: for row r of group g, the k candidates nearest to key
+//     row_start + r of g by float32 squared distance, nearest first, smaller id first on equal distances, -1 last.
+//   * Limits (rerank_l2_supported()): 1 <= d <= 256, 1 <= k <= m <= 256, n < 2^31.
+//   * One warp per (group, row): the key's elements sit in the lanes' registers, eight candidates' rows are loaded
+//     at a time (coalesced across the warp), partial sums meet by shuffles, and k rounds of a warp-wide minimum
+//     over 64-bit (distance, id) keys pick the list.
+//
+// Both: ownership / streams / threads: nothing is allocated; the launch goes to the given stream, asynchronously;
 //     the host function touches no global state except the kernel's shared-memory attribute (set per call).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -121,7 +133,7 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
   const int n_vec = static_cast<int>(cols / 8);
 
   // (1) chunk maxima. A chunk's vectors are consecutive lanes of one warp (vector i sits on thread i % 256).
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = 8;  // 16-byte loads in flight per thread
   for (int base = 0; base < n_vec; base += kChunkTopThreads * kUnroll) {
     uint4 v[kUnroll];
 #pragma unroll
@@ -153,10 +165,30 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
   for (int s = threadIdx.x; s < kc; s += blockDim.x) kept_chunks[s] = static_cast<int>(rank_index(survivors[s]));
   __syncthreads();
 
-  // (3) their entries (a thread loads consecutive columns of one chunk), then the m best
-  for (int i = threadIdx.x; i < e; i += blockDim.x) {
-    const int s = i / chunk, col = kept_chunks[s] * chunk + (i - s * chunk);
-    cand[i] = rank_key(__half2float(row[col]), static_cast<uint32_t>(col));
+  // (3) their entries, 16-byte vectors (8 consecutive columns of one chunk) with all of a thread's loads issued
+  // first, then the m best
+  const int e_vec = e / 8;
+  for (int base = 0; base < e_vec; base += kChunkTopThreads * kUnroll) {
+    uint4 v[kUnroll];
+    int col0[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int w = base + u * kChunkTopThreads + threadIdx.x;
+      if (w < e_vec) {
+        const int s = w / kChunkVecs;
+        col0[u] = kept_chunks[s] * chunk + (w - s * kChunkVecs) * 8;
+        v[u] = __ldg(vrow + col0[u] / 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int w = base + u * kChunkTopThreads + threadIdx.x;
+      if (w < e_vec) {
+        const __half* h = reinterpret_cast<const __half*>(&v[u]);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) cand[w * 8 + q] = rank_key(__half2float(h[q]), static_cast<uint32_t>(col0[u] + q));
+      }
+    }
   }
   __syncthreads();
   block_top(cand, e, m, survivors, thread_max, counter);
@@ -172,7 +204,96 @@ cudaError_t launch_chunk_top(const __half* scores, int64_t rows, int64_t cols, i
   return cudaGetLastError();
 }
 
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+constexpr int kRerankWarps = 8;  // (group, row) pairs per block, one per warp
+
+template <class T>
+__global__ void __launch_bounds__(kRerankWarps * 32) rerank_l2_kernel(const T* __restrict__ keys, int64_t n, int d, int64_t row_start,
+                                                                     const int64_t* __restrict__ cand, int64_t pairs, int64_t b, int m,
+                                                                     int k, int64_t* __restrict__ out) {
+  constexpr unsigned kFull = 0xffffffffu;
+  constexpr uint64_t kNone = ~uint64_t{0};
+  const int lane = threadIdx.x & 31;
+  const int64_t gr = static_cast<int64_t>(blockIdx.x) * kRerankWarps + threadIdx.x / 32;
+  if (gr >= pairs) return;  // the whole warp
+  const int64_t g = gr / b, r = gr % b;
+  const T* x = keys + (g * n + row_start + r) * d;
+  float xq[8];  // element lane + 32 t of the key
+#pragma unroll
+  for (int t = 0; t < 8; ++t) xq[t] = lane + 32 * t < d ? widen(x[lane + 32 * t]) : 0.f;
+  const int64_t* cl = cand + gr * m;
+  uint64_t held[8];  // this lane's candidates j = lane + 32 h, as (distance, id) keys
+#pragma unroll
+  for (int h = 0; h < 8; ++h) held[h] = kNone;
+#pragma unroll
+  for (int h = 0; h < 8; ++h) {  // candidates [32 h, 32 h + 32): held[h] of their lanes (h a compile-time index)
+    for (int j0 = 32 * h; j0 < m && j0 < 32 * h + 32; j0 += 8) {
+      int id[8];  // -1: none (ids < 2^31 here: n < 2^31)
+      float part[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        id[u] = j0 + u < m ? static_cast<int>(cl[j0 + u]) : -1;
+        part[u] = 0.f;
+      }
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const int c = lane + 32 * t;
+        if (32 * t < d) {  // the same for the whole warp
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            if (id[u] >= 0 && c < d) {
+              const float diff = xq[t] - widen(keys[(g * n + id[u]) * static_cast<int64_t>(d) + c]);
+              part[u] = fmaf(diff, diff, part[u]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        float dist = part[u];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) dist += __shfl_xor_sync(kFull, dist, off);
+        if (dist != dist) dist = __int_as_float(0x7f800000);  // NaN ranks as +inf
+        const uint64_t key = id[u] < 0 ? kNone : (static_cast<uint64_t>(__float_as_uint(dist)) << 32) | static_cast<uint32_t>(id[u]);
+        if (((j0 + u) & 31) == lane) held[h] = key;
+      }
+    }
+  }
+  for (int i = 0; i < k; ++i) {
+    uint64_t best = kNone;
+#pragma unroll
+    for (int h = 0; h < 8; ++h) best = held[h] < best ? held[h] : best;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const uint64_t other = __shfl_xor_sync(kFull, best, off);
+      best = other < best ? other : best;
+    }
+#pragma unroll
+    for (int h = 0; h < 8; ++h)
+      if (held[h] == best) held[h] = kNone;
+    if (lane == 0) out[gr * k + i] = best == kNone ? -1 : static_cast<int64_t>(best & 0xFFFFFFFFu);
+  }
+}
+
 }  // namespace detail
+
+inline bool rerank_l2_supported(int64_t n, int64_t d, int64_t m, int64_t k) {
+  return n < (int64_t{1} << 31) && d >= 1 && d <= 256 && m >= 1 && m <= 256 && k >= 1 && k <= m;
+}
+
+// Enqueues the kernel for groups * b >= 1 pairs on `stream`. Check rerank_l2_supported() first.
+template <class T>
+cudaError_t rerank_l2(const T* keys, int64_t groups, int64_t n, int64_t d, int64_t row_start, const int64_t* cand, int64_t b, int64_t m,
+                      int64_t k, int64_t* out, cudaStream_t stream) {
+  const int64_t pairs = groups * b;
+  const int64_t blocks = (pairs + detail::kRerankWarps - 1) / detail::kRerankWarps;
+  detail::rerank_l2_kernel<T><<<static_cast<unsigned>(blocks), detail::kRerankWarps * 32, 0, stream>>>(
+      keys, n, static_cast<int>(d), row_start, cand, pairs, b, static_cast<int>(m), static_cast<int>(k), out);
+  return cudaGetLastError();
+}
 
 // Enqueues the kernel for rows >= 1 (rows < 2^31) on `stream`. Check chunk_top_supported() first.
 inline cudaError_t chunk_top_candidates(const __half* scores, int64_t rows, int64_t cols, int64_t chunk, int64_t kc, int64_t m,
