@@ -18,7 +18,7 @@ inline void check_chunk_top_args(const at::Tensor& scores, int64_t chunk, int64_
 }
 
 // keys (groups, n, d) float32/float16/bfloat16; cand (groups, b, m) int64 on keys' device; rows row_start ..
-// row_start + b - 1 exist; 1 <= k <= m. The ids' range [-1, n) is checked by the impls.
+// row_start + b - 1 exist; 1 <= k <= m. The ids' range [-1, n) is checked by the impls when asked (check_ids).
 inline void check_rerank_l2_args(const at::Tensor& keys, int64_t row_start, const at::Tensor& cand, int64_t k) {
   TORCH_CHECK_VALUE(keys.defined() && cand.defined(), "rerank_l2: expected tensors, got None");
   TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (groups, n, d) (3 dims), got ", keys.sizes());

@@ -129,11 +129,11 @@ at::Tensor chunk_top_candidates_cpu(const at::Tensor& scores, int64_t chunk, int
   return out;
 }
 
-at::Tensor rerank_l2_cpu(const at::Tensor& keys, int64_t row_start, const at::Tensor& cand, int64_t k) {
+at::Tensor rerank_l2_cpu(const at::Tensor& keys, int64_t row_start, const at::Tensor& cand, int64_t k, bool check_ids) {
   check_rerank_l2_args(keys, row_start, cand, k);
   check_cpu(keys, "keys");
   const int64_t groups = keys.size(0), n = keys.size(1), d = keys.size(2), b = cand.size(1), m = cand.size(2);
-  check_candidate_ids(cand, n);
+  if (check_ids) check_candidate_ids(cand, n);
   const auto kc = keys.contiguous();
   const auto cc = cand.contiguous();
   auto out = at::empty({groups, b, k}, cand.options());
@@ -155,7 +155,7 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def("dense_attention(Tensor q, Tensor keys, Tensor values, float scale, bool causal=False) -> (Tensor, Tensor)");
   m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
-  m.def("rerank_l2(Tensor keys, int row_start, Tensor cand, int k) -> Tensor");
+  m.def("rerank_l2(Tensor keys, int row_start, Tensor cand, int k, bool check_ids=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {

@@ -10,7 +10,7 @@
 //   dense_attention(q, keys, values, scale, causal) -> (out, lse)
 //   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
 //   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [float16 scores; chunk_top.cuh]
-//   rerank_l2(keys, row_start, cand, k)           -> ids (groups, rows, k) int64   [validates ids: one sync]
+//   rerank_l2(keys, row_start, cand, k, check_ids) -> ids (groups, rows, k) int64   [check_ids: one sync]
 //
 // Headers: c10/cuda (stream, guard, launch check) rather than ATen/cuda/CUDAContext.h, which pulls in the
 // cuBLAS/cuSPARSE/cuSOLVER headers; c10::cuda::getCurrentCUDAStream is the function at::cuda re-exports.
@@ -252,14 +252,14 @@ Tensor chunk_top_candidates_cuda(const Tensor& scores_in, int64_t chunk, int64_t
   return out;
 }
 
-Tensor rerank_l2_cuda(const Tensor& keys_in, int64_t row_start, const Tensor& cand_in, int64_t k) {
+Tensor rerank_l2_cuda(const Tensor& keys_in, int64_t row_start, const Tensor& cand_in, int64_t k, bool check_ids) {
   ra_ext::check_rerank_l2_args(keys_in, row_start, cand_in, k);
   TORCH_CHECK_VALUE(keys_in.is_cuda(), "keys must be a CUDA tensor, got device ", keys_in.device());
   const c10::cuda::CUDAGuard guard(keys_in.device());
   const int64_t groups = keys_in.size(0), n = keys_in.size(1), d = keys_in.size(2), b = cand_in.size(1), m = cand_in.size(2);
   TORCH_CHECK_VALUE(rac::rerank_l2_supported(n, d, m, k), "rerank_l2 on a GPU needs d <= 256, k <= m <= 256 and n < 2^31; got n ", n,
                     ", d ", d, ", m ", m, ", k ", k);
-  ra_ext::check_candidate_ids(cand_in, n);
+  if (check_ids) ra_ext::check_candidate_ids(cand_in, n);  // without it, ids outside [0, n) count as none (never read)
   const Tensor keys = keys_in.contiguous(), cand = cand_in.contiguous();
   Tensor out = at::empty({groups, b, k}, cand.options());
   if (groups * b == 0) return out;

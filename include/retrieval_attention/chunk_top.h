@@ -15,7 +15,8 @@
 //
 // Contract of rerank_l2()
 //   * keys (groups, n, d) row-major contiguous, T in {float, Half, BFloat16}; cand (groups, b, m) int64 with entries in
-//     [0, n), or -1 for none; out (groups, b, k) int64, k <= m. Row r of group g asks for key row_start + r of g.
+//     [0, n), or -1 for none (any other entry counts as none and is never read; the op rejects them unless told
+//     not to); out (groups, b, k) int64, k <= m. Row r of group g asks for key row_start + r of g.
 //   * out lists the k candidates nearest to that key, nearest first, by the float32 distance sum_c (x_c - y_c)^2
 //     (elements widened to float32; NaN ranks as +inf); equal distances rank the smaller id first; -1 pads the list
 //     when fewer than k candidates are valid. Candidates should be distinct (a repeated one may be listed twice).
@@ -90,14 +91,15 @@ void rerank_l2(const T* keys, int64_t groups, int64_t n, int64_t d, int64_t row_
     ranked.resize(static_cast<size_t>(m));
     for (int64_t j = 0; j < m; ++j) {
       float dist = 0.f;
-      if (c[j] >= 0) {
+      const bool valid = c[j] >= 0 && c[j] < n;  // any other entry counts as none and is never read
+      if (valid) {
         const T* y = keys + (g * n + c[j]) * d;
         for (int64_t t = 0; t < d; ++t) {
           const float diff = to_float(x[t]) - to_float(y[t]);
           dist += diff * diff;
         }
       }
-      ranked[static_cast<size_t>(j)] = distance_rank_key(dist, c[j]);
+      ranked[static_cast<size_t>(j)] = distance_rank_key(dist, valid ? c[j] : -1);
     }
     std::partial_sort(ranked.begin(), ranked.begin() + k, ranked.end());
     for (int64_t i = 0; i < k; ++i) {

@@ -172,7 +172,8 @@ def _nearest_candidates(keys: torch.Tensor, kf: torch.Tensor, row_start: int, ca
     groups, b, m = cand.shape
     d = keys.shape[2]
     if not keys.is_cuda or (_ext.HAS_CUDA_KERNELS and d <= 256 and m <= 256 and keys.shape[1] < 2**31):
-        return torch.ops.retrieval_attention.rerank_l2(keys, row_start, cand, k)
+        # the ids come from chunk_top_candidates: checking them would cost a device sync per key block
+        return torch.ops.retrieval_attention.rerank_l2(keys, row_start, cand, k, False)
     flat = kf.reshape(-1, d)
     first = (torch.arange(groups, device=keys.device) * keys.shape[1]).view(groups, 1, 1)  # each group's key 0 in `flat`
     vec = flat.index_select(0, (cand.clamp(min=0) + first).view(-1)).view(groups, b, m, d)

@@ -108,7 +108,7 @@ def _chunk_top_candidates_fake(scores, chunk, kc, m):
 
 
 @torch.library.register_fake("retrieval_attention::rerank_l2")
-def _rerank_l2_fake(keys, row_start, cand, k):
+def _rerank_l2_fake(keys, row_start, cand, k, check_ids=True):
     return cand.new_empty((cand.shape[0], cand.shape[1], k), dtype=torch.int64)
 
 

@@ -588,4 +588,6 @@ def test_rerank_l2_on_cuda_agrees_with_the_cpu_impl():
         ops.rerank_l2(keys, 0, torch.zeros(1, 2, 4, dtype=torch.int64, device="cuda"), 2)
     with pytest.raises(ValueError, match="out of range"):
         ops.rerank_l2(keys[..., :8], 0, torch.full((1, 2, 4), 50, dtype=torch.int64, device="cuda"), 2)
+    bad = torch.tensor([[[3, 99, 7, -5, 12, 50]]])  # check_ids=False: out-of-range ids count as none, never read
+    assert torch.equal(ops.rerank_l2(keys[..., :8].cuda(), 0, bad.cuda(), 4, False).cpu(), ops.rerank_l2(keys[..., :8].cpu(), 0, bad, 4, False))
     torch.library.opcheck(ops.rerank_l2.default, (keys[..., :8].contiguous(), 3, torch.randint(-1, 50, (1, 5, 6), device="cuda"), 4))

@@ -266,3 +266,15 @@ def test_rerank_l2_bad_inputs(mutate, exc, match):
     a = mutate(args)
     with pytest.raises(exc, match=match):
         torch.ops.retrieval_attention.rerank_l2(a["keys"], a["row_start"], a["cand"], a["k"])
+
+
+def test_rerank_l2_without_the_id_check_skips_bad_ids():
+    """check_ids=False (the prefill's own calls, which would pay a device sync per key block for the check): ids
+    outside [0, n) count as none, are never read, and the list is what the valid candidates give."""
+    op = torch.ops.retrieval_attention.rerank_l2
+    g = torch.Generator().manual_seed(25)
+    keys = torch.randn(1, 30, 8, generator=g)
+    cand = torch.tensor([[[3, 99, 7, -5, 12, 30]]])
+    got = op(keys, 0, cand, 4, False)
+    ok = op(keys, 0, torch.tensor([[[3, -1, 7, -1, 12, -1]]]), 4)
+    assert torch.equal(got, ok) and got[0, 0, 3] == -1

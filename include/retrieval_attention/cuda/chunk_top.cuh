@@ -18,7 +18,7 @@
 //
 // Contract of rerank_l2() (as rerank_l2 of ../chunk_top.h, up to float32 summation order)
 //   * keys (groups, n, d) T in {float, __half, __nv_bfloat16}, contiguous; cand (groups, b, m) int64, entries in
-//     [0, n) or -1 for none; out (groups, b, k) int64: for row r of group g, the k candidates nearest to key
+//     [0, n) or -1 for none (any other entry counts as none and is never read); out (groups, b, k) int64: for row r of group g, the k candidates nearest to key
 //     row_start + r of g by float32 squared distance, nearest first, smaller id first on equal distances, -1 last.
 //   * Limits (rerank_l2_supported()): 1 <= d <= 256, 1 <= k <= m <= 256, n < 2^31.
 //   * One warp per (group, row): the key's elements sit in the lanes' registers, eight candidates' rows are loaded
@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kRerankWarps * 32) rerank_l2_kernel(const T* _
       float part[8];
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        id[u] = j0 + u < m ? static_cast<int>(cl[j0 + u]) : -1;
+        const int64_t c = j0 + u < m ? cl[j0 + u] : -1;
+        id[u] = c >= 0 && c < n ? static_cast<int>(c) : -1;  // outside [0, n): none, never read
         part[u] = 0.f;
       }
 #pragma unroll
