@@ -12,14 +12,15 @@
 //   * Algorithm: one block of kChunkTopThreads per row. (1) Chunk maxima: 16-byte loads, several in flight per
 //     thread, a chunk's lanes reduced by warp shuffles; each maximum becomes a 64-bit rank key in shared memory.
 //     (2) block_top() picks the kc best keys. (3) The kept chunks' entries are loaded (16-byte loads, issued before
-//     use) as rank keys and block_top() picks the m best. block_top() bounds the answer from below by the want-th best of the threads' own maxima
-//     (want distinct entries reach it), sorts only the entries at or above that bound (bitonic, shared memory;
-//     usually a few times `want`, at worst all), and keeps the first `want`.
+//     use) as rank keys and block_top() picks the m best. block_top() bounds the answer from below with warp
+//     shuffles over the threads' own maxima (at least `want` distinct entries reach the bound), keeps the entries
+//     at or above it (usually a few times `want`) and ranks them by counting; when more than kRankSelectMax
+//     survive, it sorts all the candidates instead (bitonic, in shared memory).
 //
 // Contract of rerank_l2() (as rerank_l2 of ../chunk_top.h, up to float32 summation order)
 //   * keys (groups, n, d) T in {float, __half, __nv_bfloat16}, contiguous; cand (groups, b, m) int64, entries in
-//     [0, n) or -1 for none (any other entry counts as none and is never read); out (groups, b, k) int64: for row r of group g, the k candidates nearest to key
-//     row_start + r of g by float32 squared distance, nearest first, smaller id first on equal distances, -1 last.
+//     [0, n) or -1 for none (any other entry counts as none and is never read); out (groups, b, k) int64: for row
+//     r of group g, the k candidates nearest to key row_start + r of g by float32 squared distance, nearest first, smaller id first on equal distances, -1 last.
 //   * Limits (rerank_l2_supported()): 1 <= d <= 256, 1 <= k <= m <= 256, n < 2^31.
 //   * One warp per (group, row): the key's elements sit in the lanes' registers, eight candidates' rows are loaded
 //     at a time (coalesced across the warp), partial sums meet by shuffles, and k rounds of a warp-wide minimum
@@ -40,6 +41,7 @@ namespace cuda {
 
 constexpr int kChunkTopThreads = 256;
 constexpr int64_t kChunkTopMaxEntries = 8192;
+constexpr int kRankSelectMax = 1024;  // survivors ranked by counting (one barrier); with more, all are sorted (bitonic)
 
 __host__ __device__ inline int64_t chunk_top_pow2(int64_t x) {
   int64_t p = 1;
@@ -54,12 +56,12 @@ inline bool chunk_top_supported(int64_t cols, int64_t chunk, int64_t kc, int64_t
   return n_chunks <= kChunkTopMaxEntries && kc >= 1 && kc <= n_chunks && kc * chunk <= kChunkTopMaxEntries && m >= 1 && m <= kc * chunk;
 }
 
-// Shared memory of one block: the candidates (chunk keys, then entry keys), the compacted survivors, the threads'
-// maxima, the kept chunk ids and a counter.
+// Shared memory of one block: the candidates (chunk keys, then entry keys), the survivors of the bound (at most
+// kRankSelectMax are kept), the warps' bounds, the kept chunk ids and a counter.
 inline size_t chunk_top_smem_bytes(int64_t cols, int64_t chunk, int64_t kc) {
   const int64_t n_chunks = cols / chunk, e = kc * chunk;
   const int64_t cand = chunk_top_pow2(n_chunks > e ? n_chunks : e);
-  return sizeof(uint64_t) * (2 * cand + kChunkTopThreads) + sizeof(int) * (kc + 1);
+  return sizeof(uint64_t) * (cand + kRankSelectMax + kChunkTopThreads / 32) + sizeof(int) * (kc + 1);
 }
 
 namespace detail {
@@ -93,26 +95,64 @@ __device__ inline void sort_desc(uint64_t* s, int p) {
   }
 }
 
-// The `want` largest of cand[0, count) (shared memory, count >= want >= 1), best first, into the first `want`
-// slots of `survivors` (shared, room for chunk_top_pow2(count)). thread_max: kChunkTopThreads slots; counter: one int.
-__device__ inline void block_top(const uint64_t* cand, int count, int want, uint64_t* survivors, uint64_t* thread_max, int* counter) {
+constexpr int kChunkTopWarps = kChunkTopThreads / 32;
+
+// The `want` largest of cand[0, count) (shared memory with room for chunk_top_pow2(count) keys, count >= want >= 1),
+// best first, into cand[0, want). survivors: kRankSelectMax keys; warp_bound: kChunkTopWarps keys; counter: one int.
+// A lower bound first: each warp's t-th best thread maximum (t = ceil(want / warps)), the least of them over the
+// warps, is reached by t x warps >= want distinct entries, so the want-th best entry is at least that. Only the
+// entries at or above the bound are kept and ranked.
+__device__ inline void block_top(uint64_t* cand, int count, int want, uint64_t* survivors, uint64_t* warp_bound, int* counter) {
+  constexpr unsigned kFull = 0xffffffffu;
   const int per = (count + kChunkTopThreads - 1) / kChunkTopThreads;
   const int lo = threadIdx.x * per, hi = min(count, lo + per);
-  uint64_t best = 0;  // below every rank key (the lowest, -inf at the largest index, is 0x007FFFFF00000000)
-  for (int i = lo; i < hi; ++i) best = cand[i] > best ? cand[i] : best;
-  thread_max[threadIdx.x] = best;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  uint64_t mine = 0;  // below every rank key (the lowest, -inf at the largest index, is 0x007FFFFF00000000)
+  for (int i = lo; i < hi; ++i) mine = cand[i] > mine ? cand[i] : mine;
+  const int t = (want + kChunkTopWarps - 1) / kChunkTopWarps;
+  uint64_t tth = 0;  // the warp's t-th best thread maximum (0 when t > 32: no bound)
+  if (t <= 32) {
+    uint64_t left = mine;
+    for (int round = 0; round < t; ++round) {
+      uint64_t best = left;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const uint64_t other = __shfl_xor_sync(kFull, best, off);
+        best = other > best ? other : best;
+      }
+      tth = best;
+      if (left == best) left = 0;  // keys are distinct but for 0, which stays 0
+    }
+  }
+  if (lane == 0) warp_bound[warp] = tth;
   if (threadIdx.x == 0) *counter = 0;
   __syncthreads();
-  sort_desc(thread_max, kChunkTopThreads);
-  // The `want` best thread maxima are `want` distinct entries, so the want-th best entry is at least this bound.
-  const uint64_t bound = want <= kChunkTopThreads ? thread_max[want - 1] : 0;
-  for (int i = lo; i < hi; ++i)
-    if (cand[i] >= bound) survivors[atomicAdd(counter, 1)] = cand[i];
+  uint64_t bound = warp_bound[0];
+#pragma unroll
+  for (int w = 1; w < kChunkTopWarps; ++w) bound = warp_bound[w] < bound ? warp_bound[w] : bound;
+  for (int i = lo; i < hi; ++i) {
+    if (cand[i] >= bound) {
+      const int slot = atomicAdd(counter, 1);
+      if (slot < kRankSelectMax) survivors[slot] = cand[i];
+    }
+  }
   __syncthreads();
-  const int n = *counter, p = static_cast<int>(chunk_top_pow2(n));
-  for (int i = n + threadIdx.x; i < p; i += blockDim.x) survivors[i] = 0;
+  const int n = *counter;
+  if (n <= kRankSelectMax) {
+    // rank = how many survivors beat it; the keys are distinct, so the ranks below `want` fill cand[0, want) once each
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint64_t key = survivors[i];
+      int rank = 0;
+      for (int j = 0; j < n; ++j) rank += survivors[j] > key;
+      if (rank < want) cand[rank] = key;
+    }
+  } else {  // too many survivors (a weak bound): sort all candidates in place (cand has room for chunk_top_pow2(count))
+    const int p = static_cast<int>(chunk_top_pow2(count));
+    for (int i = count + threadIdx.x; i < p; i += blockDim.x) cand[i] = 0;
+    __syncthreads();
+    sort_desc(cand, p);
+  }
   __syncthreads();
-  sort_desc(survivors, p);  // keys are distinct, so the order (and the first `want`) is unique
 }
 
 template <int kChunkVecs>  // 16-byte vectors (8 entries) per chunk, a power of two in [1, 32]
@@ -124,8 +164,8 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
   const int cap = static_cast<int>(chunk_top_pow2(n_chunks > e ? n_chunks : e));
   uint64_t* cand = smem;
   uint64_t* survivors = smem + cap;
-  uint64_t* thread_max = smem + 2 * cap;
-  int* kept_chunks = reinterpret_cast<int*>(thread_max + kChunkTopThreads);
+  uint64_t* warp_bound = survivors + kRankSelectMax;
+  int* kept_chunks = reinterpret_cast<int*>(warp_bound + kChunkTopWarps);
   int* counter = kept_chunks + kc;
   const int64_t r = blockIdx.x;
   const __half* row = scores + r * cols;
@@ -161,8 +201,8 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
   __syncthreads();
 
   // (2) the kc best chunks
-  block_top(cand, n_chunks, kc, survivors, thread_max, counter);
-  for (int s = threadIdx.x; s < kc; s += blockDim.x) kept_chunks[s] = static_cast<int>(rank_index(survivors[s]));
+  block_top(cand, n_chunks, kc, survivors, warp_bound, counter);
+  for (int s = threadIdx.x; s < kc; s += blockDim.x) kept_chunks[s] = static_cast<int>(rank_index(cand[s]));
   __syncthreads();
 
   // (3) their entries, 16-byte vectors (8 consecutive columns of one chunk) with all of a thread's loads issued
@@ -191,8 +231,8 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
     }
   }
   __syncthreads();
-  block_top(cand, e, m, survivors, thread_max, counter);
-  for (int i = threadIdx.x; i < m; i += blockDim.x) out[r * m + i] = static_cast<int64_t>(rank_index(survivors[i]));
+  block_top(cand, e, m, survivors, warp_bound, counter);
+  for (int i = threadIdx.x; i < m; i += blockDim.x) out[r * m + i] = static_cast<int64_t>(rank_index(cand[i]));
 }
 
 template <int kChunkVecs>
