@@ -13,6 +13,7 @@
 
 #include "reference.h"
 #include "retrieval_attention/attention.h"
+#include "retrieval_attention/chunk_top.h"
 #include "retrieval_attention/flat_index.h"
 #include "retrieval_attention/huge_page_allocator.h"
 #include "retrieval_attention/offloaded_layer.h"
@@ -358,5 +359,66 @@ TEST_CASE("parallel_for_split: every item and inner iteration once, idle threads
                     }),
                     std::invalid_argument);
     CHECK(ran == std::vector<int>{1, 1, 1});
+  }
+}
+
+TEST_CASE("chunk_top_candidates: the best entries of the best chunks, in one total order", "[chunk_top]") {
+  std::mt19937 rng(31);
+  std::uniform_int_distribution<int> small(-6, 6);  // few distinct values: ties everywhere
+  const int64_t rows = 9, chunk = 16, n_chunks = 20, cols = chunk * n_chunks, kc = 5, m = 37;
+  std::vector<float> s(static_cast<size_t>(rows * cols));
+  for (float& x : s) x = static_cast<float>(small(rng)) / 4.f;
+  s[3] = NAN;
+  std::vector<int64_t> out(static_cast<size_t>(rows * m));
+  chunk_top_candidates(s.data(), rows, cols, chunk, kc, m, out.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = s.data() + r * cols;
+    auto val = [&](int64_t j) { return std::isnan(row[j]) ? -INFINITY : row[j]; };
+    std::vector<std::pair<float, int64_t>> chunks;  // (max, chunk): best first, smaller chunk on ties
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      float best = -INFINITY;
+      for (int64_t j = c * chunk; j < (c + 1) * chunk; ++j) best = std::max(best, val(j));
+      chunks.push_back({best, c});
+    }
+    std::stable_sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::vector<int64_t> kept;
+    for (int64_t i = 0; i < kc; ++i)
+      for (int64_t j = chunks[i].second * chunk; j < (chunks[i].second + 1) * chunk; ++j) kept.push_back(j);
+    std::sort(kept.begin(), kept.end());
+    std::stable_sort(kept.begin(), kept.end(), [&](int64_t a, int64_t b) { return val(a) > val(b); });
+    for (int64_t i = 0; i < m; ++i) REQUIRE(out[static_cast<size_t>(r * m + i)] == kept[static_cast<size_t>(i)]);
+  }
+}
+
+TEST_CASE("rerank_l2: the nearest candidates by float32 L2, -1 skipped and padding", "[chunk_top]") {
+  const int64_t groups = 2, n = 60, d = 12, b = 5, m = 10, k = 6, row_start = 40;
+  auto keys = random_matrix(groups * n, d, 32);
+  std::vector<int64_t> cand(static_cast<size_t>(groups * b * m));
+  std::mt19937 rng(33);
+  for (int64_t gr = 0; gr < groups * b; ++gr) {
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (int64_t j = 0; j < m; ++j) cand[static_cast<size_t>(gr * m + j)] = j % 4 == 3 ? -1 : ids[static_cast<size_t>(j)];
+  }
+  cand[0] = 99;  // out of range: counts as none
+  std::vector<int64_t> out(static_cast<size_t>(groups * b * k));
+  rerank_l2(keys.data(), groups, n, d, row_start, cand.data(), b, m, k, out.data());
+  for (int64_t gr = 0; gr < groups * b; ++gr) {
+    const int64_t g = gr / b;
+    const float* x = keys.data() + (g * n + row_start + gr % b) * d;
+    std::vector<std::pair<double, int64_t>> ref;
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t id = cand[static_cast<size_t>(gr * m + j)];
+      if (id < 0 || id >= n) continue;
+      double dist = 0;
+      for (int64_t t = 0; t < d; ++t) dist += std::pow(double(x[t]) - keys[static_cast<size_t>((g * n + id) * d + t)], 2);
+      ref.push_back({dist, id});
+    }
+    std::sort(ref.begin(), ref.end());
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t want = i < static_cast<int64_t>(ref.size()) ? ref[static_cast<size_t>(i)].second : -1;
+      REQUIRE(out[static_cast<size_t>(gr * k + i)] == want);
+    }
   }
 }
