@@ -159,7 +159,12 @@ def _chunk_candidates(scores: torch.Tensor, chunk: int, kc: int, m: int) -> torc
         usable = scores.dtype in (torch.float32, torch.float16)
     if usable:
         return torch.ops.retrieval_attention.chunk_top_candidates(flat, chunk, kc, m).view(groups, rows, m)
-    top_chunks, kept = _top_chunks(scores, cols // chunk, chunk, kc)  # (G, R, kc), (G, R, kc * chunk)
+    return _chunk_candidates_torch(scores, chunk, kc, m)
+
+
+def _chunk_candidates_torch(scores: torch.Tensor, chunk: int, kc: int, m: int) -> torch.Tensor:
+    """_chunk_candidates in torch ops (the fallback)."""
+    top_chunks, kept = _top_chunks(scores, scores.shape[2] // chunk, chunk, kc)  # (G, R, kc), (G, R, kc * chunk)
     return _chunk_columns(top_chunks, kept.topk(m, dim=-1).indices, chunk)
 
 
@@ -169,13 +174,19 @@ def _nearest_candidates(keys: torch.Tensor, kf: torch.Tensor, row_start: int, ca
 
     The extension's rerank_l2 op (CPU: chunk_top.h; CUDA: chunk_top.cuh, one warp per key) where it applies; torch ops
     otherwise (a CUDA build of torch without the package's kernels), which may order equal distances differently."""
-    groups, b, m = cand.shape
-    d = keys.shape[2]
+    m, d = cand.shape[2], keys.shape[2]
     if not keys.is_cuda or (_ext.HAS_CUDA_KERNELS and d <= 256 and m <= 256 and keys.shape[1] < 2**31):
         # the ids come from chunk_top_candidates: checking them would cost a device sync per key block
         return torch.ops.retrieval_attention.rerank_l2(keys, row_start, cand, k, False)
+    return _nearest_candidates_torch(kf, row_start, cand, k)
+
+
+def _nearest_candidates_torch(kf: torch.Tensor, row_start: int, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """_nearest_candidates in torch ops (the fallback), from the keys' float32 copy kf (G, n, d)."""
+    groups, b, m = cand.shape
+    d = kf.shape[2]
     flat = kf.reshape(-1, d)
-    first = (torch.arange(groups, device=keys.device) * keys.shape[1]).view(groups, 1, 1)  # each group's key 0 in `flat`
+    first = (torch.arange(groups, device=kf.device) * kf.shape[1]).view(groups, 1, 1)  # each group's key 0 in `flat`
     vec = flat.index_select(0, (cand.clamp(min=0) + first).view(-1)).view(groups, b, m, d)
     dist = torch.linalg.vector_norm(vec.sub_(kf[:, row_start : row_start + b].unsqueeze(2)), dim=-1)
     dist.masked_fill_(cand < 0, float("inf"))

@@ -238,6 +238,26 @@ def test_exact_key_knn_matches_brute_force():
         assert_nearest_lists(got, dist, min(k, n - 1))
 
 
+def test_key_list_stages_torch_fallbacks_agree_with_the_ops():
+    """The torch ops that stand in for the two key-list ops where the package has no CUDA kernels give what the ops
+    give: the same candidate columns in the same order (distinct scores), and the same re-ranked lists up to float32
+    near-ties of the norm against the sum of squares."""
+    from retrieval_attention import index
+
+    g = torch.Generator().manual_seed(19)
+    scores = torch.randperm(3 * 40 * 64 * 30, generator=g).float().view(3, 40, 64 * 30)  # distinct values
+    for chunk, kc, m in ((64, 4, 50), (32, 9, 288), (128, 1, 1)):
+        assert torch.equal(index._chunk_candidates_torch(scores, chunk, kc, m), index._chunk_candidates(scores, chunk, kc, m))
+    keys = torch.randn(2, 400, 24, generator=g)
+    cand = torch.stack([torch.randperm(400, generator=g)[:48] for _ in range(2 * 100)]).view(2, 100, 48)
+    cand[:, :, ::5] = -1
+    ops_lists = index._nearest_candidates(keys, keys, 150, cand, 12)
+    torch_lists = index._nearest_candidates_torch(keys, 150, cand, 12)
+    dist = torch.cdist(keys[:, 150:250].double(), keys.double())
+    assert torch.allclose(dist.gather(-1, ops_lists), dist.gather(-1, torch_lists), rtol=1e-6, atol=0)
+    assert (ops_lists == torch_lists).double().mean() >= 0.999
+
+
 def test_key_knn_among_every_sth_key():
     """column_stride s: each key's nearest other keys among keys 0, s, 2s, ... equal a brute-force topk over those
     columns (ids in the original numbering), for rows that are columns and rows that are not, several blocks, k
