@@ -54,6 +54,18 @@ def _progress_by_default(cpu_tokens: int) -> bool:
 _EXECUTORS = {}
 
 
+def _to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t as a contiguous CPU tensor (of `dtype` if given). From a GPU: an asynchronous copy into page-locked memory
+    (torch's cached host blocks, reused layer after layer), several times the bandwidth of a copy to pageable memory
+    and without a device sync; the caller records an event that readers wait for."""
+    dtype = dtype or t.dtype
+    if not t.is_cuda:
+        return t.to("cpu", dtype).contiguous()
+    host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 def _background(name: str):
     """One background thread per kind of work: "ra-store" moves each layer's CPU rows into the C++ stores, "ra-index-build"
     builds the indexes, layers one after another, each using all OpenMP threads. Separate threads, so that a layer's
@@ -256,14 +268,8 @@ class RetrievalLayer(CacheLayerMixin):
         return self._flat_heads(t).to("cpu", self.cpu_dtype).contiguous()
 
     def _prompt_to_cpu(self, t: torch.Tensor) -> torch.Tensor:
-        """The prompt's CPU part (batch, kv_heads, n, d) -> (batch*kv_heads, n, d) on the CPU. From a GPU: one
-        asynchronous copy into page-locked memory (torch's cached host blocks, reused layer after layer), several times
-        the bandwidth of a copy to pageable memory; the caller records an event the reader waits for."""
-        if not t.is_cuda:
-            return self._to_cpu(t)
-        host = torch.empty((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]), dtype=self.cpu_dtype, pin_memory=True)
-        host.copy_(self._flat_heads(t), non_blocking=True)
-        return host
+        """The prompt's CPU part (batch, kv_heads, n, d) -> (batch*kv_heads, n, d) on the CPU (see _to_host)."""
+        return _to_host(self._flat_heads(t), self.cpu_dtype)
 
     def finish_prefill(self, query: torch.Tensor, left_padding: torch.Tensor | None = None) -> None:
         """Split the prompt's KV into the static set and the CPU part, and build the CPU indexes.
@@ -288,7 +294,7 @@ class RetrievalLayer(CacheLayerMixin):
             if cfg.max_train_queries is not None and q.shape[2] > cfg.max_train_queries:
                 pos = torch.linspace(0, q.shape[2] - 1, cfg.max_train_queries, device=q.device).round().long()
                 q = q[:, :, pos]
-            train = self._flat_heads(q).to("cpu", torch.float32).contiguous()
+            train = _to_host(self._flat_heads(q), torch.float32)
         self.offloaded = _ext._C.OffloadedLayer(
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
             dict(cfg.index_params), cfg.max_unindexed_tokens, cfg.index_sharing,
@@ -305,19 +311,22 @@ class RetrievalLayer(CacheLayerMixin):
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
             params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
             t_knn = time.perf_counter()
-            knn = exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]).cpu()
+            knn = _to_host(exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]))
             if not serve_early:
                 # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak
                 # instead of searching for each on the CPU (3.5x faster 128K builds, ~0.9 s more prefill per 8B layer on
                 # an H200). decode_during_build puts the first token first, so it leaves the searches to the CPU.
                 key_knn = build_key_lists(self._flat_heads(cpu_k), params["ef_weak"])
+                key_knn = _to_host(key_knn) if key_knn is not None else None
             self.knn_seconds += time.perf_counter() - t_knn
         n_cpu = cpu_end - n_sink
         t_off = time.perf_counter()
         cpu_k, cpu_v, copied = self._prompt_to_cpu(cpu_k), self._prompt_to_cpu(cpu_v), None
-        if cpu_k.is_pinned():
+        if self.keys.is_cuda:
+            # the rows, training queries and id lists are still being copied: the store thread waits for this event
+            # while the device goes on with the next layers; nothing in the prefill waits for the device
             copied = torch.cuda.Event()
-            copied.record()  # the store thread waits for it, the device goes on with the next layers
+            copied.record()
         self.offload_seconds += time.perf_counter() - t_off
         self._set_static(
             torch.cat([self.keys[:, :, :n_sink], self.keys[:, :, cpu_end:]], dim=-2),
@@ -328,16 +337,17 @@ class RetrievalLayer(CacheLayerMixin):
         self.build_seconds += time.perf_counter() - t0
 
         def store():
-            nonlocal cpu_k, cpu_v
+            nonlocal cpu_k, cpu_v, train, knn, key_knn
             t1 = time.perf_counter()
             if copied is not None:
                 copied.synchronize()
             self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False, key_knn=key_knn)  # C++, GIL released: rows only
-            if cpu_k.is_pinned():
-                # the stores hold the rows now; a subclass's on_cpu_tokens gets ordinary memory, and the page-locked
-                # blocks go back to torch's host cache for the next layer
+            if copied is not None:
+                # the layer holds copies of all of it now; a subclass's on_cpu_tokens gets ordinary memory, and the
+                # page-locked blocks go back to torch's host cache for the next layer
                 hook = type(self).on_cpu_tokens is not RetrievalLayer.on_cpu_tokens
-                cpu_k, cpu_v = (cpu_k.clone(), cpu_v.clone()) if hook else (None, None)
+                cpu_k, cpu_v, train = (cpu_k.clone(), cpu_v.clone(), train.clone()) if hook else (None, None, None)
+                knn = key_knn = None
             self.build_seconds += time.perf_counter() - t1
 
         def build(rows):

@@ -256,8 +256,8 @@ KEY_LIST_COLUMN_STRIDE = 1
 
 def build_key_lists(keys: torch.Tensor, k: int) -> torch.Tensor | None:
     """The key-to-key lists a graph build takes (keys (G, n, d) on the GPU): exact_key_knn at KEY_LIST_COLUMN_STRIDE,
-    on the CPU; None when there is no other candidate key to link to."""
-    lists = exact_key_knn(keys, k, column_stride=KEY_LIST_COLUMN_STRIDE).cpu()
+    on the keys' device; None when there is no other candidate key to link to."""
+    lists = exact_key_knn(keys, k, column_stride=KEY_LIST_COLUMN_STRIDE)
     return lists if lists.shape[-1] > 0 else None
 
 
@@ -313,8 +313,9 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     # and the inputs (|x| in [32, 64) for the largest) far above its subnormals (< 2^-14) but for negligible entries.
     x = kf - kf.mean(1, keepdim=True)
     sq = (x * x).sum(-1)
-    exps = torch.frexp(sq.amax(-1)).exponent.tolist()  # max |x|^2 = f * 2^e, f in [0.5, 1)
-    scale = torch.tensor([2.0 ** ((12 - e) // 2) for e in exps], device=dev).view(groups, 1, 1)
+    # on the device: nothing in this function waits for it (a prefill queues the next layers meanwhile)
+    exps = torch.frexp(sq.amax(-1)).exponent  # max |x|^2 = f * 2^e, f in [0.5, 1)
+    scale = torch.ldexp(torch.ones(groups, device=dev), torch.div(12 - exps, 2, rounding_mode="floor")).view(groups, 1, 1)
     x = x * scale
     sq = sq * (scale * scale).view(groups, 1)
     left = torch.zeros((groups, n, d_aug), dtype=sdtype, device=dev)
@@ -338,8 +339,11 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             b = min(block, n - s)
             sc = torch.bmm(left[:, s : s + b], right)  # (G, b, n_pad)
             rows = torch.arange(s, s + b, device=dev)
-            own = rows[rows % stride == 0]  # the rows that are also columns
-            sc[:, own - s, own // stride] = float("-inf")  # not itself
+            # not itself: the block's rows that are also columns (keys s0, s0 + stride, ... of columns s0 / stride,
+            # s0 / stride + 1, ...) lie on a diagonal of a strided view
+            s0 = -(-s // stride) * stride
+            own = -(-(s + b - s0) // stride)
+            sc[:, s0 - s :: stride, s0 // stride : s0 // stride + own].diagonal(dim1=1, dim2=2).fill_(float("-inf"))
             sc[:, :, n_cols:] = float("-inf")  # padding columns never rank
             col = _chunk_candidates(sc, chunk, kc, m)  # (G, b, m), best approximate score first
             del sc
@@ -390,7 +394,7 @@ class QueryGuidedIndex(_IndexBase):
         if device_keys.is_cuda and tq.is_cuda and tq.shape[0] > 0:
             knn = exact_knn(device_keys.unsqueeze(0), tq.float().unsqueeze(0), params["k_train"])[0].cpu()
             key_knn = build_key_lists(device_keys.unsqueeze(0), params["ef_weak"])
-            key_knn = key_knn[0] if key_knn is not None else None
+            key_knn = key_knn[0].cpu() if key_knn is not None else None
         tq = tq.detach().to("cpu", torch.float32).contiguous()
         super().__init__(_ext._C.KeyIndex.build(k, tq, "query_guided", params, knn, key_knn))
         self.build_seconds = time.perf_counter() - t0

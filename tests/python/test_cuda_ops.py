@@ -591,3 +591,36 @@ def test_rerank_l2_on_cuda_agrees_with_the_cpu_impl():
     bad = torch.tensor([[[3, 99, 7, -5, 12, 50]]])  # check_ids=False: out-of-range ids count as none, never read
     assert torch.equal(ops.rerank_l2(keys[..., :8].cuda(), 0, bad.cuda(), 4, False).cpu(), ops.rerank_l2(keys[..., :8].cpu(), 0, bad, 4, False))
     torch.library.opcheck(ops.rerank_l2.default, (keys[..., :8].contiguous(), 3, torch.randint(-1, 50, (1, 5, 6), device="cuda"), 4))
+
+
+def test_gpu_prefill_never_waits_for_the_device():
+    """A layer's finish_prefill on CUDA tensors queues the bipartite kNN, the key-to-key lists and the copies of the
+    rows, training queries and id lists without one device sync (torch's sync debug mode raises on any), so a prefill
+    queues its next layers while the GPU works. The layer built that way then decodes like full attention (exactness
+    mode: top_k >= its CPU tokens), with its indexes built from those copies."""
+    import retrieval_attention as ra
+    from retrieval_attention.cache import RetrievalLayer
+
+    g = torch.Generator().manual_seed(21)
+    hq, hkv, T, d = 4, 2, 3000, 64
+    keys = (torch.randn(1, hkv, T + 1, d, generator=g) + torch.randn(1, hkv, 1, d, generator=g)).to("cuda", torch.bfloat16)
+    values = torch.randn(1, hkv, T + 1, d, generator=g).to("cuda", torch.bfloat16)
+    queries = torch.randn(1, hq, T, d, generator=g).to("cuda", torch.bfloat16)
+    cfg = ra.RetrievalConfig(n_sink=16, n_window=64, top_k=4096, max_train_queries=1000)
+    layer = RetrievalLayer(cfg, hq, hkv, d, 0)
+    layer.update(keys[:, :, :T], values[:, :, :T])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer.finish_prefill(queries)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.cpu_tokens == T - 16 - 64  # waits for the rows
+    layer._wait_for_build()
+    assert layer.offloaded.size == T - 16 - 64 and not layer.building
+    layer.update(keys[:, :, T:], values[:, :, T:])
+    q = torch.randn(1, hq, 1, d, generator=g).to("cuda", torch.bfloat16)
+    got = layer.decode_attention(q, d ** -0.5).float()  # (1, 1, hq, d)
+    kf, vf = keys.double().repeat_interleave(hq // hkv, 1), values.double().repeat_interleave(hq // hkv, 1)
+    want = torch.softmax((q.double() @ kf.transpose(-1, -2)) * d ** -0.5, -1) @ vf  # (1, hq, 1, d)
+    torch.testing.assert_close(got.double(), want.transpose(1, 2), atol=2e-2, rtol=2e-2)
