@@ -64,7 +64,7 @@ accuracy_par) stamp accuracy_par  # the grid as one queue of cells per GPU, run 
        cp .acc_state/g*.jsonl .acc_state/*.err "$OUT"/ 2>/dev/null; for f in .acc_state/g*.jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; done;;
 e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e --e2e-context ${E2E_CTX:-131072} --watchdog-s ${E2E_WATCHDOG_S:-400} \
        --e2e-methods ${E2E_METHODS:-full,ours} ${E2E_ARGS:-} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
-       > "$OUT/e2e.jsonl" 2> "$OUT/e2e.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e.jsonl" | cut -c1-400;;
+       > "$OUT/e2e${E2E_TAG:-}.jsonl" 2> "$OUT/e2e${E2E_TAG:-}.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e${E2E_TAG:-}.jsonl" | cut -c1-400;;
 e2e_ab) stamp e2e_ab  # the e2e run of E2E_AB_METHODS with the package's .py files overlaid by those in .ab/ (carried): an A/B of Python changes in one call
        rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r python/retrieval_attention /tmp/ab/ && cp .ab/*.py /tmp/ab/retrieval_attention/ && echo "overlaid: $(ls .ab)" && PYTHONPATH=/tmp/ab python3 -c "import retrieval_attention.cache as c; print(c.__file__)"
        PYTHONPATH=/tmp/ab:/tmp/pylib timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e --e2e-context ${E2E_CTX:-131072} --watchdog-s ${E2E_WATCHDOG_S:-400} \

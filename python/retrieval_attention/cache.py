@@ -312,12 +312,11 @@ class RetrievalLayer(CacheLayerMixin):
             params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
             t_knn = time.perf_counter()
             knn = _to_host(exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]))
-            if not serve_early:
-                # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak
-                # instead of searching for each on the CPU (3.5x faster 128K builds, ~0.9 s more prefill per 8B layer on
-                # an H200). decode_during_build puts the first token first, so it leaves the searches to the CPU.
-                key_knn = build_key_lists(self._flat_heads(cpu_k), params["ef_weak"])
-                key_knn = _to_host(key_knn) if key_knn is not None else None
+            # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak instead
+            # of searching for each on the CPU: 3.5x faster 128K builds for about 0.3 s more prefill per 8B layer on an
+            # H200 (docs/TUNING.md, "Build speed"), with or without decode_during_build
+            key_knn = build_key_lists(self._flat_heads(cpu_k), params["ef_weak"])
+            key_knn = _to_host(key_knn) if key_knn is not None else None
             self.knn_seconds += time.perf_counter() - t_knn
         n_cpu = cpu_end - n_sink
         t_off = time.perf_counter()

@@ -5,6 +5,7 @@
 set -u
 REAL_OUT=$OUT; export OUT=/tmp/o; rm -rf $OUT; mkdir -p $OUT; t0=$(date +%s); LIMIT=${LIMIT:-585}
 for step in "$@"; do
+  case $step in *=*) export "$step"; continue;; esac  # NAME=value: set for the steps after it (e.g. E2E_TAG=_ddb E2E_ARGS=...)
   if [ "${step#bg:}" != "$step" ]; then  # bg:STEP runs beside the following steps, on GPU BG_GPU with 4 CPU threads
     CUDA_VISIBLE_DEVICES=${BG_GPU:-1} OMP_NUM_THREADS=4 bash scripts/gpu_run.sh "${step#bg:}" >> $OUT/bg.log 2>&1 & continue; fi
   if [ "$step" = accuracy_full ] || [ "$step" = accuracy_par ]; then export ACC_BUDGET_S=$(( LIMIT - ($(date +%s) - t0) - ${ACC_MARGIN_S:-130} )); fi
