@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the given scripts/gpu_run.sh steps in order, everything written under /tmp/o and returned as one
 # archive ($OUT/o.tgz; $OUT returns at most 8 files). An accuracy_full or accuracy_par step gets the time left before LIMIT seconds
-# (minus a margin for its last cell) as its budget.   usage: LIMIT=585 bash scripts/dev/device_call.sh build [bg:gputests] accuracy_par
+# (minus a margin for its last cell) as its budget.   usage: LIMIT=585 bash scripts/dev/device_call.sh build [bg:gputests] [NAME=value] accuracy_par
 set -u
 REAL_OUT=$OUT; export OUT=/tmp/o; rm -rf $OUT; mkdir -p $OUT; t0=$(date +%s); LIMIT=${LIMIT:-585}
 for step in "$@"; do
