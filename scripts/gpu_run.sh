@@ -69,7 +69,7 @@ e2e_ab) stamp e2e_ab  # the e2e run of E2E_AB_METHODS with the package's .py fil
        rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r python/retrieval_attention /tmp/ab/ && cp .ab/*.py /tmp/ab/retrieval_attention/ && echo "overlaid: $(ls .ab)" && PYTHONPATH=/tmp/ab python3 -c "import retrieval_attention.cache as c; print(c.__file__)"
        PYTHONPATH=/tmp/ab:/tmp/pylib timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e --e2e-context ${E2E_CTX:-131072} --watchdog-s ${E2E_WATCHDOG_S:-400} \
        --e2e-methods ${E2E_AB_METHODS:-ours} ${E2E_ARGS:-} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
-       > "$OUT/e2e_ab.jsonl" 2> "$OUT/e2e_ab.err"; echo "e2e_ab rc=$?"; grep decode_e2e "$OUT/e2e_ab.jsonl" | cut -c1-400;;
+       > "$OUT/e2e_ab${E2E_TAG:-}.jsonl" 2> "$OUT/e2e_ab${E2E_TAG:-}.err"; echo "e2e_ab rc=$?"; grep decode_e2e "$OUT/e2e_ab${E2E_TAG:-}.jsonl" | cut -c1-400;;
 buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROFILE=${BT_PROFILE:-0} timeout 200 python3 scripts/dev/build_threads.py --n $n --train ${BT_TRAIN:-4096} --threads 16 --key-lists ${BT_LISTS:-0} --modes ${BT_MODES:-main,thread}; done \
        > "$OUT/buildthreads.jsonl" 2> "$OUT/buildthreads.err"; echo "buildthreads rc=$?"; cut -c1-400 "$OUT/buildthreads.jsonl";;
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
