@@ -323,10 +323,8 @@ class RetrievalLayer(CacheLayerMixin):
         cpu_k, cpu_v, copied = self._prompt_to_cpu(cpu_k), self._prompt_to_cpu(cpu_v), None
         if self.keys.is_cuda:
             # the rows, training queries and id lists are still being copied: the store thread waits for this event
-            # while the device goes on with the next layers; nothing in the prefill waits for the device. A blocking
-            # event puts the waiting thread to sleep: spinning, it would take a core from the builds for most of
-            # the prefill (it waits out the layer's kNN too)
-            copied = torch.cuda.Event(blocking=True)
+            # while the device goes on with the next layers; nothing in the prefill waits for the device
+            copied = torch.cuda.Event()
             copied.record()
         self.offload_seconds += time.perf_counter() - t_off
         self._set_static(
