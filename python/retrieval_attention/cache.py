@@ -160,7 +160,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.n_sink_kept = 0
         self.offloaded = None
         self.build_seconds = 0.0
-        self.knn_seconds = 0.0  # device kNN at prefill: bipartite and key-to-key lists (part of build_seconds, on the critical path)
+        self._knn_events = []  # (start, end) CUDA events around the prefill's device kNN: see knn_seconds
         self.offload_seconds = 0.0  # the prompt's CPU part leaving the device at prefill (on the critical path)
         self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
         self.last_visited_mean = 0.0
@@ -310,14 +310,16 @@ class RetrievalLayer(CacheLayerMixin):
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
             params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
-            t_knn = time.perf_counter()
+            knn_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            knn_events[0].record()
             knn = _to_host(exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]))
             # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak instead
             # of searching for each on the CPU: 3.5x faster 128K builds for about 0.3 s more prefill per 8B layer on an
             # H200 (docs/TUNING.md, "Build speed"), with or without decode_during_build
             key_knn = build_key_lists(self._flat_heads(cpu_k), params["ef_weak"])
             key_knn = _to_host(key_knn) if key_knn is not None else None
-            self.knn_seconds += time.perf_counter() - t_knn
+            knn_events[1].record()
+            self._knn_events.append(knn_events)
         n_cpu = cpu_end - n_sink
         t_off = time.perf_counter()
         cpu_k, cpu_v, copied = self._prompt_to_cpu(cpu_k), self._prompt_to_cpu(cpu_v), None
@@ -370,6 +372,16 @@ class RetrievalLayer(CacheLayerMixin):
         else:
             store()
             build(None)
+
+    @property
+    def knn_seconds(self) -> float:
+        """GPU time of the prefill's device kNN (bipartite and key-to-key lists, their copies to the host included),
+        from CUDA events: the prefill does not wait for the kNN, so its host time would not show it."""
+        total = 0.0
+        for start, end in self._knn_events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1e3
+        return total
 
     def _make_indexes(self) -> None:
         """The index half of a build, after the rows are stored: C++ with the GIL released; searches run meanwhile."""
@@ -853,8 +865,9 @@ class RetrievalCache(Cache):
         layer, static_tokens, cpu_tokens; scanned_frac (CPU keys scored per query head and step / CPU keys);
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
-        index_build_s (split at prefill + graph builds + later inserts), of which knn_s the bipartite kNN on the
-        device at prefill (index_build_s grows until the layer's background build is done); offload_s: the prefill's
+        index_build_s (split at prefill + graph builds + later inserts; host time), and knn_s: the GPU time of the
+        prefill's kNN on the device (bipartite and key-to-key lists; index_build_s grows until the layer's background
+        build is done); offload_s: the prefill's
         time handing the prompt's CPU part to the CPU (from a GPU the copy is asynchronous, so this is mostly queueing
         it); index_build_wait_s: time decoding waited for a background build (only for its rows to be stored: decoding scans them exactly meanwhile);
         index_building: whether the layer's background index build is still running (stats() does not wait for it;

@@ -618,6 +618,7 @@ def test_gpu_prefill_never_waits_for_the_device():
     assert layer.cpu_tokens == T - 16 - 64  # waits for the rows
     layer._wait_for_build()
     assert layer.offloaded.size == T - 16 - 64 and not layer.building
+    assert 0 < layer.stats()["knn_s"] < 60  # the kNN's GPU time, from events
     layer.update(keys[:, :, T:], values[:, :, T:])
     q = torch.randn(1, hq, 1, d, generator=g).to("cuda", torch.bfloat16)
     got = layer.decode_attention(q, d ** -0.5).float()  # (1, 1, hq, d)
