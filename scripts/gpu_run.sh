@@ -32,6 +32,13 @@ run_acc_queue() {
     echo "GPU $gpu: $item rc=$? in $(( $(date +%s) - acc_t0 - (ACC_BUDGET_S - left) ))s" >&2
   done
 }
+# run_e2e NAME METHODS: the end-to-end generate benchmark (random 8B Llama) into $OUT/NAME$E2E_TAG.{jsonl,err}
+run_e2e() {
+  local f="$OUT/$1${E2E_TAG:-}"
+  timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e --e2e-context ${E2E_CTX:-131072} --watchdog-s ${E2E_WATCHDOG_S:-400} \
+    --e2e-methods $2 ${E2E_ARGS:-} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot > "$f.jsonl" 2> "$f.err"
+  echo "$1 rc=$?"; grep decode_e2e "$f.jsonl" | cut -c1-400
+}
 acc_t0=$(date +%s)
 for s in $steps; do case $s in
 build) stamp build; ls .whl/faiss*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --target /tmp/pylib .whl/faiss*.whl > "$OUT/faiss_install.log" 2>&1; python3 -c "import faiss; print('faiss', faiss.__version__)"; timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?"; tail -3 "$OUT/build.log"
@@ -62,14 +69,10 @@ accuracy_par) stamp accuracy_par  # the grid as one queue of cells per GPU, run 
        g=0; for q in ${ACC_QUEUES:-passkey,kv@1024,2048,4096,8192,16384,32768@0@2048,8192 niah,niah_multi@1024,2048,4096,8192,16384,32768@0}; do
          run_acc_queue $g "$q" & g=$((g + 1)); done; wait
        cp .acc_state/g*.jsonl .acc_state/*.err "$OUT"/ 2>/dev/null; for f in .acc_state/g*.jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; done;;
-e2e) stamp e2e; timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e --e2e-context ${E2E_CTX:-131072} --watchdog-s ${E2E_WATCHDOG_S:-400} \
-       --e2e-methods ${E2E_METHODS:-full,ours} ${E2E_ARGS:-} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
-       > "$OUT/e2e${E2E_TAG:-}.jsonl" 2> "$OUT/e2e${E2E_TAG:-}.err"; echo "e2e rc=$?"; grep decode_e2e "$OUT/e2e${E2E_TAG:-}.jsonl" | cut -c1-400;;
+e2e) stamp e2e; run_e2e e2e "${E2E_METHODS:-full,ours}";;
 e2e_ab) stamp e2e_ab  # the e2e run of E2E_AB_METHODS with the package's .py files overlaid by those in .ab/ (carried): an A/B of Python changes in one call
        rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r python/retrieval_attention /tmp/ab/ && cp .ab/*.py /tmp/ab/retrieval_attention/ && echo "overlaid: $(ls .ab)" && PYTHONPATH=/tmp/ab python3 -c "import retrieval_attention.cache as c; print(c.__file__)"
-       PYTHONPATH=/tmp/ab:/tmp/pylib timeout ${E2E_S:-500} python3 benchmarks/decode_latency.py --json --contexts 131072 --methods "" --layers 1 --threads 16 --e2e --e2e-context ${E2E_CTX:-131072} --watchdog-s ${E2E_WATCHDOG_S:-400} \
-       --e2e-methods ${E2E_AB_METHODS:-ours} ${E2E_ARGS:-} --index-sharing ${E2E_SHARING:-per_kv_head} --max-train-queries ${E2E_TRAIN:-4096} --no-plot \
-       > "$OUT/e2e_ab${E2E_TAG:-}.jsonl" 2> "$OUT/e2e_ab${E2E_TAG:-}.err"; echo "e2e_ab rc=$?"; grep decode_e2e "$OUT/e2e_ab${E2E_TAG:-}.jsonl" | cut -c1-400;;
+       PYTHONPATH=/tmp/ab:/tmp/pylib run_e2e e2e_ab "${E2E_AB_METHODS:-ours}";;
 buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROFILE=${BT_PROFILE:-0} timeout 200 python3 scripts/dev/build_threads.py --n $n --train ${BT_TRAIN:-4096} --threads 16 --key-lists ${BT_LISTS:-0} --modes ${BT_MODES:-main,thread}; done \
        > "$OUT/buildthreads.jsonl" 2> "$OUT/buildthreads.err"; echo "buildthreads rc=$?"; cut -c1-400 "$OUT/buildthreads.jsonl";;
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
