@@ -116,39 +116,6 @@ __attribute__((target("avx,fma,f16c"))) inline bool occluded_avx(const float* c,
 }
 #endif
 
-#ifdef RA_X86_SIMD
-__attribute__((target("avx2,fma"))) inline float dot_i8_avx2(const float* q, const int8_t* c, int64_t d) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= d; i += 32) {
-    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i)), hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i + 16));
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), a3);
-  }
-  float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < d; ++i) s += q[i] * static_cast<float>(c[i]);
-  return s;
-}
-inline bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#endif
-inline float dot_i8(const float* q, const int8_t* c, int64_t d) {
-#ifdef RA_X86_SIMD
-  if (have_avx2()) return dot_i8_avx2(q, c, d);
-#endif
-  float s = 0.f;
-  for (int64_t i = 0; i < d; ++i) s += q[i] * static_cast<float>(c[i]);
-  return s;
-}
-inline int64_t dev_sq8_rerank() {
-  static const int64_t r = [] { const char* v = std::getenv("RA_DEV_SQ8"); return v ? std::strtol(v, nullptr, 10) : 0L; }();
-  return r;
-}
-
 // Phase timer of the build, printed to stderr when the environment variable RA_QG_PROFILE is set.
 class PhaseTimer {
  public:
@@ -319,9 +286,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   int64_t size() const override { return n_; }
   int64_t dim() const override { return keys_->dim(); }
   std::string type_name() const override { return "query_guided"; }
-  int64_t structure_bytes() const override {
-    return static_cast<int64_t>(adj_.size() * sizeof(uint32_t) + sq_.size() * sizeof(float) + codes_.size());
-  }
+  int64_t structure_bytes() const override { return static_cast<int64_t>(adj_.size() * sizeof(uint32_t) + sq_.size() * sizeof(float)); }
   const QueryGuidedParams& params() const { return p_; }
   int64_t max_degree() const { return p_.degree + std::max<int64_t>(2, p_.degree / 8); }
   int64_t entry_point() const { return entry_; }
@@ -343,13 +308,9 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   int64_t search_one(const float* q, int64_t k, const SearchParams& params, int64_t* ids, float* scores) const override {
     check_search(k, params);
     Scratch& s = scratch();
-    Beam<T> b{this, keys_->data(), q, std::max(params.ef, k), &s};
-    use_codes(b);
-    b.start();
-    while (b.open()) b.score();
-    rerank(q, *b.s, k);
+    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s);
     write_result(s, k, ids, scores);
-    return b.visited;
+    return visited;
   }
 
   std::unique_ptr<SearchCursor> begin_search(const float* q, int64_t k, const SearchParams& params) const override {
@@ -370,7 +331,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     if (first == 0) order.erase(order.begin());
     insert_batched(keys_->data(), order, /*guarantee_in_edge=*/true);
     if (n_ - repaired_at_ >= std::max<int64_t>(64, repaired_at_ / 8)) repair_connectivity();
-    encode_rows(first);
   }
 
   // Makes every key reachable from the entry point again (links each unreached key from a reached key
@@ -425,7 +385,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     g->adj_ = std::move(adj);
     g->entry_ = entry;
     g->repaired_at_ = repaired_at;
-    g->encode_rows(0);
     return g;
   }
 
@@ -450,7 +409,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<uint32_t> fresh;
     std::vector<Cand> accepted;  // one expansion's scored new neighbours that may enter the beam
     std::vector<float> qf;
-    std::vector<float> qcode;  // DEV: the query scaled by the code steps
   };
   // A sample of well-linked keys with their rows copied contiguously: a weak key's search first scores them
   // all (cheap: they stay in cache) and also starts from the nearest few, so a narrow beam is enough.
@@ -491,57 +449,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   static ScratchPool& scratch_pool() {
     thread_local ScratchPool pool;
     return pool;
-  }
-
-  // DEV (RA_DEV_SQ8): searches score int8 codes; the best rerank x k of the beam are re-scored from the rows.
-  template <class B>
-  void use_codes(B& b) const {
-    if (codes_.empty()) return;
-    const int64_t d = keys_->dim();
-    b.s->qcode.resize(static_cast<size_t>(d));
-    float c0 = 0.f;
-    for (int64_t c = 0; c < d; ++c) {
-      b.s->qcode[static_cast<size_t>(c)] = b.q[c] * code_step_[static_cast<size_t>(c)];
-      c0 += b.q[c] * code_mid_[static_cast<size_t>(c)];
-    }
-    b.codes = codes_.data();
-    b.qs = b.s->qcode.data();
-    b.c0 = c0;
-  }
-  void rerank(const float* q, Scratch& s, int64_t k) const {
-    if (codes_.empty()) return;
-    const int64_t d = keys_->dim();
-    const size_t r = std::min(s.beam.size(), static_cast<size_t>(std::max<int64_t>(k, qg_detail::dev_sq8_rerank() * k)));
-    for (size_t j = 0; j < r; ++j) prefetch_bytes(keys_->data() + static_cast<int64_t>(s.beam[j].id) * d, d * static_cast<int64_t>(sizeof(T)));
-    for (size_t j = 0; j < r; ++j) s.beam[j].score = qg_detail::dot(q, keys_->data() + static_cast<int64_t>(s.beam[j].id) * d, d);
-    std::stable_sort(s.beam.begin(), s.beam.begin() + static_cast<std::ptrdiff_t>(r), [](const Cand& a, const Cand& b) { return a.score > b.score; });
-  }
-  void encode_rows(int64_t from) {
-    const int64_t n = keys_->size(), d = keys_->dim();
-    if (qg_detail::dev_sq8_rerank() <= 0 || n == 0) return;
-    if (code_step_.empty()) {  // ranges from the rows present
-      std::vector<float> lo(static_cast<size_t>(d), std::numeric_limits<float>::infinity()), hi(static_cast<size_t>(d), -std::numeric_limits<float>::infinity());
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < d; ++c) {
-          const float x = to_float(keys_->row(i)[c]);
-          lo[static_cast<size_t>(c)] = std::min(lo[static_cast<size_t>(c)], x);
-          hi[static_cast<size_t>(c)] = std::max(hi[static_cast<size_t>(c)], x);
-        }
-      code_step_.resize(static_cast<size_t>(d));
-      code_mid_.resize(static_cast<size_t>(d));
-      for (int64_t c = 0; c < d; ++c) {
-        code_mid_[static_cast<size_t>(c)] = 0.5f * (lo[static_cast<size_t>(c)] + hi[static_cast<size_t>(c)]);
-        const float st = 0.5f * (hi[static_cast<size_t>(c)] - lo[static_cast<size_t>(c)]) / 127.f;
-        code_step_[static_cast<size_t>(c)] = st > 0.f ? st : 1.f;
-      }
-      from = 0;
-    }
-    codes_.resize(static_cast<size_t>(n * d));
-    for (int64_t i = from; i < n; ++i)
-      for (int64_t c = 0; c < d; ++c) {
-        const float v = std::nearbyint((to_float(keys_->row(i)[c]) - code_mid_[static_cast<size_t>(c)]) / code_step_[static_cast<size_t>(c)]);
-        codes_[static_cast<size_t>(i * d + c)] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-      }
   }
 
   static void check_search(int64_t k, const SearchParams& params) {
@@ -596,9 +503,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     int64_t width;
     Scratch* s;
     bool l2 = false;
-    const int8_t* codes = nullptr;  // when set: scores are c0 + qs . code (the graph's int8 codes)
-    const float* qs = nullptr;
-    float c0 = 0.f;
     size_t next = 0;  // first candidate that may be unexpanded
     uint32_t n_fresh = 0;
     int64_t visited = 0;
@@ -620,8 +524,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       const uint8_t ep = s->epoch;
       s->beam.reserve(static_cast<size_t>(width + 1));
       s->mark[static_cast<size_t>(entry)] = ep;
-      const float e_raw = codes ? c0 + qg_detail::dot_i8(qs, codes + entry * d, d) : qg_detail::dot(q, base + entry * d, d);
-      s->beam.push_back({ordered(e_raw - (l2 ? 0.5f * g->sq_[static_cast<size_t>(entry)] : 0.f)), static_cast<uint32_t>(entry), false});
+      s->beam.push_back({ordered(qg_detail::dot(q, base + entry * d, d) - (l2 ? 0.5f * g->sq_[static_cast<size_t>(entry)] : 0.f)),
+                         static_cast<uint32_t>(entry), false});
       visited = 1;
       for (int64_t i = 0; i < n_seeds; ++i) {  // extra starting points, already scored by the caller
         const Cand& c = seeds[i];
@@ -660,11 +564,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         fresh[n_fresh] = v;
         n_fresh += is_new;
       }
-      if (codes)
-        for (uint32_t f = 0; f < n_fresh; ++f) prefetch_bytes(codes + static_cast<int64_t>(fresh[f]) * d, d);
-      else
-        for (uint32_t f = 0; f < n_fresh; ++f)
-          prefetch_bytes(base + static_cast<int64_t>(fresh[f]) * d, d * static_cast<int64_t>(sizeof(R)));
+      for (uint32_t f = 0; f < n_fresh; ++f)
+        prefetch_bytes(base + static_cast<int64_t>(fresh[f]) * d, d * static_cast<int64_t>(sizeof(R)));
       return true;
     }
 
@@ -680,8 +581,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       uint32_t n_acc = 0;
       for (uint32_t f = 0; f < n_fresh; ++f) {
         const uint32_t v = fresh[f];
-        const float raw = codes ? c0 + qg_detail::dot_i8(qs, codes + static_cast<int64_t>(v) * d, d) : qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d);
-        const float sc = ordered(raw - (l2 ? 0.5f * g->sq_[v] : 0.f));
+        const float sc = ordered(qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * g->sq_[v] : 0.f));
         acc[n_acc] = Cand{sc, v, false};
         n_acc += (!was_full || sc > bar) ? 1u : 0u;
       }
@@ -743,7 +643,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   class Cursor final : public SearchCursor {
    public:
     Cursor(const QueryGuidedGraph& g, const float* q, int64_t k, int64_t width) : k_(k), beam_{&g, g.keys_->data(), q, width, take()} {
-      g.use_codes(beam_);
       beam_.start();
     }
     ~Cursor() override { scratch_pool().idle.push_back(beam_.s); }
@@ -751,7 +650,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     void step_end() override { beam_.score(); }
     int64_t result(int64_t* ids, float* scores) override {
       while (beam_.open()) beam_.score();  // steps left, if any
-      beam_.g->rerank(beam_.q, *beam_.s, k_);
       write_result(*beam_.s, k_, ids, scores);
       return beam_.visited;
     }
@@ -1306,7 +1204,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     timer.lap("balance");
     repair_with(base);
     timer.lap("repair");
-    encode_rows(0);
   }
 
 
@@ -1317,8 +1214,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   int64_t entry_ = -1;
   int64_t repaired_at_ = 0;
   HugePageVector<uint32_t> adj_;  // n x stride: [count, ids...]; read at random by searches
-  HugePageVector<int8_t> codes_;  // DEV
-  std::vector<float> code_step_, code_mid_;
   std::vector<float> sq_;      // squared key norms (pruning geometry); recomputed on load
 };
 
