@@ -62,15 +62,7 @@ class IndexedKeys {
     require(all_finite(queries, m * d), "queries contain NaN or Inf");
     SearchParams p = params;
     p.ef = std::min(p.ef, n);  // a beam wider than the index changes nothing
-    const int64_t per_task = searches_per_task(m, max_threads());
-    parallel_for((m + per_task - 1) / per_task, [&](int64_t task) {
-      const int64_t first = task * per_task, count = std::min(per_task, m - first);
-      std::unique_ptr<SearchCursor> cursors[kMaxInterleaved];
-      SearchCursor* live[kMaxInterleaved] = {};
-      for (int64_t c = 0; c < count; ++c) live[c] = (cursors[c] = index_->begin_search(queries + (first + c) * d, k, p)).get();
-      run_interleaved(live, count);
-      for (int64_t c = 0; c < count; ++c) visited[first + c] = cursors[c]->result(ids + (first + c) * k, scores + (first + c) * k);
-    });
+    parallel_for(m, [&](int64_t i) { visited[i] = index_->search_one(queries + i * d, k, p, ids + i * k, scores + i * k); });
   }
 
   void add(const T* rows, int64_t count) {

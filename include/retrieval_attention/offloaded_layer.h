@@ -183,61 +183,39 @@ class OffloadedLayer {
       exact_from[static_cast<size_t>(h)] = std::max(index == nullptr || index->exact() ? 0 : index->size(), min_id);
     }
     const ExactScan scan = k > 0 ? scan_exactly(q, m, k, exact_from) : ExactScan{};
-    // Each task takes a few (head, query) items and steps their index searches interleaved (index.h: graph searches
-    // wait on memory most of the time), as long as that leaves a task for every thread.
-    const int64_t items = hq_ * m;
-    const int64_t per_task = k == 0 ? 1 : searches_per_task(items, max_threads());
-    parallel_for((items + per_task - 1) / per_task, [&](int64_t task) {
-      const int64_t first = task * per_task, count = std::min(per_task, items - first);
+    parallel_for(hq_ * m, [&](int64_t hm) {
+      const int64_t h = hm / m, kv = h / group;
       thread_local std::vector<int64_t> ids;
       thread_local std::vector<float> scores, sc;
       thread_local std::vector<int64_t> rows;
-      std::unique_ptr<SearchCursor> cursors[kMaxInterleaved];
-      SearchParams params_of[kMaxInterleaved];
-      if (k > 0) {
-        ids.assign(static_cast<size_t>(count * k), -1);
-        scores.assign(static_cast<size_t>(count * k), kNegInf);
-        SearchCursor* live[kMaxInterleaved] = {};
-        for (int64_t c = 0; c < count; ++c) {
-          const int64_t hm = first + c, kv = hm / m / group;
-          SearchParams& p = params_of[c];
-          p = params;
-          p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
-          p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
-          const KeyIndex<T>* index = index_of(hm / m);
-          if (index && !index->exact()) live[c] = (cursors[c] = index->begin_search(q + hm * d_, k, p)).get();
-        }
-        run_interleaved(live, count);
-      }
-      for (int64_t c = 0; c < count; ++c) {
-        const int64_t hm = first + c, h = hm / m, kv = h / group;
-        if (k == 0) {
-          std::fill(out + hm * dv_, out + (hm + 1) * dv_, 0.f);
-          lse[hm] = kNegInf;
-          if (visited) visited[hm] = 0;
-        } else {
-          int64_t* item_ids = ids.data() + c * k;
-          float* item_scores = scores.data() + c * k;
-          int64_t vis = cursors[c] ? cursors[c]->result(item_ids, item_scores) : 0;
-          cursors[c].reset();
-          const int64_t from = exact_from[static_cast<size_t>(h)];
-          if (from < n) {  // merge the exact scan's best rows (disjoint from the index's: rows >= its size)
-            TopK best(k);
-            for (int64_t j = 0; j < k; ++j)
-              if (item_ids[j] >= 0) best.push(item_scores[j], item_ids[j]);
-            scan.merge_into(best, kv, hm - kv * group * m, k);
-            best.sorted_into(item_ids, item_scores);
-            vis += n - from;
-          }
-          const int64_t min_id = params_of[c].min_id;
+      if (k == 0) {
+        std::fill(out + hm * dv_, out + (hm + 1) * dv_, 0.f);
+        lse[hm] = kNegInf;
+        if (visited) visited[hm] = 0;
+      } else {
+        ids.assign(static_cast<size_t>(k), -1);
+        scores.assign(static_cast<size_t>(k), kNegInf);
+        SearchParams p = params;
+        p.min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(kv)];
+        p.ef = std::min(p.ef, n);  // a beam wider than the store changes nothing
+        const KeyIndex<T>* index = index_of(h);
+        int64_t vis = index && !index->exact() ? index->search_one(q + hm * d_, k, p, ids.data(), scores.data()) : 0;
+        const int64_t from = exact_from[static_cast<size_t>(h)];
+        if (from < n) {  // merge the exact scan's best rows (disjoint from the index's: rows >= its size)
+          TopK best(k);
           for (int64_t j = 0; j < k; ++j)
-            if (item_ids[j] >= 0 && item_ids[j] < min_id) item_ids[j] = -1;
-          if (visited) visited[hm] = vis;
-          lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, item_ids, k, scale, out + hm * dv_, sc, rows);
+            if (ids[static_cast<size_t>(j)] >= 0) best.push(scores[static_cast<size_t>(j)], ids[static_cast<size_t>(j)]);
+          scan.merge_into(best, kv, hm - kv * group * m, k);
+          best.sorted_into(ids.data(), scores.data());
+          vis += n - from;
         }
-        if (ids_out) {
-          for (int64_t j = 0; j < top_k; ++j) ids_out[hm * top_k + j] = j < k ? ids[static_cast<size_t>(c * k + j)] : -1;
-        }
+        for (auto& id : ids)
+          if (id >= 0 && id < p.min_id) id = -1;
+        if (visited) visited[hm] = vis;
+        lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, ids.data(), k, scale, out + hm * dv_, sc, rows);
+      }
+      if (ids_out) {
+        for (int64_t j = 0; j < top_k; ++j) ids_out[hm * top_k + j] = j < k ? ids[static_cast<size_t>(j)] : -1;
       }
     });
   }

@@ -306,16 +306,16 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   bool is_connected() const { return reachable_count() == n_; }
 
   int64_t search_one(const float* q, int64_t k, const SearchParams& params, int64_t* ids, float* scores) const override {
-    check_search(k, params);
+    require(k > 0, "k must be positive");
+    require(params.ef > 0, "ef must be positive");
     Scratch& s = scratch();
     const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s);
-    write_result(s, k, ids, scores);
+    const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
+    for (int64_t j = 0; j < k; ++j) {
+      ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
+      if (scores) scores[j] = j < found ? s.beam[static_cast<size_t>(j)].score : -std::numeric_limits<float>::infinity();
+    }
     return visited;
-  }
-
-  std::unique_ptr<SearchCursor> begin_search(const float* q, int64_t k, const SearchParams& params) const override {
-    check_search(k, params);
-    return std::make_unique<Cursor>(*this, q, k, std::max(params.ef, k));
   }
 
   void index_new_rows() override {
@@ -440,30 +440,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     thread_local Scratch s;
     return s;
   }
-  // Scratch of the cursors a thread has open at once (their marks must not mix): taken from and given back to a
-  // per-thread free list, so that stepping cursors allocates nothing once a thread's buffers have grown.
-  struct ScratchPool {
-    std::vector<std::unique_ptr<Scratch>> all;
-    std::vector<Scratch*> idle;
-  };
-  static ScratchPool& scratch_pool() {
-    thread_local ScratchPool pool;
-    return pool;
-  }
-
-  static void check_search(int64_t k, const SearchParams& params) {
-    require(k > 0, "k must be positive");
-    require(params.ef > 0, "ef must be positive");
-  }
-  // the beam's best k as search_one returns them
-  static void write_result(const Scratch& s, int64_t k, int64_t* ids, float* scores) {
-    const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
-    for (int64_t j = 0; j < k; ++j) {
-      ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
-      if (scores) scores[j] = j < found ? s.beam[static_cast<size_t>(j)].score : -std::numeric_limits<float>::infinity();
-    }
-  }
-
 
   // Rows [from, size) of the store must be finite: a NaN/Inf key has no place in the graph's geometry.
   void check_keys(int64_t from) const {
@@ -489,74 +465,57 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     n_ = n_new;
   }
 
-  // Beam search over rows of `base` (the store's T rows), one expansion at a time: open() picks the best unexpanded
-  // candidate, marks its unvisited neighbours and starts loading their rows; score() scores them and merges those that
-  // may enter the beam. Run alone (beam_search) or interleaved with other searches (Cursor), the same steps give the
-  // same beam. Leaves the best `width` candidates best-first in s.beam; `visited` counts the scores computed. l2: rank
-  // by q.k - |k|^2/2, i.e. by Euclidean nearness to q, used when a key searches for its own neighbours (measured on
-  // real Q/K: slightly better graphs than linking keys by inner product).
+  // Beam search over rows of `base` (the store's T rows). Leaves the best
+  // `beam` candidates best-first in s.beam. Returns the number of scores computed. l2: rank by
+  // q.k - |k|^2/2, i.e. by Euclidean nearness to q, used when a key searches for its own neighbours
+  // (measured on real Q/K: slightly better graphs than linking keys by inner product).
   template <class R>
-  struct Beam {
-    const QueryGuidedGraph* g;
-    const R* base;
-    const float* q;
-    int64_t width;
-    Scratch* s;
-    bool l2 = false;
-    size_t next = 0;  // first candidate that may be unexpanded
-    uint32_t n_fresh = 0;
-    int64_t visited = 0;
-
-    // A NaN score (e.g. huge finite vectors whose products overflow) would break the beam's ordering: rank it last.
-    static float ordered(float x) { return x == x ? x : -std::numeric_limits<float>::infinity(); }
-
-    void start(const Cand* seeds = nullptr, int64_t n_seeds = 0) {
-      s->beam.clear();
-      next = 0;
-      visited = 0;
-      if (g->n_ == 0) return;
-      const int64_t d = g->keys_->dim(), entry = g->entry_;
-      if (static_cast<int64_t>(s->mark.size()) < g->n_) s->mark.resize(static_cast<size_t>(g->n_), uint8_t{0});
-      if (++s->epoch == 0) {  // wrapped: old marks could collide with new epochs
-        std::fill(s->mark.begin(), s->mark.end(), uint8_t{0});
-        s->epoch = 1;
-      }
-      const uint8_t ep = s->epoch;
-      s->beam.reserve(static_cast<size_t>(width + 1));
-      s->mark[static_cast<size_t>(entry)] = ep;
-      s->beam.push_back({ordered(qg_detail::dot(q, base + entry * d, d) - (l2 ? 0.5f * g->sq_[static_cast<size_t>(entry)] : 0.f)),
-                         static_cast<uint32_t>(entry), false});
-      visited = 1;
-      for (int64_t i = 0; i < n_seeds; ++i) {  // extra starting points, already scored by the caller
-        const Cand& c = seeds[i];
-        if (s->mark[c.id] == ep) continue;
-        s->mark[c.id] = ep;
-        s->beam.push_back({ordered(c.score), c.id, false});
-      }
-      if (n_seeds > 0) {
-        std::sort(s->beam.begin(), s->beam.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
-        if (static_cast<int64_t>(s->beam.size()) > width) s->beam.resize(static_cast<size_t>(width));
-      }
-      // one row's unvisited neighbours; a plain array (the vector's push_back reached the thread-local scratch
-      // through a call per element)
-      if (static_cast<int64_t>(s->fresh.size()) < g->stride_) s->fresh.resize(static_cast<size_t>(g->stride_));
-      if (static_cast<int64_t>(s->accepted.size()) < g->stride_) s->accepted.resize(static_cast<size_t>(g->stride_));
+  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false, const Cand* seeds = nullptr,
+                      int64_t n_seeds = 0) const {
+    s.beam.clear();
+    if (n_ == 0) return 0;
+    const int64_t d = keys_->dim();
+    if (static_cast<int64_t>(s.mark.size()) < n_) s.mark.resize(static_cast<size_t>(n_), uint8_t{0});
+    if (++s.epoch == 0) {  // wrapped: old marks could collide with new epochs
+      std::fill(s.mark.begin(), s.mark.end(), uint8_t{0});
+      s.epoch = 1;
     }
-
-    // false when every candidate in the beam has been expanded (the search is over)
-    bool open() {
-      while (next < s->beam.size() && s->beam[next].expanded) ++next;
-      if (next >= s->beam.size()) return false;
-      s->beam[next].expanded = true;
-      const int64_t d = g->keys_->dim();
-      const uint8_t ep = s->epoch;
-      uint8_t* mark = s->mark.data();
-      uint32_t* fresh = s->fresh.data();
-      const uint32_t* row = g->adj_.data() + static_cast<int64_t>(s->beam[next].id) * g->stride_;
+    const uint8_t ep = s.epoch;
+    uint8_t* mark = s.mark.data();
+    const uint32_t* adj = adj_.data();
+    s.beam.reserve(static_cast<size_t>(beam + 1));
+    mark[entry_] = ep;
+    // A NaN score (e.g. huge finite vectors whose products overflow) would break the beam's ordering: rank it last.
+    const auto ordered = [](float x) { return x == x ? x : -std::numeric_limits<float>::infinity(); };
+    s.beam.push_back({ordered(qg_detail::dot(q, base + entry_ * d, d) - (l2 ? 0.5f * sq_[entry_] : 0.f)), static_cast<uint32_t>(entry_), false});
+    int64_t visited = 1;
+    for (int64_t i = 0; i < n_seeds; ++i) {  // extra starting points, already scored by the caller
+      const Cand& c = seeds[i];
+      if (mark[c.id] == ep) continue;
+      mark[c.id] = ep;
+      s.beam.push_back({ordered(c.score), c.id, false});
+    }
+    if (n_seeds > 0) {
+      std::sort(s.beam.begin(), s.beam.end(), [](const Cand& a, const Cand& b) { return a.score > b.score; });
+      if (static_cast<int64_t>(s.beam.size()) > beam) s.beam.resize(static_cast<size_t>(beam));
+    }
+    // one row's unvisited neighbours; a plain array (the vector's push_back reached the thread-local scratch
+    // through a call per element)
+    if (static_cast<int64_t>(s.fresh.size()) < stride_) s.fresh.resize(static_cast<size_t>(stride_));
+    if (static_cast<int64_t>(s.accepted.size()) < stride_) s.accepted.resize(static_cast<size_t>(stride_));
+    uint32_t* fresh = s.fresh.data();
+    size_t next = 0;  // first candidate that may be unexpanded
+    while (next < s.beam.size()) {
+      if (s.beam[next].expanded) {
+        ++next;
+        continue;
+      }
+      s.beam[next].expanded = true;
+      const uint32_t* row = adj + static_cast<int64_t>(s.beam[next].id) * stride_;
       const uint32_t cnt = row[0];
       // Whether a neighbour was already visited is a coin flip for the branch predictor: collect the unvisited
       // ones without a branch (each id is written, the count advances only for new ones), then prefetch their rows.
-      n_fresh = 0;
+      uint32_t n_fresh = 0;
       for (uint32_t j = 1; j <= cnt; ++j) {
         const uint32_t v = row[j];
         const uint32_t is_new = mark[v] != ep ? 1u : 0u;
@@ -566,37 +525,31 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       }
       for (uint32_t f = 0; f < n_fresh; ++f)
         prefetch_bytes(base + static_cast<int64_t>(fresh[f]) * d, d * static_cast<int64_t>(sizeof(R)));
-      return true;
-    }
-
-    void score() {
-      const int64_t d = g->keys_->dim();
-      const uint32_t* fresh = s->fresh.data();
       // Score them all; those that may enter the beam go to `acc`, sorted best-first (arrival order on ties), and
-      // are merged into the beam from its end in one pass, keeping its best `width`. This is what inserting them one
+      // are merged into the beam from its end in one pass, keeping its best `beam`. This is what inserting them one
       // by one gives (an equal score ranks after those already in the beam), without a search per insertion.
-      Cand* acc = s->accepted.data();
-      const bool was_full = static_cast<int64_t>(s->beam.size()) >= width;
-      const float bar = was_full ? s->beam.back().score : 0.f;
+      Cand* acc = s.accepted.data();
+      const bool was_full = static_cast<int64_t>(s.beam.size()) >= beam;
+      const float bar = was_full ? s.beam.back().score : 0.f;
       uint32_t n_acc = 0;
       for (uint32_t f = 0; f < n_fresh; ++f) {
         const uint32_t v = fresh[f];
-        const float sc = ordered(qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * g->sq_[v] : 0.f));
+        const float sc = ordered(qg_detail::dot(q, base + static_cast<int64_t>(v) * d, d) - (l2 ? 0.5f * sq_[v] : 0.f));
         acc[n_acc] = Cand{sc, v, false};
         n_acc += (!was_full || sc > bar) ? 1u : 0u;
       }
       visited += n_fresh;
-      if (n_acc == 0) return;
+      if (n_acc == 0) continue;
       for (uint32_t a = 1; a < n_acc; ++a) {  // insertion sort, stable
         const Cand x = acc[a];
         uint32_t b = a;
         for (; b > 0 && acc[b - 1].score < x.score; --b) acc[b] = acc[b - 1];
         acc[b] = x;
       }
-      const int64_t size = static_cast<int64_t>(s->beam.size());
-      const int64_t kept = std::min<int64_t>(size + n_acc, width);
-      if (kept > size) s->beam.resize(static_cast<size_t>(kept));
-      Cand* bm = s->beam.data();
+      const int64_t size = static_cast<int64_t>(s.beam.size());
+      const int64_t kept = std::min<int64_t>(size + n_acc, beam);
+      if (kept > size) s.beam.resize(static_cast<size_t>(kept));
+      Cand* bm = s.beam.data();
       int64_t i = size - 1, j = static_cast<int64_t>(n_acc) - 1;
       for (int64_t drop = size + n_acc - kept; drop > 0; --drop) {  // the merged order's last entries fall out
         if (j >= 0 && (i < 0 || acc[j].score <= bm[i].score)) --j;
@@ -623,51 +576,13 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         lowest = static_cast<size_t>(i + j + 1);
         // a candidate for expansion now: start loading its neighbour list, so that expanding it does not begin with
         // a dependent cache miss (the largest stall of the search with the key rows prefetched)
-        prefetch_bytes(g->adj_.data() + static_cast<int64_t>(acc[j].id) * g->stride_, g->stride_ * static_cast<int64_t>(sizeof(uint32_t)));
+        prefetch_bytes(adj + static_cast<int64_t>(acc[j].id) * stride_, stride_ * static_cast<int64_t>(sizeof(uint32_t)));
       }
-      s->beam.resize(static_cast<size_t>(kept));
+      s.beam.resize(static_cast<size_t>(kept));
       if (lowest < next) next = lowest;
     }
-  };
-
-  template <class R>
-  int64_t beam_search(const R* base, const float* q, int64_t beam, Scratch& s, bool l2 = false, const Cand* seeds = nullptr,
-                      int64_t n_seeds = 0) const {
-    Beam<R> b{this, base, q, beam, &s, l2};
-    b.start(seeds, n_seeds);
-    while (b.open()) b.score();
-    return b.visited;
+    return visited;
   }
-
-  // begin_search(): one Beam over the key store with scratch of its own
-  class Cursor final : public SearchCursor {
-   public:
-    Cursor(const QueryGuidedGraph& g, const float* q, int64_t k, int64_t width) : k_(k), beam_{&g, g.keys_->data(), q, width, take()} {
-      beam_.start();
-    }
-    ~Cursor() override { scratch_pool().idle.push_back(beam_.s); }
-    bool step_begin() override { return beam_.open(); }
-    void step_end() override { beam_.score(); }
-    int64_t result(int64_t* ids, float* scores) override {
-      while (beam_.open()) beam_.score();  // steps left, if any
-      write_result(*beam_.s, k_, ids, scores);
-      return beam_.visited;
-    }
-
-   private:
-    static Scratch* take() {
-      ScratchPool& pool = scratch_pool();
-      if (pool.idle.empty()) {
-        pool.all.push_back(std::make_unique<Scratch>());
-        return pool.all.back().get();
-      }
-      Scratch* s = pool.idle.back();
-      pool.idle.pop_back();
-      return s;
-    }
-    int64_t k_;
-    Beam<T> beam_;
-  };
 
   // Float view of key i for pruning: the row itself (float32 keys) or a widened copy in `buf`.
   template <class R>

@@ -9,7 +9,6 @@
 
 #include "reference.h"
 #include "retrieval_attention/flat_index.h"
-#include "retrieval_attention/index_registry.h"
 #include "retrieval_attention/query_guided_graph.h"
 
 using namespace retrieval_attention;
@@ -417,82 +416,6 @@ TEST_CASE("query-guided graph: concurrent searches equal sequential ones", "[que
     CHECK(ids[t] == seq_ids);
     CHECK(sc[t] == seq_sc);
     CHECK(vis[t] == seq_vis);
-  }
-}
-
-TEST_CASE("query-guided graph: interleaved cursors equal search_one, also with different k, ef and open cursors", "[query_guided]") {
-  const int64_t n = 2000, d = 32, m = 40;
-  auto data = make_ood(n, d, 400, m, 57);
-  auto store = make_store<BFloat16>(data.keys, d);
-  QueryGuidedParams p;
-  p.degree = 16;
-  p.k_train = 40;
-  auto g = QueryGuidedGraph<BFloat16>::build(store, data.train.data(), 400, p);
-  // query i: k and ef vary, so the interleaved searches end after different numbers of steps
-  auto k_of = [](int64_t i) { return int64_t{1} + (i * 7) % 23; };
-  auto ef_of = [](int64_t i) { return int64_t{8} + (i * 13) % 90; };
-  std::vector<std::vector<int64_t>> want_ids(m);
-  std::vector<std::vector<float>> want_sc(m);
-  std::vector<int64_t> want_vis(m);
-  for (int64_t i = 0; i < m; ++i) {
-    want_ids[i].resize(k_of(i));
-    want_sc[i].resize(k_of(i));
-    want_vis[i] = g->search_one(data.test.data() + i * d, k_of(i), SearchParams{ef_of(i)}, want_ids[i].data(), want_sc[i].data());
-  }
-  for (int64_t group : {1, 3, 8, 40}) {  // 40: more than run_interleaved steps at once
-    std::vector<std::unique_ptr<SearchCursor>> cursors;
-    std::vector<SearchCursor*> live;
-    for (int64_t i = 0; i < m; ++i) {
-      cursors.push_back(g->begin_search(data.test.data() + i * d, k_of(i), SearchParams{ef_of(i)}));
-      live.push_back(i % 5 == 4 ? nullptr : cursors.back().get());  // null entries are skipped
-      if (static_cast<int64_t>(live.size()) == group || i + 1 == m) {
-        run_interleaved(live.data(), static_cast<int64_t>(live.size()));
-        live.clear();
-      }
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      std::vector<int64_t> ids(k_of(i));
-      std::vector<float> sc(k_of(i));
-      // a skipped cursor was never stepped: result() takes all its steps
-      CHECK(cursors[i]->result(ids.data(), sc.data()) == want_vis[i]);
-      CHECK(ids == want_ids[i]);
-      CHECK(sc == want_sc[i]);
-    }
-  }
-  std::vector<int64_t> ids(3);
-  CHECK_THROWS_AS(g->begin_search(data.test.data(), 0, {}), std::invalid_argument);
-  CHECK_THROWS_AS(g->begin_search(data.test.data(), 3, SearchParams{0}), std::invalid_argument);
-}
-
-TEST_CASE("OffloadedLayer over graphs: interleaved searches give each (head, query) what search_one gives", "[query_guided][layer]") {
-  // 8 query heads x 5 queries: more items than threads, so the layer's tasks step several searches each
-  const int64_t hq = 8, hkv = 2, d = 24, dv = 8, t = 1500, m = 5, k = 12, n_train = 200;
-  for (IndexSharing sharing : {IndexSharing::PerQueryHead, IndexSharing::PerKvHead}) {
-    IndexSpec spec;
-    spec.type = "query_guided";
-    spec.query_guided.degree = 12;
-    spec.query_guided.k_train = 20;
-    OffloadedLayer<BFloat16> layer(hq, hkv, d, dv, make_layer_factory<BFloat16>(spec), 0, sharing);
-    auto keys = ra_test::convert<BFloat16>(make_ood(hkv * t, d, 1, 1, 61).keys);
-    auto values = ra_test::convert<BFloat16>(random_matrix(hkv * t, dv, 62));
-    auto train = make_ood(1, d, hq * n_train, hq * m, 63);
-    layer.build(keys.data(), values.data(), t, train.train.data(), n_train);
-    const float* q = train.test.data();  // (hq, m, d)
-    std::vector<float> out(hq * m * dv), lse(hq * m);
-    std::vector<int64_t> visited(hq * m), ids(hq * m * k);
-    layer.retrieve_attend(q, m, k, SearchParams{40}, 0.2f, out.data(), lse.data(), visited.data(), ids.data());
-    for (int64_t hm = 0; hm < hq * m; ++hm) {
-      const int64_t h = hm / m, kv = h / (hq / hkv);
-      std::vector<int64_t> want(k);
-      std::vector<float> sc(k), want_out(dv), scratch;
-      std::vector<int64_t> rows;
-      CHECK(layer.index(h)->search_one(q + hm * d, k, SearchParams{40}, want.data(), sc.data()) == visited[hm]);
-      CHECK(std::vector<int64_t>(ids.begin() + hm * k, ids.begin() + (hm + 1) * k) == want);
-      const float want_lse = attend_selected(q + hm * d, d, keys.data() + kv * t * d, values.data() + kv * t * dv, dv, t, want.data(), k, 0.2f,
-                                             want_out.data(), scratch, rows);
-      CHECK(lse[hm] == want_lse);
-      CHECK(std::vector<float>(out.begin() + hm * dv, out.begin() + (hm + 1) * dv) == want_out);
-    }
   }
 }
 
