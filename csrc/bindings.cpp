@@ -226,7 +226,7 @@ class PyOffloadedLayer {
   }
 
   void build(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& train_queries, const c10::optional<at::Tensor>& knn,
-             bool index_now, const c10::optional<at::Tensor>& key_knn) {
+             bool index_now, const c10::optional<at::Tensor>& key_knn, const c10::optional<at::Tensor>& projection) {
     const int64_t t = check_kv(keys, values);
     check_cpu(train_queries, "train_queries");
     check_dim(train_queries, 3, "train_queries", "(q_heads, n_train, head_dim)");
@@ -254,11 +254,23 @@ class PyOffloadedLayer {
       TORCH_CHECK_VALUE(key_knn_c.numel() == 0 || (key_knn_c.min().item<int64_t>() >= -1 && key_knn_c.max().item<int64_t>() < t),
                         "key_knn ids must be in [-1, tokens)");
     }
+    at::Tensor proj_c;  // ids are checked by the graph build (range, self-loops, repeats)
+    if (projection) {
+      check_cpu(*projection, "projection");
+      check_dim(*projection, 3, "projection", "(indexes, tokens, degree)");
+      TORCH_CHECK_TYPE(projection->scalar_type() == at::kInt, "projection must be int32");
+      TORCH_CHECK_VALUE(knn_c.defined(), "projection needs the knn lists it was made from");
+      const int64_t n_idx = std::visit([](const auto& l) { return l->index_count(); }, v_);
+      TORCH_CHECK_VALUE(projection->size(0) == n_idx && projection->size(1) == t && projection->size(2) > 0, "projection shape ",
+                        projection->sizes(), " does not match (", n_idx, ", ", t, ", degree)");
+      proj_c = projection->contiguous();
+    }
     visit_layer([&](auto& layer, auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       layer.build(ptr<const T>(kc), ptr<const T>(vc), t, tq.data_ptr<float>(), tq.size(1), knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr,
                   knn_c.defined() ? knn_c.size(2) : 0, index_now, key_knn_c.defined() ? key_knn_c.data_ptr<int64_t>() : nullptr,
-                  key_knn_c.defined() ? key_knn_c.size(2) : 0);
+                  key_knn_c.defined() ? key_knn_c.size(2) : 0, proj_c.defined() ? proj_c.data_ptr<int32_t>() : nullptr,
+                  proj_c.defined() ? proj_c.size(2) : 0);
     });
   }
 
@@ -423,7 +435,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   py::arg("sharing") = "per_query_head")
       .def("save", &PyOffloadedLayer::save, py::arg("path"))
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none(),
-           py::arg("index_now") = true, py::arg("key_knn") = py::none())
+           py::arg("index_now") = true, py::arg("key_knn") = py::none(), py::arg("projection") = py::none())
       .def("build_indexes", &PyOffloadedLayer::build_indexes)
       .def_property_readonly("build_pending", &PyOffloadedLayer::build_pending)
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))

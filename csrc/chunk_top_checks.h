@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
 namespace ra_ext {
 
 // scores (rows, cols) with cols a multiple of chunk; 1 <= kc <= cols / chunk; 1 <= m <= kc * chunk.
@@ -39,6 +41,35 @@ inline void check_candidate_ids(const at::Tensor& cand, int64_t n) {
   if (cand.numel() == 0) return;
   const int64_t lo = cand.min().item<int64_t>(), hi = cand.max().item<int64_t>();
   TORCH_CHECK_VALUE(lo >= -1 && hi < n, "cand: key id ", lo < -1 ? lo : hi, " is out of range [0, ", n, ") (-1 marks none)");
+}
+
+}  // namespace ra_ext
+
+namespace ra_ext {
+
+// projection_prune: keys (groups, n, d) float32/float16/bfloat16; begin, pivot, near, mips int64 and near_dist float32,
+// 1-D on keys' device, the last four of one length; counts int64 (2,) = (segments, valid entries); per >= 1; degree >= 1.
+inline void check_projection_prune_args(const at::Tensor& keys, int64_t per, const at::Tensor& begin, const at::Tensor& counts,
+                                        const at::Tensor& pivot, const at::Tensor& near, const at::Tensor& near_dist,
+                                        const at::Tensor& mips, int64_t degree, int64_t cap) {
+  TORCH_CHECK_VALUE(keys.defined() && begin.defined() && counts.defined() && pivot.defined() && near.defined() && near_dist.defined() && mips.defined(),
+                    "projection_prune: expected tensors, got None");
+  TORCH_CHECK_VALUE(keys.dim() == 3, "keys must have shape (groups, n, d) (3 dims), got ", keys.sizes());
+  const auto s = keys.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, "keys must be float32, float16 or bfloat16, got ", s);
+  const std::pair<const at::Tensor*, const char*> longs[] = {{&begin, "begin"}, {&counts, "counts"}, {&pivot, "pivot"}, {&near, "near"}, {&mips, "mips"}};
+  for (const auto& [t, name] : longs) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1, name, " must be 1-D, got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device() == keys.device(), name, " must be on ", keys.device(), " like keys, got ", t->device());
+  }
+  TORCH_CHECK_TYPE(near_dist.scalar_type() == at::kFloat, "near_dist must be float32, got ", near_dist.scalar_type());
+  TORCH_CHECK_VALUE(near_dist.dim() == 1 && near_dist.device() == keys.device(), "near_dist must be 1-D on ", keys.device());
+  TORCH_CHECK_VALUE(counts.numel() == 2, "counts must hold (segments, valid entries), got ", counts.numel(), " values");
+  const int64_t len = near.numel();
+  TORCH_CHECK_VALUE(pivot.numel() == len && near_dist.numel() == len && mips.numel() == len, "pivot, near, near_dist and mips must have one length");
+  TORCH_CHECK_VALUE(begin.numel() >= 1, "begin must have room for the segments");
+  TORCH_CHECK_VALUE(per >= 1 && degree >= 1 && cap >= 1, "per, degree and cap must be >= 1");
 }
 
 }  // namespace ra_ext

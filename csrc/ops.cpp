@@ -6,6 +6,7 @@
 
 #include "retrieval_attention/attention.h"
 #include "retrieval_attention/chunk_top.h"
+#include "retrieval_attention/projection_prune.h"
 #include "chunk_top_checks.h"
 #include "tensor_checks.h"
 
@@ -148,6 +149,38 @@ at::Tensor rerank_l2_cpu(const at::Tensor& keys, int64_t row_start, const at::Te
   return out;
 }
 
+at::Tensor projection_prune_cpu(const at::Tensor& keys, int64_t per, const at::Tensor& begin, const at::Tensor& counts, const at::Tensor& pivot,
+                                const at::Tensor& near, const at::Tensor& near_dist, const at::Tensor& mips, int64_t degree, int64_t cap) {
+  check_projection_prune_args(keys, per, begin, counts, pivot, near, near_dist, mips, degree, cap);
+  check_cpu(keys, "keys");
+  const int64_t groups = keys.size(0), n = keys.size(1), d = keys.size(2);
+  const auto kc = keys.contiguous(), bc = begin.contiguous(), pc = pivot.contiguous(), nc = near.contiguous(), dc = near_dist.contiguous(),
+             mc = mips.contiguous();
+  const int64_t n_seg = counts[0].item<int64_t>(), n_valid = counts[1].item<int64_t>(), len = near.numel();
+  TORCH_CHECK_VALUE(n_seg >= 0 && n_seg <= begin.numel() && n_valid >= 0 && n_valid <= len, "counts out of range");
+  // the CPU can afford the full check of the segments and ids (the GPU impl trusts projection_lists)
+  const int64_t* b = bc.data_ptr<int64_t>();
+  for (int64_t s = 0; s < n_seg; ++s) {
+    const int64_t e = s + 1 < n_seg ? b[s + 1] : n_valid;
+    TORCH_CHECK_VALUE(b[s] >= 0 && b[s] < e && e <= n_valid, "segment ", s, " is empty or out of order");
+    const int64_t pv = pc.data_ptr<int64_t>()[b[s]];
+    TORCH_CHECK_VALUE(pv >= 0 && pv / (n + 1) < groups * per && pv % (n + 1) < n, "segment ", s, " names no (index, key)");
+  }
+  for (int64_t i = 0; i < n_valid; ++i)
+    TORCH_CHECK_VALUE(nc.data_ptr<int64_t>()[i] >= 0 && nc.data_ptr<int64_t>()[i] < n && mc.data_ptr<int64_t>()[i] >= 0 &&
+                          mc.data_ptr<int64_t>()[i] < n,
+                      "candidate id out of range [0, ", n, ")");
+  auto out = at::full({groups * per, n, degree}, -1, keys.options().dtype(at::kInt));
+  translate_errors([&] {
+    dispatch_storage(keys.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ra::projection_prune<T>(reinterpret_cast<const T*>(kc.data_ptr()), n, d, per, b, n_seg, n_valid, pc.data_ptr<int64_t>(),
+                              nc.data_ptr<int64_t>(), dc.data_ptr<float>(), mc.data_ptr<int64_t>(), degree, cap, out.data_ptr<int32_t>());
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(retrieval_attention, m) {
@@ -156,6 +189,7 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
   m.def("rerank_l2(Tensor keys, int row_start, Tensor cand, int k, bool check_ids=True) -> Tensor");
+  m.def("projection_prune(Tensor keys, int per, Tensor begin, Tensor counts, Tensor pivot, Tensor near, Tensor near_dist, Tensor mips, int degree, int cap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
@@ -164,4 +198,5 @@ TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
   m.impl("merge_attention", &merge_attention_cpu);
   m.impl("chunk_top_candidates", &chunk_top_candidates_cpu);
   m.impl("rerank_l2", &rerank_l2_cpu);
+  m.impl("projection_prune", &projection_prune_cpu);
 }

@@ -11,6 +11,8 @@
 //   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
 //   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [float16 scores; chunk_top.cuh]
 //   rerank_l2(keys, row_start, cand, k, check_ids) -> ids (groups, rows, k) int64   [check_ids: one sync]
+//   projection_prune(keys, per, begin, counts, ...) -> lists (groups * per, n, degree) int32   [no sync: the segments
+//       and ids are trusted (projection_lists makes them); projection_prune.cuh]
 //
 // Headers: c10/cuda (stream, guard, launch check) rather than ATen/cuda/CUDAContext.h, which pulls in the
 // cuBLAS/cuSPARSE/cuSOLVER headers; c10::cuda::getCurrentCUDAStream is the function at::cuda re-exports.
@@ -27,6 +29,7 @@
 #include "../chunk_top_checks.h"
 #include "retrieval_attention/cuda/chunk_top.cuh"
 #include "retrieval_attention/cuda/decode_attention.cuh"
+#include "retrieval_attention/cuda/projection_prune.cuh"
 
 namespace {
 
@@ -282,6 +285,40 @@ Tensor rerank_l2_cuda(const Tensor& keys_in, int64_t row_start, const Tensor& ca
   return out;
 }
 
+Tensor projection_prune_cuda(const Tensor& keys_in, int64_t per, const Tensor& begin, const Tensor& counts, const Tensor& pivot, const Tensor& near,
+                             const Tensor& near_dist, const Tensor& mips, int64_t degree, int64_t cap) {
+  ra_ext::check_projection_prune_args(keys_in, per, begin, counts, pivot, near, near_dist, mips, degree, cap);
+  TORCH_CHECK_VALUE(keys_in.is_cuda(), "keys must be a CUDA tensor, got device ", keys_in.device());
+  const c10::cuda::CUDAGuard guard(keys_in.device());
+  const int64_t groups = keys_in.size(0), n = keys_in.size(1), d = keys_in.size(2);
+  TORCH_CHECK_VALUE(rac::projection_prune_supported(d, degree), "projection_prune on a GPU needs d <= ", rac::kProjectionMaxDim, " and degree <= ",
+                    rac::kProjectionMaxDegree, "; got d ", d, ", degree ", degree);
+  const Tensor keys = keys_in.contiguous(), bc = begin.contiguous(), cc = counts.contiguous(), pc = pivot.contiguous(), nc = near.contiguous(),
+               dc = near_dist.contiguous(), mc = mips.contiguous();
+  Tensor out = at::full({groups * per, n, degree}, -1, keys.options().dtype(at::kInt));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(keys.get_device()).stream();
+  const int64_t* nseg = cc.data_ptr<int64_t>();
+  cudaError_t err = cudaSuccess;
+  switch (keys.scalar_type()) {
+    case at::kFloat:
+      err = rac::projection_prune<float>(keys.data_ptr<float>(), n, d, per, bc.data_ptr<int64_t>(), nseg, nseg + 1, bc.numel(), pc.data_ptr<int64_t>(),
+                                         nc.data_ptr<int64_t>(), dc.data_ptr<float>(), mc.data_ptr<int64_t>(), degree, cap, out.data_ptr<int32_t>(), stream);
+      break;
+    case at::kHalf:
+      err = rac::projection_prune<__half>(reinterpret_cast<const __half*>(keys.data_ptr()), n, d, per, bc.data_ptr<int64_t>(), nseg, nseg + 1, bc.numel(),
+                                          pc.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), dc.data_ptr<float>(), mc.data_ptr<int64_t>(), degree, cap,
+                                          out.data_ptr<int32_t>(), stream);
+      break;
+    default:
+      err = rac::projection_prune<__nv_bfloat16>(reinterpret_cast<const __nv_bfloat16*>(keys.data_ptr()), n, d, per, bc.data_ptr<int64_t>(), nseg,
+                                                 nseg + 1, bc.numel(), pc.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), dc.data_ptr<float>(),
+                                                 mc.data_ptr<int64_t>(), degree, cap, out.data_ptr<int32_t>(), stream);
+  }
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) {
@@ -290,4 +327,5 @@ TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) {
   m.impl("merge_attention", &merge_attention_cuda);
   m.impl("chunk_top_candidates", &chunk_top_candidates_cuda);
   m.impl("rerank_l2", &rerank_l2_cuda);
+  m.impl("projection_prune", &projection_prune_cuda);
 }

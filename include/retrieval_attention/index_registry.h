@@ -43,15 +43,18 @@ inline bool index_param_known(const IndexSpec& spec, const std::string& name) {
 // knn_ids (n_train x knn_k, best-first, -1 padding) may carry the training queries' exact neighbours computed
 // elsewhere (e.g. on a GPU); null means the index computes them itself if it needs them.
 // key_knn (n x key_knn_k) may carry each key's nearest keys for the graph's weak-key links (query_guided only).
+// projection (n x projection_k int32) may carry the graph's projection made elsewhere from knn_ids (query_guided only;
+// ignored without knn_ids).
 template <class T>
 std::unique_ptr<KeyIndex<T>> build_index(const IndexSpec& spec, std::shared_ptr<const VectorStore<T>> keys, const float* train_queries,
                                          int64_t n_train, const int64_t* knn_ids = nullptr, int64_t knn_k = 0,
-                                         const int64_t* key_knn = nullptr, int64_t key_knn_k = 0) {
+                                         const int64_t* key_knn = nullptr, int64_t key_knn_k = 0, const int32_t* projection = nullptr,
+                                         int64_t projection_k = 0) {
   if (spec.type == "flat") return std::make_unique<FlatIndex<T>>(std::move(keys));
   if (spec.type == "query_guided") {
     if (knn_ids)
       return QueryGuidedGraph<T>::build_from_neighbors(std::move(keys), train_queries, n_train, knn_ids, knn_k, spec.query_guided, key_knn,
-                                                       key_knn_k);
+                                                       key_knn_k, projection, projection_k);
     return QueryGuidedGraph<T>::build(std::move(keys), train_queries, n_train, spec.query_guided, key_knn, key_knn_k);
   }
   throw std::invalid_argument("unknown index type '" + spec.type + "'");
@@ -60,8 +63,8 @@ std::unique_ptr<KeyIndex<T>> build_index(const IndexSpec& spec, std::shared_ptr<
 template <class T>
 typename OffloadedLayer<T>::IndexFactory make_layer_factory(const IndexSpec& spec) {
   return [spec](std::shared_ptr<const VectorStore<T>> keys, const float* train, int64_t n_train, const int64_t* knn, int64_t knn_k,
-                const int64_t* key_knn, int64_t key_knn_k) {
-    return build_index<T>(spec, std::move(keys), train, n_train, knn, knn_k, key_knn, key_knn_k);
+                const int64_t* key_knn, int64_t key_knn_k, const int32_t* projection, int64_t projection_k) {
+    return build_index<T>(spec, std::move(keys), train, n_train, knn, knn_k, key_knn, key_knn_k, projection, projection_k);
   };
 }
 

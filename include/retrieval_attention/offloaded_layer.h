@@ -61,9 +61,10 @@ class OffloadedLayer {
   using Scalar = T;
   // (shared keys of the group, training queries (n_train x d float32), n_train, optional precomputed exact
   // neighbours of the training queries (n_train x knn_k int64, or null), knn_k, optional nearest other keys of each
-  // key (n x key_knn_k int64, or null), key_knn_k) -> index over the keys
+  // key (n x key_knn_k int64, or null), key_knn_k, optional projection lists of a query-guided graph (n x projection_k
+  // int32, or null), projection_k) -> index over the keys
   using IndexFactory = std::function<std::unique_ptr<KeyIndex<T>>(std::shared_ptr<const VectorStore<T>>, const float*, int64_t, const int64_t*,
-                                                                  int64_t, const int64_t*, int64_t)>;
+                                                                  int64_t, const int64_t*, int64_t, const int32_t*, int64_t)>;
   // (index type name, keys, payload reader positioned at that index's payload) -> the index (see index_registry.h)
   using IndexLoader = std::function<std::unique_ptr<KeyIndex<T>>(const std::string&, std::shared_ptr<const VectorStore<T>>, PayloadReader&)>;
 
@@ -99,8 +100,10 @@ class OffloadedLayer {
   // index_now = false stores the rows (searchable at once, by exact scans) and leaves the indexes to a later
   // build_indexes() call, during which searches keep running.
   // key_knn (optional, Hkv x t x key_knn_k): each key's nearest other keys of its kv head, for the graphs' weak-key links.
+  // projection (optional, index_count() x t x projection_k int32, with knn): each graph's projection lists made from knn.
   void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0,
-             bool index_now = true, const int64_t* key_knn = nullptr, int64_t key_knn_k = 0) {
+             bool index_now = true, const int64_t* key_knn = nullptr, int64_t key_knn_k = 0, const int32_t* projection = nullptr,
+             int64_t projection_k = 0) {
     require(rows_finite(keys, t) && all_finite(train_q, hq_ * m * d_), "keys or training queries contain NaN or Inf");
     {
       std::unique_lock<std::shared_mutex> lock(mu_);
@@ -113,6 +116,8 @@ class OffloadedLayer {
       if (key_knn != nullptr && key_knn_k > 0) key_knn_.assign(key_knn, key_knn + hkv_ * t * key_knn_k);
       key_knn_k_ = key_knn != nullptr ? key_knn_k : 0;
       key_knn_rows_ = t;
+      if (projection != nullptr && projection_k > 0 && knn_k > 0) projection_.assign(projection, projection + index_count() * t * projection_k);
+      projection_k_ = projection_.empty() ? 0 : projection_k;
       append_rows(keys, values, t);
       build_pending_ = t > 0;
     }
@@ -128,7 +133,8 @@ class OffloadedLayer {
       if (!build_pending_) return;
       require(!building_.exchange(true), "build_indexes is already running");
       try {
-        made = create_indexes(knn_.empty() ? nullptr : knn_.data(), knn_k_, key_knn_.empty() ? nullptr : key_knn_.data(), key_knn_k_);
+        made = create_indexes(knn_.empty() ? nullptr : knn_.data(), knn_k_, key_knn_.empty() ? nullptr : key_knn_.data(), key_knn_k_,
+                              projection_.empty() ? nullptr : projection_.data(), projection_k_);
       } catch (...) {
         building_ = false;
         throw;
@@ -429,12 +435,14 @@ class OffloadedLayer {
   }
   // One index per query head or per kv head over the stores, from the kept training queries; reads only.
   std::vector<std::unique_ptr<KeyIndex<T>>> create_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0, const int64_t* key_knn = nullptr,
-                                                           int64_t key_knn_k = 0) const {
-    // The key lists cover the rows build() got; rows appended before a pending build ran have none, so then the
-    // graphs search for their weak keys instead.
+                                                           int64_t key_knn_k = 0, const int32_t* projection = nullptr,
+                                                           int64_t projection_k = 0) const {
+    // The key lists and projections cover the rows build() got; rows appended before a pending build ran have none, so
+    // then the graphs search for their weak keys and make their projections themselves.
     const int64_t group = hq_ / hkv_;
-    if (keys_[0]->size() != key_knn_rows_) key_knn = nullptr;
+    if (keys_[0]->size() != key_knn_rows_) key_knn = nullptr, projection = nullptr;
     auto key_lists = [&](int64_t kv) { return key_knn ? key_knn + kv * key_knn_rows_ * key_knn_k : nullptr; };
+    auto projection_of = [&](int64_t i) { return projection ? projection + i * key_knn_rows_ * projection_k : nullptr; };
     std::vector<std::unique_ptr<KeyIndex<T>>> made(static_cast<size_t>(index_count()));
     if (sharing_ == IndexSharing::PerKvHead) {
       // The group's query heads are consecutive, so its pooled training queries (group * n_train rows) and their
@@ -443,13 +451,13 @@ class OffloadedLayer {
         const int64_t first = kv * group * n_train_;
         made[static_cast<size_t>(kv)] =
             factory_(keys_[kv], train_q_.data() + first * d_, group * n_train_, knn ? knn + first * knn_k : nullptr, knn_k, key_lists(kv),
-                     key_knn_k);
+                     key_knn_k, projection_of(kv), projection_k);
       });
     } else {
       parallel_for_split(hq_, [&](int64_t h) {
         made[static_cast<size_t>(h)] =
             factory_(keys_[h / group], train_q_.data() + h * n_train_ * d_, n_train_, knn ? knn + h * n_train_ * knn_k : nullptr, knn_k,
-                     key_lists(h / group), key_knn_k);
+                     key_lists(h / group), key_knn_k, projection_of(h), projection_k);
       });
     }
     return made;
@@ -464,6 +472,8 @@ class OffloadedLayer {
     std::vector<float>().swap(train_q_);  // the graphs keep no query vectors
     std::vector<int64_t>().swap(knn_);
     std::vector<int64_t>().swap(key_knn_);
+    std::vector<int32_t>().swap(projection_);
+    projection_k_ = 0;
     n_train_ = 0;
     knn_k_ = 0;
     key_knn_k_ = 0;
@@ -481,6 +491,8 @@ class OffloadedLayer {
   int64_t knn_k_ = 0;
   std::vector<int64_t> key_knn_;  // each key's nearest keys (Hkv x t x key_knn_k), kept for a pending build
   int64_t key_knn_k_ = 0;
+  std::vector<int32_t> projection_;  // each index's projection lists (index_count() x t x projection_k), for a pending build
+  int64_t projection_k_ = 0;
   int64_t key_knn_rows_ = 0;  // t of the build() that gave them
   bool build_pending_ = false;  // rows stored by build(..., index_now = false), indexes not made yet
   std::atomic<bool> building_{false};

@@ -243,19 +243,25 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   }
 
   // Same as build() with the bipartite kNN given: knn_ids (m x knn_k), each row best-first, -1 = padding.
+  // projection (optional, n x projection_k int32, -1 = padding, projection_k = degree): the projection phase's result
+  // computed by the caller from the same knn_ids (e.g. on a GPU: retrieval_attention.index.project_on_device), each
+  // key's pruned list; the build then skips that phase. Ids must be in [-1, n), not the row's own key, and not repeated
+  // within a row.
   static std::unique_ptr<QueryGuidedGraph> build_from_neighbors(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries,
                                                                 int64_t m, const int64_t* knn_ids, int64_t knn_k,
                                                                 const QueryGuidedParams& params = {}, const int64_t* key_knn = nullptr,
-                                                                int64_t key_knn_k = 0) {
+                                                                int64_t key_knn_k = 0, const int32_t* projection = nullptr,
+                                                                int64_t projection_k = 0) {
     require(m == 0 || (knn_ids != nullptr && knn_k > 0), "query_guided: neighbour lists must be (m x knn_k) with knn_k > 0");
-    return assemble(std::move(keys), train_queries, m, knn_ids, knn_k, params, key_knn, key_knn_k);
+    return assemble(std::move(keys), train_queries, m, knn_ids, knn_k, params, key_knn, key_knn_k, projection, projection_k);
   }
 
  private:
   // build() and build_from_neighbors(): knn_ids null = compute the bipartite kNN here.
   static std::unique_ptr<QueryGuidedGraph> assemble(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries, int64_t m,
                                                     const int64_t* knn_ids, int64_t knn_k, const QueryGuidedParams& params,
-                                                    const int64_t* key_knn, int64_t key_knn_k) {
+                                                    const int64_t* key_knn, int64_t key_knn_k, const int32_t* projection = nullptr,
+                                                    int64_t projection_k = 0) {
     auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), params);
     check_queries(train_queries, m, g->keys_->dim());
     g->check_keys(0);
@@ -278,7 +284,8 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     if (key_knn)
       for (int64_t i = 0; i < n * key_knn_k; ++i)
         require(key_knn[i] >= -1 && key_knn[i] < n, "query_guided: key neighbour id out of range [-1, n)");
-    g->build_graph(train_queries, m, knn_ids, knn_k, key_knn, key_knn_k);
+    if (projection) g->check_projection(projection, projection_k);
+    g->build_graph(train_queries, m, knn_ids, knn_k, key_knn, key_knn_k, projection);
     return g;
   }
 
@@ -439,6 +446,20 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   static Scratch& scratch() {
     thread_local Scratch s;
     return s;
+  }
+
+  void check_projection(const int32_t* proj, int64_t k) const {
+    const int64_t n = keys_->size();
+    require(k == p_.degree, "query_guided: projection lists must be (n x degree)");
+    std::vector<int64_t> seen(static_cast<size_t>(n), -1);  // the last row each id appeared in
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t c = proj[i * k + j];
+        if (c == -1) continue;
+        require(c >= 0 && c < n && c != i, "query_guided: projection id out of range [-1, n) or a self-loop");
+        require(seen[static_cast<size_t>(c)] != i, "query_guided: projection id repeated within a row");
+        seen[static_cast<size_t>(c)] = i;
+      }
   }
 
   // Rows [from, size) of the store must be finite: a NaN/Inf key has no place in the graph's geometry.
@@ -1002,7 +1023,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   }
 
   void build_graph(const float* train_queries, int64_t m, const int64_t* knn, int64_t kk, const int64_t* key_knn = nullptr,
-                   int64_t key_knn_k = 0) {
+                   int64_t key_knn_k = 0, const int32_t* projection = nullptr) {
     const int64_t n = keys_->size(), d = keys_->dim();
     require(n < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), "query_guided: too many keys for 32-bit ids");
     if (n == 0) return;
@@ -1024,8 +1045,30 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     }
 
     timer.lap("prep");
-    // projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as
-    // candidates. Inverted lists (CSR): for key p, the training queries that have p among their first pivots.
+    std::vector<std::pair<uint32_t, uint32_t>> edges;
+    if (projection) {
+      std::vector<uint32_t> row;
+      for (int64_t p = 0; p < n; ++p) {
+        row.clear();
+        for (int64_t j = 0; j < p_.degree; ++j)
+          if (projection[p * p_.degree + j] >= 0) row.push_back(static_cast<uint32_t>(projection[p * p_.degree + j]));
+        set_row(static_cast<uint32_t>(p), row);
+        for (uint32_t c : row) edges.emplace_back(c, static_cast<uint32_t>(p));
+      }
+    } else {
+      project(base, m, knn, kk, edges);
+    }
+    timer.lap("project");
+    add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
+    timer.lap("reverse");
+    link_weak_keys(base, key_knn, key_knn_k);
+  }
+
+  // The projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as candidates,
+  // pruned (prune()); sets those rows and appends each kept edge p -> c to `edges` as (c, p), for the reverse edges.
+  void project(const T* base, int64_t m, const int64_t* knn, int64_t kk, std::vector<std::pair<uint32_t, uint32_t>>& edges) {
+    const int64_t n = keys_->size();
+    // Inverted lists (CSR): for key p, the training queries that have p among their first pivots.
     const int64_t n_piv = p_.n_pivots;
     std::vector<int64_t> first(static_cast<size_t>(m), kk);
     std::vector<uint32_t> inv_start(static_cast<size_t>(n) + 1, 0u), inv;
@@ -1048,7 +1091,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
           if (row[r] >= 0) inv[fill[static_cast<size_t>(row[r])]++] = static_cast<uint32_t>(i);
       }
     }
-    std::vector<std::pair<uint32_t, uint32_t>> edges;
     {
       std::vector<std::vector<uint32_t>> lists(static_cast<size_t>(n));
       // key p's candidates: the other neighbours of the training queries that have p among their pivots
@@ -1082,10 +1124,12 @@ class QueryGuidedGraph final : public KeyIndex<T> {
         for (uint32_t c : lists[static_cast<size_t>(p)]) edges.emplace_back(c, static_cast<uint32_t>(p));
       }
     }
-    timer.lap("project");
-    add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
-    timer.lap("reverse");
+  }
 
+  // Weak keys, in-degree balancing, connectivity: the build's phases after the reverse edges.
+  void link_weak_keys(const T* base, const int64_t* key_knn, int64_t key_knn_k) {
+    const int64_t n = keys_->size(), d = keys_->dim();
+    qg_detail::PhaseTimer timer;
     // keys the projection left with few out-edges (untouched by the training queries) link to keys found
     // by searching the graph for themselves; without this many keys are unreachable and recall stalls
     std::vector<uint32_t> weak;

@@ -35,7 +35,7 @@ from . import _ext
 from ._version import __version__
 from .compat import Cache, CacheLayerMixin, model_attention_shape, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
-from .index import build_key_lists, exact_knn
+from .index import build_key_lists, exact_knn, projection_lists
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
@@ -306,13 +306,18 @@ class RetrievalLayer(CacheLayerMixin):
         # answers by exact scans until the indexes are installed. Subclasses with their own cpu_retrieve_attend
         # (research baselines) and on_cpu_tokens hook see the layer only when it is complete.
         serve_early = run_async and cfg.decode_during_build and type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
-        knn = key_knn = None
+        knn = key_knn = proj = None
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
             params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
             knn_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             knn_events[0].record()
-            knn = _to_host(exact_knn(self._flat_heads(cpu_k), self._flat_heads(q), params["k_train"]))
+            flat_k = self._flat_heads(cpu_k)
+            knn = exact_knn(flat_k, self._flat_heads(q), params["k_train"])
+            # the graphs' projections too (the largest phase of the CPU builds), from the rows as the CPU will hold them
+            per_index = knn.view(flat_k.shape[0], -1, knn.shape[-1]) if cfg.index_sharing == "per_kv_head" else knn
+            proj = _to_host(projection_lists(flat_k.to(self.cpu_dtype), per_index, params["n_pivots"], params["degree"]))
+            knn = _to_host(knn)
             # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak instead
             # of searching for each on the CPU: 3.5x faster 128K builds for about 0.3 s more prefill per 8B layer on an
             # H200 (docs/TUNING.md, "Build speed"), with or without decode_during_build
@@ -338,17 +343,18 @@ class RetrievalLayer(CacheLayerMixin):
         self.build_seconds += time.perf_counter() - t0
 
         def store():
-            nonlocal cpu_k, cpu_v, train, knn, key_knn
+            nonlocal cpu_k, cpu_v, train, knn, key_knn, proj
             t1 = time.perf_counter()
             if copied is not None:
                 copied.synchronize()
-            self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False, key_knn=key_knn)  # C++, GIL released: rows only
+            # C++, GIL released: rows only
+            self.offloaded.build(cpu_k, cpu_v, train, knn, index_now=False, key_knn=key_knn, projection=proj)
             if copied is not None:
                 # the layer holds copies of all of it now; a subclass's on_cpu_tokens gets ordinary memory, and the
                 # page-locked blocks go back to torch's host cache for the next layer
                 hook = type(self).on_cpu_tokens is not RetrievalLayer.on_cpu_tokens
                 cpu_k, cpu_v, train = (cpu_k.clone(), cpu_v.clone(), train.clone()) if hook else (None, None, None)
-                knn = key_knn = None
+                knn = key_knn = proj = None
             self.build_seconds += time.perf_counter() - t1
 
         def build(rows):

@@ -246,6 +246,96 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
     return out.reshape(heads, m, k)
 
 
+# QueryGuidedGraph::kPruneScan: a prune's RNG pass looks at its kPruneScan * degree nearest candidates (at least 64)
+PRUNE_SCAN = 32
+
+
+def projection_lists(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degree: int, max_pairs: int = 1 << 25) -> torch.Tensor:
+    """The projection phase of query-guided graph builds, on the tensors' device: keys (G, n, d), knn (I, m, kk) int64
+    (each training query's exact neighbours, best first, -1 padding; index i uses key group i // (I // G)) ->
+    (I, n, degree) int32, each key's pruned list (-1 padding), for OffloadedLayer.build(..., projection=).
+
+    The graph build's own projection (query_guided_graph.h) on the CPU: each query's first n_pivots keys (pivots) get its
+    other neighbours as candidates; a pivot's candidates, deduplicated in order of appearance, are pruned (RNG-style in
+    L2, then the largest inner products; projection_prune.h). Here torch gathers the (pivot, candidate) pairs, drops the
+    repeats and sorts them (stable sorts, so ties break by appearance as on the CPU), and the extension's
+    projection_prune op (one CUDA warp per pivot) selects. Nothing waits for the device. The lists equal the CPU
+    build's where the float32 sums are exact (tested with small-integer keys); otherwise near-ties may differ.
+
+    The (pivot, candidate) pairs of whole key groups are made at once, about max_pairs at a time (memory: about 60
+    bytes per pair): n_pivots * kk per training query."""
+    groups = keys.shape[0]
+    idx_count, m, kk = knn.shape
+    per = idx_count // groups
+    step = max(1, max_pairs // max(1, per * m * n_pivots * kk))
+    parts = [_projection_block(keys[g : g + step], knn[g * per : (g + step) * per], n_pivots, degree) for g in range(0, groups, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degree: int, block: int = 1 << 22) -> torch.Tensor:
+    groups, n, d = keys.shape
+    idx_count, m, kk = knn.shape
+    dev = keys.device
+    per = idx_count // groups
+    if m == 0 or kk == 0 or n == 0:
+        return torch.full((idx_count, n, degree), -1, dtype=torch.int32, device=dev)
+    valid = knn >= 0
+    first = torch.where(valid.any(-1), valid.to(torch.int8).argmax(-1), torch.full_like(knn[..., 0], kk))  # leading -1s skipped
+    slot = first.unsqueeze(-1) + torch.arange(n_pivots, device=dev)  # (I, m, P)
+    piv = torch.gather(knn, 2, slot.clamp(max=kk - 1))
+    piv_ok = (slot < kk) & (piv >= 0)
+    t = torch.arange(kk, device=dev)
+    cand_ok = valid & (t >= first.unsqueeze(-1))  # (I, m, kk)
+    ok = piv_ok.unsqueeze(-1) & cand_ok.unsqueeze(-2) & (knn.unsqueeze(-2) != piv.unsqueeze(-1))  # (I, m, P, kk)
+    sentinel = idx_count * (n + 1)
+    index_of = torch.arange(idx_count, device=dev).view(-1, 1, 1, 1)
+    pivot = torch.where(ok, index_of * (n + 1) + piv.unsqueeze(-1), sentinel).reshape(-1)
+    cand = knn.unsqueeze(-2).expand(ok.shape).reshape(-1).clamp(min=0)
+    # order of appearance in a pivot's list: training query, then rank (the flat order is (index, query, slot, rank),
+    # and a pivot appears in at most one slot of a query)
+    appear = (torch.arange(m, device=dev).view(1, -1, 1, 1) * kk + t).expand(ok.shape).reshape(-1)
+    # repeats of a (pivot, candidate) pair: keep the first appearance
+    order = torch.sort(pivot * (n + 1) + cand, stable=True).indices
+    pivot, cand, appear = pivot[order], cand[order], appear[order]
+    pair = pivot * (n + 1) + cand
+    repeat = torch.zeros_like(ok.reshape(-1))
+    repeat[1:] = pair[1:] == pair[:-1]
+    pivot = torch.where(repeat, sentinel, pivot)
+    # inner products and squared distances in float32, from the keys' rows (as the CPU build widens them)
+    rows = keys.reshape(groups * n, d)
+    live_pair = pivot < sentinel  # the others (repeats, masked slots) are scored as key 0 with itself, then dropped
+    base = torch.where(live_pair, pivot // (n + 1) // per * n, 0)
+    p_row = base + torch.where(live_pair, pivot % (n + 1), 0)
+    c_row = base + torch.where(live_pair, cand, 0)
+    sq = rows.float().pow(2).sum(-1)
+    ip = torch.empty(pivot.shape, dtype=torch.float32, device=dev)
+    for s in range(0, ip.numel(), block):
+        ip[s : s + block] = (rows[p_row[s : s + block]].float() * rows[c_row[s : s + block]].float()).sum(-1)
+    dist = (sq[p_row] + sq[c_row]) - 2.0 * ip
+    del p_row, c_row, base
+
+    def by_pivot_then(key):  # stable: (pivot, key, appearance)
+        o = torch.sort(appear, stable=True).indices
+        o = o[torch.sort(key[o], stable=True).indices]
+        return o[torch.sort(pivot[o], stable=True).indices]
+
+    near_order = by_pivot_then(dist.clamp(min=0))
+    mips_order = by_pivot_then(-ip)
+    pivot_sorted = pivot[near_order]
+    live = pivot_sorted < sentinel
+    start = live.clone()
+    start[1:] &= pivot_sorted[1:] != pivot_sorted[:-1]
+    seg = torch.cumsum(start, 0) - 1
+    counts = torch.stack([start.sum(), live.sum()])
+    room = min(pivot.numel(), idx_count * n)  # segments: at most one per (index, key)
+    begin = torch.zeros(room + 1, dtype=torch.int64, device=dev)  # entry `room` takes the non-starts' writes
+    begin.scatter_(0, torch.where(start, seg, room), torch.arange(pivot.numel(), device=dev))
+    begin = begin[:room]
+    return torch.ops.retrieval_attention.projection_prune(
+        keys.contiguous(), per, begin, counts, pivot_sorted, cand[near_order], dist[near_order].contiguous(), cand[mips_order], degree,
+        max(PRUNE_SCAN * degree, 64))
+
+
 # The GPU neighbour lists of the graph builds seek each key's nearest among every KEY_LIST_COLUMN_STRIDE-th key
 # (exact_key_knn's column_stride). 2 halves the score matrix for the same graph quality on the model's Q/K, and a 128K
 # 8B prefill on the H200 took 35.5 s instead of 41.3; but the CPU builds got 10% slower (the even keys gather the

@@ -112,6 +112,11 @@ def _rerank_l2_fake(keys, row_start, cand, k, check_ids=True):
     return cand.new_empty((cand.shape[0], cand.shape[1], k), dtype=torch.int64)
 
 
+@torch.library.register_fake("retrieval_attention::projection_prune")
+def _projection_prune_fake(keys, per, begin, counts, pivot, near, near_dist, mips, degree, cap):
+    return keys.new_empty((keys.shape[0] * per, keys.shape[1], degree), dtype=torch.int32)
+
+
 def dense_attention_any_device(q, keys, values, scale: float, causal: bool, key_start=None):
     """dense_attention on the tensors' device: the extension kernel where there is one, else torch math.
 

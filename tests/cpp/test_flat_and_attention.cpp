@@ -225,7 +225,7 @@ TEST_CASE("merging two disjoint halves equals attention over the union", "[merge
 
 TEST_CASE("OffloadedLayer in exactness mode equals dense attention", "[layer]") {
   const int64_t hq = 4, hkv = 2, d = 16, dv = 16, t0 = 37, t1 = 21;
-  auto factory = [](std::shared_ptr<const VectorStore<float>> keys, const float*, int64_t, const int64_t*, int64_t, const int64_t*, int64_t) { return std::make_unique<FlatIndex<float>>(keys); };
+  auto factory = [](std::shared_ptr<const VectorStore<float>> keys, const float*, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, const int32_t*, int64_t) { return std::make_unique<FlatIndex<float>>(keys); };
   OffloadedLayer<float> layer(hq, hkv, d, dv, factory);
   auto k0 = random_matrix(hkv * t0, d, 1), v0 = random_matrix(hkv * t0, dv, 2);
   auto k1 = random_matrix(hkv * t1, d, 3), v1 = random_matrix(hkv * t1, dv, 4);
@@ -265,7 +265,7 @@ TEST_CASE("OffloadedLayer: rows waiting to be indexed are scanned exactly and me
     int64_t structure_bytes() const override { return 0; }
     void write_payload(PayloadWriter&) const override {}
   };
-  auto factory = [](std::shared_ptr<const VectorStore<float>> keys, const float*, int64_t, const int64_t*, int64_t, const int64_t*, int64_t) { return std::make_unique<FrozenFlat>(keys); };
+  auto factory = [](std::shared_ptr<const VectorStore<float>> keys, const float*, int64_t, const int64_t*, int64_t, const int64_t*, int64_t, const int32_t*, int64_t) { return std::make_unique<FrozenFlat>(keys); };
   OffloadedLayer<float> layer(hq, hkv, d, d, factory, /*max_unindexed=*/1000);
   auto k0 = random_matrix(t0, d, 1), v0 = random_matrix(t0, d, 2);
   layer.build(k0.data(), v0.data(), t0, nullptr, 0);

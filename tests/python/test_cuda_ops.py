@@ -625,3 +625,20 @@ def test_gpu_prefill_never_waits_for_the_device():
     kf, vf = keys.double().repeat_interleave(hq // hkv, 1), values.double().repeat_interleave(hq // hkv, 1)
     want = torch.softmax((q.double() @ kf.transpose(-1, -2)) * d ** -0.5, -1) @ vf  # (1, hq, 1, d)
     torch.testing.assert_close(got.double(), want.transpose(1, 2), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hkv,per,n,m,d,degree,k_train", [(2, 2, 700, 60, 16, 12, 20), (2, 4, 5000, 300, 128, 32, 100)])
+def test_projection_lists_cpu_and_cuda_agree(dtype, hkv, per, n, m, d, degree, k_train):
+    # small-integer keys: the float32 sums are exact in any order, so the CUDA warps select exactly what the CPU does
+    from retrieval_attention.index import exact_knn, projection_lists
+
+    g = torch.Generator().manual_seed(n + d)
+    keys = torch.randint(-4, 5, (hkv, n, d), generator=g).to(dtype)
+    train = torch.randint(-4, 5, (hkv * per, m, d), generator=g).float()
+    knn = exact_knn(keys, train, k_train)
+    want = projection_lists(keys, knn, 4, degree)
+    got = projection_lists(keys.cuda(), knn.cuda(), 4, degree)
+    assert got.dtype == torch.int32 and got.is_cuda
+    assert torch.equal(got.cpu(), want)
+    assert (want[..., 0] >= 0).sum() > 100

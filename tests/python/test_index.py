@@ -309,3 +309,71 @@ def test_query_guided_build_knobs():
     for bad in ({"ef_weak": 0}, {"n_pivots": 0}, {"n_pivots": 1000}):
         with pytest.raises(ValueError):
             ra.QueryGuidedIndex(keys, train, **bad)
+
+
+def _layer_hash(keys, values, train, knn, params, sharing, projection=None):
+    import hashlib
+    import tempfile
+
+    from retrieval_attention import _ext
+
+    hq, hkv, d = train.shape[0], keys.shape[0], keys.shape[-1]
+    layer = _ext._C.OffloadedLayer(keys.dtype, hq, hkv, d, values.shape[-1], "query_guided", params, 0, sharing)
+    layer.build(keys, values, train, knn, projection=projection)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "layer.ra")
+        layer.save(path)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
+@pytest.mark.parametrize("degree,n_pivots,k_train", [(12, 4, 20), (8, 2, 30)])
+def test_projection_lists_give_the_cpu_builds_graph(sharing, degree, n_pivots, k_train):
+    # small-integer keys and queries: every dot product and distance is exact in float32 whatever the summation order,
+    # and they tie often, so the lists must match the CPU projection's tie-breaking too: the saved layers are identical
+    from retrieval_attention.index import exact_knn, projection_lists
+
+    g = torch.Generator().manual_seed(degree + k_train)
+    hq, hkv, n, m, d = 4, 2, 700, 60, 16
+    keys = torch.randint(-4, 5, (hkv, n, d), generator=g).to(torch.bfloat16)
+    values = torch.randn(hkv, n, d, generator=g).to(torch.bfloat16)
+    train = torch.randint(-4, 5, (hq, m, d), generator=g).float()
+    knn = exact_knn(keys, train, k_train)
+    knn[0, 3, :2] = -1  # a list with leading padding: its pivots start after it
+    per_index = knn.reshape(hkv, -1, knn.shape[-1]) if sharing == "per_kv_head" else knn
+    proj = projection_lists(keys, per_index, n_pivots, degree, max_pairs=5000)  # several blocks of key groups
+    assert proj.shape == (per_index.shape[0], n, degree) and proj.dtype == torch.int32
+    assert (proj[..., 0] >= 0).sum() > 100  # many pivots got lists
+    params = {"degree": degree, "k_train": k_train, "n_pivots": n_pivots}
+    assert _layer_hash(keys, values, train, knn, params, sharing, proj) == _layer_hash(keys, values, train, knn, params, sharing)
+
+
+def test_projection_lists_are_checked():
+    from retrieval_attention import _ext
+    from retrieval_attention.index import exact_knn, projection_lists
+
+    keys = torch.randint(-4, 5, (1, 200, 8)).to(torch.bfloat16)
+    train = torch.randint(-4, 5, (2, 20, 8)).float()
+    knn = exact_knn(keys, train, 10)
+    proj = projection_lists(keys, knn, 4, 8)
+    layer = lambda: _ext._C.OffloadedLayer(torch.bfloat16, 2, 1, 8, 8, "query_guided", {"degree": 8, "k_train": 10}, 0, "per_query_head")
+    with pytest.raises(TypeError, match="int32"):
+        layer().build(keys, keys, train, knn, projection=proj.long())
+    with pytest.raises(ValueError, match="shape"):
+        layer().build(keys, keys, train, knn, projection=proj[:1])
+    with pytest.raises(ValueError, match="knn"):
+        layer().build(keys, keys, train, None, projection=proj)
+    for bad, what in ((200, "out of range"), (-3, "out of range"), ("self", "self-loop"), ("repeat", "repeated")):
+        p = proj.clone()
+        row = int((p[0, :, 1] >= 0).nonzero()[0])
+        p[0, row, 0] = row if bad == "self" else p[0, row, 1] if bad == "repeat" else bad
+        with pytest.raises(ValueError, match=what):
+            layer().build(keys, keys, train, knn, projection=p)
+    # the op's own checks (CPU): segments and ids
+    op = torch.ops.retrieval_attention.projection_prune
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="out of range"):
+        op(keys, 2, one, torch.tensor([1, 1]), one, torch.tensor([500]), torch.zeros(1), one, 8, 64)
+    with pytest.raises(TypeError, match="float32"):
+        op(keys, 2, one, torch.tensor([1, 1]), one, one, torch.zeros(1, dtype=torch.float64), one, 8, 64)
