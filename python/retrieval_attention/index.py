@@ -272,7 +272,7 @@ def projection_lists(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degre
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degree: int, block: int = 1 << 22) -> torch.Tensor:
+def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degree: int, block_bytes: int = 1 << 29) -> torch.Tensor:
     groups, n, d = keys.shape
     idx_count, m, kk = knn.shape
     dev = keys.device
@@ -284,43 +284,56 @@ def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degr
     slot = first.unsqueeze(-1) + torch.arange(n_pivots, device=dev)  # (I, m, P)
     piv = torch.gather(knn, 2, slot.clamp(max=kk - 1))
     piv_ok = (slot < kk) & (piv >= 0)
-    t = torch.arange(kk, device=dev)
-    cand_ok = valid & (t >= first.unsqueeze(-1))  # (I, m, kk)
+    cand_ok = valid & (torch.arange(kk, device=dev) >= first.unsqueeze(-1))  # (I, m, kk)
+    # Pairs (pivot, candidate) in the flat order (index, query, pivot slot, rank): within one pivot's pairs that is the
+    # order in which the CPU gathers its candidates (a pivot holds at most one slot of a query), so the stable sorts
+    # below break ties as the CPU does.
     ok = piv_ok.unsqueeze(-1) & cand_ok.unsqueeze(-2) & (knn.unsqueeze(-2) != piv.unsqueeze(-1))  # (I, m, P, kk)
     sentinel = idx_count * (n + 1)
     index_of = torch.arange(idx_count, device=dev).view(-1, 1, 1, 1)
     pivot = torch.where(ok, index_of * (n + 1) + piv.unsqueeze(-1), sentinel).reshape(-1)
     cand = knn.unsqueeze(-2).expand(ok.shape).reshape(-1).clamp(min=0)
-    # order of appearance in a pivot's list: training query, then rank (the flat order is (index, query, slot, rank),
-    # and a pivot appears in at most one slot of a query)
-    appear = (torch.arange(m, device=dev).view(1, -1, 1, 1) * kk + t).expand(ok.shape).reshape(-1)
-    # repeats of a (pivot, candidate) pair: keep the first appearance
+    # a pair's repeats (the same candidate from another query of the pivot) are dropped: the first appearance stays
     order = torch.sort(pivot * (n + 1) + cand, stable=True).indices
-    pivot, cand, appear = pivot[order], cand[order], appear[order]
-    pair = pivot * (n + 1) + cand
-    repeat = torch.zeros_like(ok.reshape(-1))
-    repeat[1:] = pair[1:] == pair[:-1]
+    pair = (pivot * (n + 1) + cand)[order]
+    repeat_sorted = torch.zeros_like(pair, dtype=torch.bool)
+    repeat_sorted[1:] = pair[1:] == pair[:-1]
+    repeat = torch.empty_like(repeat_sorted).scatter_(0, order, repeat_sorted)
     pivot = torch.where(repeat, sentinel, pivot)
-    # inner products and squared distances in float32, from the keys' rows (as the CPU build widens them)
+    del order, pair, repeat_sorted, repeat
+    # inner products of each query's pivots with its candidates (float32, from the rows as the CPU build widens them),
+    # a batched matmul over blocks of queries; then |k_p|^2 + |k_c|^2 - 2 k_p.k_c as the CPU writes it
     rows = keys.reshape(groups * n, d)
-    live_pair = pivot < sentinel  # the others (repeats, masked slots) are scored as key 0 with itself, then dropped
-    base = torch.where(live_pair, pivot // (n + 1) // per * n, 0)
-    p_row = base + torch.where(live_pair, pivot % (n + 1), 0)
-    c_row = base + torch.where(live_pair, cand, 0)
+    base = (torch.arange(idx_count, device=dev) // per * n).view(-1, 1, 1)
+    ip = torch.empty(ok.shape, dtype=torch.float32, device=dev)
+    step = max(1, block_bytes // max(1, idx_count * (kk + n_pivots) * d * 4))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for s in range(0, m, step):
+            cr = rows[base + knn[:, s : s + step].clamp(min=0)].float()  # (I, b, kk, d)
+            pr = rows[base + piv[:, s : s + step].clamp(min=0)].float()  # (I, b, P, d)
+            ip[:, s : s + step] = pr @ cr.transpose(-1, -2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    ip = ip.reshape(-1)
     sq = rows.float().pow(2).sum(-1)
-    ip = torch.empty(pivot.shape, dtype=torch.float32, device=dev)
-    for s in range(0, ip.numel(), block):
-        ip[s : s + block] = (rows[p_row[s : s + block]].float() * rows[c_row[s : s + block]].float()).sum(-1)
-    dist = (sq[p_row] + sq[c_row]) - 2.0 * ip
-    del p_row, c_row, base
+    p_sq = sq[base.unsqueeze(-1) + piv.clamp(min=0).unsqueeze(-1)].expand(ok.shape).reshape(-1)
+    c_sq = sq[base + knn.clamp(min=0)].unsqueeze(-2).expand(ok.shape).reshape(-1)
+    dist = (p_sq + c_sq) - 2.0 * ip
+    del p_sq, c_sq
 
-    def by_pivot_then(key):  # stable: (pivot, key, appearance)
-        o = torch.sort(appear, stable=True).indices
-        o = o[torch.sort(key[o], stable=True).indices]
-        return o[torch.sort(pivot[o], stable=True).indices]
+    # sort keys as the CPU's: (pivot, 32 order-preserving bits of the value); max(dist, 0) for the RNG pass (dist >= 0,
+    # so its float bits order as integers), -k_p.k_c mapped to unsigned order for the inner-product edges
+    def bits(x):
+        return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
-    near_order = by_pivot_then(dist.clamp(min=0))
-    mips_order = by_pivot_then(-ip)
+    near_bits = bits(torch.where(dist < 0, torch.zeros_like(dist), dist))
+    neg = bits(-ip)
+    mips_bits = torch.where(neg >= 1 << 31, 0xFFFFFFFF - neg, neg | (1 << 31))
+    near_order = torch.sort((pivot << 32) | near_bits, stable=True).indices
+    mips_order = torch.sort((pivot << 32) | mips_bits, stable=True).indices
+    del near_bits, neg, mips_bits
     pivot_sorted = pivot[near_order]
     live = pivot_sorted < sentinel
     start = live.clone()
@@ -330,9 +343,8 @@ def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degr
     room = min(pivot.numel(), idx_count * n)  # segments: at most one per (index, key)
     begin = torch.zeros(room + 1, dtype=torch.int64, device=dev)  # entry `room` takes the non-starts' writes
     begin.scatter_(0, torch.where(start, seg, room), torch.arange(pivot.numel(), device=dev))
-    begin = begin[:room]
     return torch.ops.retrieval_attention.projection_prune(
-        keys.contiguous(), per, begin, counts, pivot_sorted, cand[near_order], dist[near_order].contiguous(), cand[mips_order], degree,
+        keys.contiguous(), per, begin[:room], counts, pivot_sorted, cand[near_order], dist[near_order], cand[mips_order], degree,
         max(PRUNE_SCAN * degree, 64))
 
 
