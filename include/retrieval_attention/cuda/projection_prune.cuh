@@ -8,8 +8,8 @@
 //     products and sums are exact in float32 (e.g. small integers), else near-ties may break differently.
 //   * Limits (projection_prune_supported()): 1 <= d <= kProjectionMaxDim, 1 <= degree <= kProjectionMaxDegree.
 //   * One warp per segment: the kept rows sit in shared memory (float32, padded rows: lane r reads row r without bank
-//     conflicts); each candidate's row is loaded by the warp, then lane r scores it against kept row r and one vote
-//     decides. Segments past n_seg return at once.
+//     conflicts); each candidate's row is loaded by the warp (the next one's loads issued before the current one is
+//     scored), then lane r scores it against kept row r and one vote decides. Segments past n_seg return at once.
 //   * Ownership / streams: nothing is allocated; the launch goes to the given stream, asynchronously.
 #pragma once
 
@@ -58,23 +58,42 @@ __global__ void projection_prune_kernel(const T* __restrict__ keys, int64_t n, i
   const T* rows = keys + (idx / per) * n * d;
   const int64_t n_ip = min(size, static_cast<int64_t>(degree / 4)), n_rng = degree - n_ip, scan = min(size, cap);
   int count = 0;
+  // Each lane holds its elements of the next candidate's row: that row's loads are in flight while the warp scores the
+  // current one (a candidate's scoring otherwise starts with a full global-memory latency).
+  constexpr int kPerLane = kProjectionMaxDim / 32;
+  float next[kPerLane];
+  const auto load = [&](int64_t t) {
+    const T* row = rows + near[t] * d;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) next[j] = lane + 32 * j < d ? projection_to_float(row[lane + 32 * j]) : 0.f;
+  };
+  if (scan > 0) load(b);
   for (int64_t t = b; t < b + scan && count < n_rng; ++t) {
     const int64_t id = near[t];
     float sq = 0.f;
-    for (int k = lane; k < d; k += 32) {
-      const float x = projection_to_float(rows[id * d + k]);
-      c[k] = x;
-      sq += x * x;
-    }
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+      if (lane + 32 * j < d) {
+        c[lane + 32 * j] = next[j];
+        sq += next[j] * next[j];
+      }
+    if (t + 1 < b + scan) load(t + 1);
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     __syncwarp();
     const float half = 0.5f * (sq - near_dist[t]);
     bool occluded = false;
     for (int r = lane; r < count; r += 32) {
       const float* kr = kept_rows + static_cast<int64_t>(r) * (d + 1);
-      float dot = 0.f;
-      for (int k = 0; k < d; ++k) dot += c[k] * kr[k];
-      occluded = occluded || dot > half + kept_half[r];
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // four chains: the sum's latency, not its arithmetic, bounds it
+      int k = 0;
+      for (; k + 4 <= d; k += 4) {
+        a0 += c[k] * kr[k];
+        a1 += c[k + 1] * kr[k + 1];
+        a2 += c[k + 2] * kr[k + 2];
+        a3 += c[k + 3] * kr[k + 3];
+      }
+      for (; k < d; ++k) a0 += c[k] * kr[k];
+      occluded = occluded || (a0 + a1) + (a2 + a3) > half + kept_half[r];
     }
     if (!__any_sync(0xffffffffu, occluded)) {
       float* dst = kept_rows + static_cast<int64_t>(count) * (d + 1);
