@@ -13,7 +13,8 @@
 //     build_from_neighbors() takes the kNN lists precomputed by the caller (m x knn_k int64 row-major,
 //     best-first, -1 = padding; e.g. from a GPU) and skips the kNN; it may also take each key's nearest other
 //     keys (n x key_knn_k, L2), which then replace the weak keys' searches (a weak key links to its list
-//     and its own out-edges, pruned only where they exceed the degree).
+//     and its own out-edges, pruned only where they exceed the degree), and the projection's result made elsewhere
+//     from the same lists (n x degree int32, projection_prune.h: e.g. on the GPU), which then replaces that phase.
 //     m = 0 is allowed (the graph is then a plain k->k graph). Every key is reachable from the entry point after
 //     build() and after load() of a graph that was (checked by reachable_count()). Deterministic for given inputs and params. RA_QG_PROFILE=1 in the
 //     environment prints the time of each build phase to stderr. Non-finite keys or training queries are
