@@ -170,6 +170,35 @@ TEST_CASE("query-guided graph: tiny stores, padding and bad input", "[query_guid
   CHECK_THROWS_AS(QueryGuidedGraph<float>::build_from_neighbors(store, train.data(), 4, knn.data(), 2), std::invalid_argument);
 }
 
+TEST_CASE("query-guided graph: given projection lists are checked and replace the projection", "[query_guided]") {
+  const int64_t n = 400, d = 16, m = 60;
+  auto data = make_ood(n, d, m, 4, 23);
+  auto store = make_store<float>(data.keys, d);
+  QueryGuidedParams p;
+  p.degree = 8;
+  p.k_train = 20;
+  std::vector<int64_t> knn(m * p.k_train);
+  exact_topk(data.train.data(), m, *store, n, p.k_train, knn.data(), nullptr);
+  // no projected edges at all: the graph still links every key (weak keys, balance, repair)
+  std::vector<int32_t> none(n * p.degree, -1);
+  auto g = QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p, nullptr, 0, none.data(), p.degree);
+  CHECK(g->is_connected());
+  auto expect_bad = [&](std::vector<int32_t> proj, int64_t k) {
+    CHECK_THROWS_AS(QueryGuidedGraph<float>::build_from_neighbors(store, data.train.data(), m, knn.data(), p.k_train, p, nullptr, 0, proj.data(), k),
+                    std::invalid_argument);
+  };
+  auto bad = none;
+  bad[5 * p.degree] = 5;  // self-loop
+  expect_bad(bad, p.degree);
+  bad = none;
+  bad[5 * p.degree] = static_cast<int32_t>(n);  // out of range
+  expect_bad(bad, p.degree);
+  bad = none;
+  bad[5 * p.degree] = 7, bad[5 * p.degree + 3] = 7;  // repeated within a row
+  expect_bad(bad, p.degree);
+  expect_bad(none, p.degree - 1);  // not n x degree
+}
+
 TEST_CASE("query-guided graph: precomputed neighbour lists give the same graph as the built-in kNN", "[query_guided]") {
   const int64_t n = 1500, d = 24, m = 300;
   auto data = make_ood(n, d, m, 20, 21);
