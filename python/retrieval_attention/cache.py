@@ -35,7 +35,7 @@ from . import _ext
 from ._version import __version__
 from .compat import Cache, CacheLayerMixin, model_attention_shape, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
-from .index import build_key_lists, exact_knn, projection_lists
+from .index import build_key_lists, exact_knn, projection_fits, projection_lists
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
@@ -318,8 +318,8 @@ class RetrievalLayer(CacheLayerMixin):
             # them) when decoding waits for the builds: 20-34% shorter builds for about 0.07 s more GPU per 8B layer at
             # 128K. With decode_during_build the first token comes right after the prefill, so nothing is added to it
             # (docs/TUNING.md, "Build speed").
-            if not serve_early:
-                per_index = knn.view(flat_k.shape[0], -1, knn.shape[-1]) if cfg.index_sharing == "per_kv_head" else knn
+            per_index = knn.view(flat_k.shape[0], -1, knn.shape[-1]) if cfg.index_sharing == "per_kv_head" else knn
+            if not serve_early and projection_fits(flat_k.shape, per_index.shape, params["n_pivots"]):
                 proj = _to_host(projection_lists(flat_k.to(self.cpu_dtype), per_index, params["n_pivots"], params["degree"]))
             knn = _to_host(knn)
             # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak instead

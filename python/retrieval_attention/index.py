@@ -248,6 +248,18 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
 
 # QueryGuidedGraph::kPruneScan: a prune's RNG pass looks at its kPruneScan * degree nearest candidates (at least 64)
 PRUNE_SCAN = 32
+# The prefill makes the graphs' projections on the GPU only while one key group's (pivot, candidate) pairs stay below
+# this (about 80 bytes of temporaries each, so about 5 GiB); past it (e.g. every prompt query of a long prompt as a
+# training query) the CPU builds make their own.
+PROJECTION_MAX_GROUP_PAIRS = 1 << 26
+
+
+def projection_fits(keys_shape, knn_shape, n_pivots: int) -> bool:
+    """Whether projection_lists takes keys of keys_shape (G, n, d) and lists of knn_shape (I, m, kk) within
+    PROJECTION_MAX_GROUP_PAIRS pairs per key group and its 63-bit sort keys."""
+    groups, n, _ = keys_shape
+    idx_count, m, kk = knn_shape
+    return idx_count * (n + 1) < 1 << 31 and (idx_count // groups) * m * n_pivots * kk <= PROJECTION_MAX_GROUP_PAIRS
 
 
 def projection_lists(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degree: int, max_pairs: int = 1 << 25) -> torch.Tensor:
@@ -264,8 +276,10 @@ def projection_lists(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degre
 
     The (pivot, candidate) pairs of whole key groups are made at once, about max_pairs at a time (memory: about 60
     bytes per pair): n_pivots * kk per training query."""
-    groups = keys.shape[0]
+    groups, n, _ = keys.shape
     idx_count, m, kk = knn.shape
+    if idx_count * (n + 1) >= 1 << 31:
+        raise ValueError(f"projection_lists: {idx_count} indexes x {n} keys overflow its sort keys (at most 2^31 in all)")
     per = idx_count // groups
     step = max(1, max_pairs // max(1, per * m * n_pivots * kk))
     parts = [_projection_block(keys[g : g + step], knn[g * per : (g + step) * per], n_pivots, degree) for g in range(0, groups, step)]

@@ -377,3 +377,16 @@ def test_projection_lists_are_checked():
         op(keys, 2, one, torch.tensor([1, 1]), one, torch.tensor([500]), torch.zeros(1), one, 8, 64)
     with pytest.raises(TypeError, match="float32"):
         op(keys, 2, one, torch.tensor([1, 1]), one, one, torch.zeros(1, dtype=torch.float64), one, 8, 64)
+
+
+def test_projection_fits_bounds_memory_and_sort_keys():
+    from retrieval_attention.index import PROJECTION_MAX_GROUP_PAIRS, projection_fits, projection_lists
+
+    # 8B layer at 128K, per_kv_head, 2,048 training queries per head: 8 graphs of 8,192 pooled queries
+    assert projection_fits((8, 130_432, 128), (8, 8_192, 100), 4)
+    # every prompt query of a 128K prompt as a training query: the CPU builds project instead
+    assert not projection_fits((8, 130_432, 128), (32, 130_432, 100), 4)
+    assert (32 // 8) * 130_432 * 4 * 100 > PROJECTION_MAX_GROUP_PAIRS
+    assert not projection_fits((64, 40_000_000, 8), (64, 1, 1), 1)  # 64 x 40M keys overflow the sort keys
+    with pytest.raises(ValueError, match="overflow"):
+        projection_lists(torch.zeros(1, 1, 1).expand(2, 1 << 31, 1), torch.zeros(2, 1, 1, dtype=torch.int64), 1, 4)
