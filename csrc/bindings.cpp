@@ -72,7 +72,8 @@ class PyIndex {
   explicit PyIndex(Variant v) : v_(std::move(v)) {}
 
   static PyIndex build(const at::Tensor& keys, const c10::optional<at::Tensor>& train_queries, const std::string& type, const py::dict& params,
-                       const c10::optional<at::Tensor>& knn, const c10::optional<at::Tensor>& key_knn) {
+                       const c10::optional<at::Tensor>& knn, const c10::optional<at::Tensor>& key_knn,
+                       const c10::optional<at::Tensor>& projection) {
     check_cpu(keys, "keys");
     check_dim(keys, 2, "keys", "(n, dim)");
     check_float_storage(keys, "keys");
@@ -100,13 +101,24 @@ class PyIndex {
       TORCH_CHECK_VALUE(type == "query_guided", "key_knn is for index type 'query_guided'");
       key_knn_c = key_knn->contiguous();
     }
+    at::Tensor proj_c;  // ids are checked by the graph build (range, self-loops, repeats)
+    if (projection) {
+      check_cpu(*projection, "projection");
+      check_dim(*projection, 2, "projection", "(n_keys, degree)");
+      TORCH_CHECK_TYPE(projection->scalar_type() == at::kInt, "projection must be int32");
+      TORCH_CHECK_VALUE(knn_c.defined(), "projection needs the knn lists it was made from");
+      TORCH_CHECK_VALUE(projection->size(0) == keys.size(0), "projection must have one row per key");
+      TORCH_CHECK_VALUE(type == "query_guided", "projection is for index type 'query_guided'");
+      proj_c = projection->contiguous();
+    }
     return dispatch_storage(keys.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       py::gil_scoped_release no_gil;
       auto builder = [&](std::shared_ptr<const ra::VectorStore<T>> store) {
         return ra::build_index<T>(spec, store, train.defined() ? train.data_ptr<float>() : nullptr, train.defined() ? train.size(0) : 0,
                                   knn_c.defined() ? knn_c.data_ptr<int64_t>() : nullptr, knn_c.defined() ? knn_c.size(1) : 0,
-                                  key_knn_c.defined() ? key_knn_c.data_ptr<int64_t>() : nullptr, key_knn_c.defined() ? key_knn_c.size(1) : 0);
+                                  key_knn_c.defined() ? key_knn_c.data_ptr<int64_t>() : nullptr, key_knn_c.defined() ? key_knn_c.size(1) : 0,
+                                  proj_c.defined() ? proj_c.data_ptr<int32_t>() : nullptr, proj_c.defined() ? proj_c.size(1) : 0);
       };
       return translate_errors([&] { return PyIndex(Variant(std::make_unique<ra::IndexedKeys<T>>(ptr<const T>(kc), kc.size(0), kc.size(1), builder))); });
     });
@@ -414,7 +426,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<PyIndex>(m, "KeyIndex")
       .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none(),
-                  py::arg("key_knn") = py::none())
+                  py::arg("key_knn") = py::none(), py::arg("projection") = py::none())
       .def_static("load", &PyIndex::load, py::arg("path"))
       .def("search", &PyIndex::search, py::arg("queries"), py::arg("k"), py::arg("ef"))
       .def("add", &PyIndex::add, py::arg("new_keys"))

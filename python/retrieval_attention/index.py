@@ -477,8 +477,9 @@ class QueryGuidedIndex(_IndexBase):
     that come from another distribution than the keys.
 
     keys (n, d) and train_queries (m, d) (e.g. prefill attention queries). If both are CUDA tensors, the bipartite
-    kNN (each training query's exact top-k_train keys) and each key's ef_weak nearest keys (from which the build links
-    the keys the training queries leave weakly connected) run on the GPU, and only the id lists go to the CPU.
+    kNN (each training query's exact top-k_train keys), the graph's projection (projection_lists) and each key's
+    ef_weak nearest keys (from which the build links the keys the training queries leave weakly connected) run on the
+    GPU, and only the id lists go to the CPU.
     degree: max out-degree; k_train: neighbours per training query; ef_build: beam width of incremental inserts
     (`add`) and connectivity repair; ef_weak: beam width of the build's searches that link keys the projection left
     with few out-edges (they also start from the nearest of a few hub keys); n_pivots: leading keys of each training
@@ -506,13 +507,17 @@ class QueryGuidedIndex(_IndexBase):
         k = _prepare_keys(device_keys)
         if tq.shape[1] != k.shape[1]:
             raise ValueError(f"train_queries have dim {tq.shape[1]}, keys have dim {k.shape[1]}")
-        knn = key_knn = None
+        knn = key_knn = proj = None
         if device_keys.is_cuda and tq.is_cuda and tq.shape[0] > 0:
-            knn = exact_knn(device_keys.unsqueeze(0), tq.float().unsqueeze(0), params["k_train"])[0].cpu()
+            knn_dev = exact_knn(device_keys.unsqueeze(0), tq.float().unsqueeze(0), params["k_train"])
+            rows = device_keys.to(k.dtype).unsqueeze(0)  # the rows as the CPU build holds them
+            if projection_fits(rows.shape, knn_dev.shape, params["n_pivots"]):
+                proj = projection_lists(rows, knn_dev, params["n_pivots"], params["degree"])[0].cpu()
+            knn = knn_dev[0].cpu()
             key_knn = build_key_lists(device_keys.unsqueeze(0), params["ef_weak"])
             key_knn = key_knn[0].cpu() if key_knn is not None else None
         tq = tq.detach().to("cpu", torch.float32).contiguous()
-        super().__init__(_ext._C.KeyIndex.build(k, tq, "query_guided", params, knn, key_knn))
+        super().__init__(_ext._C.KeyIndex.build(k, tq, "query_guided", params, knn, key_knn, proj))
         self.build_seconds = time.perf_counter() - t0
 
 

@@ -390,3 +390,37 @@ def test_projection_fits_bounds_memory_and_sort_keys():
     assert not projection_fits((64, 40_000_000, 8), (64, 1, 1), 1)  # 64 x 40M keys overflow the sort keys
     with pytest.raises(ValueError, match="overflow"):
         projection_lists(torch.zeros(1, 1, 1).expand(2, 1 << 31, 1), torch.zeros(2, 1, 1, dtype=torch.int64), 1, 4)
+
+
+def test_key_index_build_takes_projection_lists():
+    # the path ra.QueryGuidedIndex takes with CUDA tensors, here with lists made on the CPU: same saved index
+    import hashlib
+    import tempfile
+
+    from retrieval_attention import _ext
+    from retrieval_attention.index import exact_knn, projection_lists
+
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randint(-4, 5, (900, 16), generator=g).to(torch.float16)
+    train = torch.randint(-4, 5, (80, 16), generator=g).float()
+    params = {"degree": 10, "k_train": 25}
+    knn = exact_knn(keys[None], train[None], 25)
+    proj = projection_lists(keys[None], knn, 4, 10)[0]
+
+    def saved(**kw):
+        idx = _ext._C.KeyIndex.build(keys, train, "query_guided", params, knn[0], None, **kw)
+        with tempfile.TemporaryDirectory() as tmp:
+            idx.save(os.path.join(tmp, "i.ra"))
+            with open(os.path.join(tmp, "i.ra"), "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+
+    assert saved(projection=proj) == saved()
+    with pytest.raises(ValueError, match="one row per key"):
+        _ext._C.KeyIndex.build(keys, train, "query_guided", params, knn[0], None, projection=proj[:5])
+    with pytest.raises(ValueError, match="knn"):
+        _ext._C.KeyIndex.build(keys, train, "query_guided", params, None, None, projection=proj)
+    with pytest.raises(ValueError, match="self-loop"):
+        bad = proj.clone()
+        row = int((bad[:, 0] >= 0).nonzero()[0])
+        bad[row, 0] = row
+        _ext._C.KeyIndex.build(keys, train, "query_guided", params, knn[0], None, projection=bad)
