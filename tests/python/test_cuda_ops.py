@@ -516,7 +516,7 @@ def test_exact_knn_on_cuda_is_the_topk_of_its_scores():
 
 
 def test_query_guided_index_from_cuda_tensors_uses_device_lists():
-    """ra.QueryGuidedIndex on CUDA keys and queries (bipartite kNN and key-to-key lists on the GPU) answers like the
+    """ra.QueryGuidedIndex on CUDA keys and queries (bipartite kNN, projection and key-to-key lists on the GPU) answers like the
     CPU-built index: recall@10 against the exact top-10 within a few points, and high."""
     import retrieval_attention as ra
 
