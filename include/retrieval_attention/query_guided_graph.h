@@ -245,7 +245,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
 
   // Same as build() with the bipartite kNN given: knn_ids (m x knn_k), each row best-first, -1 = padding.
   // projection (optional, n x projection_k int32, -1 = padding, projection_k = degree): the projection phase's result
-  // computed by the caller from the same knn_ids (e.g. on a GPU: retrieval_attention.index.project_on_device), each
+  // computed by the caller from the same knn_ids (e.g. on a GPU: retrieval_attention.index.projection_lists), each
   // key's pruned list; the build then skips that phase. Ids must be in [-1, n), not the row's own key, and not repeated
   // within a row.
   static std::unique_ptr<QueryGuidedGraph> build_from_neighbors(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries,
@@ -1062,7 +1062,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     timer.lap("project");
     add_edges(base, edges);  // reverse edges, re-pruned where a list overflows
     timer.lap("reverse");
-    link_weak_keys(base, key_knn, key_knn_k);
+    finish_build(base, key_knn, key_knn_k);
   }
 
   // The projection: each training query's nearest n_pivots keys (pivots) get the query's other neighbours as candidates,
@@ -1128,7 +1128,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   }
 
   // Weak keys, in-degree balancing, connectivity: the build's phases after the reverse edges.
-  void link_weak_keys(const T* base, const int64_t* key_knn, int64_t key_knn_k) {
+  void finish_build(const T* base, const int64_t* key_knn, int64_t key_knn_k) {
     const int64_t n = keys_->size(), d = keys_->dim();
     qg_detail::PhaseTimer timer;
     // keys the projection left with few out-edges (untouched by the training queries) link to keys found

@@ -315,7 +315,7 @@ class RetrievalLayer(CacheLayerMixin):
             flat_k = self._flat_heads(cpu_k)
             knn = exact_knn(flat_k, self._flat_heads(q), params["k_train"])
             # The graphs' projections too (the largest phase of the CPU builds; from the rows as the CPU will hold
-            # them) when decoding waits for the builds: 20-34% shorter builds for about 0.07 s more GPU per 8B layer at
+            # them) when decoding waits for the builds: 14-34% shorter builds for about 0.07 s more GPU per 8B layer at
             # 128K. With decode_during_build the first token comes right after the prefill, so nothing is added to it
             # (docs/TUNING.md, "Build speed").
             per_index = knn.view(flat_k.shape[0], -1, knn.shape[-1]) if cfg.index_sharing == "per_kv_head" else knn
@@ -385,7 +385,8 @@ class RetrievalLayer(CacheLayerMixin):
 
     @property
     def knn_seconds(self) -> float:
-        """GPU time of the prefill's device kNN (bipartite and key-to-key lists, their copies to the host included),
+        """GPU time of the prefill's device kNN (bipartite and key-to-key lists, and the graphs' projections when it makes
+        them; their copies to the host included),
         from CUDA events: the prefill does not wait for the kNN, so its host time would not show it."""
         total = 0.0
         for start, end in self._knn_events:
