@@ -53,6 +53,17 @@ py::dict resolved_index_params(const std::string& type, const py::dict& params) 
   return out;
 }
 
+// A build's optional projection lists (query-guided graphs): int32 on the CPU, `dims` dims, given with the knn lists
+// they were made from; the caller checks the sizes, the graph build the ids (range, self-loops, repeats).
+at::Tensor projection_arg(const c10::optional<at::Tensor>& p, int64_t dims, const char* layout, bool have_knn) {
+  if (!p) return at::Tensor();
+  check_cpu(*p, "projection");
+  check_dim(*p, dims, "projection", layout);
+  TORCH_CHECK_TYPE(p->scalar_type() == at::kInt, "projection must be int32");
+  TORCH_CHECK_VALUE(have_knn, "projection needs the knn lists it was made from");
+  return p->contiguous();
+}
+
 at::Tensor rows_tensor(const at::Tensor& t, int64_t d, const char* name) {
   check_cpu(t, name);
   check_dim(t, 2, name, "(n, dim)");
@@ -101,15 +112,10 @@ class PyIndex {
       TORCH_CHECK_VALUE(type == "query_guided", "key_knn is for index type 'query_guided'");
       key_knn_c = key_knn->contiguous();
     }
-    at::Tensor proj_c;  // ids are checked by the graph build (range, self-loops, repeats)
-    if (projection) {
-      check_cpu(*projection, "projection");
-      check_dim(*projection, 2, "projection", "(n_keys, degree)");
-      TORCH_CHECK_TYPE(projection->scalar_type() == at::kInt, "projection must be int32");
-      TORCH_CHECK_VALUE(knn_c.defined(), "projection needs the knn lists it was made from");
-      TORCH_CHECK_VALUE(projection->size(0) == keys.size(0), "projection must have one row per key");
+    const at::Tensor proj_c = projection_arg(projection, 2, "(n_keys, degree)", knn_c.defined());
+    if (proj_c.defined()) {
+      TORCH_CHECK_VALUE(proj_c.size(0) == keys.size(0), "projection must have one row per key");
       TORCH_CHECK_VALUE(type == "query_guided", "projection is for index type 'query_guided'");
-      proj_c = projection->contiguous();
     }
     return dispatch_storage(keys.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -266,16 +272,11 @@ class PyOffloadedLayer {
       TORCH_CHECK_VALUE(key_knn_c.numel() == 0 || (key_knn_c.min().item<int64_t>() >= -1 && key_knn_c.max().item<int64_t>() < t),
                         "key_knn ids must be in [-1, tokens)");
     }
-    at::Tensor proj_c;  // ids are checked by the graph build (range, self-loops, repeats)
-    if (projection) {
-      check_cpu(*projection, "projection");
-      check_dim(*projection, 3, "projection", "(indexes, tokens, degree)");
-      TORCH_CHECK_TYPE(projection->scalar_type() == at::kInt, "projection must be int32");
-      TORCH_CHECK_VALUE(knn_c.defined(), "projection needs the knn lists it was made from");
+    const at::Tensor proj_c = projection_arg(projection, 3, "(indexes, tokens, degree)", knn_c.defined());
+    if (proj_c.defined()) {
       const int64_t n_idx = std::visit([](const auto& l) { return l->index_count(); }, v_);
-      TORCH_CHECK_VALUE(projection->size(0) == n_idx && projection->size(1) == t && projection->size(2) > 0, "projection shape ",
-                        projection->sizes(), " does not match (", n_idx, ", ", t, ", degree)");
-      proj_c = projection->contiguous();
+      TORCH_CHECK_VALUE(proj_c.size(0) == n_idx && proj_c.size(1) == t && proj_c.size(2) > 0, "projection shape ", proj_c.sizes(),
+                        " does not match (", n_idx, ", ", t, ", degree)");
     }
     visit_layer([&](auto& layer, auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

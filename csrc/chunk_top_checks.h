@@ -72,4 +72,26 @@ inline void check_projection_prune_args(const at::Tensor& keys, int64_t per, con
   TORCH_CHECK_VALUE(per >= 1 && degree >= 1 && cap >= 1, "per, degree and cap must be >= 1");
 }
 
+// projection_prune's segments and ids (check_ids): counts within the arrays, segments non-empty and in order, each
+// naming an (index, key) of keys (groups * per indexes of n keys), candidate ids in [0, n). Torch ops on the tensors'
+// device: on a GPU a few device -> host syncs.
+inline void check_projection_segments(int64_t groups, int64_t n, int64_t per, const at::Tensor& begin, const at::Tensor& counts,
+                                      const at::Tensor& pivot, const at::Tensor& near, const at::Tensor& mips) {
+  const at::Tensor c = counts.cpu();
+  const int64_t n_seg = c[0].item<int64_t>(), n_valid = c[1].item<int64_t>();
+  TORCH_CHECK_VALUE(n_seg >= 0 && n_seg <= begin.numel() && n_valid >= 0 && n_valid <= near.numel(), "counts out of range");
+  if (n_seg == 0) return;
+  const at::Tensor b = begin.slice(0, 0, n_seg);
+  const bool ordered = n_seg == 1 || (b.slice(0, 1) > b.slice(0, 0, n_seg - 1)).all().item<bool>();
+  TORCH_CHECK_VALUE(b[0].item<int64_t>() >= 0 && b[n_seg - 1].item<int64_t>() < n_valid && ordered, "segments are empty or out of order");
+  const at::Tensor pv = pivot.index_select(0, b);
+  TORCH_CHECK_VALUE(pv.min().item<int64_t>() >= 0 && pv.div(n + 1, "floor").max().item<int64_t>() < groups * per &&
+                        pv.remainder(n + 1).max().item<int64_t>() < n,
+                    "a segment names no (index, key)");
+  for (const at::Tensor* ids : {&near, &mips}) {
+    const at::Tensor v = ids->slice(0, 0, n_valid);
+    TORCH_CHECK_VALUE(v.min().item<int64_t>() >= 0 && v.max().item<int64_t>() < n, "candidate id out of range [0, ", n, ")");
+  }
+}
+
 }  // namespace ra_ext

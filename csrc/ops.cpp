@@ -150,26 +150,17 @@ at::Tensor rerank_l2_cpu(const at::Tensor& keys, int64_t row_start, const at::Te
 }
 
 at::Tensor projection_prune_cpu(const at::Tensor& keys, int64_t per, const at::Tensor& begin, const at::Tensor& counts, const at::Tensor& pivot,
-                                const at::Tensor& near, const at::Tensor& near_dist, const at::Tensor& mips, int64_t degree, int64_t cap) {
+                                const at::Tensor& near, const at::Tensor& near_dist, const at::Tensor& mips, int64_t degree, int64_t cap,
+                                bool check_ids) {
   check_projection_prune_args(keys, per, begin, counts, pivot, near, near_dist, mips, degree, cap);
   check_cpu(keys, "keys");
   const int64_t groups = keys.size(0), n = keys.size(1), d = keys.size(2);
+  if (check_ids) check_projection_segments(groups, n, per, begin, counts, pivot, near, mips);
   const auto kc = keys.contiguous(), bc = begin.contiguous(), pc = pivot.contiguous(), nc = near.contiguous(), dc = near_dist.contiguous(),
              mc = mips.contiguous();
-  const int64_t n_seg = counts[0].item<int64_t>(), n_valid = counts[1].item<int64_t>(), len = near.numel();
-  TORCH_CHECK_VALUE(n_seg >= 0 && n_seg <= begin.numel() && n_valid >= 0 && n_valid <= len, "counts out of range");
-  // the CPU can afford the full check of the segments and ids (the GPU impl trusts projection_lists)
+  const int64_t n_seg = counts[0].item<int64_t>(), n_valid = counts[1].item<int64_t>();
+  TORCH_CHECK_VALUE(n_seg >= 0 && n_seg <= begin.numel() && n_valid >= 0 && n_valid <= near.numel(), "counts out of range");
   const int64_t* b = bc.data_ptr<int64_t>();
-  for (int64_t s = 0; s < n_seg; ++s) {
-    const int64_t e = s + 1 < n_seg ? b[s + 1] : n_valid;
-    TORCH_CHECK_VALUE(b[s] >= 0 && b[s] < e && e <= n_valid, "segment ", s, " is empty or out of order");
-    const int64_t pv = pc.data_ptr<int64_t>()[b[s]];
-    TORCH_CHECK_VALUE(pv >= 0 && pv / (n + 1) < groups * per && pv % (n + 1) < n, "segment ", s, " names no (index, key)");
-  }
-  for (int64_t i = 0; i < n_valid; ++i)
-    TORCH_CHECK_VALUE(nc.data_ptr<int64_t>()[i] >= 0 && nc.data_ptr<int64_t>()[i] < n && mc.data_ptr<int64_t>()[i] >= 0 &&
-                          mc.data_ptr<int64_t>()[i] < n,
-                      "candidate id out of range [0, ", n, ")");
   auto out = at::full({groups * per, n, degree}, -1, keys.options().dtype(at::kInt));
   translate_errors([&] {
     dispatch_storage(keys.scalar_type(), [&](auto* tag) {
@@ -189,7 +180,7 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
   m.def("rerank_l2(Tensor keys, int row_start, Tensor cand, int k, bool check_ids=True) -> Tensor");
-  m.def("projection_prune(Tensor keys, int per, Tensor begin, Tensor counts, Tensor pivot, Tensor near, Tensor near_dist, Tensor mips, int degree, int cap) -> Tensor");
+  m.def("projection_prune(Tensor keys, int per, Tensor begin, Tensor counts, Tensor pivot, Tensor near, Tensor near_dist, Tensor mips, int degree, int cap, bool check_ids=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {

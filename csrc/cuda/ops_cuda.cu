@@ -11,8 +11,8 @@
 //   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
 //   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [float16 scores; chunk_top.cuh]
 //   rerank_l2(keys, row_start, cand, k, check_ids) -> ids (groups, rows, k) int64   [check_ids: one sync]
-//   projection_prune(keys, per, begin, counts, ...) -> lists (groups * per, n, degree) int32   [no sync: the segments
-//       and ids are trusted (projection_lists makes them); projection_prune.cuh]
+//   projection_prune(keys, per, begin, counts, ..., check_ids) -> lists (groups * per, n, degree) int32   [check_ids:
+//       a few syncs; projection_lists, which makes the segments, passes False; projection_prune.cuh]
 //
 // Headers: c10/cuda (stream, guard, launch check) rather than ATen/cuda/CUDAContext.h, which pulls in the
 // cuBLAS/cuSPARSE/cuSOLVER headers; c10::cuda::getCurrentCUDAStream is the function at::cuda re-exports.
@@ -286,11 +286,12 @@ Tensor rerank_l2_cuda(const Tensor& keys_in, int64_t row_start, const Tensor& ca
 }
 
 Tensor projection_prune_cuda(const Tensor& keys_in, int64_t per, const Tensor& begin, const Tensor& counts, const Tensor& pivot, const Tensor& near,
-                             const Tensor& near_dist, const Tensor& mips, int64_t degree, int64_t cap) {
+                             const Tensor& near_dist, const Tensor& mips, int64_t degree, int64_t cap, bool check_ids) {
   ra_ext::check_projection_prune_args(keys_in, per, begin, counts, pivot, near, near_dist, mips, degree, cap);
   TORCH_CHECK_VALUE(keys_in.is_cuda(), "keys must be a CUDA tensor, got device ", keys_in.device());
   const c10::cuda::CUDAGuard guard(keys_in.device());
   const int64_t groups = keys_in.size(0), n = keys_in.size(1), d = keys_in.size(2);
+  if (check_ids) ra_ext::check_projection_segments(groups, n, per, begin, counts, pivot, near, mips);  // without it they are trusted
   TORCH_CHECK_VALUE(rac::projection_prune_supported(d, degree), "projection_prune on a GPU needs d <= ", rac::kProjectionMaxDim, " and degree <= ",
                     rac::kProjectionMaxDegree, "; got d ", d, ", degree ", degree);
   const Tensor keys = keys_in.contiguous(), bc = begin.contiguous(), cc = counts.contiguous(), pc = pivot.contiguous(), nc = near.contiguous(),

@@ -359,7 +359,7 @@ def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degr
     begin.scatter_(0, torch.where(start, seg, room), torch.arange(pivot.numel(), device=dev))
     return torch.ops.retrieval_attention.projection_prune(
         keys.contiguous(), per, begin[:room], counts, pivot_sorted, cand[near_order], dist[near_order], cand[mips_order], degree,
-        max(PRUNE_SCAN * degree, 64))
+        max(PRUNE_SCAN * degree, 64), False)  # made above: checking them would wait for the device
 
 
 # The GPU neighbour lists of the graph builds seek each key's nearest among every KEY_LIST_COLUMN_STRIDE-th key

@@ -113,7 +113,7 @@ def _rerank_l2_fake(keys, row_start, cand, k, check_ids=True):
 
 
 @torch.library.register_fake("retrieval_attention::projection_prune")
-def _projection_prune_fake(keys, per, begin, counts, pivot, near, near_dist, mips, degree, cap):
+def _projection_prune_fake(keys, per, begin, counts, pivot, near, near_dist, mips, degree, cap, check_ids=True):
     return keys.new_empty((keys.shape[0] * per, keys.shape[1], degree), dtype=torch.int32)
 
 
