@@ -115,17 +115,20 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, 
 at::Tensor chunk_top_candidates_cpu(const at::Tensor& scores, int64_t chunk, int64_t kc, int64_t m) {
   check_chunk_top_args(scores, chunk, kc, m);
   check_cpu(scores, "scores");
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kHalf,
-                   "scores must be float32 or float16 on the CPU, got ", scores.scalar_type());
+  const auto st = scores.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "scores must be float32, float16 or bfloat16, got ", st);
   const auto sc = scores.contiguous();
   const int64_t rows = sc.size(0), cols = sc.size(1);
   auto out = at::empty({rows, m}, sc.options().dtype(at::kLong));
   if (rows == 0) return out;
   translate_errors([&] {
-    if (sc.scalar_type() == at::kFloat)
+    if (st == at::kFloat)
       ra::chunk_top_candidates<float>(sc.data_ptr<float>(), rows, cols, chunk, kc, m, out.data_ptr<int64_t>());
-    else
+    else if (st == at::kHalf)
       ra::chunk_top_candidates<ra::Half>(reinterpret_cast<const ra::Half*>(sc.data_ptr()), rows, cols, chunk, kc, m, out.data_ptr<int64_t>());
+    else
+      ra::chunk_top_candidates<ra::BFloat16>(reinterpret_cast<const ra::BFloat16*>(sc.data_ptr()), rows, cols, chunk, kc, m,
+                                             out.data_ptr<int64_t>());
   });
   return out;
 }

@@ -9,7 +9,7 @@
 //   sparse_attention(q, keys, values, ids, scale) -> (out, lse)   [validates ids: one device->host sync]
 //   dense_attention(q, keys, values, scale, causal) -> (out, lse)
 //   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
-//   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [float16 scores; chunk_top.cuh]
+//   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [16-bit scores; chunk_top.cuh]
 //   rerank_l2(keys, row_start, cand, k, check_ids) -> ids (groups, rows, k) int64   [check_ids: one sync]
 //   projection_prune(keys, per, begin, counts, ..., check_ids) -> lists (groups * per, n, degree) int32   [check_ids:
 //       a few syncs; projection_lists, which makes the segments, passes False; projection_prune.cuh]
@@ -237,7 +237,8 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
 Tensor chunk_top_candidates_cuda(const Tensor& scores_in, int64_t chunk, int64_t kc, int64_t m) {
   ra_ext::check_chunk_top_args(scores_in, chunk, kc, m);
   TORCH_CHECK_VALUE(scores_in.is_cuda(), "scores must be a CUDA tensor, got device ", scores_in.device());
-  TORCH_CHECK_TYPE(scores_in.scalar_type() == at::kHalf, "scores must be float16 on a GPU, got ", scores_in.scalar_type());
+  const auto st = scores_in.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16, "scores must be float16 or bfloat16 on a GPU, got ", st);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const int64_t rows = scores_in.size(0), cols = scores_in.size(1);
   TORCH_CHECK_VALUE(rac::chunk_top_supported(cols, chunk, kc, m), "chunk_top_candidates on a GPU needs chunk a power of two in [8, 256] and at most ",
@@ -249,8 +250,12 @@ Tensor chunk_top_candidates_cuda(const Tensor& scores_in, int64_t chunk, int64_t
   Tensor out = at::empty({rows, m}, scores.options().dtype(at::kLong));
   if (rows == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scores.get_device()).stream();
-  C10_CUDA_CHECK(rac::chunk_top_candidates(reinterpret_cast<const __half*>(scores.data_ptr()), rows, cols, chunk, kc, m,
-                                           out.data_ptr<int64_t>(), stream));
+  if (st == at::kHalf)
+    C10_CUDA_CHECK(rac::chunk_top_candidates(reinterpret_cast<const __half*>(scores.data_ptr()), rows, cols, chunk, kc, m,
+                                             out.data_ptr<int64_t>(), stream));
+  else
+    C10_CUDA_CHECK(rac::chunk_top_candidates(reinterpret_cast<const __nv_bfloat16*>(scores.data_ptr()), rows, cols, chunk, kc, m,
+                                             out.data_ptr<int64_t>(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -1,9 +1,10 @@
-// retrieval_attention/chunk_top.h -- the two stages of the GPU prefill's key-to-key lists (exact_key_knn in Python),
-// CPU impls: candidate columns of a score matrix from its best column chunks, and the candidates re-ranked by L2.
+// retrieval_attention/chunk_top.h -- CPU impls of the GPU prefill's neighbour-list stages: candidate columns of a score
+// matrix from its best column chunks (the bipartite lists' top-k, exact_knn, and the key-to-key lists' candidates,
+// exact_key_knn, in Python), and the candidates re-ranked by L2 (the key-to-key lists).
 //
 // Contract of chunk_top_candidates()
-//   * scores: rows x cols, row-major, contiguous, T in {float, Half}; cols = n_chunks * chunk. Chunk c of a row
-//     is its columns [c * chunk, (c + 1) * chunk).
+//   * scores: rows x cols, row-major, contiguous, T in {float, Half, BFloat16}; cols = n_chunks * chunk. Chunk c of
+//     a row is its columns [c * chunk, (c + 1) * chunk).
 //   * For each row: rank its chunks by their largest entry, keep the kc best, and write to out (rows x m, int64)
 //     the columns of the m largest entries inside the kept chunks, largest first. A row's r largest entries
 //     always lie in its r best chunks, so with kc >= r the first r outputs are the row's top r (up to ties).

@@ -154,9 +154,9 @@ def _chunk_candidates(scores: torch.Tensor, chunk: int, kc: int, m: int) -> torc
     groups, rows, cols = scores.shape
     flat = scores.view(groups * rows, cols)
     if scores.is_cuda:
-        usable = _ext.HAS_CUDA_KERNELS and scores.dtype == torch.float16 and _chunk_top_fits(cols, chunk, kc, m)
+        usable = _ext.HAS_CUDA_KERNELS and scores.dtype in (torch.float16, torch.bfloat16) and _chunk_top_fits(cols, chunk, kc, m)
     else:
-        usable = scores.dtype in (torch.float32, torch.float16)
+        usable = scores.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if usable:
         return torch.ops.retrieval_attention.chunk_top_candidates(flat, chunk, kc, m).view(groups, rows, m)
     return _chunk_candidates_torch(scores, chunk, kc, m)
@@ -194,21 +194,36 @@ def _nearest_candidates_torch(kf: torch.Tensor, row_start: int, cand: torch.Tens
     return cand.gather(-1, dist.topk(k, dim=-1, largest=False, sorted=True).indices)
 
 
+# kChunkTopMaxEntries of chunk_top.cuh: the CUDA chunk-top kernel takes at most this many chunks per row and kept
+# entries (kc * chunk)
+CHUNK_TOP_MAX_ENTRIES = 8192
+
+
 def _chunk_top_fits(cols: int, chunk: int, kc: int, m: int) -> bool:
     """Whether the CUDA chunk-top kernel takes these shapes (chunk_top_supported() in chunk_top.cuh)."""
     n_chunks = cols // chunk
-    return (8 <= chunk <= 256 and chunk & (chunk - 1) == 0 and cols % chunk == 0 and n_chunks <= 8192
-            and 1 <= kc <= n_chunks and kc * chunk <= 8192 and 1 <= m <= kc * chunk)
+    return (8 <= chunk <= 256 and chunk & (chunk - 1) == 0 and cols % chunk == 0 and n_chunks <= CHUNK_TOP_MAX_ENTRIES
+            and 1 <= kc <= n_chunks and kc * chunk <= CHUNK_TOP_MAX_ENTRIES and 1 <= m <= kc * chunk)
 
 
-def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int = 128) -> torch.Tensor:
+def _knn_chunk(k: int) -> int:
+    """exact_knn's default chunk width: 128 columns, narrower where k chunks of 128 exceed what the chunk-top kernel
+    keeps (k = 100, the default k_train: 64), down to 8."""
+    chunk = 128
+    while chunk > 8 and k * chunk > CHUNK_TOP_MAX_ENTRIES:
+        chunk //= 2
+    return chunk
+
+
+def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, chunk: int | None = None) -> torch.Tensor:
     """Top-k key ids (by inner product) of each query, on the tensors' device, in query blocks.
 
     keys (G, n, d), queries (H, m, d) with H a multiple of G (query head h uses key group h // (H // G)) ->
     ids (H, m, min(k, n)) int64. This is the bipartite kNN of the query-guided graph build; on a GPU it is one batched
     GEMM + topk per block of queries (all heads at once) and only the id lists travel to the CPU. When the keys make
-    more than 2k chunks of `chunk` columns, the topk of each row runs over the entries of its k chunks with the largest
-    maxima only, where its k best entries lie (the same lists, up to the order of equal scores).
+    more than 2k chunks of `chunk` columns (default: _knn_chunk(k)), each row's top k come from the entries of its k
+    chunks with the largest maxima only, where they lie: one pass of the extension's chunk_top_candidates kernel over
+    the block's scores on a GPU (torch ops where it does not apply), the same lists up to the order of equal scores.
 
     Exact on the CPU (float32 scores). On a GPU with 16-bit keys the GEMM's scores are rounded to that dtype, so near-ties
     may swap: on the bundled model's 32K Q/K with bfloat16 scores, 98.4-99.2% of the top-100 entries and 96-98% of the
@@ -223,7 +238,8 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
     dtype = keys.dtype if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
     # With many more columns than k, each row's top k lie in the k `chunk`-column chunks with the largest maxima: the
     # top-k runs over those k * chunk entries instead of all n (ties aside, the same lists).
-    n_chunks = -(-n // check_positive_int(chunk, "chunk"))
+    chunk = _knn_chunk(k) if chunk is None else check_positive_int(chunk, "chunk")
+    n_chunks = -(-n // chunk)
     chunked = n_chunks > 2 * k
     kt = keys.to(dtype).transpose(1, 2)  # (G, d, n)
     if chunked and n_chunks * chunk > n:  # whole chunks: zero columns up to a multiple of the chunk, masked below
@@ -238,8 +254,7 @@ def exact_knn(keys: torch.Tensor, queries: torch.Tensor, k: int, max_block_bytes
         scores = torch.bmm(qb.reshape(groups, rows, d), kt)  # (G, per*b, n_cols)
         if chunked:
             scores[:, :, n:] = float("-inf")
-            top_chunks, kept = _top_chunks(scores, n_chunks, chunk, k)
-            ids = _chunk_columns(top_chunks, torch.topk(kept.float(), k, dim=-1, sorted=True).indices, chunk)
+            ids = _chunk_candidates(scores, chunk, k, k)
         else:
             ids = torch.topk(scores.float(), k, dim=-1, sorted=True).indices
         out[:, :, s : s + b] = ids.reshape(groups, per, b, k)

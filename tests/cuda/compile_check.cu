@@ -5,7 +5,7 @@
 // Each dense_attention<T> / sparse_attention<T> instantiation pulls in the three kernel shapes the
 // dispatcher can pick (16-byte vector path for d = dv = 64 and 128, generic warp-per-key path) plus the
 // split combine kernel; merge_attention instantiates the merge kernel; chunk_top_candidates the chunk-top kernel
-// for every supported chunk width.
+// for every supported chunk width and score type.
 #include "retrieval_attention/cuda/chunk_top.cuh"
 #include "retrieval_attention/cuda/decode_attention.cuh"
 
@@ -32,8 +32,10 @@ cudaError_t retrieval_attention_compile_check_all(cudaStream_t stream) {
   if (err == cudaSuccess) err = rac::merge_attention(nullptr, nullptr, nullptr, nullptr, 0, 0, nullptr, nullptr, stream);
   (void)rac::chunk_top_supported(1024, 128, 4, 64);
   (void)rac::chunk_top_smem_bytes(1024, 128, 4);
-  for (int64_t chunk = 8; chunk <= 256 && err == cudaSuccess; chunk *= 2)
-    err = rac::chunk_top_candidates(nullptr, 1, 4 * chunk, chunk, 2, 8, nullptr, stream);
+  for (int64_t chunk = 8; chunk <= 256 && err == cudaSuccess; chunk *= 2) {
+    err = rac::chunk_top_candidates<__half>(nullptr, 1, 4 * chunk, chunk, 2, 8, nullptr, stream);
+    if (err == cudaSuccess) err = rac::chunk_top_candidates<__nv_bfloat16>(nullptr, 1, 4 * chunk, chunk, 2, 8, nullptr, stream);
+  }
   (void)rac::rerank_l2_supported(1000, 128, 64, 16);
   if (err == cudaSuccess) err = rac::rerank_l2<float>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
   if (err == cudaSuccess) err = rac::rerank_l2<__half>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);

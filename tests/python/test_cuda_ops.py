@@ -534,32 +534,35 @@ def test_query_guided_index_from_cuda_tensors_uses_device_lists():
 
 
 def test_chunk_top_candidates_on_cuda_equals_the_cpu_impl():
-    """The GPU kernel behind the key-to-key lists gives exactly the CPU impl's columns (whose contract test_ops.py
-    checks), in the same order: float16 scores with many ties, NaN, +-inf and -0; every chunk width it takes; kc = all
-    chunks and m = all kept entries; the 8B, 128K shape (1,019 chunks of 128, kc 32, m 64) and its largest (8,192
-    chunks). Shapes it does not take, and bfloat16, are clear errors."""
+    """The GPU kernel behind the neighbour lists gives exactly the CPU impl's columns (whose contract test_ops.py
+    checks), in the same order: float16 and bfloat16 scores with many ties, NaN, +-inf and -0; every chunk width it
+    takes; kc = all chunks and m = all kept entries; the 8B, 128K shapes of the key-to-key lists (1,019 chunks of 128,
+    kc 32, m 64) and of the bipartite lists (2,038 chunks of 64, kc = m = 100), and its largest (8,192 chunks). Shapes
+    it does not take, and other dtypes, are clear errors."""
     g = torch.Generator().manual_seed(22)
     cases = [(300, 1019 * 128, 128, 32, 64), (64, 40 * 8, 8, 40, 320), (33, 50 * 16, 16, 3, 7), (17, 9 * 32, 32, 9, 288),
-             (20, 77 * 64, 64, 12, 100), (11, 30 * 256, 256, 30, 7680), (3, 8192 * 128, 128, 16, 64), (1, 128, 128, 1, 1)]
+             (20, 77 * 64, 64, 12, 100), (11, 30 * 256, 256, 30, 7680), (3, 8192 * 128, 128, 16, 64), (1, 128, 128, 1, 1),
+             (200, 2038 * 64, 64, 100, 100)]
     for rows, cols, chunk, kc, m in cases:
-        x = torch.randn(rows, cols, generator=g)
-        x = ((x * 8).round() / 8).half()  # few distinct values: ties everywhere
-        x[0, ::5] = float("nan")
-        if rows > 3:
-            x[1, 7] = float("inf")
-            x[2] = float("-inf")
-            x[3, ::2] = -0.0
-        cpu = ops.chunk_top_candidates(x, chunk, kc, m)
-        poison_allocator()
-        gpu = ops.chunk_top_candidates(x.cuda(), chunk, kc, m).cpu()
-        assert torch.equal(gpu, cpu), (rows, cols, chunk, kc, m, (gpu != cpu).sum().item())
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(rows, cols, generator=g)
+            x = ((x * 8).round() / 8).to(dtype)  # few distinct values: ties everywhere
+            x[0, ::5] = float("nan")
+            if rows > 3:
+                x[1, 7] = float("inf")
+                x[2] = float("-inf")
+                x[3, ::2] = -0.0
+            cpu = ops.chunk_top_candidates(x, chunk, kc, m)
+            poison_allocator()
+            gpu = ops.chunk_top_candidates(x.cuda(), chunk, kc, m).cpu()
+            assert torch.equal(gpu, cpu), (rows, cols, chunk, kc, m, dtype, (gpu != cpu).sum().item())
     x = torch.randn(4, 1024, device="cuda").half()
     with pytest.raises(ValueError, match="power of two"):
         ops.chunk_top_candidates(x, 4, 2, 4)  # chunk below 8
     with pytest.raises(ValueError, match="kept entries"):
         ops.chunk_top_candidates(torch.randn(2, 128 * 128, device="cuda").half(), 128, 65, 4)  # 8,320 kept entries
-    with pytest.raises(TypeError, match="float16"):
-        ops.chunk_top_candidates(x.bfloat16(), 8, 2, 4)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        ops.chunk_top_candidates(x.float(), 8, 2, 4)
     torch.library.opcheck(ops.chunk_top_candidates.default, (x, 8, 3, 10))
 
 

@@ -191,16 +191,17 @@ def chunk_top_reference(scores, chunk, kc, m):
 
 
 def test_chunk_top_candidates_matches_its_contract():
-    """The candidate columns of the key-to-key lists (CPU impl): the m best entries of each row's kc best chunks, best
-    first, with ties (many in float16), NaN, +-inf and -0 ranked as the contract says; kc = all chunks and m = all kept
-    entries included. The CUDA impl is held to this impl in test_cuda_ops.py."""
+    """The candidate columns of the neighbour lists (CPU impl): the m best entries of each row's kc best chunks, best
+    first, with ties (many in 16-bit floats), NaN, +-inf and -0 ranked as the contract says, for float32, float16 and
+    bfloat16 scores; kc = all chunks and m = all kept entries included. The CUDA impl is held to this impl in
+    test_cuda_ops.py."""
     op = torch.ops.retrieval_attention.chunk_top_candidates
     g = torch.Generator().manual_seed(21)
     cases = [(40, 32 * 64, 64, 5, 40), (7, 16 * 8, 8, 16, 128), (9, 3 * 128, 128, 1, 1), (5, 256 * 4, 256, 4, 1024)]
     for rows, cols, chunk, kc, m in cases:
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             x = torch.randn(rows, cols, generator=g)
-            if dtype == torch.float16:
+            if dtype != torch.float32:
                 x = (x * 4).round() / 4  # few distinct values: ties everywhere
             x[0, :: 7] = float("nan")
             x[1, 3] = float("inf")
@@ -219,7 +220,7 @@ def test_chunk_top_candidates_matches_its_contract():
     ((torch.zeros(4, 64), 8, 2, 17), ValueError, "m must be in"),
     ((torch.zeros(4, 64), 0, 2, 4), ValueError, "chunk must be"),
     ((torch.zeros(64), 8, 2, 4), ValueError, "2 dims"),
-    ((torch.zeros(4, 64, dtype=torch.bfloat16), 8, 2, 4), TypeError, "float32 or float16"),
+    ((torch.zeros(4, 64, dtype=torch.float64), 8, 2, 4), TypeError, "float32, float16 or bfloat16"),
 ])
 def test_chunk_top_candidates_bad_inputs(args, exc, match):
     with pytest.raises(exc, match=match):

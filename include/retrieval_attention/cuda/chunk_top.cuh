@@ -1,9 +1,9 @@
 // retrieval_attention/cuda/chunk_top.cuh -- torch-free CUDA kernels of the GPU prefill's key-to-key lists (the GPU
-// twins of ../chunk_top.h): candidate columns of a float16 score matrix from its best column chunks, and the
-// candidates re-ranked by their float32 L2 distance.
+// twins of ../chunk_top.h): candidate columns of a 16-bit score matrix from its best column chunks (the bipartite
+// lists' top-k and the key-to-key lists' candidates), and the candidates re-ranked by their float32 L2 distance.
 //
-// Contract of chunk_top_candidates() (identical outputs to chunk_top_candidates<Half> of ../chunk_top.h)
-//   * scores (rows, cols) __half, row-major, contiguous, 16-byte aligned; cols = n_chunks * chunk.
+// Contract of chunk_top_candidates() (identical outputs to chunk_top_candidates<Half / BFloat16> of ../chunk_top.h)
+//   * scores (rows, cols) S in {__half, __nv_bfloat16}, row-major, contiguous, 16-byte aligned; cols = n_chunks * chunk.
 //   * out (rows, m) int64: per row, the columns of the m largest entries among the entries of the kc chunks with
 //     the largest maxima, largest first. Entries and chunk maxima compare by value (NaN as -inf), equal values by
 //     smaller column (chunk) first (-0 equals +0): one total order, so the result does not depend on thread timing.
@@ -155,8 +155,14 @@ __device__ inline void block_top(uint64_t* cand, int count, int want, uint64_t* 
   __syncthreads();
 }
 
-template <int kChunkVecs>  // 16-byte vectors (8 entries) per chunk, a power of two in [1, 32]
-__global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __half* __restrict__ scores, int64_t cols, int kc, int m,
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float2 widen2(const __half& x) { return __half22float2(*reinterpret_cast<const __half2*>(&x)); }
+__device__ __forceinline__ float2 widen2(const __nv_bfloat16& x) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x)); }
+
+template <class S, int kChunkVecs>  // S: __half or __nv_bfloat16; 16-byte vectors (8 entries) per chunk, a power of two in [1, 32]
+__global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const S* __restrict__ scores, int64_t cols, int kc, int m,
                                                                      int64_t* __restrict__ out) {
   constexpr int chunk = 8 * kChunkVecs;
   extern __shared__ uint64_t smem[];
@@ -168,7 +174,7 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
   int* kept_chunks = reinterpret_cast<int*>(warp_bound + kChunkTopWarps);
   int* counter = kept_chunks + kc;
   const int64_t r = blockIdx.x;
-  const __half* row = scores + r * cols;
+  const S* row = scores + r * cols;
   const uint4* vrow = reinterpret_cast<const uint4*>(row);
   const int n_vec = static_cast<int>(cols / 8);
 
@@ -186,10 +192,10 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
       const int i = base + u * kChunkTopThreads + threadIdx.x;
       float best = -__int_as_float(0x7f800000);
       if (i < n_vec) {
-        const __half2* h = reinterpret_cast<const __half2*>(&v[u]);
+        const S* h = reinterpret_cast<const S*>(&v[u]);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const float2 f = __half22float2(h[q]);
+          const float2 f = widen2(h[2 * q]);
           best = fmaxf(best, fmaxf(f.x, f.y));  // fmaxf drops NaN, as the CPU's `v > best`
         }
       }
@@ -224,9 +230,9 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
     for (int u = 0; u < kUnroll; ++u) {
       const int w = base + u * kChunkTopThreads + threadIdx.x;
       if (w < e_vec) {
-        const __half* h = reinterpret_cast<const __half*>(&v[u]);
+        const S* h = reinterpret_cast<const S*>(&v[u]);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) cand[w * 8 + q] = rank_key(__half2float(h[q]), static_cast<uint32_t>(col0[u] + q));
+        for (int q = 0; q < 8; ++q) cand[w * 8 + q] = rank_key(widen(h[q]), static_cast<uint32_t>(col0[u] + q));
       }
     }
   }
@@ -235,18 +241,14 @@ __global__ void __launch_bounds__(kChunkTopThreads) chunk_top_kernel(const __hal
   for (int i = threadIdx.x; i < m; i += blockDim.x) out[r * m + i] = static_cast<int64_t>(rank_index(cand[i]));
 }
 
-template <int kChunkVecs>
-cudaError_t launch_chunk_top(const __half* scores, int64_t rows, int64_t cols, int kc, int m, int64_t* out, cudaStream_t stream) {
+template <class S, int kChunkVecs>
+cudaError_t launch_chunk_top(const S* scores, int64_t rows, int64_t cols, int kc, int m, int64_t* out, cudaStream_t stream) {
   const size_t smem = chunk_top_smem_bytes(cols, 8 * kChunkVecs, kc);
-  cudaError_t err = cudaFuncSetAttribute(chunk_top_kernel<kChunkVecs>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = cudaFuncSetAttribute(chunk_top_kernel<S, kChunkVecs>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  chunk_top_kernel<kChunkVecs><<<static_cast<unsigned>(rows), kChunkTopThreads, smem, stream>>>(scores, cols, kc, m, out);
+  chunk_top_kernel<S, kChunkVecs><<<static_cast<unsigned>(rows), kChunkTopThreads, smem, stream>>>(scores, cols, kc, m, out);
   return cudaGetLastError();
 }
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 constexpr int kRerankWarps = 8;  // (group, row) pairs per block, one per warp
 
@@ -336,17 +338,19 @@ cudaError_t rerank_l2(const T* keys, int64_t groups, int64_t n, int64_t d, int64
   return cudaGetLastError();
 }
 
-// Enqueues the kernel for rows >= 1 (rows < 2^31) on `stream`. Check chunk_top_supported() first.
-inline cudaError_t chunk_top_candidates(const __half* scores, int64_t rows, int64_t cols, int64_t chunk, int64_t kc, int64_t m,
-                                        int64_t* out, cudaStream_t stream) {
+// Enqueues the kernel for rows >= 1 (rows < 2^31) on `stream`. Check chunk_top_supported() first. S: __half or
+// __nv_bfloat16.
+template <class S>
+cudaError_t chunk_top_candidates(const S* scores, int64_t rows, int64_t cols, int64_t chunk, int64_t kc, int64_t m, int64_t* out,
+                                 cudaStream_t stream) {
   const int k = static_cast<int>(kc), mm = static_cast<int>(m);
   switch (chunk) {
-    case 8: return detail::launch_chunk_top<1>(scores, rows, cols, k, mm, out, stream);
-    case 16: return detail::launch_chunk_top<2>(scores, rows, cols, k, mm, out, stream);
-    case 32: return detail::launch_chunk_top<4>(scores, rows, cols, k, mm, out, stream);
-    case 64: return detail::launch_chunk_top<8>(scores, rows, cols, k, mm, out, stream);
-    case 128: return detail::launch_chunk_top<16>(scores, rows, cols, k, mm, out, stream);
-    case 256: return detail::launch_chunk_top<32>(scores, rows, cols, k, mm, out, stream);
+    case 8: return detail::launch_chunk_top<S, 1>(scores, rows, cols, k, mm, out, stream);
+    case 16: return detail::launch_chunk_top<S, 2>(scores, rows, cols, k, mm, out, stream);
+    case 32: return detail::launch_chunk_top<S, 4>(scores, rows, cols, k, mm, out, stream);
+    case 64: return detail::launch_chunk_top<S, 8>(scores, rows, cols, k, mm, out, stream);
+    case 128: return detail::launch_chunk_top<S, 16>(scores, rows, cols, k, mm, out, stream);
+    case 256: return detail::launch_chunk_top<S, 32>(scores, rows, cols, k, mm, out, stream);
     default: return cudaErrorInvalidValue;
   }
 }
