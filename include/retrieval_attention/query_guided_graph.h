@@ -117,14 +117,16 @@ __attribute__((target("avx,fma,f16c"))) inline bool occluded_avx(const float* c,
 }
 #endif
 
-// Phase timer of the build, printed to stderr when the environment variable RA_QG_PROFILE is set.
+// Phase timer of the build, printed to stderr when the environment variable RA_QG_PROFILE is set: the phase's
+// milliseconds, its count (-1: none), and when it ended (steady clock, ms), which lines up the graphs built at once.
 class PhaseTimer {
  public:
   PhaseTimer() : on_(std::getenv("RA_QG_PROFILE") != nullptr), t_(std::chrono::steady_clock::now()) {}
   void lap(const char* what, long count = -1) {
     if (!on_) return;
     const auto now = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "[qg] %-10s %8.1f ms  %ld\n", what, std::chrono::duration<double, std::milli>(now - t_).count(), count);
+    std::fprintf(stderr, "[qg] %-10s %8.1f ms  %ld  at %.1f\n", what, std::chrono::duration<double, std::milli>(now - t_).count(), count,
+                 std::chrono::duration<double, std::milli>(now.time_since_epoch()).count());
     t_ = now;
   }
 
@@ -286,6 +288,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       for (int64_t i = 0; i < n * key_knn_k; ++i)
         require(key_knn[i] >= -1 && key_knn[i] < n, "query_guided: key neighbour id out of range [-1, n)");
     if (projection) g->check_projection(projection, projection_k);
+    timer.lap("checks");
     g->build_graph(train_queries, m, knn_ids, knn_k, key_knn, key_knn_k, projection);
     return g;
   }

@@ -4,7 +4,9 @@ main thread and from a background thread (as RetrievalCache does on a GPU), with
     python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16] [--hash]
 
 --key-lists L (with --key-list-stride S: among every S-th key) also computes each key's L nearest other keys (exact_key_knn, on the GPU when there is one) and hands
-them to the build, as RetrievalCache's prefill does; RA_QG_PROFILE=1 prints each graph's build phases.
+them to the build, as RetrievalCache's prefill does; --projection also hands it the graphs' projections
+(projection_lists, on the GPU when there is one), as the prefill does when decoding waits for the builds;
+RA_QG_PROFILE=1 prints each graph's build phases.
 """
 import argparse
 import hashlib
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qk_data import SyntheticQK  # noqa: E402
 
 from retrieval_attention._ext import _C  # noqa: E402
-from retrieval_attention.index import exact_key_knn, exact_knn  # noqa: E402
+from retrieval_attention.index import exact_key_knn, exact_knn, projection_lists  # noqa: E402
 
 
 def main():
@@ -37,6 +39,7 @@ def main():
     ap.add_argument("--modes", default="main,thread")
     ap.add_argument("--key-lists", type=int, default=0, help="length of each key's list of nearest keys (0: none)")
     ap.add_argument("--key-list-stride", type=int, default=1, help="exact_key_knn's column_stride for those lists")
+    ap.add_argument("--projection", action="store_true", help="also hand the build its projections (projection_lists)")
     ap.add_argument("--hash", action="store_true", help="also print a hash of the saved layer (equal: identical graphs)")
     a = ap.parse_args()
     if a.threads:
@@ -59,6 +62,13 @@ def main():
         t = time.perf_counter()
         key_knn = exact_key_knn(K.to(dev), a.key_lists, column_stride=a.key_list_stride).cpu()
         key_knn_s = round(time.perf_counter() - t, 3)
+    proj, proj_s = None, None
+    if a.projection:
+        params = _C.resolved_index_params("query_guided", {})
+        t = time.perf_counter()
+        per_index = knn.view(a.kv_heads, -1, knn.shape[-1]) if a.sharing == "per_kv_head" else knn
+        proj = projection_lists(K.to(dev), per_index.to(dev), params["n_pivots"], params["degree"]).cpu()
+        proj_s = round(time.perf_counter() - t, 3)
     for mode in a.modes.split(","):
         res = {}
 
@@ -66,7 +76,7 @@ def main():
             res["omp_threads_seen"] = torch.get_num_threads()
             layer = _C.OffloadedLayer(torch.bfloat16, a.q_heads, a.kv_heads, a.d, a.d, "query_guided", {}, 4096, a.sharing)
             t0 = time.perf_counter()
-            layer.build(K, K, Q, knn, key_knn=key_knn)
+            layer.build(K, K, Q, knn, key_knn=key_knn, projection=proj)
             res["build_s"] = round(time.perf_counter() - t0, 3)
             if a.hash:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +92,8 @@ def main():
             th.join()
         print(json.dumps({"bench": "build_threads", "mode": mode, "n": a.n, "train_per_head": a.train, "sharing": a.sharing,
                           "threads_main": torch.get_num_threads(), "knn_s": round(knn_s, 3), "knn_device": dev.type,
-                          "key_lists": a.key_lists, "key_knn_s": key_knn_s,
+                          "key_lists": a.key_lists, "key_list_stride": a.key_list_stride, "key_knn_s": key_knn_s,
+                          "projection_s": proj_s,
                           "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **res}), flush=True)
 
 
