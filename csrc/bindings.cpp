@@ -258,8 +258,7 @@ class PyOffloadedLayer {
       check_dim(*knn, 3, "knn", "(q_heads, n_train, k)");
       TORCH_CHECK_TYPE(knn->scalar_type() == at::kLong, "knn must be int64");
       TORCH_CHECK_VALUE(knn->size(0) == hq_ && knn->size(1) == tq.size(1), "knn shape ", knn->sizes(), " does not match train_queries");
-      knn_c = knn->contiguous();
-      TORCH_CHECK_VALUE(knn_c.numel() == 0 || (knn_c.min().item<int64_t>() >= -1 && knn_c.max().item<int64_t>() < t), "knn ids must be in [-1, tokens)");
+      knn_c = knn->contiguous();  // the layer checks the ids
     }
     at::Tensor key_knn_c;
     if (key_knn) {
@@ -269,8 +268,6 @@ class PyOffloadedLayer {
       TORCH_CHECK_VALUE(key_knn->size(0) == hkv_ && key_knn->size(1) == t && key_knn->size(2) > 0, "key_knn shape ", key_knn->sizes(),
                         " does not match (", hkv_, ", ", t, ", k > 0)");
       key_knn_c = key_knn->contiguous();
-      TORCH_CHECK_VALUE(key_knn_c.numel() == 0 || (key_knn_c.min().item<int64_t>() >= -1 && key_knn_c.max().item<int64_t>() < t),
-                        "key_knn ids must be in [-1, tokens)");
     }
     const at::Tensor proj_c = projection_arg(projection, 3, "(indexes, tokens, degree)", knn_c.defined());
     if (proj_c.defined()) {

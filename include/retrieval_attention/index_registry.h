@@ -45,26 +45,29 @@ inline bool index_param_known(const IndexSpec& spec, const std::string& name) {
 // key_knn (n x key_knn_k) may carry each key's nearest keys for the graph's weak-key links (query_guided only).
 // projection (n x projection_k int32) may carry the graph's projection made elsewhere from knn_ids (query_guided only;
 // ignored without knn_ids).
+// inputs_checked: the caller has validated the keys, queries and lists (see QueryGuidedGraph::build).
 template <class T>
 std::unique_ptr<KeyIndex<T>> build_index(const IndexSpec& spec, std::shared_ptr<const VectorStore<T>> keys, const float* train_queries,
                                          int64_t n_train, const int64_t* knn_ids = nullptr, int64_t knn_k = 0,
                                          const int64_t* key_knn = nullptr, int64_t key_knn_k = 0, const int32_t* projection = nullptr,
-                                         int64_t projection_k = 0) {
+                                         int64_t projection_k = 0, bool inputs_checked = false) {
   if (spec.type == "flat") return std::make_unique<FlatIndex<T>>(std::move(keys));
   if (spec.type == "query_guided") {
     if (knn_ids)
       return QueryGuidedGraph<T>::build_from_neighbors(std::move(keys), train_queries, n_train, knn_ids, knn_k, spec.query_guided, key_knn,
-                                                       key_knn_k, projection, projection_k);
-    return QueryGuidedGraph<T>::build(std::move(keys), train_queries, n_train, spec.query_guided, key_knn, key_knn_k);
+                                                       key_knn_k, projection, projection_k, inputs_checked);
+    return QueryGuidedGraph<T>::build(std::move(keys), train_queries, n_train, spec.query_guided, key_knn, key_knn_k, inputs_checked);
   }
   throw std::invalid_argument("unknown index type '" + spec.type + "'");
 }
 
+// The layer checks every input of its builds once (OffloadedLayer::build), so its indexes do not check them again.
 template <class T>
 typename OffloadedLayer<T>::IndexFactory make_layer_factory(const IndexSpec& spec) {
   return [spec](std::shared_ptr<const VectorStore<T>> keys, const float* train, int64_t n_train, const int64_t* knn, int64_t knn_k,
                 const int64_t* key_knn, int64_t key_knn_k, const int32_t* projection, int64_t projection_k) {
-    return build_index<T>(spec, std::move(keys), train, n_train, knn, knn_k, key_knn, key_knn_k, projection, projection_k);
+    return build_index<T>(spec, std::move(keys), train, n_train, knn, knn_k, key_knn, key_knn_k, projection, projection_k,
+                          /*inputs_checked=*/true);
   };
 }
 

@@ -47,6 +47,7 @@
 #include "attention.h"
 #include "index.h"
 #include "parallel.h"
+#include "projection_prune.h"
 #include "serialize.h"
 #include "simd_dot.h"
 #include "topk.h"
@@ -104,11 +105,18 @@ class OffloadedLayer {
   void build(const T* keys, const T* values, int64_t t, const float* train_q, int64_t m, const int64_t* knn = nullptr, int64_t knn_k = 0,
              bool index_now = true, const int64_t* key_knn = nullptr, int64_t key_knn_k = 0, const int32_t* projection = nullptr,
              int64_t projection_k = 0) {
+    // Every input is checked here, once per layer (on a GPU prefill this runs on the store thread), and the factory's
+    // builds trust it (make_layer_factory): per graph, the same checks took a fifth of an 8B layer's build.
     require(rows_finite(keys, t) && all_finite(train_q, hq_ * m * d_), "keys or training queries contain NaN or Inf");
+    require(m >= 0 && t >= 0 && knn_k >= 0, "counts must be non-negative");
+    if (knn != nullptr) require(ids_in_range(knn, hq_ * m * knn_k, t), "knn ids must be in [-1, tokens)");
+    if (key_knn != nullptr) require(ids_in_range(key_knn, hkv_ * t * key_knn_k, t), "key_knn ids must be in [-1, tokens)");
+    if (projection != nullptr && projection_k > 0 && knn_k > 0)
+      require(projection_rows_valid(projection, index_count() * t, projection_k, t),
+              "projection id out of range [-1, tokens), a self-loop, or repeated within a row");
     {
       std::unique_lock<std::shared_mutex> lock(mu_);
       require(!indexed() && !build_pending_ && keys_[0]->size() == 0, "layer already built");
-      require(m >= 0 && t >= 0 && knn_k >= 0, "counts must be non-negative");
       train_q_.assign(train_q, train_q + hq_ * m * d_);
       n_train_ = m;
       if (knn != nullptr && knn_k > 0) knn_.assign(knn, knn + hq_ * m * knn_k);
@@ -425,6 +433,18 @@ class OffloadedLayer {
     } else {
       for (int64_t j = 0; j < 2 * hkv_; ++j) store_one(j);
     }
+  }
+  // Whether every id of ids[0, count) lies in [-1, n): blocks of ids over the threads.
+  static bool ids_in_range(const int64_t* ids, int64_t count, int64_t n) {
+    constexpr int64_t kBlock = 1 << 16;
+    const int64_t blocks = (count + kBlock - 1) / kBlock;
+    std::vector<uint8_t> ok(static_cast<size_t>(blocks), 1);
+    parallel_for(blocks, [&](int64_t b) {
+      bool good = true;
+      for (int64_t i = b * kBlock; i < std::min(count, (b + 1) * kBlock); ++i) good &= ids[i] >= -1 && ids[i] < n;
+      ok[static_cast<size_t>(b)] = good;
+    });
+    return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
   }
   // all_finite over the hkv heads' t x d key rows, one head per thread for a prompt.
   bool rows_finite(const T* keys, int64_t t) const {

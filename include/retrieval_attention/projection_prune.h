@@ -17,6 +17,9 @@
 //     is), until n_rng are kept. Then the first min(size, degree) of mips that are not kept yet, in order, until degree
 //     are kept. Dot products and squared norms are float32 sums of the rows widened to float32.
 //   * Pure function; parallel over segments (OpenMP via parallel_for).
+//
+// projection_rows_valid(): the check a graph build makes of given lists (rows x k int32, row r for key r % n): ids in
+// [-1, n), never the row's own key, none twice in a row. Parallel over blocks of rows.
 #pragma once
 
 #include <algorithm>
@@ -27,6 +30,27 @@
 #include "scalar.h"
 
 namespace retrieval_attention {
+
+inline bool projection_rows_valid(const int32_t* lists, int64_t rows, int64_t k, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  std::vector<uint8_t> ok(static_cast<size_t>(blocks), 1);
+  parallel_for(blocks, [&](int64_t b) {
+    std::vector<int32_t> row;
+    for (int64_t r = b * kBlock; r < std::min(rows, (b + 1) * kBlock) && ok[static_cast<size_t>(b)]; ++r) {
+      row.clear();
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t c = lists[r * k + j];
+        if (c == -1) continue;
+        if (c < 0 || c >= n || c == r % n) ok[static_cast<size_t>(b)] = 0;
+        row.push_back(c);
+      }
+      std::sort(row.begin(), row.end());
+      if (std::adjacent_find(row.begin(), row.end()) != row.end()) ok[static_cast<size_t>(b)] = 0;
+    }
+  });
+  return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
+}
 
 template <class T>
 void projection_prune(const T* keys, int64_t n, int64_t d, int64_t per, const int64_t* begin, int64_t n_seg, int64_t n_valid,

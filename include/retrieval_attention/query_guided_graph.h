@@ -60,6 +60,7 @@
 #include "huge_page_allocator.h"
 #include "index.h"
 #include "parallel.h"
+#include "projection_prune.h"
 #include "simd_dot.h"
 #include "topk.h"
 
@@ -239,10 +240,13 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   // key_knn (optional, n x key_knn_k, -1 = padding): each key's nearest other keys in L2, computed by the caller
   // (e.g. on a GPU); the keys the projection leaves weak then link from these lists instead of searching the graph
   // (4.7x faster at 64K keys with 2,048 training queries, same recall: scripts/dev/weak_lists_recall.py).
+  // inputs_checked: the caller has validated the keys, training queries and id lists as build() and
+  // build_from_neighbors() would (OffloadedLayer does, once per layer, off its build thread); they are then not
+  // checked again by each graph, where the checks were a fifth of an 8B layer's build on a 16-core host.
   static std::unique_ptr<QueryGuidedGraph> build(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries, int64_t m,
                                                   const QueryGuidedParams& params = {}, const int64_t* key_knn = nullptr,
-                                                  int64_t key_knn_k = 0) {
-    return assemble(std::move(keys), train_queries, m, nullptr, 0, params, key_knn, key_knn_k);
+                                                  int64_t key_knn_k = 0, bool inputs_checked = false) {
+    return assemble(std::move(keys), train_queries, m, nullptr, 0, params, key_knn, key_knn_k, nullptr, 0, inputs_checked);
   }
 
   // Same as build() with the bipartite kNN given: knn_ids (m x knn_k), each row best-first, -1 = padding.
@@ -254,20 +258,24 @@ class QueryGuidedGraph final : public KeyIndex<T> {
                                                                 int64_t m, const int64_t* knn_ids, int64_t knn_k,
                                                                 const QueryGuidedParams& params = {}, const int64_t* key_knn = nullptr,
                                                                 int64_t key_knn_k = 0, const int32_t* projection = nullptr,
-                                                                int64_t projection_k = 0) {
+                                                                int64_t projection_k = 0, bool inputs_checked = false) {
     require(m == 0 || (knn_ids != nullptr && knn_k > 0), "query_guided: neighbour lists must be (m x knn_k) with knn_k > 0");
-    return assemble(std::move(keys), train_queries, m, knn_ids, knn_k, params, key_knn, key_knn_k, projection, projection_k);
+    return assemble(std::move(keys), train_queries, m, knn_ids, knn_k, params, key_knn, key_knn_k, projection, projection_k,
+                    inputs_checked);
   }
 
  private:
   // build() and build_from_neighbors(): knn_ids null = compute the bipartite kNN here.
   static std::unique_ptr<QueryGuidedGraph> assemble(std::shared_ptr<const VectorStore<T>> keys, const float* train_queries, int64_t m,
                                                     const int64_t* knn_ids, int64_t knn_k, const QueryGuidedParams& params,
-                                                    const int64_t* key_knn, int64_t key_knn_k, const int32_t* projection = nullptr,
-                                                    int64_t projection_k = 0) {
+                                                    const int64_t* key_knn, int64_t key_knn_k, const int32_t* projection,
+                                                    int64_t projection_k, bool inputs_checked) {
     auto g = std::make_unique<QueryGuidedGraph>(std::move(keys), params);
-    check_queries(train_queries, m, g->keys_->dim());
-    g->check_keys(0);
+    require(m >= 0 && (m == 0 || train_queries != nullptr), "query_guided: training queries must be (m x d) with m >= 0");
+    if (!inputs_checked) {
+      check_queries(train_queries, m, g->keys_->dim());
+      g->check_keys(0);
+    }
     const int64_t n = g->keys_->size();
     std::vector<int64_t> own_knn;
     qg_detail::PhaseTimer timer;
@@ -279,15 +287,19 @@ class QueryGuidedGraph final : public KeyIndex<T> {
       }
       knn_ids = own_knn.data();
       timer.lap("knn");
-    } else {
+    } else if (!inputs_checked) {
       for (int64_t i = 0; i < m * knn_k; ++i)
         require(knn_ids[i] >= -1 && knn_ids[i] < n, "query_guided: neighbour id out of range [-1, n)");
     }
     require(key_knn == nullptr || key_knn_k > 0, "query_guided: key neighbour lists must be (n x k) with k > 0");
-    if (key_knn)
+    if (key_knn && !inputs_checked)
       for (int64_t i = 0; i < n * key_knn_k; ++i)
         require(key_knn[i] >= -1 && key_knn[i] < n, "query_guided: key neighbour id out of range [-1, n)");
-    if (projection) g->check_projection(projection, projection_k);
+    if (projection) {
+      require(projection_k == g->p_.degree, "query_guided: projection lists must be (n x degree)");
+      require(inputs_checked || projection_rows_valid(projection, n, projection_k, n),
+              "query_guided: projection id out of range [-1, n), a self-loop, or repeated within a row");
+    }
     timer.lap("checks");
     g->build_graph(train_queries, m, knn_ids, knn_k, key_knn, key_knn_k, projection);
     return g;
@@ -450,20 +462,6 @@ class QueryGuidedGraph final : public KeyIndex<T> {
   static Scratch& scratch() {
     thread_local Scratch s;
     return s;
-  }
-
-  void check_projection(const int32_t* proj, int64_t k) const {
-    const int64_t n = keys_->size();
-    require(k == p_.degree, "query_guided: projection lists must be (n x degree)");
-    std::vector<int64_t> seen(static_cast<size_t>(n), -1);  // the last row each id appeared in
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j) {
-        const int32_t c = proj[i * k + j];
-        if (c == -1) continue;
-        require(c >= 0 && c < n && c != i, "query_guided: projection id out of range [-1, n) or a self-loop");
-        require(seen[static_cast<size_t>(c)] != i, "query_guided: projection id repeated within a row");
-        seen[static_cast<size_t>(c)] = i;
-      }
   }
 
   // Rows [from, size) of the store must be finite: a NaN/Inf key has no place in the graph's geometry.

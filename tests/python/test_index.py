@@ -370,6 +370,16 @@ def test_projection_lists_are_checked():
         p[0, row, 0] = row if bad == "self" else p[0, row, 1] if bad == "repeat" else bad
         with pytest.raises(ValueError, match=what):
             layer().build(keys, keys, train, knn, projection=p)
+    # the layer checks every list once for its builds (which then trust them), the kNN and key lists too
+    for bad in (200, -2):
+        k2 = knn.clone()
+        k2[1, 7, 3] = bad
+        with pytest.raises(ValueError, match=r"knn ids must be in \[-1, tokens\)"):
+            layer().build(keys, keys, train, k2, projection=proj)
+        key_lists = torch.zeros(1, 200, 4, dtype=torch.int64)
+        key_lists[0, 150, 2] = bad
+        with pytest.raises(ValueError, match=r"key_knn ids must be in \[-1, tokens\)"):
+            layer().build(keys, keys, train, knn, key_knn=key_lists)
     # the op's own checks (CPU): segments and ids
     op = torch.ops.retrieval_attention.projection_prune
     one = torch.zeros(1, dtype=torch.int64)
