@@ -74,7 +74,7 @@ e2e_ab) stamp e2e_ab  # the e2e run of E2E_AB_METHODS with the package's .py fil
        rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r python/retrieval_attention /tmp/ab/ && cp .ab/*.py /tmp/ab/retrieval_attention/ && echo "overlaid: $(ls .ab)" && PYTHONPATH=/tmp/ab python3 -c "import retrieval_attention.cache as c; print(c.__file__)"
        PYTHONPATH=/tmp/ab:/tmp/pylib run_e2e e2e_ab "${E2E_AB_METHODS:-ours}";;
 buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROFILE=${BT_PROFILE:-0} timeout 200 python3 scripts/dev/build_threads.py --n $n --train ${BT_TRAIN:-4096} --threads 16 --key-lists ${BT_LISTS:-0} --modes ${BT_MODES:-main,thread} ${BT_EXTRA:-}; done \
-       > "$OUT/buildthreads.jsonl" 2> "$OUT/buildthreads.err"; echo "buildthreads rc=$?"; cut -c1-400 "$OUT/buildthreads.jsonl";;
+       > "$OUT/buildthreads${BT_TAG:-}.jsonl" 2> "$OUT/buildthreads${BT_TAG:-}.err"; echo "buildthreads rc=$?"; cut -c1-400 "$OUT/buildthreads${BT_TAG:-}.jsonl";;
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
 projtime) stamp projtime; timeout 150 python3 scripts/dev/projection_time.py > "$OUT/projection_time.log" 2> "$OUT/projection_time.err"; echo "projtime rc=$?"; cut -c1-180 "$OUT/projection_time.log" | head -24; tail -3 "$OUT/projection_time.err";;
 bipknn) stamp bipknn; timeout 150 python3 scripts/dev/bipartite_knn_time.py > "$OUT/bipartite_knn_time.jsonl" 2> "$OUT/bipartite_knn_time.err"; echo "bipknn rc=$?"; cat "$OUT/bipartite_knn_time.jsonl"; tail -3 "$OUT/bipartite_knn_time.err";;

@@ -479,12 +479,17 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     const int64_t d = keys_->dim();
     adj_.resize(static_cast<size_t>(n_new * stride_), 0u);
     sq_.resize(static_cast<size_t>(n_new));
-    std::vector<float> row(static_cast<size_t>(d));
-    for (int64_t i = n_; i < n_new; ++i) {
-      const T* src = keys_->row(i);
-      for (int64_t c = 0; c < d; ++c) row[static_cast<size_t>(c)] = to_float(src[c]);
-      sq_[static_cast<size_t>(i)] = qg_detail::dot(row.data(), row.data(), d);
-    }
+    // squared norms in blocks of rows: a build's n rows go over the threads, an insert's few stay on this one
+    constexpr int64_t kBlock = 4096;
+    const int64_t first = n_;
+    parallel_for((n_new - first + kBlock - 1) / kBlock, [&](int64_t b) {
+      std::vector<float> row(static_cast<size_t>(d));
+      for (int64_t i = first + b * kBlock; i < std::min(n_new, first + (b + 1) * kBlock); ++i) {
+        const T* src = keys_->row(i);
+        for (int64_t c = 0; c < d; ++c) row[static_cast<size_t>(c)] = to_float(src[c]);
+        sq_[static_cast<size_t>(i)] = qg_detail::dot(row.data(), row.data(), d);
+      }
+    });
     n_ = n_new;
   }
 
@@ -950,6 +955,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
           seen[row[j]] = 1;
           ++count;
           stack.push_back(row[j]);
+          prefetch_bytes(adj_.data() + static_cast<int64_t>(row[j]) * stride_, 64);  // read when popped, soon (LIFO)
         }
     }
     return count;
@@ -999,10 +1005,19 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     for (int64_t i = 0; i < n_; ++i)
       for (int64_t j = 0; j < out_degree(i); ++j) indeg[neighbors(i)[j]]++;
     const int32_t hub = static_cast<int32_t>(2 * p_.degree);
+    // The pass is serial (each change moves the in-degrees the next keys see) and waits on the rows of x's
+    // out-neighbours, read at random: those of the key kAhead places on load while x is handled.
+    constexpr int64_t kAhead = 4;
+    const int64_t row_bytes = stride_ * static_cast<int64_t>(sizeof(uint32_t)) + 63;
+    auto prefetch_targets = [&](int64_t x) {
+      if (x >= n_ || indeg[static_cast<size_t>(x)] >= min_in) return;
+      for (int64_t j = 0; j < out_degree(x); ++j) prefetch_bytes(adj_.data() + static_cast<int64_t>(neighbors(x)[j]) * stride_, row_bytes);
+    };
+    std::vector<uint32_t> outs;
     for (int64_t x = 0; x < n_; ++x) {
+      prefetch_targets(x + kAhead);
       if (indeg[static_cast<size_t>(x)] >= min_in) continue;
-      const int64_t od = out_degree(x);
-      std::vector<uint32_t> outs(neighbors(x), neighbors(x) + od);
+      outs.assign(neighbors(x), neighbors(x) + out_degree(x));
       for (uint32_t y : outs) {
         if (indeg[static_cast<size_t>(x)] >= min_in) break;
         uint32_t* row = adj_.data() + static_cast<int64_t>(y) * stride_;
@@ -1039,12 +1054,22 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<float> mean(static_cast<size_t>(d), 0.f);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t c = 0; c < d; ++c) mean[static_cast<size_t>(c)] += train_queries[i * d + c] / static_cast<float>(m);
+    // the first key of the largest score: each block's first best, then the blocks in order
+    constexpr int64_t kBlock = 4096;
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    std::vector<std::pair<float, int64_t>> block_best(static_cast<size_t>(blocks), {-std::numeric_limits<float>::infinity(), 0});
+    parallel_for(blocks, [&](int64_t b) {
+      auto& [best, at] = block_best[static_cast<size_t>(b)];
+      at = b * kBlock;
+      for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) {
+        const float s = m > 0 ? qg_detail::dot(mean.data(), base + i * d, d) : sq_[static_cast<size_t>(i)];
+        if (s > best) best = s, at = i;
+      }
+    });
     entry_ = 0;
     float best = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) {
-      const float s = m > 0 ? qg_detail::dot(mean.data(), base + i * d, d) : sq_[static_cast<size_t>(i)];
-      if (s > best) best = s, entry_ = i;
-    }
+    for (const auto& [s, at] : block_best)
+      if (s > best) best = s, entry_ = at;
 
     timer.lap("prep");
     std::vector<std::pair<uint32_t, uint32_t>> edges;
