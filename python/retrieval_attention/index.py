@@ -378,11 +378,11 @@ def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degr
 
 
 # The GPU neighbour lists of the graph builds seek each key's nearest among every KEY_LIST_COLUMN_STRIDE-th key
-# (exact_key_knn's column_stride). 2 halves the score matrix for the same graph quality on the model's Q/K, and a 128K
-# 8B prefill on the H200 took 35.5 s instead of 41.3; but the CPU builds got 10% slower (the even keys gather the
-# weak keys' in-edges), they became the critical path, and the first token came as late (RESULTS.md, fifteenth
-# session). So 1 stays the default; a host whose CPU builds outpace its prefill gains from 2.
-KEY_LIST_COLUMN_STRIDE = 1
+# (exact_key_knn's column_stride). 2 halves the score matrix for the same graph quality on the model's Q/K (RESULTS.md,
+# fifteenth session) and takes 5.2 s off a 128K 8B prefill on the H200. Its CPU builds are about 10% slower (the even
+# keys gather the weak keys' in-edges, and the in-degree balance has more to do); since the builds became faster
+# (twentieth session) they keep pace, and the first token comes 5 s sooner (24.8 against 29.9 s from the start).
+KEY_LIST_COLUMN_STRIDE = 2
 
 
 def build_key_lists(keys: torch.Tensor, k: int) -> torch.Tensor | None:
