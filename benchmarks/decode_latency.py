@@ -119,19 +119,12 @@ def parse_args(argv=None):
     ap.add_argument("--key-list-stride", type=int, default=None, metavar="S",
                     help="seek each key's GPU neighbour list among every S-th key (retrieval_attention.index."
                          "KEY_LIST_COLUMN_STRIDE; for an A/B of the library's default)")
-    ap.add_argument("--build-workers", type=int, default=None, metavar="W",
-                    help="layers whose indexes build at once during a GPU prefill (retrieval_attention.cache."
-                         "INDEX_BUILD_WORKERS; for an A/B of the library's default)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
     if a.key_list_stride is not None:
         import retrieval_attention.index as ra_index
 
         ra_index.KEY_LIST_COLUMN_STRIDE = a.key_list_stride
-    if a.build_workers is not None:
-        import retrieval_attention.cache as ra_cache
-
-        ra_cache.INDEX_BUILD_WORKERS = a.build_workers
     q = a.quick
     a.contexts = [int(x) for x in (a.contexts or ("2048,8192" if q else "32768,131072,524288,1048576")).split(",") if x]
     a.methods = [m for m in a.methods.split(",") if m]

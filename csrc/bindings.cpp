@@ -284,9 +284,8 @@ class PyOffloadedLayer {
     });
   }
 
-  void build_indexes(int threads) {
-    TORCH_CHECK_VALUE(threads >= 0, "threads must be >= 0 (0: all), got ", threads);
-    visit_layer([&](auto& layer, auto*) { layer.build_indexes(threads); });
+  void build_indexes() {
+    visit_layer([&](auto& layer, auto*) { layer.build_indexes(); });
   }
   bool build_pending() const { return std::visit([](const auto& l) { return l->build_pending(); }, v_); }
 
@@ -447,7 +446,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("save", &PyOffloadedLayer::save, py::arg("path"))
       .def("build", &PyOffloadedLayer::build, py::arg("keys"), py::arg("values"), py::arg("train_queries"), py::arg("knn") = py::none(),
            py::arg("index_now") = true, py::arg("key_knn") = py::none(), py::arg("projection") = py::none())
-      .def("build_indexes", &PyOffloadedLayer::build_indexes, py::arg("threads") = 0)
+      .def("build_indexes", &PyOffloadedLayer::build_indexes)
       .def_property_readonly("build_pending", &PyOffloadedLayer::build_pending)
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),

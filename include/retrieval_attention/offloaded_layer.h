@@ -134,9 +134,7 @@ class OffloadedLayer {
 
   // Makes the indexes a build(..., index_now = false) left pending (no-op if none is). The indexes are built under
   // the shared lock, so retrieve_attend runs meanwhile (scanning the rows exactly); append() waits for it.
-  // threads > 0: on at most that many threads (e.g. half the cores each, for two layers built at once).
-  void build_indexes(int threads = 0) {
-    const ThreadLimit limit(threads);
+  void build_indexes() {
     std::vector<std::unique_ptr<KeyIndex<T>>> made;
     {
       std::shared_lock<std::shared_mutex> lock(mu_);

@@ -128,29 +128,6 @@ class SplitPool {
   int64_t items_left_;
 };
 
-// Limits the parallel regions the calling thread starts to `threads` (0: no change) while it lives: OpenMP keeps the
-// thread count per thread, so two threads that each build a layer can share the cores between them.
-class ThreadLimit {
- public:
-  explicit ThreadLimit(int threads) {
-#ifdef _OPENMP
-    if (threads > 0) saved_ = omp_get_max_threads(), omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
-  }
-  ~ThreadLimit() {
-#ifdef _OPENMP
-    if (saved_ > 0) omp_set_num_threads(saved_);
-#endif
-  }
-  ThreadLimit(const ThreadLimit&) = delete;
-  ThreadLimit& operator=(const ThreadLimit&) = delete;
-
- private:
-  int saved_ = 0;
-};
-
 // team: threads of the region (0: OpenMP's default).
 template <class Fn>
 void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {

@@ -52,11 +52,6 @@ def _progress_by_default(cpu_tokens: int) -> bool:
 
 
 _EXECUTORS = {}
-# Layers whose indexes build at once during a GPU prefill, each on 1/INDEX_BUILD_WORKERS of torch's CPU threads. A
-# graph build has long serial phases (in-degree balance, connectivity), so one layer's 8 graphs leave about half of 16
-# cores idle; a second layer's build fills them (benchmarks/RESULTS.md, twentieth session). Read when the first build
-# starts.
-INDEX_BUILD_WORKERS = 2
 
 
 def _to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -72,20 +67,12 @@ def _to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _background(name: str):
-    """Background threads by kind of work: "ra-store" (one thread) moves each layer's CPU rows into the C++ stores,
-    "ra-index-build" (INDEX_BUILD_WORKERS threads) builds the indexes, that many layers at a time in prefill order, each
-    on its share of the OpenMP threads (_build_threads). Separate kinds, so that a layer's rows are stored (and
-    searchable) while earlier layers' indexes are still being built."""
+    """One background thread per kind of work: "ra-store" moves each layer's CPU rows into the C++ stores, "ra-index-build"
+    builds the indexes, layers one after another, each using all OpenMP threads. Separate threads, so that a layer's
+    rows are stored (and searchable) while earlier layers' indexes are still being built."""
     if name not in _EXECUTORS:
-        workers = max(1, INDEX_BUILD_WORKERS) if name == "ra-index-build" else 1
-        _EXECUTORS[name] = (concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name), workers)
-    return _EXECUTORS[name][0]
-
-
-def _build_threads() -> int:
-    """OpenMP threads of one background index build (0: all of them, when the builds run one at a time)."""
-    workers = _EXECUTORS["ra-index-build"][1]
-    return 0 if workers <= 1 else max(1, torch.get_num_threads() // workers)
+        _EXECUTORS[name] = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    return _EXECUTORS[name]
 
 
 # -- saved caches -----------------------------------------------------------------------------------------------------
@@ -378,7 +365,7 @@ class RetrievalLayer(CacheLayerMixin):
             if rows is not None:
                 rows.result()  # re-raises a failure to store the rows
             t1 = time.perf_counter()
-            self._make_indexes(_build_threads() if run_async else 0)
+            self._make_indexes()
             self.on_cpu_tokens(cpu_k, cpu_v, train)
             self.build_seconds += time.perf_counter() - t1
             logger.info("layer %d: %d CPU tokens indexed (%s) in %.2f s", self.layer_idx, n_cpu, cfg.index,
@@ -407,10 +394,9 @@ class RetrievalLayer(CacheLayerMixin):
             total += start.elapsed_time(end) / 1e3
         return total
 
-    def _make_indexes(self, threads: int = 0) -> None:
-        """The index half of a build, after the rows are stored, on `threads` OpenMP threads (0: all): C++ with the GIL
-        released; searches run meanwhile."""
-        self.offloaded.build_indexes(threads)
+    def _make_indexes(self) -> None:
+        """The index half of a build, after the rows are stored: C++ with the GIL released; searches run meanwhile."""
+        self.offloaded.build_indexes()
 
     def _wait_for_rows(self) -> None:
         """Waits until the CPU part can answer: its rows stored (decoding during the index build) or, without that,

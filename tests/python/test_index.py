@@ -434,32 +434,3 @@ def test_key_index_build_takes_projection_lists():
         row = int((bad[:, 0] >= 0).nonzero()[0])
         bad[row, 0] = row
         _ext._C.KeyIndex.build(keys, train, "query_guided", params, knn[0], None, projection=bad)
-
-
-def test_build_indexes_on_fewer_threads_gives_the_same_layer():
-    """OffloadedLayer.build_indexes(threads): a background build on its share of the cores (RetrievalCache builds
-    INDEX_BUILD_WORKERS layers at once) makes the same graphs as on all of them; a negative count is refused."""
-    import hashlib
-    import tempfile
-
-    from retrieval_attention import _ext
-    from retrieval_attention.index import exact_knn
-
-    g = torch.Generator().manual_seed(31)
-    keys = torch.randn(2, 3000, 16, generator=g).to(torch.bfloat16)
-    train = torch.randn(4, 300, 16, generator=g)
-    knn = exact_knn(keys, train, 20)
-
-    def saved(threads):
-        layer = _ext._C.OffloadedLayer(torch.bfloat16, 4, 2, 16, 16, "query_guided", {"degree": 12, "k_train": 20}, 0, "per_kv_head")
-        layer.build(keys, keys, train, knn, index_now=False)
-        layer.build_indexes(threads)
-        with tempfile.TemporaryDirectory() as tmp:
-            layer.save(os.path.join(tmp, "l.ra"))
-            with open(os.path.join(tmp, "l.ra"), "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
-
-    assert saved(1) == saved(0) == saved(2)
-    layer = _ext._C.OffloadedLayer(torch.bfloat16, 4, 2, 16, 16, "query_guided", {}, 0, "per_kv_head")
-    with pytest.raises(ValueError, match="threads"):
-        layer.build_indexes(-1)
