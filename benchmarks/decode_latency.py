@@ -964,7 +964,8 @@ def run_e2e(args, dev, emit):
             sm = cache.summary()
             rec.update({"gpu_kv_bytes": int(sm["device_kv_bytes"]), "cpu_kv_bytes": int(sm["cpu_kv_bytes"]),
                         "cpu_index_bytes": int(sm["cpu_index_bytes"]), "index_build_s": round(sm["index_build_s"], 3),
-                        "knn_s": round(sm["knn_s"], 3), "offload_s": round(sm["offload_s"], 3), "max_train_queries": rcfg.max_train_queries,
+                        "knn_s": round(sm["knn_s"], 3), "knn_parts_s": {k: round(v, 3) for k, v in sm["knn_parts_s"].items()},
+                        "offload_s": round(sm["offload_s"], 3), "max_train_queries": rcfg.max_train_queries,
                         "scanned_frac": round(sm["scanned_frac"], 5), "index": args.e2e_index, "index_sharing": args.index_sharing,
                         "decode_during_build": rcfg.decode_during_build,
                         "note": "on a GPU the index builds run in background threads during and after the prefill; the "

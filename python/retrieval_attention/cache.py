@@ -160,7 +160,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.n_sink_kept = 0
         self.offloaded = None
         self.build_seconds = 0.0
-        self._knn_events = []  # (start, end) CUDA events around the prefill's device kNN: see knn_seconds
+        self._knn_events = []  # per prefill, (part, CUDA event at its end) of the device kNN: see knn_part_seconds
         self.offload_seconds = 0.0  # the prompt's CPU part leaving the device at prefill (on the critical path)
         self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
         self.last_visited_mean = 0.0
@@ -310,25 +310,34 @@ class RetrievalLayer(CacheLayerMixin):
         if self.keys.is_cuda and cfg.index == "query_guided" and cpu_end > n_sink and train.shape[1] > 0:
             # bipartite kNN on the GPU: only neighbour id lists go to the CPU graph build
             params = _ext._C.resolved_index_params(cfg.index, cfg.index_params)
-            knn_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            knn_events[0].record()
+            marks = []  # (part, CUDA event at its end): knn_seconds and knn_part_seconds
+
+            def mark(part):
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append((part, event))
+
+            mark("start")
             flat_k = self._flat_heads(cpu_k)
             knn = exact_knn(flat_k, self._flat_heads(q), params["k_train"])
+            mark("bipartite")
             # The graphs' projections too (the largest phase of the CPU builds; from the rows as the CPU will hold
             # them) when decoding waits for the builds: 14-34% shorter builds for about 0.07 s more GPU per 8B layer at
             # 128K. With decode_during_build the first token comes right after the prefill, so nothing is added to it
             # (docs/TUNING.md, "Build speed").
             per_index = knn.view(flat_k.shape[0], -1, knn.shape[-1]) if cfg.index_sharing == "per_kv_head" else knn
             if not serve_early and projection_fits(flat_k.shape, per_index.shape, params["n_pivots"]):
-                proj = _to_host(projection_lists(flat_k.to(self.cpu_dtype), per_index, params["n_pivots"], params["degree"]))
-            knn = _to_host(knn)
+                proj = projection_lists(flat_k.to(self.cpu_dtype), per_index, params["n_pivots"], params["degree"])
+            mark("projection")
             # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak instead
             # of searching for each on the CPU: 3.5x faster 128K builds for about 0.3 s more prefill per 8B layer on an
             # H200 (docs/TUNING.md, "Build speed"), with or without decode_during_build
             key_knn = build_key_lists(self._flat_heads(cpu_k), params["ef_weak"])
+            mark("key_lists")
+            knn, proj = _to_host(knn), _to_host(proj) if proj is not None else None
             key_knn = _to_host(key_knn) if key_knn is not None else None
-            knn_events[1].record()
-            self._knn_events.append(knn_events)
+            mark("copies")
+            self._knn_events.append(marks)
         n_cpu = cpu_end - n_sink
         t_off = time.perf_counter()
         cpu_k, cpu_v, copied = self._prompt_to_cpu(cpu_k), self._prompt_to_cpu(cpu_v), None
@@ -386,13 +395,20 @@ class RetrievalLayer(CacheLayerMixin):
     @property
     def knn_seconds(self) -> float:
         """GPU time of the prefill's device kNN (bipartite and key-to-key lists, and the graphs' projections when it makes
-        them; their copies to the host included),
-        from CUDA events: the prefill does not wait for the kNN, so its host time would not show it."""
-        total = 0.0
-        for start, end in self._knn_events:
-            end.synchronize()
-            total += start.elapsed_time(end) / 1e3
-        return total
+        them; their copies to the host included), from CUDA events: the prefill does not wait for the kNN, so its host
+        time would not show it. knn_part_seconds splits it."""
+        return sum(self.knn_part_seconds.values())
+
+    @property
+    def knn_part_seconds(self) -> dict:
+        """knn_seconds by part: "bipartite" (exact_knn), "projection" (projection_lists; 0 when not made), "key_lists"
+        (exact_key_knn) and "copies" (the lists into page-locked host memory)."""
+        parts = {}
+        for marks in self._knn_events:
+            marks[-1][1].synchronize()
+            for (_, before), (part, after) in zip(marks, marks[1:]):
+                parts[part] = parts.get(part, 0.0) + before.elapsed_time(after) / 1e3
+        return parts
 
     def _make_indexes(self) -> None:
         """The index half of a build, after the rows are stored: C++ with the GIL released; searches run meanwhile."""
@@ -707,6 +723,7 @@ class RetrievalLayer(CacheLayerMixin):
             "search_beam": self.cfg.search_beam(self.cpu_tokens) if self.cfg.index == "query_guided" else None,
             "index_build_s": self.build_seconds,
             "knn_s": self.knn_seconds,
+            "knn_parts_s": self.knn_part_seconds,
             "offload_s": self.offload_seconds,
             "index_build_wait_s": self.build_wait_seconds,
             "index_building": self.building,
@@ -877,8 +894,9 @@ class RetrievalCache(Cache):
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
         index_build_s (split at prefill + graph builds + later inserts; host time), and knn_s: the GPU time of the
-        prefill's kNN on the device (bipartite and key-to-key lists; index_build_s grows until the layer's background
-        build is done); offload_s: the prefill's
+        prefill's kNN on the device (bipartite and key-to-key lists, projections, their copies; index_build_s grows
+        until the layer's background build is done) and knn_parts_s, the same by part (knn_part_seconds); offload_s:
+        the prefill's
         time handing the prompt's CPU part to the CPU (from a GPU the copy is asynchronous, so this is mostly queueing
         it); index_build_wait_s: time decoding waited for a background build (only for its rows to be stored: decoding scans them exactly meanwhile);
         index_building: whether the layer's background index build is still running (stats() does not wait for it;
@@ -909,6 +927,7 @@ class RetrievalCache(Cache):
             "search_beam": max((x["search_beam"] for x in s if x["search_beam"] is not None), default=None),
             "index_build_s": sum(x["index_build_s"] for x in s),
             "knn_s": sum(x["knn_s"] for x in s),
+            "knn_parts_s": {p: sum(x["knn_parts_s"].get(p, 0.0) for x in s) for p in dict.fromkeys(p for x in s for p in x["knn_parts_s"])},
             "offload_s": sum(x["offload_s"] for x in s),
             "index_build_wait_s": sum(x["index_build_wait_s"] for x in s),
             "index_building_layers": sum(bool(x["index_building"]) for x in s),

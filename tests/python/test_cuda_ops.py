@@ -621,7 +621,11 @@ def test_gpu_prefill_never_waits_for_the_device():
     assert layer.cpu_tokens == T - 16 - 64  # waits for the rows
     layer._wait_for_build()
     assert layer.offloaded.size == T - 16 - 64 and not layer.building
-    assert 0 < layer.stats()["knn_s"] < 60  # the kNN's GPU time, from events
+    stats = layer.stats()
+    assert 0 < stats["knn_s"] < 60  # the kNN's GPU time, from events, and its parts
+    assert set(stats["knn_parts_s"]) == {"bipartite", "projection", "key_lists", "copies"}
+    assert all(v >= 0 for v in stats["knn_parts_s"].values()) and stats["knn_parts_s"]["bipartite"] > 0
+    assert abs(sum(stats["knn_parts_s"].values()) - stats["knn_s"]) < 1e-9
     layer.update(keys[:, :, T:], values[:, :, T:])
     q = torch.randn(1, hq, 1, d, generator=g).to("cuda", torch.bfloat16)
     got = layer.decode_attention(q, d ** -0.5).float()  # (1, 1, hq, d)
