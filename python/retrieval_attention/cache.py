@@ -329,9 +329,10 @@ class RetrievalLayer(CacheLayerMixin):
             if not serve_early and projection_fits(flat_k.shape, per_index.shape, params["n_pivots"]):
                 proj = projection_lists(flat_k.to(self.cpu_dtype), per_index, params["n_pivots"], params["degree"])
             mark("projection")
-            # each key's ef_weak nearest keys, from which the graph links the keys its projection leaves weak instead
-            # of searching for each on the CPU: 3.5x faster 128K builds for about 0.3 s more prefill per 8B layer on an
-            # H200 (docs/TUNING.md, "Build speed"), with or without decode_during_build
+            # each key's ef_weak nearest keys (among every KEY_LIST_COLUMN_STRIDE-th key), from which the graph links the
+            # keys its projection leaves weak instead of searching for each on the CPU: 3.5x faster 128K builds for
+            # about 0.24 s more prefill per 8B layer on an H200 (docs/TUNING.md, "Build speed"), with or without
+            # decode_during_build
             key_knn = build_key_lists(self._flat_heads(cpu_k), params["ef_weak"])
             mark("key_lists")
             knn, proj = _to_host(knn), _to_host(proj) if proj is not None else None
