@@ -437,21 +437,16 @@ class OffloadedLayer {
   // Whether every id of ids[0, count) lies in [-1, n): blocks of ids over the threads.
   static bool ids_in_range(const int64_t* ids, int64_t count, int64_t n) {
     constexpr int64_t kBlock = 1 << 16;
-    const int64_t blocks = (count + kBlock - 1) / kBlock;
-    std::vector<uint8_t> ok(static_cast<size_t>(blocks), 1);
-    parallel_for(blocks, [&](int64_t b) {
+    return parallel_all_of((count + kBlock - 1) / kBlock, [&](int64_t b) {
       bool good = true;
       for (int64_t i = b * kBlock; i < std::min(count, (b + 1) * kBlock); ++i) good &= ids[i] >= -1 && ids[i] < n;
-      ok[static_cast<size_t>(b)] = good;
+      return good;
     });
-    return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
   }
   // all_finite over the hkv heads' t x d key rows, one head per thread for a prompt.
   bool rows_finite(const T* keys, int64_t t) const {
     if (t < kParallelRows) return all_finite(keys, hkv_ * t * d_);
-    std::vector<uint8_t> ok(static_cast<size_t>(hkv_), 0);
-    parallel_for(hkv_, [&](int64_t h) { ok[static_cast<size_t>(h)] = all_finite(keys + h * t * d_, t * d_); });
-    return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
+    return parallel_all_of(hkv_, [&](int64_t h) { return all_finite(keys + h * t * d_, t * d_); });
   }
   // One index per query head or per kv head over the stores, from the kept training queries; reads only.
   std::vector<std::unique_ptr<KeyIndex<T>>> create_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0, const int64_t* key_knn = nullptr,

@@ -148,6 +148,15 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
   error.rethrow();
 }
 
+// Whether pred(i) holds for every i in [0, n), the items over the threads (each item is evaluated; a check over many
+// blocks of an input, e.g. id ranges, where one thread would take a serial pass).
+template <class Pred>
+bool parallel_all_of(int64_t n, Pred&& pred) {
+  std::vector<uint8_t> ok(static_cast<size_t>(std::max<int64_t>(n, 0)), 0);
+  parallel_for(n, [&](int64_t i) { ok[static_cast<size_t>(i)] = pred(i) ? 1 : 0; });
+  return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
+}
+
 // fn(i) for i in [0, n): the threads of a new team take items, and each item's parallel_for loops run on its own
 // thread plus every thread of the team that has no item left to start (SplitPool). A single item runs on the
 // calling thread with every thread for its own loops; inside another parallel region or pool this is parallel_for.

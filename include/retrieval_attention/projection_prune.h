@@ -33,23 +33,21 @@ namespace retrieval_attention {
 
 inline bool projection_rows_valid(const int32_t* lists, int64_t rows, int64_t k, int64_t n) {
   constexpr int64_t kBlock = 4096;
-  const int64_t blocks = (rows + kBlock - 1) / kBlock;
-  std::vector<uint8_t> ok(static_cast<size_t>(blocks), 1);
-  parallel_for(blocks, [&](int64_t b) {
+  return parallel_all_of((rows + kBlock - 1) / kBlock, [&](int64_t b) {
     std::vector<int32_t> row;
-    for (int64_t r = b * kBlock; r < std::min(rows, (b + 1) * kBlock) && ok[static_cast<size_t>(b)]; ++r) {
+    for (int64_t r = b * kBlock; r < std::min(rows, (b + 1) * kBlock); ++r) {
       row.clear();
       for (int64_t j = 0; j < k; ++j) {
         const int32_t c = lists[r * k + j];
         if (c == -1) continue;
-        if (c < 0 || c >= n || c == r % n) ok[static_cast<size_t>(b)] = 0;
+        if (c < 0 || c >= n || c == r % n) return false;
         row.push_back(c);
       }
       std::sort(row.begin(), row.end());
-      if (std::adjacent_find(row.begin(), row.end()) != row.end()) ok[static_cast<size_t>(b)] = 0;
+      if (std::adjacent_find(row.begin(), row.end()) != row.end()) return false;
     }
+    return true;
   });
-  return std::all_of(ok.begin(), ok.end(), [](uint8_t v) { return v != 0; });
 }
 
 template <class T>
