@@ -50,6 +50,7 @@ class Problem:
     train_q: np.ndarray
     eval_q: np.ndarray
     meta: dict = field(default_factory=dict)
+    train_pos: np.ndarray | None = None  # positions of the training queries (dumps of the bundled model)
 
     @property
     def n(self):
@@ -64,8 +65,9 @@ def _f32(x):
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def _head_problems(K, Q, key_end, train_idx, eval_idx, layers, heads, meta):
-    """One Problem per (layer, query head): keys [0, key_end) of its kv head (GQA), training and evaluation queries."""
+def _head_problems(K, Q, key_end, train_idx, eval_idx, layers, heads, meta, train_pos=None):
+    """One Problem per (layer, query head): keys [0, key_end) of its kv head (GQA), training and evaluation queries
+    (train_pos: the training queries' positions)."""
     n_layers, n_kv = K.shape[:2]
     n_q = Q.shape[1]
     group = n_q // n_kv
@@ -78,6 +80,7 @@ def _head_problems(K, Q, key_end, train_idx, eval_idx, layers, heads, meta):
                 train_q=_f32(Q[l, h, train_idx]),
                 eval_q=_f32(Q[l, h, eval_idx]),
                 meta={"layer": int(l), "head": int(h), "kv_head": int(h // group), **meta},
+                train_pos=train_pos,
             ))
     return out
 
@@ -96,7 +99,7 @@ def load_real(path: str | None = None, layers=None, heads=None, n_eval: int = 64
     assert np.all(np.diff(pos[eval_sel]) == 1), "expected contiguous last positions in q_sample_pos"
     train_sel = np.nonzero(pos < first_eval_pos)[0]             # every-128th positions before the eval block
     return _head_problems(keys, qs, first_eval_pos, train_sel, eval_sel, layers, heads,
-                          {"T": int(T), "train_positions": "every 128th < %d" % first_eval_pos})
+                          {"T": int(T), "train_positions": "every 128th < %d" % first_eval_pos}, train_pos=pos[train_sel])
 
 
 # ----------------------------------------------------------------------------------------------- model_qk
@@ -148,7 +151,36 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
     train_idx = np.nonzero(qpos < N)[0][::max(1, train_stride)]
     if max_train is not None and len(train_idx) > max_train:
         train_idx = train_idx[np.linspace(0, len(train_idx) - 1, max_train).round().astype(np.int64)]
-    return _head_problems(K, Q, N, train_idx, eval_idx, layers, heads, {"T": int(T), "source": os.path.basename(path)})
+    return _head_problems(K, Q, N, train_idx, eval_idx, layers, heads, {"T": int(T), "source": os.path.basename(path)},
+                          train_pos=qpos[train_idx])
+
+
+def bundled_model_rope():
+    """(d/2,) float64 RoPE inverse frequencies of the bundled model (the source of the real and model_qk dumps)."""
+    from transformers import AutoConfig
+
+    from retrieval_attention.compat import rope_inv_freq
+
+    return rope_inv_freq(AutoConfig.from_pretrained(os.path.join(REPO, "models", "tinyllama-byte-32k")))
+
+
+def shift_train_queries(probs: list[Problem], inv_freq) -> list[Problem]:
+    """Each problem's training queries moved by RoPE to the position of its first evaluation query (= its key count:
+    the keys are the positions before it), as RetrievalCache does with a prompt's queries
+    (RetrievalConfig.shift_train_queries). Problems without train_pos are returned as they are."""
+    import torch
+
+    from retrieval_attention.index import rope_shift
+
+    out = []
+    for p in probs:
+        if p.train_pos is None:
+            out.append(p)
+            continue
+        delta = torch.from_numpy(p.n - np.asarray(p.train_pos, dtype=np.int64))
+        moved = rope_shift(torch.from_numpy(p.train_q), delta, inv_freq).numpy()
+        out.append(Problem(p.name, p.keys, np.ascontiguousarray(moved), p.eval_q, {**p.meta, "train_shifted": True}, p.train_pos))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

@@ -33,9 +33,9 @@ import torch
 
 from . import _ext
 from ._version import __version__
-from .compat import Cache, CacheLayerMixin, model_attention_shape, warn_if_rope_parameters_ignored
+from .compat import Cache, CacheLayerMixin, model_attention_shape, rope_inv_freq, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
-from .index import build_key_lists, exact_knn, projection_fits, projection_lists
+from .index import build_key_lists, exact_knn, projection_fits, projection_lists, rope_shift
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
@@ -150,6 +150,9 @@ class RetrievalLayer(CacheLayerMixin):
         self.q_heads, self.kv_heads, self.head_dim, self.layer_idx = q_heads, kv_heads, head_dim, layer_idx
         self._host_buffers = {}  # page-locked staging buffers of GPU decoding, reused across steps
         self._copy_event = None  # marks the end of the query's device-to-host copy (GPU decoding)
+        # the model's RoPE inverse frequencies when the training queries are moved to the decode position
+        # (RetrievalConfig.shift_train_queries; set by RetrievalCache from the model config), else None
+        self.rope_inv_freq = None
         self._reset_state()
 
     def _reset_state(self):
@@ -291,9 +294,14 @@ class RetrievalLayer(CacheLayerMixin):
             train = query.new_zeros((query.shape[0] * query.shape[1], 0, query.shape[-1]), device="cpu", dtype=torch.float32)
         else:
             q = query
+            pos = torch.arange(q.shape[2], device=q.device)  # the queries' places in the prompt
             if cfg.max_train_queries is not None and q.shape[2] > cfg.max_train_queries:
                 pos = torch.linspace(0, q.shape[2] - 1, cfg.max_train_queries, device=q.device).round().long()
                 q = q[:, :, pos]
+            if self.rope_inv_freq is not None:
+                # each query moved to the first decode position, so that it scores the keys from the relative positions a
+                # decode query has to them (RetrievalConfig.shift_train_queries)
+                q = rope_shift(q, query.shape[2] - pos, self.rope_inv_freq)
             train = _to_host(self._flat_heads(q), torch.float32)
         self.offloaded = _ext._C.OffloadedLayer(
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
@@ -723,6 +731,7 @@ class RetrievalLayer(CacheLayerMixin):
             "scanned_frac": self.visited_sum / self.cpu_candidates_sum if self.cpu_candidates_sum else 0.0,
             "search_beam": self.cfg.search_beam(self.cpu_tokens) if self.cfg.index == "query_guided" else None,
             "index_build_s": self.build_seconds,
+            "train_queries_shifted": self.rope_inv_freq is not None and self.cfg.index != "flat",
             "knn_s": self.knn_seconds,
             "knn_parts_s": self.knn_part_seconds,
             "offload_s": self.offload_seconds,
@@ -756,6 +765,11 @@ class RetrievalCache(Cache):
         if not (isinstance(layer_class, type) and issubclass(layer_class, RetrievalLayer)):
             raise TypeError("layer_class must be a subclass of RetrievalLayer")
         layers = [layer_class(retrieval_config, q_heads, kv_heads, head_dim, i) for i in range(n_layers)]
+        inv_freq = rope_inv_freq(config) if retrieval_config.shift_train_queries else None
+        if inv_freq is not None and not 0 < 2 * inv_freq.numel() <= head_dim:
+            inv_freq = None  # not a rotary layout this package knows: train on the queries as they are
+        for layer in layers:
+            layer.rope_inv_freq = inv_freq
         super().__init__(layers=layers)
         self._progress = None
         for layer in layers:

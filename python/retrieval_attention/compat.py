@@ -84,3 +84,43 @@ def warn_if_rope_parameters_ignored(config, stacklevel: int = 3) -> None:
     msg = ignored_rope_parameters(config)
     if msg is not None:
         warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+
+
+# RoPE types whose inverse frequencies depend on the sequence length: no fixed rotation moves a query by a distance
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_inv_freq(config):
+    """The model's RoPE inverse frequencies as a float64 tensor (rotary_dim / 2,), or None when it has no RoPE of a fixed
+    frequency set (none configured, or a type whose frequencies depend on the sequence length: dynamic, longrope).
+
+    Read from the config as this transformers builds the rotary embedding: `rope_parameters` (transformers >= 5) or
+    `rope_theta`/`rope_scaling` (4.x), the default formula theta^(-2i/rotary_dim) or transformers' own
+    ROPE_INIT_FUNCTIONS for the scaled types (linear, llama3, yarn, ...)."""
+    import torch
+
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if TRANSFORMERS_VERSION >= Version("5.0.0.dev0"):
+        params = dict(getattr(config, "rope_parameters", None) or {})
+    else:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", None))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        return None
+    if rope_type == "default":
+        theta = params.get("rope_theta")
+        if theta is None:
+            return None
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        dim = int(head_dim * partial)
+        return 1.0 / float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    init = ROPE_INIT_FUNCTIONS.get(rope_type)
+    if init is None:
+        return None
+    inv_freq, _ = init(config, torch.device("cpu"))
+    return inv_freq.to(torch.float64)

@@ -1,0 +1,78 @@
+"""Training queries moved to the decode position by RoPE: does the graph find the decode queries' keys with fewer keys
+scanned?
+
+A prefill query at position p moved by N - p (retrieval_attention.index.rope_shift) scores every key as if it were
+asked at position N, where the decode queries are: the graph is then trained on queries whose relative positions to the
+keys are the decode queries' own. Variants: plain (the queries as they are), shifted, both (the two sets together).
+
+    python scripts/dev/shifted_train_recall.py --model-qk benchmarks/results/cache/model_qk_T32768.npz --layers 1,3,5 --heads 0,4
+
+Prints one JSON line per (head, variant, ef) and a summary of keys scanned at --target recall per variant.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+import qk_data  # noqa: E402
+
+from retrieval_attention import _ext  # noqa: E402
+from retrieval_attention.index import KEY_LIST_COLUMN_STRIDE, _IndexBase, exact_key_knn, exact_knn  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-qk", required=True)
+    ap.add_argument("--layers", default="1,3,5")
+    ap.add_argument("--heads", default="0,4")
+    ap.add_argument("--variants", default="plain,shifted,both")
+    ap.add_argument("--efs", default="100,128,160,200,256,320,400")
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--degree", type=int, default=32)
+    ap.add_argument("--k-train", type=int, default=100)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    layers, heads = [int(x) for x in a.layers.split(",")], [int(x) for x in a.heads.split(",")]
+    probs = qk_data.load_model_qk(a.model_qk, layers=layers, heads=heads)
+    moved = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope())
+    efs = [int(x) for x in a.efs.split(",")]
+    params = {"degree": a.degree, "k_train": a.k_train, "ef_build": 128, "ef_weak": 16, "n_pivots": 4}
+    curves = {}
+    for p, p_moved in zip(probs, moved):
+        keys = torch.from_numpy(p.keys).float()
+        tq = torch.from_numpy(p.train_q).float()
+        shifted = torch.from_numpy(p_moved.train_q).float()
+        kl = exact_key_knn(keys[None], 16, column_stride=KEY_LIST_COLUMN_STRIDE)[0]
+        ex_ids, ex_sc = qk_data.exact_topk(p.keys, p.eval_q, 100)
+        for name in a.variants.split(","):
+            train = {"plain": tq, "shifted": shifted, "both": torch.cat([tq, shifted])}[name].contiguous()
+            t = time.perf_counter()
+            knn = exact_knn(keys[None], train[None], a.k_train)[0]
+            handle = _ext._C.KeyIndex.build(keys.bfloat16(), train, "query_guided", params, knn, kl)
+            build_s = time.perf_counter() - t
+            idx = _IndexBase(handle)
+            for ef in efs:
+                ids, _ = idx.search(torch.from_numpy(p.eval_q), 100, ef)
+                rec = float(qk_data.recall_per_query(ids.numpy(), p.keys, p.eval_q, ex_sc[:, 99], 100).mean())
+                scan = idx.last_search_stats["scanned_frac"]
+                curves.setdefault(name, {}).setdefault(ef, []).append((rec, scan))
+                print(json.dumps({"head": p.name, "variant": name, "ef": ef, "recall": round(rec, 4), "scanned_frac": round(scan, 5),
+                                  "build_s": round(build_s, 3), "train": int(train.shape[0]), "n": p.n}), flush=True)
+    for name, by_ef in curves.items():
+        pts = sorted((float(np.mean([r for r, _ in v])), float(np.mean([s for _, s in v]))) for v in by_ef.values())
+        at = None
+        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
+            if r0 < a.target <= r1:
+                at = s0 + (s1 - s0) * (a.target - r0) / (r1 - r0)
+        print(json.dumps({"summary": name, "scanned_frac_at_target": None if at is None else round(at, 5),
+                          "curve": [(round(r, 4), round(s, 5)) for r, s in pts]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
