@@ -90,6 +90,9 @@ def parse_args(argv=None):
     ap.add_argument("--ef", type=int, default=None, help="graph search beam of retrieval_attention (default: RetrievalConfig's automatic beam, which grows with the CPU keys)")
     ap.add_argument("--index-sharing", default=None, choices=("per_query_head", "per_kv_head"),
                     help="RetrievalConfig.index_sharing of every RetrievalCache method (default: RetrievalConfig's)")
+    ap.add_argument("--no-train-shift", action="store_true",
+                    help="retrieval_attention: train the graphs on the prompt queries where they are "
+                         "(RetrievalConfig.shift_train_queries=False) instead of moved by RoPE to the first decode position")
     ap.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists per head (default: power of 2 near sqrt(n), >= 16)")
     ap.add_argument("--ivf-scan-frac", type=float, default=None,
                     help="target scanned fraction for ivf_topk (default: retrieval_attention's measured value in the same "
@@ -537,6 +540,8 @@ def run_cell(runner: Runner, task: str, context: int, samples, method: str, ivf_
         rec["index_sharing"] = runner.base_cfg["index_sharing"]
         rec["index_build_s"] = round(build_s, 3)  # summed over the cell's caches (all layers), includes offloading
         rec["top_k"] = runner.base_cfg["top_k"]
+    if method == "retrieval_attention":
+        rec["train_shifted"] = runner.base_cfg["shift_train_queries"]
     rec["time_split_s"] = {key: round(val, 2) for key, val in times.items()}
     if method == "retrieval_attention":
         rec["train_queries"] = train_queries(context)
@@ -703,8 +708,10 @@ def run_config(args) -> dict:
     import retrieval_attention as ra
 
     base = ra.RetrievalConfig()
-    return {name: getattr(base, name) if getattr(args, name) is None else getattr(args, name)
-            for name in ("n_sink", "n_window", "top_k", "ef", "index_sharing")}
+    cfg = {name: getattr(base, name) if getattr(args, name) is None else getattr(args, name)
+           for name in ("n_sink", "n_window", "top_k", "ef", "index_sharing")}
+    cfg["shift_train_queries"] = not getattr(args, "no_train_shift", False)
+    return cfg
 
 
 def beam_for(cfg: dict, context: int) -> int:
@@ -751,8 +758,10 @@ def load_resume(args):
                 # records from before top_k and ef were recorded used top-100 and ef 128; cells are compared by the
                 # beam they searched with, so a fixed ef and the automatic one that gives the same beam are the same
                 beam = rec.get("ef_used", rec.get("ef", 128))
+                # records from before train_shifted was recorded trained on the prompt queries where they were
                 if key[2] == "retrieval_attention" and (rec.get("train_queries", key[1]) != train_queries(key[1])
-                                                        or beam != beam_for(cfg, key[1])):
+                                                        or beam != beam_for(cfg, key[1])
+                                                        or rec.get("train_shifted", False) != cfg["shift_train_queries"]):
                     stale.add(key)
                 elif key[2] != "full" and rec.get("top_k", 100) != top_k:
                     stale.add(key)

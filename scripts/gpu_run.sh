@@ -69,6 +69,10 @@ accuracy_par) stamp accuracy_par  # the grid as one queue of cells per GPU, run 
        g=0; for q in ${ACC_QUEUES:-passkey,kv@1024,2048,4096,8192,16384,32768@0@2048,8192 niah,niah_multi@1024,2048,4096,8192,16384,32768@0}; do
          run_acc_queue $g "$q" & g=$((g + 1)); done; wait
        cp .acc_state/g*.jsonl .acc_state/*.err "$OUT"/ 2>/dev/null; for f in .acc_state/g*.jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; done;;
+acc_ab) stamp acc_ab  # retrieval_attention on the same samples with training queries shifted by RoPE (the default) and without
+       for v in shift noshift; do timeout ${ACCAB_S:-200} python3 benchmarks/accuracy.py --json --contexts ${ACCAB_CTX:-32768} --samples ${ACCAB_N:-20} \
+         --tasks ${ACCAB_TASKS:-niah} --methods retrieval_attention --kl-contexts none $( [ $v = noshift ] && echo --no-train-shift ) \
+         > "$OUT/acc_ab_$v.jsonl" 2> "$OUT/acc_ab_$v.err"; echo "acc_ab $v rc=$?"; cut -c1-300 "$OUT/acc_ab_$v.jsonl"; done;;
 e2e) stamp e2e; run_e2e e2e "${E2E_METHODS:-full,ours}";;
 e2e_ab) stamp e2e_ab  # the e2e run of E2E_AB_METHODS with the package's .py files overlaid by those in .ab/ (carried): an A/B of Python changes in one call
        rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r python/retrieval_attention /tmp/ab/ && cp .ab/*.py /tmp/ab/retrieval_attention/ && echo "overlaid: $(ls .ab)" && PYTHONPATH=/tmp/ab python3 -c "import retrieval_attention.cache as c; print(c.__file__)"
