@@ -13,4 +13,4 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import transformers, 
 fi
 echo "== Python tests under transformers $OLDEST (pytest) =="
 PYTHONPATH=$PWD/python "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python/test_hf_exactness.py tests/python/test_ops.py tests/python/test_index.py \
-  tests/python/test_ecosystem.py
+  tests/python/test_ecosystem.py tests/python/test_rope_shift.py

@@ -6,7 +6,8 @@ CPU memory, searched per query head by a vector index; the two partial attention
 from ._version import __version__
 from . import _ext  # noqa: F401  (loads the C++ extension and registers the torch ops)
 from .ops import sparse_attention, dense_attention, merge_attention
-from .index import FlatIndex, QueryGuidedIndex, load_index
+from .index import FlatIndex, QueryGuidedIndex, load_index, rope_shift
+from .compat import rope_inv_freq
 from .config import RetrievalConfig
 from .cache import RetrievalCache, RetrievalLayer
 from .hf import enable, retrieval_attention_forward
@@ -20,6 +21,8 @@ __all__ = [
     "FlatIndex",
     "QueryGuidedIndex",
     "load_index",
+    "rope_shift",
+    "rope_inv_freq",
     "RetrievalConfig",
     "RetrievalCache",
     "RetrievalLayer",
