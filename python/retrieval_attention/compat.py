@@ -88,11 +88,15 @@ def warn_if_rope_parameters_ignored(config, stacklevel: int = 3) -> None:
 
 # RoPE types whose inverse frequencies depend on the sequence length: no fixed rotation moves a query by a distance
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# model types whose attention applies RoPE as transformers' Llama does (rotate_half over the head's first dimensions);
+# others (e.g. GPT-J's interleaved pairs) would be rotated in the wrong planes
+_ROTATE_HALF_MODELS = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2")
 
 
 def rope_inv_freq(config):
     """The model's RoPE inverse frequencies as a float64 tensor (rotary_dim / 2,), or None when it has no RoPE of a fixed
-    frequency set (none configured, or a type whose frequencies depend on the sequence length: dynamic, longrope).
+    frequency set (none configured, or a type whose frequencies depend on the sequence length: dynamic, longrope) or is
+    not a model type known to apply it in transformers' rotate_half layout (Llama, Mistral, Mixtral, Qwen2/3, Gemma).
 
     Read from the config as this transformers builds the rotary embedding: `rope_parameters` (transformers >= 5) or
     `rope_theta`/`rope_scaling` (4.x), the default formula theta^(-2i/rotary_dim) or transformers' own
@@ -101,6 +105,8 @@ def rope_inv_freq(config):
 
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    if getattr(config, "model_type", None) not in _ROTATE_HALF_MODELS:
+        return None
     if TRANSFORMERS_VERSION >= Version("5.0.0.dev0"):
         params = dict(getattr(config, "rope_parameters", None) or {})
     else:

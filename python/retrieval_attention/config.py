@@ -36,7 +36,8 @@ class RetrievalConfig:
                  so that the training queries score the keys from the relative positions decode queries have. On the
                  bundled model's 32K Q/K the graphs then scan 20% fewer keys at recall@100 0.95 (docs/TUNING.md,
                  "shift_train_queries"). Needs a RoPE of fixed frequencies in the model config (default, linear,
-                 llama3, yarn, ...); without one the queries are used as they are (stats() reports which).
+                 llama3, yarn, ...) of a model that applies it as transformers' Llama does (Llama, Mistral, Mixtral,
+                 Qwen2/3, Gemma); otherwise the queries are used as they are (stats() reports which).
     cpu_dtype:   storage dtype of CPU keys/values (None: the model's KV dtype).
     evict_chunk: the device window may grow to n_window + evict_chunk tokens before the oldest evict_chunk of them
                  move to the CPU in one batch (amortises transfers and index inserts; exactness is unaffected).

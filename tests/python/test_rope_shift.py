@@ -40,6 +40,10 @@ def test_rope_inv_freq_is_the_models_own(cls, rope):
 def test_rope_inv_freq_is_none_without_a_fixed_rotation():
     config = with_rope(LlamaConfig, rope_theta=10000.0, rope_type="dynamic", factor=2.0)
     assert rope_inv_freq(config) is None
+    # GPT-J rotates interleaved pairs, not rotate_half's halves: no shift rather than one in the wrong planes
+    from transformers import GPTJConfig
+
+    assert rope_inv_freq(GPTJConfig(n_embd=128, n_head=4, rotary_dim=32)) is None
 
 
 def test_rope_shift_gives_the_query_at_the_later_position():
