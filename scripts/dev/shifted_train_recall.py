@@ -36,13 +36,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
+    ap.add_argument("--n-pivots", type=int, default=4)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     layers, heads = [int(x) for x in a.layers.split(",")], [int(x) for x in a.heads.split(",")]
     probs = qk_data.load_model_qk(a.model_qk, layers=layers, heads=heads)
     moved = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope())
     efs = [int(x) for x in a.efs.split(",")]
-    params = {"degree": a.degree, "k_train": a.k_train, "ef_build": 128, "ef_weak": 16, "n_pivots": 4}
+    params = {"degree": a.degree, "k_train": a.k_train, "ef_build": 128, "ef_weak": 16, "n_pivots": a.n_pivots}
     curves = {}
     for p, p_moved in zip(probs, moved):
         keys = torch.from_numpy(p.keys).float()
