@@ -908,7 +908,9 @@ class RetrievalCache(Cache):
         layer, static_tokens, cpu_tokens; scanned_frac (CPU keys scored per query head and step / CPU keys);
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
-        index_build_s (split at prefill + graph builds + later inserts; host time), and knn_s: the GPU time of the
+        index_build_s (split at prefill + graph builds + later inserts; host time); train_queries_shifted: whether the
+        graphs were trained on the prompt's queries moved to the first decode position (RetrievalConfig.shift_train_queries
+        with a RoPE the package can move); knn_s: the GPU time of the
         prefill's kNN on the device (bipartite and key-to-key lists, projections, their copies; index_build_s grows
         until the layer's background build is done) and knn_parts_s, the same by part (knn_part_seconds); offload_s:
         the prefill's
@@ -941,6 +943,7 @@ class RetrievalCache(Cache):
             "scanned_frac": sum(x["scanned_frac"] * x["cpu_tokens"] for x in s) / cpu if cpu else 0.0,
             "search_beam": max((x["search_beam"] for x in s if x["search_beam"] is not None), default=None),
             "index_build_s": sum(x["index_build_s"] for x in s),
+            "train_queries_shifted": bool(s) and all(x["train_queries_shifted"] for x in s),
             "knn_s": sum(x["knn_s"] for x in s),
             "knn_parts_s": {p: sum(x["knn_parts_s"].get(p, 0.0) for x in s) for p in dict.fromkeys(p for x in s for p in x["knn_parts_s"])},
             "offload_s": sum(x["offload_s"] for x in s),

@@ -127,3 +127,24 @@ def test_the_cache_trains_on_the_shifted_prompt_queries(shift, max_train, device
 def test_shift_train_queries_must_be_a_bool():
     with pytest.raises(TypeError, match="shift_train_queries"):
         ra.RetrievalConfig(shift_train_queries=1)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_the_bundled_model_trains_on_shifted_queries(model_dir, shift):
+    """Through the HF path (the bundled Llama's own config): summary() reports the shift as configured, and the
+    exact-top_k answer of the first decode step does not depend on it (top_k >= CPU tokens: exact attention)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="retrieval_attention")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
+    cfg = ra.RetrievalConfig(n_sink=16, n_window=32, top_k=1000, shift_train_queries=shift)
+    cache = ra.RetrievalCache(model.config, cfg)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache).logits[0, -1]
+        nxt = model(logits.argmax().view(1, 1), past_key_values=cache).logits[0, -1]
+        ref_cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=16, n_window=32, top_k=1000, index="flat"))
+        model(ids, past_key_values=ref_cache)
+        ref = model(logits.argmax().view(1, 1), past_key_values=ref_cache).logits[0, -1]
+    assert cache.summary()["train_queries_shifted"] is shift
+    assert ref_cache.summary()["train_queries_shifted"] is False  # a flat index has no training queries
+    torch.testing.assert_close(nxt, ref, atol=1e-4, rtol=1e-4)
