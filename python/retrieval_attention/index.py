@@ -123,7 +123,7 @@ class FlatIndex(_IndexBase):
 
 def rope_shift(queries: torch.Tensor, delta, inv_freq: torch.Tensor) -> torch.Tensor:
     """Moves post-RoPE vectors by `delta` positions: the vector the same pre-RoPE vector would have `delta` positions
-    later. queries (..., m, d), delta (m,) integers (one per row along dim -2; may be negative), inv_freq (r/2,) the
+    later. queries (..., m, d) (tensor or numpy array), delta (m,) integers (one per row along dim -2; may be negative), inv_freq (r/2,) the
     model's RoPE inverse frequencies (transformers' rotate_half layout over the first r <= d dimensions; the rest is
     left as is). Returns a new tensor of the queries' shape, dtype and device.
 
@@ -133,8 +133,10 @@ def rope_shift(queries: torch.Tensor, delta, inv_freq: torch.Tensor) -> torch.Te
     from the same relative positions (on the bundled model's 32K Q/K, 20% fewer keys scanned at recall@100 0.95;
     docs/TUNING.md). Angles are computed in float64 (a position near 1M times a frequency near 1 would lose radians
     in float32)."""
-    q = queries
+    q = as_tensor(queries, "queries")
     check_float(q, "queries")
+    if q.dim() < 2:
+        raise ValueError(f"rope_shift: queries must have shape (..., m, d), got {tuple(q.shape)}")
     d, m = q.shape[-1], q.shape[-2]
     inv = torch.as_tensor(inv_freq, dtype=torch.float64).to(q.device).reshape(-1)
     half = inv.numel()

@@ -89,6 +89,10 @@ def test_rope_shift_keeps_shape_dtype_and_unrotated_dims():
         rope_shift(q[..., :6], torch.arange(5), inv)
     with pytest.raises(TypeError, match="dtype"):
         rope_shift(q.to(torch.int32), torch.arange(5), inv)
+    with pytest.raises(ValueError, match="shape"):
+        rope_shift(q[0, 0, 0], torch.arange(1), inv)
+    as_numpy = rope_shift(q.float().numpy(), torch.arange(5), inv)  # numpy in, tensor out, as the indexes take it
+    torch.testing.assert_close(as_numpy, rope_shift(q.float(), torch.arange(5), inv))
 
 
 class Recording(ra.RetrievalLayer):
