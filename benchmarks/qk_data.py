@@ -295,3 +295,29 @@ def mahalanobis_ratio(p: Problem, sample: int = 256) -> float:
     Ci = np.linalg.inv(C)
     md = lambda x: np.sqrt(np.einsum("ij,jk,ik->i", x - mu, Ci, x - mu)).mean()
     return float(md(p.eval_q.astype(np.float64)) / md(k[:: max(1, len(k) // sample)]))
+
+
+# ---------------------------------------------------------------------------------------- dev-script frontiers
+def search_recall(index, problem: Problem, kth_scores: np.ndarray, ef: int, k: int = 100) -> tuple[float, float]:
+    """(mean recall@k, mean fraction of keys scanned) of index.search over the problem's evaluation queries at beam ef
+    (kth_scores: each query's exact k-th best score, so ties count as found)."""
+    import torch
+
+    ids, _ = index.search(torch.from_numpy(problem.eval_q), k, ef)
+    rec = float(recall_per_query(ids.numpy(), problem.keys, problem.eval_q, kth_scores, k).mean())
+    return rec, float(index.last_search_stats["scanned_frac"])
+
+
+def print_frontier_summaries(curves: dict, target: float) -> None:
+    """curves {variant: {ef: [(recall, scanned_frac) per head]}} -> one JSON line per variant: the head-mean curve and
+    the fraction scanned at `target` recall, linearly interpolated between the beams around it (None if not bracketed)."""
+    import json
+
+    for name, by_ef in curves.items():
+        pts = sorted((float(np.mean([r for r, _ in v])), float(np.mean([s for _, s in v]))) for v in by_ef.values())
+        at = None
+        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
+            if r0 < target <= r1:
+                at = s0 + (s1 - s0) * (target - r0) / (r1 - r0)
+        print(json.dumps({"summary": name, "scanned_frac_at_target": None if at is None else round(at, 5),
+                          "curve": [(round(r, 4), round(s, 5)) for r, s in pts]}), flush=True)

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -99,19 +98,10 @@ def main():
             handle = _ext._C.KeyIndex.build(kb, tq, "query_guided", params, lists, kl, proj)
             idx = _IndexBase(handle)
             for ef in efs:
-                ids, _ = idx.search(torch.from_numpy(p.eval_q), 100, ef)
-                rec = float(qk_data.recall_per_query(ids.numpy(), p.keys, p.eval_q, ex_sc[:, 99], 100).mean())
-                scan = idx.last_search_stats["scanned_frac"]
+                rec, scan = qk_data.search_recall(idx, p, ex_sc[:, 99], ef)
                 curves.setdefault(name, {}).setdefault(ef, []).append((rec, scan))
                 print(json.dumps({"head": p.name, "variant": name, "ef": ef, "recall": round(rec, 4), "scanned_frac": round(scan, 5)}), flush=True)
-    for name, by_ef in curves.items():
-        pts = sorted((float(np.mean([r for r, _ in v])), float(np.mean([s for _, s in v]))) for v in by_ef.values())
-        at = None
-        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
-            if r0 < a.target <= r1:
-                at = s0 + (s1 - s0) * (a.target - r0) / (r1 - r0)
-        print(json.dumps({"summary": name, "scanned_frac_at_target": None if at is None else round(at, 5),
-                          "curve": [(round(r, 4), round(s, 5)) for r, s in pts]}), flush=True)
+    qk_data.print_frontier_summaries(curves, a.target)
 
 
 if __name__ == "__main__":
