@@ -116,15 +116,15 @@ def parse_args(argv=None):
                     help="print every thread's Python stack to stderr every S seconds (to see where a slow run spends it; "
                          "faulthandler reads running threads' frames unlocked and once crashed the process doing so, so "
                          "pick S beyond a normal run's length)")
-    ap.add_argument("--key-lists", choices=("clustered", "exact"), default=None,
-                    help="how the graph builds' GPU key-to-key lists are made (retrieval_attention.index.KEY_LISTS; for an "
-                         "A/B of the library's default)")
+    ap.add_argument("--key-list-stride", type=int, default=None, metavar="S",
+                    help="seek each key's GPU neighbour list among every S-th key (retrieval_attention.index."
+                         "KEY_LIST_COLUMN_STRIDE; for an A/B of the library's default)")
     ap.add_argument("--no-plot", action="store_true")
     a = ap.parse_args(argv)
-    if a.key_lists is not None:
+    if a.key_list_stride is not None:
         import retrieval_attention.index as ra_index
 
-        ra_index.KEY_LISTS = a.key_lists
+        ra_index.KEY_LIST_COLUMN_STRIDE = a.key_list_stride
     q = a.quick
     a.contexts = [int(x) for x in (a.contexts or ("2048,8192" if q else "32768,131072,524288,1048576")).split(",") if x]
     a.methods = [m for m in a.methods.split(",") if m]

@@ -82,7 +82,6 @@ buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROF
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
 projtime) stamp projtime; timeout 150 python3 scripts/dev/projection_time.py > "$OUT/projection_time.log" 2> "$OUT/projection_time.err"; echo "projtime rc=$?"; cut -c1-180 "$OUT/projection_time.log" | head -24; tail -3 "$OUT/projection_time.err";;
 bipknn) stamp bipknn; timeout 150 python3 scripts/dev/bipartite_knn_time.py > "$OUT/bipartite_knn_time.jsonl" 2> "$OUT/bipartite_knn_time.err"; echo "bipknn rc=$?"; cat "$OUT/bipartite_knn_time.jsonl"; tail -3 "$OUT/bipartite_knn_time.err";;
-clusknn) stamp clusknn; timeout 200 python3 scripts/dev/clustered_knn_time.py > "$OUT/clustered_knn_time.jsonl" 2> "$OUT/clustered_knn_time.err"; echo "clusknn rc=$?"; cut -c1-700 "$OUT/clustered_knn_time.jsonl"; tail -3 "$OUT/clustered_knn_time.err";;
 keyknn) stamp keyknn; timeout 120 python3 scripts/dev/key_knn_time.py > "$OUT/key_knn_time.jsonl" 2> "$OUT/key_knn_time.err"; echo "keyknn rc=$?"; cat "$OUT/key_knn_time.jsonl"; tail -3 "$OUT/key_knn_time.err";;
 buildtime) stamp buildtime; timeout 150 python3 benchmarks/recall.py --build-time --json --bt-layers 2 --bt-heads 32 --bt-kv-heads 8 --bt-n 131072 --bt-d 128 --threads 16 --qg-device cuda > "$OUT/buildtime.jsonl" 2> "$OUT/buildtime.err"; echo "buildtime rc=$?"; tail -3 "$OUT/buildtime.jsonl" | cut -c1-300;;
 esac; done

@@ -414,23 +414,18 @@ def _projection_block(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degr
         max(PRUNE_SCAN * degree, 64), False)  # made above: checking them would wait for the device
 
 
-# How the GPU neighbour lists of the graph builds are made: "clustered" (clustered_key_knn: each key against the keys
-# of 16 nearby clusters of about 128) or "exact" (exact_key_knn among every other key, the default until the
-# twenty-second session). On the model's 32K Q/K the graphs scan the same share of keys at recall@100 0.95 with either
-# (4.48% and 4.44%; benchmarks/RESULTS.md, twenty-second session), and the clustered lists score about 1/30 of the
-# pairs. decode_latency.py --key-lists sets it for an A/B.
-KEY_LISTS = "clustered"
+# The GPU neighbour lists of the graph builds seek each key's nearest among every KEY_LIST_COLUMN_STRIDE-th key
+# (exact_key_knn's column_stride). 2 halves the score matrix for the same graph quality on the model's Q/K (RESULTS.md,
+# fifteenth session) and takes 5.2 s off a 128K 8B prefill on the H200. Its CPU builds are about 10% slower (the even
+# keys gather the weak keys' in-edges, and the in-degree balance has more to do); since the builds became faster
+# (twentieth session) they keep pace, and the first token comes 5 s sooner (24.8 against 29.9 s from the start).
+KEY_LIST_COLUMN_STRIDE = 2
 
 
 def build_key_lists(keys: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The key-to-key lists a graph build takes (keys (G, n, d) on the GPU), made on the keys' device as KEY_LISTS
-    says; None when there is no other candidate key to link to."""
-    if KEY_LISTS == "clustered":
-        lists = clustered_key_knn(keys, k)
-    elif KEY_LISTS == "exact":
-        lists = exact_key_knn(keys, k, column_stride=2)
-    else:
-        raise ValueError(f"KEY_LISTS must be 'clustered' or 'exact', not {KEY_LISTS!r}")
+    """The key-to-key lists a graph build takes (keys (G, n, d) on the GPU): exact_key_knn at KEY_LIST_COLUMN_STRIDE,
+    on the keys' device; None when there is no other candidate key to link to."""
+    lists = exact_key_knn(keys, k, column_stride=KEY_LIST_COLUMN_STRIDE)
     return lists if lists.shape[-1] > 0 else None
 
 
@@ -527,149 +522,6 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     finally:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
     return out
-
-
-def _nearest_centroids(x: torch.Tensor, cent: torch.Tensor, block: int) -> torch.Tensor:
-    """x (G, n, d), cent (G, C, d) -> (G, n) int64: each row's nearest centroid by L2 distance."""
-    half_sq = (0.5 * (cent.float() * cent.float()).sum(-1)).to(x.dtype).unsqueeze(1)  # (G, 1, C)
-    out = torch.empty(x.shape[:2], dtype=torch.int64, device=x.device)
-    for s in range(0, x.shape[1], block):
-        out[:, s : s + block] = (torch.bmm(x[:, s : s + block], cent.transpose(1, 2)) - half_sq).argmax(-1)
-    return out
-
-
-def _cluster_means(x: torch.Tensor, assign: torch.Tensor, cent: torch.Tensor, block: int) -> torch.Tensor:
-    """The mean of each cluster's rows (a one-hot matmul per block of rows: the same sums in every run, unlike
-    atomic adds on a GPU); an empty cluster keeps its centroid."""
-    groups, n, _ = x.shape
-    n_clusters = cent.shape[1]
-    sums = torch.zeros(cent.shape, dtype=torch.float32, device=x.device)
-    for s in range(0, n, block):
-        a = assign[:, s : s + block]
-        onehot = torch.zeros((groups, a.shape[1], n_clusters), dtype=x.dtype, device=x.device)
-        onehot.scatter_(2, a.unsqueeze(-1), 1.0)
-        sums += torch.bmm(onehot.transpose(1, 2), x[:, s : s + block]).float()
-    sizes = torch.zeros((groups, n_clusters), dtype=torch.int64, device=x.device).scatter_add_(1, assign, torch.ones_like(assign))
-    return torch.where((sizes > 0).unsqueeze(-1), (sums / sizes.clamp(min=1).unsqueeze(-1)).to(x.dtype), cent)
-
-
-def clustered_key_knn(keys: torch.Tensor, k: int, cluster_size: int = 128, probes: int = 16, iters: int = 2,
-                      max_block_bytes: int = 1 << 30) -> torch.Tensor:
-    """Each key's k nearest other keys of its group by L2 distance, sought among the keys of the clusters nearest to
-    its own, on the keys' device.
-
-    keys (G, n, d) -> ids (G, n, min(k, n - 1)) int64, nearest first; -1 where fewer candidates than k. Keys to key
-    is an in-distribution search, where clustering works well (unlike queries to keys): `iters` Lloyd iterations from
-    n / cluster_size keys at evenly spaced positions split each group into clusters; the keys of a cluster are scored,
-    128 at a time, against the keys of the `probes` clusters whose centroids are nearest to their cluster's (their own
-    first, at most probes x cluster_size keys), and the best 2k are re-ranked by their float32 L2 distance. This
-    scores about probes x cluster_size keys per key instead of all n (exact_key_knn), so it is approximate: a true
-    neighbour in a cluster outside the probed ones is missed. The scores are float16 with float32 accumulation on a
-    GPU (the keys centred and scaled by a power of two, as in exact_key_knn) and float32 on the CPU. Deterministic:
-    every sum has a fixed order. The query-guided graph links the keys its projection leaves weak from these lists
-    (build_key_lists)."""
-    check_positive_int(cluster_size, "cluster_size")
-    check_positive_int(probes, "probes")
-    check_positive_int(iters, "iters", minimum=0)
-    groups, n, d = keys.shape
-    dev = keys.device
-    k = min(k, n - 1)
-    if k <= 0:
-        return torch.empty((groups, n, 0), dtype=torch.int64, device=dev)
-    reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-    try:
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # float16 products sum in float32
-        cand = _clustered_candidates(keys, k, cluster_size, probes, iters, max_block_bytes)
-    finally:
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
-    kf = keys.float()
-    out = torch.empty((groups, n, k), dtype=torch.int64, device=dev)
-    rerank_block = max(1, min(n, max_block_bytes // (groups * 2 * k * (4 * d + 32))))
-    for s in range(0, n, rerank_block):
-        out[:, s : s + rerank_block] = _nearest_candidates(keys, kf, s, cand[:, s : s + rerank_block].contiguous(), k)
-    return out
-
-
-def _clustered_candidates(keys: torch.Tensor, k: int, cluster_size: int, probes: int, iters: int, max_block_bytes: int) -> torch.Tensor:
-    """clustered_key_knn's candidates: (G, n, 2k) int64, best approximate score first, -1 for none."""
-    groups, n, d = keys.shape
-    dev = keys.device
-    rows_per_tile = 128
-    n_clusters = max(1, -(-n // cluster_size))
-    n_probe = min(probes, n_clusters)
-    chunk = 128
-    width = -(-n_probe * cluster_size // chunk) * chunk  # columns scored per tile (whole chunks for _chunk_candidates)
-    kf = keys.float()
-    x = kf - kf.mean(1, keepdim=True)
-    del kf
-    half_sq = 0.5 * (x * x).sum(-1)
-    if keys.is_cuda:  # float16 scores, as in exact_key_knn: max |x|^2 scaled into [2^10, 2^12) per group
-        exps = torch.frexp((2 * half_sq).amax(-1)).exponent
-        scale = torch.ldexp(torch.ones(groups, device=dev), torch.div(12 - exps, 2, rounding_mode="floor"))
-        x = (x * scale.view(groups, 1, 1)).half()
-        half_sq = (half_sq * (scale * scale).view(groups, 1)).half()
-    row_block = max(1, min(n, max_block_bytes // (x.element_size() * groups * max(n_clusters, d) * 2)))
-    cent = x[:, torch.linspace(0, n - 1, n_clusters, device=dev).round().long()]
-    for _ in range(iters):
-        cent = _cluster_means(x, _nearest_centroids(x, cent, row_block), cent, row_block)
-    assign = _nearest_centroids(x, cent, row_block)
-    sizes = torch.zeros((groups, n_clusters), dtype=torch.int64, device=dev).scatter_add_(1, assign, torch.ones_like(assign))
-    starts = torch.cumsum(sizes, 1) - sizes
-    order = torch.argsort(assign, dim=1, stable=True)  # keys by cluster: cluster c at order[starts[c] : starts[c] + sizes[c]]
-    # each cluster's probed clusters (nearest centroids, itself first) and the positions in `order` of their keys
-    cf = cent.float()
-    c_sq = (cf * cf).sum(-1)
-    c_dist = c_sq.unsqueeze(2) - 2 * torch.bmm(cf, cf.transpose(1, 2)) + c_sq.unsqueeze(1)
-    c_dist.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    probe = c_dist.topk(n_probe, dim=-1, largest=False, sorted=True).indices  # (G, C, P)
-    del c_dist
-    p_size = sizes.gather(1, probe.view(groups, -1)).view(groups, n_clusters, n_probe)
-    p_start = starts.gather(1, probe.view(groups, -1)).view(groups, n_clusters, n_probe)
-    p_end = torch.cumsum(p_size, -1)
-    slot_pos = torch.arange(width, device=dev).expand(groups, n_clusters, width).contiguous()
-    slot = torch.searchsorted(p_end, slot_pos, right=True)  # (G, C, W): which probed cluster fills each column
-    used = slot < n_probe
-    slot = slot.clamp(max=n_probe - 1)
-    col_pos = p_start.gather(-1, slot) + slot_pos - (p_end - p_size).gather(-1, slot)
-    col_ids = torch.where(used, order.gather(1, col_pos.clamp(max=n - 1).view(groups, -1)).view(groups, n_clusters, width),
-                          torch.full_like(col_pos, -1))
-    del slot_pos, slot, used, col_pos
-    # tiles of at most rows_per_tile keys of one cluster; their count is bounded without asking the device
-    tiles_per_cluster = -(-sizes // rows_per_tile)
-    tiles_end = torch.cumsum(tiles_per_cluster, 1)
-    n_tiles = n_clusters + n // rows_per_tile + 1
-    m = min(2 * k, width)
-    cand = torch.full((groups, n + 1, 2 * k), -1, dtype=torch.int64, device=dev)  # row n takes the unused tiles' rows
-    g_first = (torch.arange(groups, device=dev) * n).view(groups, 1, 1)
-    x_flat = x.reshape(-1, d)
-    es = x.element_size()
-    tile_block = max(1, max_block_bytes // (groups * (width * (es * d + 24) + rows_per_tile * (es * width + es * d + 24))))
-    r = torch.arange(rows_per_tile, device=dev)
-    for t0 in range(0, n_tiles, tile_block):
-        t = torch.arange(t0, min(n_tiles, t0 + tile_block), device=dev).expand(groups, -1).contiguous()
-        c = torch.searchsorted(tiles_end, t, right=True)  # (G, Tb): the tile's cluster (n_clusters: unused tile)
-        live = c < n_clusters
-        c = c.clamp(max=n_clusters - 1)
-        within = (t - (tiles_end - tiles_per_cluster).gather(1, c)) * rows_per_tile
-        row_in = within.unsqueeze(-1) + r  # (G, Tb, R): offset in the cluster
-        row_ok = live.unsqueeze(-1) & (row_in < sizes.gather(1, c).unsqueeze(-1))
-        row_pos = (starts.gather(1, c).unsqueeze(-1) + row_in).clamp(max=n - 1)
-        row_ids = torch.where(row_ok, order.gather(1, row_pos.view(groups, -1)).view(row_pos.shape), torch.full_like(row_pos, n))
-        cols = col_ids.gather(1, c.unsqueeze(-1).expand(-1, -1, width))  # (G, Tb, W)
-        tb = c.shape[1]
-        xr = x_flat.index_select(0, (row_ids.clamp(max=n - 1) + g_first).view(-1)).view(groups * tb, rows_per_tile, d)
-        xc = x_flat.index_select(0, (cols.clamp(min=0) + g_first).view(-1)).view(groups * tb, width, d)
-        score = torch.bmm(xr, xc.transpose(1, 2)).view(groups, tb, rows_per_tile, width)
-        del xr, xc
-        score -= half_sq.gather(1, cols.clamp(min=0).view(groups, -1)).view(groups, tb, 1, width)
-        score.masked_fill_((cols < 0).unsqueeze(2) | (cols.unsqueeze(2) == row_ids.unsqueeze(-1)), float("-inf"))
-        flat = score.view(groups, tb * rows_per_tile, width)
-        pos = _chunk_candidates(flat, chunk, width // chunk, m)  # (G, Tb * R, m): each row's m best columns
-        ids = cols.gather(-1, pos.view(groups, tb, rows_per_tile * m)).view(groups, tb * rows_per_tile, m)
-        ids.masked_fill_(flat.gather(-1, pos) == float("-inf"), -1)
-        del score, flat
-        cand[:, :, :m].scatter_(1, row_ids.view(groups, -1, 1).expand(-1, -1, m), ids)
-    return cand[:, :n]
 
 
 class QueryGuidedIndex(_IndexBase):

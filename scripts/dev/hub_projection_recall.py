@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 import qk_data  # noqa: E402
 
 from retrieval_attention import _ext  # noqa: E402
-from retrieval_attention.index import (PRUNE_SCAN, _IndexBase, build_key_lists, exact_knn,  # noqa: E402
+from retrieval_attention.index import (KEY_LIST_COLUMN_STRIDE, PRUNE_SCAN, _IndexBase, exact_key_knn, exact_knn,  # noqa: E402
                                        projection_lists)
 
 
@@ -79,7 +79,7 @@ def main():
         keys = torch.from_numpy(p.keys).float()
         tq = torch.from_numpy(p.train_q).float().contiguous()
         kb = keys.bfloat16()
-        kl = build_key_lists(keys[None], 16)[0]
+        kl = exact_key_knn(keys[None], 16, column_stride=KEY_LIST_COLUMN_STRIDE)[0]
         knn = exact_knn(keys[None], tq[None], 100)[0]
         ex_ids, ex_sc = qk_data.exact_topk(p.keys, p.eval_q, 100)
         for name in a.variants.split(","):

@@ -492,40 +492,6 @@ def test_exact_key_knn_on_cuda_matches_the_cpu_lists():
         assert same >= 0.999, (factor, same)
 
 
-def test_clustered_key_knn_on_cuda():
-    """The clustered key-to-key lists the GPU prefill gives the graph builds by default (TF32 clusters and candidates,
-    float32 re-ranking): with every cluster probed, rank by rank the distances equal the exact CPU lists' for >= 99.9%
-    of the entries; on keys in separated blobs with 4 of 47 clusters probed, >= 99% of the exact lists' entries are
-    found; every id is a valid other key without repeats, nearest first; two calls give the same lists."""
-    from retrieval_attention.index import clustered_key_knn, exact_key_knn
-
-    g = torch.Generator().manual_seed(24)
-    base = (torch.randn(3, 5000, 64, generator=g) * 3 + torch.randn(3, 1, 64, generator=g) * 5).bfloat16()
-    blobs = torch.randn(2, 60, 32, generator=g) * 20
-    blobs = (blobs.repeat_interleave(50, dim=1)[:, torch.randperm(3000, generator=g)] + torch.randn(2, 3000, 32, generator=g)).bfloat16()
-    for keys, probes, need in ((base, 40, "distances"), (blobs, 4, "found")):
-        groups, n = keys.shape[:2]
-        gpu = clustered_key_knn(keys.cuda(), 16, probes=probes, cluster_size=128 if probes == 40 else 64)
-        assert torch.equal(gpu, clustered_key_knn(keys.cuda(), 16, probes=probes, cluster_size=128 if probes == 40 else 64))
-        gpu = gpu.cpu()
-        assert gpu.shape == (groups, n, 16)
-        assert bool(((gpu >= 0) & (gpu < n)).all()) and not bool((gpu == torch.arange(n)[None, :, None]).any())
-        ordered = gpu.sort(-1).values
-        assert not bool((ordered[..., 1:] == ordered[..., :-1]).any()), "repeated ids"
-        kd = keys.double()
-        dist = [torch.cdist(kd[h : h + 1], kd[h : h + 1])[0] for h in range(groups)]
-        d_gpu = torch.stack([dist[h].gather(1, gpu[h]) for h in range(groups)])
-        assert bool((d_gpu[..., 1:] >= d_gpu[..., :-1] * (1 - 1e-6)).all()), "not nearest first"
-        exact = exact_key_knn(keys, 16)
-        if need == "distances":
-            d_cpu = torch.stack([dist[h].gather(1, exact[h]) for h in range(groups)])
-            same = torch.isclose(d_gpu, d_cpu, rtol=1e-6, atol=0).double().mean().item()
-            assert same >= 0.999, same
-        else:
-            found = (gpu.unsqueeze(-1) == exact.unsqueeze(2)).any(2).double().mean().item()
-            assert found >= 0.99, found
-
-
 def test_exact_knn_on_cuda_is_the_topk_of_its_scores():
     """The training queries' neighbour lists on a GPU (16-bit GEMM, top-k over each row's best column chunks) are the
     exact top-k: with small integer entries every score is an integer that 16-bit floats hold exactly, so rank by

@@ -238,66 +238,6 @@ def test_exact_key_knn_matches_brute_force():
         assert_nearest_lists(got, dist, min(k, n - 1))
 
 
-def test_clustered_key_knn_probing_every_cluster_is_exact():
-    """With every cluster probed, clustered_key_knn scores each key against all others: its lists equal a brute-force
-    topk (float32 near-ties may swap), for n not a multiple of the cluster size, several tile blocks, k clamped to
-    n - 1, and one key (no neighbour)."""
-    from retrieval_attention.index import clustered_key_knn
-
-    g = torch.Generator().manual_seed(21)
-    for groups, n, d, k, size in ((2, 1000, 16, 16, 64), (1, 300, 8, 5, 32), (3, 129, 4, 200, 16), (1, 1, 4, 3, 8)):
-        keys = torch.randn(groups, n, d, generator=g)
-        got = clustered_key_knn(keys, k, cluster_size=size, probes=-(-n // size), max_block_bytes=1 << 18)
-        dist = torch.cdist(keys.double(), keys.double())
-        dist[:, torch.arange(n), torch.arange(n)] = float("inf")
-        assert got.shape == (groups, n, min(k, n - 1))
-        assert_nearest_lists(got, dist, min(k, n - 1))
-
-
-def test_clustered_key_knn_on_clustered_keys():
-    """Keys in separated blobs, probing 4 of 47 clusters: every list entry is a valid other key of the group without
-    repeats, nearest first; >= 99% of the exact lists' entries are found (the rest are neighbours in a cluster not
-    probed); two calls give the same lists; bad parameters are clear errors."""
-    from retrieval_attention.index import clustered_key_knn, exact_key_knn
-
-    g = torch.Generator().manual_seed(22)
-    centers = torch.randn(2, 60, 32, generator=g) * 20
-    keys = centers.repeat_interleave(50, dim=1)[:, torch.randperm(3000, generator=g)] + torch.randn(2, 3000, 32, generator=g)
-    got = clustered_key_knn(keys, 16, cluster_size=64, probes=4)
-    assert got.shape == (2, 3000, 16)
-    assert bool(((got >= 0) & (got < 3000)).all()) and not bool((got == torch.arange(3000)[None, :, None]).any())
-    ordered = got.sort(-1).values
-    assert not bool((ordered[..., 1:] == ordered[..., :-1]).any()), "repeated ids"
-    dist = torch.stack([torch.cdist(keys[h].double(), keys[h].double()).gather(1, got[h]) for h in range(2)])
-    assert bool((dist[..., 1:] >= dist[..., :-1] * (1 - 1e-6)).all()), "not nearest first"
-    exact = exact_key_knn(keys, 16)
-    found = (got.unsqueeze(-1) == exact.unsqueeze(2)).any(2).double().mean().item()
-    assert found >= 0.99, found
-    assert torch.equal(got, clustered_key_knn(keys, 16, cluster_size=64, probes=4))
-    for bad in ({"cluster_size": 0}, {"probes": 0}, {"iters": -1}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            clustered_key_knn(keys, 16, **bad)
-
-
-def test_build_key_lists_settings():
-    """build_key_lists follows index.KEY_LISTS: 'clustered' is clustered_key_knn, 'exact' exact_key_knn among every
-    other key; anything else is a clear error; a group of one key has no list."""
-    from retrieval_attention import index
-
-    keys = torch.randn(1, 500, 8, generator=torch.Generator().manual_seed(23))
-    assert torch.equal(index.build_key_lists(keys, 8), index.clustered_key_knn(keys, 8))
-    old = index.KEY_LISTS
-    try:
-        index.KEY_LISTS = "exact"
-        assert torch.equal(index.build_key_lists(keys, 8), index.exact_key_knn(keys, 8, column_stride=2))
-        index.KEY_LISTS = "approximate"
-        with pytest.raises(ValueError, match="KEY_LISTS"):
-            index.build_key_lists(keys, 8)
-    finally:
-        index.KEY_LISTS = old
-    assert index.build_key_lists(keys[:, :1], 8) is None
-
-
 def test_key_list_stages_torch_fallbacks_agree_with_the_ops():
     """The torch ops that stand in for the two key-list ops where the package has no CUDA kernels give what the ops
     give: the same candidate columns in the same order (distinct scores), and the same re-ranked lists up to float32
