@@ -73,6 +73,10 @@ acc_ab) stamp acc_ab  # retrieval_attention on the same samples with training qu
        for v in shift noshift; do timeout ${ACCAB_S:-200} python3 benchmarks/accuracy.py --json --contexts ${ACCAB_CTX:-32768} --samples ${ACCAB_N:-20} \
          --tasks ${ACCAB_TASKS:-niah} --methods retrieval_attention --kl-contexts none $( [ $v = noshift ] && echo --no-train-shift ) \
          > "$OUT/acc_ab_$v.jsonl" 2> "$OUT/acc_ab_$v.err"; echo "acc_ab $v rc=$?"; cut -c1-300 "$OUT/acc_ab_$v.jsonl"; done;;
+acc_ra) stamp acc_ra  # retrieval_attention alone with the default config, one accuracy.py run per context of ACCRA_CTX (in that order), each cell started only within ACCRA_BUDGET_S of the step's start
+       for ctx in ${ACCRA_CTX:-16384 8192 4096}; do left=$(( ${ACCRA_BUDGET_S:-300} - ($(date +%s) - acc_t0) )); [ "$left" -le 0 ] && { echo "acc_ra $ctx: not started"; continue; }
+         timeout $(( left + 120 )) python3 benchmarks/accuracy.py --json --contexts $ctx --samples ${ACCRA_N:-50} --tasks ${ACCRA_TASKS:-passkey,kv,niah,niah_multi} \
+           --methods retrieval_attention --kl-contexts none --budget-s $left > "$OUT/acc_ra_$ctx.jsonl" 2> "$OUT/acc_ra_$ctx.err"; echo "acc_ra $ctx rc=$?"; cut -c1-260 "$OUT/acc_ra_$ctx.jsonl"; done;;
 e2e) stamp e2e; run_e2e e2e "${E2E_METHODS:-full,ours}";;
 e2e_ab) stamp e2e_ab  # the e2e run of E2E_AB_METHODS with the package's .py files overlaid by those in .ab/ (carried): an A/B of Python changes in one call
        rm -rf /tmp/ab && mkdir -p /tmp/ab && cp -r python/retrieval_attention /tmp/ab/ && cp .ab/*.py /tmp/ab/retrieval_attention/ && echo "overlaid: $(ls .ab)" && PYTHONPATH=/tmp/ab python3 -c "import retrieval_attention.cache as c; print(c.__file__)"
