@@ -1,7 +1,7 @@
 """Build time of one 8B-shaped OffloadedLayer (synthetic OOD keys, kNN precomputed as on a GPU), built from the
 main thread and from a background thread (as RetrievalCache does on a GPU), with the OpenMP thread count each sees.
 
-    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16] [--hash]
+    python scripts/dev/build_threads.py --n 16384 --train 4096 [--sharing per_kv_head] [--threads 16] [--key-lists 16] [--hash] [--cache PATH]
 
 --key-lists L (with --key-list-stride S: among every S-th key) also computes each key's L nearest other keys (exact_key_knn, on the GPU when there is one) and hands
 them to the build, as RetrievalCache's prefill does; --projection also hands it the graphs' projections
@@ -41,10 +41,52 @@ def main():
     ap.add_argument("--key-list-stride", type=int, default=1, help="exact_key_knn's column_stride for those lists")
     ap.add_argument("--projection", action="store_true", help="also hand the build its projections (projection_lists)")
     ap.add_argument("--hash", action="store_true", help="also print a hash of the saved layer (equal: identical graphs)")
+    ap.add_argument("--cache", default=None, metavar="PATH",
+                    help="load the keys, queries and lists from PATH (torch.save) when it exists, else compute and save them "
+                         "there: repeated builds of one workload without its CPU kNN (its *_s fields are then null)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.cache and os.path.exists(a.cache):
+        c = torch.load(a.cache)
+        K, Q, knn, key_knn, proj = c["K"], c["Q"], c["knn"], c["key_knn"], c["proj"]
+        knn_s = key_knn_s = proj_s = None
+    else:
+        K, Q, knn, knn_s, key_knn, key_knn_s, proj, proj_s = make_inputs(a, dev)
+        if a.cache:
+            torch.save({"K": K, "Q": Q, "knn": knn, "key_knn": key_knn, "proj": proj}, a.cache)
+    for mode in a.modes.split(","):
+        res = {}
+
+        def build():
+            res["omp_threads_seen"] = torch.get_num_threads()
+            layer = _C.OffloadedLayer(torch.bfloat16, a.q_heads, a.kv_heads, a.d, a.d, "query_guided", {}, 4096, a.sharing)
+            t0 = time.perf_counter()
+            layer.build(K, K, Q, knn, key_knn=key_knn, projection=proj)
+            res["build_s"] = round(time.perf_counter() - t0, 3)
+            if a.hash:
+                with tempfile.TemporaryDirectory() as tmp:
+                    layer.save(os.path.join(tmp, "layer.bin"))
+                    with open(os.path.join(tmp, "layer.bin"), "rb") as f:
+                        res["saved_sha1"] = hashlib.sha1(f.read()).hexdigest()[:12]
+
+        if mode == "main":
+            build()
+        else:
+            th = threading.Thread(target=build)
+            th.start()
+            th.join()
+        print(json.dumps({"bench": "build_threads", "mode": mode, "n": a.n, "train_per_head": a.train, "sharing": a.sharing,
+                          "threads_main": torch.get_num_threads(), "knn_s": knn_s and round(knn_s, 3), "knn_device": dev.type,
+                          "key_lists": 0 if key_knn is None else int(key_knn.shape[-1]), "key_list_stride": a.key_list_stride,
+                          "projection": proj is not None, "inputs_from_cache": knn_s is None, "key_knn_s": key_knn_s,
+                          "projection_s": proj_s,
+                          "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **res}), flush=True)
+
+
+def make_inputs(a, dev):
+    """The synthetic keys and training queries and the lists the build takes, as a GPU prefill makes them."""
     rng = np.random.default_rng(0)
     G = a.q_heads // a.kv_heads
     keys, train = [], []
@@ -69,32 +111,7 @@ def main():
         per_index = knn.view(a.kv_heads, -1, knn.shape[-1]) if a.sharing == "per_kv_head" else knn
         proj = projection_lists(K.to(dev), per_index.to(dev), params["n_pivots"], params["degree"]).cpu()
         proj_s = round(time.perf_counter() - t, 3)
-    for mode in a.modes.split(","):
-        res = {}
-
-        def build():
-            res["omp_threads_seen"] = torch.get_num_threads()
-            layer = _C.OffloadedLayer(torch.bfloat16, a.q_heads, a.kv_heads, a.d, a.d, "query_guided", {}, 4096, a.sharing)
-            t0 = time.perf_counter()
-            layer.build(K, K, Q, knn, key_knn=key_knn, projection=proj)
-            res["build_s"] = round(time.perf_counter() - t0, 3)
-            if a.hash:
-                with tempfile.TemporaryDirectory() as tmp:
-                    layer.save(os.path.join(tmp, "layer.bin"))
-                    with open(os.path.join(tmp, "layer.bin"), "rb") as f:
-                        res["saved_sha1"] = hashlib.sha1(f.read()).hexdigest()[:12]
-
-        if mode == "main":
-            build()
-        else:
-            th = threading.Thread(target=build)
-            th.start()
-            th.join()
-        print(json.dumps({"bench": "build_threads", "mode": mode, "n": a.n, "train_per_head": a.train, "sharing": a.sharing,
-                          "threads_main": torch.get_num_threads(), "knn_s": round(knn_s, 3), "knn_device": dev.type,
-                          "key_lists": a.key_lists, "key_list_stride": a.key_list_stride, "key_knn_s": key_knn_s,
-                          "projection_s": proj_s,
-                          "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **res}), flush=True)
+    return K, Q, knn, knn_s, key_knn, key_knn_s, proj, proj_s
 
 
 if __name__ == "__main__":
