@@ -298,6 +298,21 @@ def mahalanobis_ratio(p: Problem, sample: int = 256) -> float:
 
 
 # ---------------------------------------------------------------------------------------- dev-script frontiers
+def frontier_arg_parser(description: str | None = None):
+    """The arguments the dev recall scripts share: --model-qk DUMP, --layers, --heads, --efs (beams swept), --target
+    (recall at which the summaries read the fraction scanned) and --threads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model-qk", required=True)
+    ap.add_argument("--layers", default="1,3,5")
+    ap.add_argument("--heads", default="0,4")
+    ap.add_argument("--efs", default="100,128,160,200,256,320,400")
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
 def search_recall(index, problem: Problem, kth_scores: np.ndarray, ef: int, k: int = 100) -> tuple[float, float]:
     """(mean recall@k, mean fraction of keys scanned) of index.search over the problem's evaluation queries at beam ef
     (kth_scores: each query's exact k-th best score, so ties count as found)."""

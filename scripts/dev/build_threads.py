@@ -48,14 +48,18 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # what the inputs depend on: a cache made for another workload is refused, not silently used
+    workload = {k: getattr(a, k) for k in ("n", "train", "q_heads", "kv_heads", "d", "sharing", "key_lists", "key_list_stride", "projection")}
     if a.cache and os.path.exists(a.cache):
         c = torch.load(a.cache)
+        if c.get("workload") != workload:
+            sys.exit(f"--cache {a.cache} holds the workload {c.get('workload')}, not {workload}")
         K, Q, knn, key_knn, proj = c["K"], c["Q"], c["knn"], c["key_knn"], c["proj"]
         knn_s = key_knn_s = proj_s = None
     else:
         K, Q, knn, knn_s, key_knn, key_knn_s, proj, proj_s = make_inputs(a, dev)
         if a.cache:
-            torch.save({"K": K, "Q": Q, "knn": knn, "key_knn": key_knn, "proj": proj}, a.cache)
+            torch.save({"workload": workload, "K": K, "Q": Q, "knn": knn, "key_knn": key_knn, "proj": proj}, a.cache)
     for mode in a.modes.split(","):
         res = {}
 
@@ -78,9 +82,9 @@ def main():
             th.start()
             th.join()
         print(json.dumps({"bench": "build_threads", "mode": mode, "n": a.n, "train_per_head": a.train, "sharing": a.sharing,
-                          "threads_main": torch.get_num_threads(), "knn_s": knn_s and round(knn_s, 3), "knn_device": dev.type,
-                          "key_lists": 0 if key_knn is None else int(key_knn.shape[-1]), "key_list_stride": a.key_list_stride,
-                          "projection": proj is not None, "inputs_from_cache": knn_s is None, "key_knn_s": key_knn_s,
+                          "threads_main": torch.get_num_threads(), "knn_s": None if knn_s is None else round(knn_s, 3), "knn_device": dev.type,
+                          "key_lists": a.key_lists, "key_list_stride": a.key_list_stride,
+                          "projection": a.projection, "inputs_from_cache": knn_s is None, "key_knn_s": key_knn_s,
                           "projection_s": proj_s,
                           "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), **res}), flush=True)
 

@@ -10,7 +10,6 @@ queries that list them with the pivot (then by distance / inner product), so a h
 
 Prints one JSON line per (head, variant, ef) and a summary of keys scanned at --target recall per variant.
 """
-import argparse
 import json
 import os
 import sys
@@ -56,15 +55,9 @@ def count_projection(keys: torch.Tensor, knn: torch.Tensor, n_pivots: int, degre
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model-qk", required=True)
-    ap.add_argument("--layers", default="1,3,5")
-    ap.add_argument("--heads", default="0,4")
+    ap = qk_data.frontier_arg_parser()
     ap.add_argument("--variants", default="lib,count")
     ap.add_argument("--n-pivots", type=int, default=4)
-    ap.add_argument("--efs", default="100,128,160,200,256,320,400")
-    ap.add_argument("--target", type=float, default=0.95)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recent", type=int, default=1024, help="variant old: keys this close to the end are left out of "
                     "the lists' second half")
     ap.add_argument("--overall", type=int, default=50, help="variant old: neighbours among all keys, then among the older")

@@ -9,7 +9,6 @@ keys are the decode queries' own. Variants: plain (the queries as they are), shi
 
 Prints one JSON line per (head, variant, ef) and a summary of keys scanned at --target recall per variant.
 """
-import argparse
 import json
 import os
 import sys
@@ -25,14 +24,8 @@ from retrieval_attention.index import KEY_LIST_COLUMN_STRIDE, _IndexBase, exact_
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model-qk", required=True)
-    ap.add_argument("--layers", default="1,3,5")
-    ap.add_argument("--heads", default="0,4")
+    ap = qk_data.frontier_arg_parser()
     ap.add_argument("--variants", default="plain,shifted,both")
-    ap.add_argument("--efs", default="100,128,160,200,256,320,400")
-    ap.add_argument("--target", type=float, default=0.95)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--n-pivots", type=int, default=4)

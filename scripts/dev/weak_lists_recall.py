@@ -5,7 +5,6 @@ given instead. Prints one JSON line per (head, variant, ef) and a summary of key
 
     python scripts/dev/weak_lists_recall.py --model-qk benchmarks/results/cache/model_qk_T32768.npz --layers 1,3,5 --heads 0,4
 """
-import argparse
 import json
 import os
 import sys
@@ -21,17 +20,11 @@ from retrieval_attention.index import _IndexBase, exact_key_knn, exact_knn  # no
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model-qk", required=True)
-    ap.add_argument("--layers", default="1,3,5")
-    ap.add_argument("--heads", default="0,4")
+    ap = qk_data.frontier_arg_parser()
     ap.add_argument("--key-k", default="16,32", help="key-to-key list lengths to try")
     ap.add_argument("--subset-strides", default="", help="also: lists of each key's 16 nearest among every s-th key only")
     ap.add_argument("--classes", default="", help="also: lists of each key's 16 nearest among the keys of its class "
                     "(position mod c) only")
-    ap.add_argument("--efs", default="100,128,160,200,256,320,400")
-    ap.add_argument("--target", type=float, default=0.95)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-train", type=int, default=None, help="use this many training queries per head (evenly spaced)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
