@@ -37,33 +37,42 @@ TORCH_NVCC_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D
                   -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
 FAILED=0
 
-run_step() {  # name, log file, command...
+# The steps run at once (each nvcc is one process; the two together take the longer one's time instead of the sum).
+STEP_NAMES=(); STEP_LOGS=(); STEP_PIDS=()
+start_step() {  # name, log file, command...: runs the command in the background, its exit status and seconds to log.rc
   local name=$1 log=$2
   shift 2
-  local t0=$SECONDS
-  if "$@" >"$log" 2>&1; then
-    echo "OK   $name ($((SECONDS - t0)) s)"
-    [ $VERBOSE = 1 ] && cat "$log"
-    return 0
-  fi
-  echo "FAIL $name"
-  cat "$log"
-  FAILED=1
-  return 1
+  ( t0=$SECONDS; "$@" >"$log" 2>&1; rc=$?; echo "$rc $((SECONDS - t0))" >"$log.rc" ) &
+  STEP_NAMES+=("$name"); STEP_LOGS+=("$log"); STEP_PIDS+=($!)
+}
+finish_steps() {  # waits for every started step and prints OK / FAIL (with its log) in the order they were started
+  local i rc secs
+  for i in "${!STEP_PIDS[@]}"; do
+    wait "${STEP_PIDS[$i]}"
+    read -r rc secs <"${STEP_LOGS[$i]}.rc" 2>/dev/null || { rc=1; secs=?; }
+    if [ "$rc" = 0 ]; then
+      echo "OK   ${STEP_NAMES[$i]} ($secs s)"
+      [ $VERBOSE = 1 ] && cat "${STEP_LOGS[$i]}"
+      if [ "${STEP_LOGS[$i]}" = "$TMP/kernels.log" ] && [ $VERBOSE = 0 ]; then
+        # ptxas summary: register counts per kernel (spills are errors).
+        regs=$(grep -o "Used [0-9]* registers" "$TMP/kernels.log" | awk '{print $2}' | sort -n | tail -1)
+        [ -n "$regs" ] && echo "     max registers per thread over all kernels: $regs (no spills, no local memory)"
+      fi
+    else
+      echo "FAIL ${STEP_NAMES[$i]}"
+      cat "${STEP_LOGS[$i]}"
+      FAILED=1
+    fi
+  done
 }
 
 # ---- 1. torch-free kernels ----------------------------------------------------------------------
 GENCODE=()
 for a in $ARCHS; do GENCODE+=("-gencode=arch=compute_${a},code=sm_${a}"); done
-run_step "kernels: tests/cuda/compile_check.cu (sm: $ARCHS, -std=c++17, -Werror all-warnings)" "$TMP/kernels.log" \
+start_step "kernels: tests/cuda/compile_check.cu (sm: $ARCHS, -std=c++17, -Werror all-warnings)" "$TMP/kernels.log" \
   "$NVCC" -std=c++17 -O3 -I"$ROOT/include" "${TORCH_NVCC_FLAGS[@]}" "${GENCODE[@]}" \
   -Xptxas -v,-warn-spills,-warn-lmem-usage -Werror all-warnings \
   -c "$ROOT/tests/cuda/compile_check.cu" -o "$TMP/compile_check.o"
-if [ -f "$TMP/kernels.log" ] && [ $VERBOSE = 0 ]; then
-  # ptxas summary: register counts per kernel (spills are errors above).
-  regs=$(grep -o "Used [0-9]* registers" "$TMP/kernels.log" | awk '{print $2}' | sort -n | tail -1)
-  [ -n "$regs" ] && echo "     max registers per thread over all kernels: $regs (no spills, no local memory)"
-fi
 
 # ---- 2. torch launchers --------------------------------------------------------------------------
 if TORCH_INFO=$("$PYTHON" - <<'PY' 2>/dev/null
@@ -88,7 +97,7 @@ PY
     INCS+=("-I$TMP/shim")
     SHIM_NOTE=", with the cuda_cmake_macros.h shim"
   fi
-  run_step "launchers: csrc/cuda/ops_cuda.cu against torch $TV (torch.version.cuda=$TCUDA$SHIM_NOTE; torch's -std=$TSTD, setup.py's nvcc flags, sm_90)" "$TMP/launchers.log" \
+  start_step "launchers: csrc/cuda/ops_cuda.cu against torch $TV (torch.version.cuda=$TCUDA$SHIM_NOTE; torch's -std=$TSTD, setup.py's nvcc flags, sm_90)" "$TMP/launchers.log" \
     "$NVCC" -std=$TSTD -O3 --use_fast_math -DRA_WITH_CUDA -I"$ROOT/include" "${INCS[@]}" -isystem "$PYINC" "${TORCH_NVCC_FLAGS[@]}" \
     -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI="$ABI" --compiler-options -fPIC \
     -gencode=arch=compute_90,code=sm_90 -Xcompiler -Wall -Xcompiler -Werror=return-type \
@@ -97,6 +106,7 @@ else
   echo "SKIP launchers: csrc/cuda/ops_cuda.cu (torch not importable with $PYTHON)"
 fi
 
+finish_steps
 if [ $FAILED = 0 ]; then
   echo "compile_cuda: OK"
   exit 0
