@@ -61,7 +61,9 @@ def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc"), eigen_include()]
     # no -std here: torch passes the standard its headers need (c++17, or c++20 from torch 2.10 on)
-    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
+    # -g0 undoes the -g of Python's own CFLAGS: with debug info bindings.cpp compiled in 172 s instead of 110 s on a
+    # 2-core CPU, and its object file held 47 MB instead of 2 MB (the C++ core's tests build with debug info: CMake)
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-DNDEBUG", "-Wno-unused-parameter"]
     use_cuda = (
         os.environ.get("RA_FORCE_CPU", "0") != "1"
         and torch.version.cuda is not None

@@ -3,7 +3,7 @@ file of the package, versioned from python/retrieval_attention/_version.py (the 
 the wheel installed on its own imports and runs an op.
 
 The build compiles the extension from scratch in a copy of the source tree (the checkout's build/ is not touched), which
-takes minutes on a 2-core machine (about 5 min here): the wheel tests are marked `slow`.
+takes about 2 minutes on a 2-core machine: the wheel tests are marked `slow`.
 """
 import os
 import pathlib
