@@ -90,9 +90,9 @@ def parse_args(argv=None):
     ap.add_argument("--ef", type=int, default=None, help="graph search beam of retrieval_attention (default: RetrievalConfig's automatic beam, which grows with the CPU keys)")
     ap.add_argument("--index-sharing", default=None, choices=("per_query_head", "per_kv_head"),
                     help="RetrievalConfig.index_sharing of every RetrievalCache method (default: RetrievalConfig's)")
-    ap.add_argument("--no-train-shift", action="store_true",
-                    help="retrieval_attention: train the graphs on the prompt queries where they are "
-                         "(RetrievalConfig.shift_train_queries=False) instead of moved by RoPE to the first decode position")
+    ap.add_argument("--train-shift", type=float, default=None, metavar="SHARE",
+                    help="retrieval_attention: RetrievalConfig.shift_train_queries, the share of the graphs' training "
+                         "queries moved by RoPE to the first decode position (default: the config's default; 0: none)")
     ap.add_argument("--ivf-nlist", type=int, default=None, help="IVF lists per head (default: power of 2 near sqrt(n), >= 16)")
     ap.add_argument("--ivf-scan-frac", type=float, default=None,
                     help="target scanned fraction for ivf_topk (default: retrieval_attention's measured value in the same "
@@ -710,7 +710,8 @@ def run_config(args) -> dict:
     base = ra.RetrievalConfig()
     cfg = {name: getattr(base, name) if getattr(args, name) is None else getattr(args, name)
            for name in ("n_sink", "n_window", "top_k", "ef", "index_sharing")}
-    cfg["shift_train_queries"] = not getattr(args, "no_train_shift", False)
+    share = getattr(args, "train_shift", None)
+    cfg["shift_train_queries"] = float(base.shift_train_queries if share is None else share)
     return cfg
 
 
@@ -758,7 +759,8 @@ def load_resume(args):
                 # records from before top_k and ef were recorded used top-100 and ef 128; cells are compared by the
                 # beam they searched with, so a fixed ef and the automatic one that gives the same beam are the same
                 beam = rec.get("ef_used", rec.get("ef", 128))
-                # records from before train_shifted was recorded trained on the prompt queries where they were
+                # records from before train_shifted was recorded trained on the prompt queries where they were; those
+                # from before it was a share hold True (all moved), which equals 1.0
                 if key[2] == "retrieval_attention" and (rec.get("train_queries", key[1]) != train_queries(key[1])
                                                         or beam != beam_for(cfg, key[1])
                                                         or rec.get("train_shifted", False) != cfg["shift_train_queries"]):

@@ -164,22 +164,23 @@ def bundled_model_rope():
     return rope_inv_freq(AutoConfig.from_pretrained(os.path.join(REPO, "models", "tinyllama-byte-32k")))
 
 
-def shift_train_queries(probs: list[Problem], inv_freq) -> list[Problem]:
-    """Each problem's training queries moved by RoPE to the position of its first evaluation query (= its key count:
-    the keys are the positions before it), as RetrievalCache does with a prompt's queries
-    (RetrievalConfig.shift_train_queries). Problems without train_pos are returned as they are."""
+def shift_train_queries(probs: list[Problem], inv_freq, share: float = 1.0) -> list[Problem]:
+    """A share of each problem's training queries (index.shifted_rows: spread evenly) moved by RoPE to the position of
+    its first evaluation query (= its key count: the keys are the positions before it), as RetrievalCache does with a
+    prompt's queries (RetrievalConfig.shift_train_queries). Problems without train_pos are returned as they are."""
     import torch
 
-    from retrieval_attention.index import rope_shift
+    from retrieval_attention.index import rope_shift, shifted_rows
 
     out = []
     for p in probs:
-        if p.train_pos is None:
+        if p.train_pos is None or share <= 0:
             out.append(p)
             continue
-        delta = torch.from_numpy(p.n - np.asarray(p.train_pos, dtype=np.int64))
+        pos = torch.from_numpy(np.asarray(p.train_pos, dtype=np.int64))
+        delta = torch.where(shifted_rows(pos.numel(), share), p.n - pos, 0)
         moved = rope_shift(torch.from_numpy(p.train_q), delta, inv_freq).numpy()
-        out.append(Problem(p.name, p.keys, np.ascontiguousarray(moved), p.eval_q, {**p.meta, "train_shifted": True}, p.train_pos))
+        out.append(Problem(p.name, p.keys, np.ascontiguousarray(moved), p.eval_q, {**p.meta, "train_shifted": share}, p.train_pos))
     return out
 
 

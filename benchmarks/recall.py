@@ -59,9 +59,10 @@ def parse_args(argv=None):
                          "searched by every query head of the group); rows carry a \"sharing\" field")
     ap.add_argument("--kv-max-train", type=int, default=None,
                     help="per_kv_head: subsample the pooled training queries of a group to this many (default: all)")
-    ap.add_argument("--no-train-shift", action="store_true",
-                    help="real/model_qk: train the query-guided graph on the prompt queries where they are, instead of "
-                         "moved by RoPE to the first evaluation position (what RetrievalCache does by default)")
+    ap.add_argument("--train-shift", type=float, default=None, metavar="SHARE",
+                    help="real/model_qk: the share of the query-guided graph's training queries moved by RoPE to the first "
+                         "evaluation position, spread evenly (default: RetrievalConfig's shift_train_queries, as "
+                         "RetrievalCache does; 0: all where they are in the prompt)")
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--qg-args", default="{}", help="extra QueryGuidedIndex kwargs as JSON, e.g. '{\"device\":\"cuda\"}'")
@@ -440,6 +441,14 @@ def load_datasets(args):
         heads = heads if heads is not None else [0, 4]
     n = args.n or (4096 if args.quick else 16384)
     num = args.num_synthetic or (1 if args.quick else 4)
+    if args.train_shift is None:
+        import retrieval_attention as ra
+
+        train_shift = float(ra.RetrievalConfig().shift_train_queries)
+    else:
+        train_shift = args.train_shift
+    if not 0.0 <= train_shift <= 1.0:
+        raise SystemExit(f"--train-shift must be a share in [0, 1], got {train_shift}")
     out = {}
     for nm in names:
         t0 = time.perf_counter()
@@ -466,8 +475,8 @@ def load_datasets(args):
             probs = qk_data.make_synthetic(nm, n=n, d=args.d, n_eval=args.n_eval, seed=args.seed, num=num)
         else:
             raise SystemExit(f"unknown data set {nm!r}; choose from {qk_data.DATA_NAMES}")
-        if nm in ("real", "model_qk") and not args.no_train_shift:
-            probs = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope())
+        if nm in ("real", "model_qk") and train_shift > 0:
+            probs = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope(), train_shift)
         p0 = probs[0]
         log(f"[recall] data {nm}: {len(probs)} problem(s), n={p0.n} d={p0.d} train={len(p0.train_q)} "
             f"eval={len(p0.eval_q)}  Mahalanobis(q)/Mahalanobis(k)={qk_data.mahalanobis_ratio(p0):.2f} "
@@ -567,7 +576,7 @@ def evaluate(datasets, adapters, ks, args):
                         else 0,
                     }
                     if ad.name == "query_guided":
-                        row["train_shifted"] = bool(plan[0][0].meta.get("train_shifted", False))
+                        row["train_shifted"] = float(plan[0][0].meta.get("train_shifted", 0.0))
                     if by_age:
                         row["recall_by_age"] = [round(float(h / c), 4) if c else None
                                                 for h, c in zip(a["age_hit"], a["age_cnt"])]

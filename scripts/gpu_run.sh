@@ -69,9 +69,9 @@ accuracy_par) stamp accuracy_par  # the grid as one queue of cells per GPU, run 
        g=0; for q in ${ACC_QUEUES:-passkey,kv@1024,2048,4096,8192,16384,32768@0@2048,8192 niah,niah_multi@1024,2048,4096,8192,16384,32768@0}; do
          run_acc_queue $g "$q" & g=$((g + 1)); done; wait
        cp .acc_state/g*.jsonl .acc_state/*.err "$OUT"/ 2>/dev/null; for f in .acc_state/g*.jsonl; do echo "$f: $(grep -c '"bench": "accuracy' "$f") lines"; done;;
-acc_ab) stamp acc_ab  # retrieval_attention on the same samples with training queries shifted by RoPE (the default) and without
+acc_ab) stamp acc_ab  # retrieval_attention on the same samples with the default share of training queries moved by RoPE and with none
        for v in shift noshift; do timeout ${ACCAB_S:-200} python3 benchmarks/accuracy.py --json --contexts ${ACCAB_CTX:-32768} --samples ${ACCAB_N:-20} \
-         --tasks ${ACCAB_TASKS:-niah} --methods retrieval_attention --kl-contexts none $( [ $v = noshift ] && echo --no-train-shift ) \
+         --tasks ${ACCAB_TASKS:-niah} --methods retrieval_attention --kl-contexts none $( [ $v = noshift ] && echo --train-shift 0 ) \
          > "$OUT/acc_ab_$v.jsonl" 2> "$OUT/acc_ab_$v.err"; echo "acc_ab $v rc=$?"; cut -c1-300 "$OUT/acc_ab_$v.jsonl"; done;;
 acc_ra) stamp acc_ra  # retrieval_attention alone with the default config, one accuracy.py run per context of ACCRA_CTX (in that order), each cell started only within ACCRA_BUDGET_S of the step's start
        for ctx in ${ACCRA_CTX:-16384 8192 4096}; do left=$(( ${ACCRA_BUDGET_S:-300} - ($(date +%s) - acc_t0) )); [ "$left" -le 0 ] && { echo "acc_ra $ctx: not started"; continue; }

@@ -35,7 +35,7 @@ from . import _ext
 from ._version import __version__
 from .compat import Cache, CacheLayerMixin, model_attention_shape, rope_inv_freq, warn_if_rope_parameters_ignored
 from .config import RetrievalConfig
-from .index import build_key_lists, exact_knn, projection_fits, projection_lists, rope_shift
+from .index import build_key_lists, exact_knn, projection_fits, projection_lists, rope_shift, shifted_rows
 from .ops import dense_attention_any_device, merge_attention_any_device
 
 logger = logging.getLogger("retrieval_attention")
@@ -150,9 +150,11 @@ class RetrievalLayer(CacheLayerMixin):
         self.q_heads, self.kv_heads, self.head_dim, self.layer_idx = q_heads, kv_heads, head_dim, layer_idx
         self._host_buffers = {}  # page-locked staging buffers of GPU decoding, reused across steps
         self._copy_event = None  # marks the end of the query's device-to-host copy (GPU decoding)
-        # the model's RoPE inverse frequencies when the training queries are moved to the decode position
-        # (RetrievalConfig.shift_train_queries; set by RetrievalCache from the model config), else None
+        # the model's RoPE inverse frequencies when training queries are moved to the decode position, and the share of
+        # them moved (RetrievalConfig.shift_train_queries; both set by RetrievalCache from the model config); None / 0.0
+        # when none are
         self.rope_inv_freq = None
+        self.train_shift_share = 0.0
         self._reset_state()
 
     def _reset_state(self):
@@ -298,10 +300,12 @@ class RetrievalLayer(CacheLayerMixin):
             if cfg.max_train_queries is not None and q.shape[2] > cfg.max_train_queries:
                 pos = torch.linspace(0, q.shape[2] - 1, cfg.max_train_queries, device=q.device).round().long()
                 q = q[:, :, pos]
-            if self.rope_inv_freq is not None:
-                # each query moved to the first decode position, so that it scores the keys from the relative positions a
-                # decode query has to them (RetrievalConfig.shift_train_queries)
-                q = rope_shift(q, query.shape[2] - pos, self.rope_inv_freq)
+            if self.rope_inv_freq is not None and self.train_shift_share > 0:
+                # a share of the queries moved to the first decode position, so that they score the keys from the
+                # relative positions a decode query has to them (RetrievalConfig.shift_train_queries); a shift of 0
+                # leaves the others exactly as they are
+                moved = shifted_rows(pos.numel(), self.train_shift_share, pos.device)
+                q = rope_shift(q, torch.where(moved, query.shape[2] - pos, 0), self.rope_inv_freq)
             train = _to_host(self._flat_heads(q), torch.float32)
         self.offloaded = _ext._C.OffloadedLayer(
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
@@ -731,7 +735,7 @@ class RetrievalLayer(CacheLayerMixin):
             "scanned_frac": self.visited_sum / self.cpu_candidates_sum if self.cpu_candidates_sum else 0.0,
             "search_beam": self.cfg.search_beam(self.cpu_tokens) if self.cfg.index == "query_guided" else None,
             "index_build_s": self.build_seconds,
-            "train_queries_shifted": self.rope_inv_freq is not None and self.cfg.index != "flat",
+            "train_queries_shifted": self.train_shift_share if self.rope_inv_freq is not None and self.cfg.index != "flat" else 0.0,
             "knn_s": self.knn_seconds,
             "knn_parts_s": self.knn_part_seconds,
             "offload_s": self.offload_seconds,
@@ -765,11 +769,13 @@ class RetrievalCache(Cache):
         if not (isinstance(layer_class, type) and issubclass(layer_class, RetrievalLayer)):
             raise TypeError("layer_class must be a subclass of RetrievalLayer")
         layers = [layer_class(retrieval_config, q_heads, kv_heads, head_dim, i) for i in range(n_layers)]
-        inv_freq = rope_inv_freq(config) if retrieval_config.shift_train_queries else None
+        share = float(retrieval_config.shift_train_queries)
+        inv_freq = rope_inv_freq(config) if share > 0 else None
         if inv_freq is not None and not 0 < 2 * inv_freq.numel() <= head_dim:
             inv_freq = None  # not a rotary layout this package knows: train on the queries as they are
         for layer in layers:
             layer.rope_inv_freq = inv_freq
+            layer.train_shift_share = share if inv_freq is not None else 0.0
         super().__init__(layers=layers)
         self._progress = None
         for layer in layers:
@@ -908,9 +914,9 @@ class RetrievalCache(Cache):
         layer, static_tokens, cpu_tokens; scanned_frac (CPU keys scored per query head and step / CPU keys);
         search_beam: the graph search's beam at this layer's current CPU tokens (RetrievalConfig.search_beam; None
         for index="flat");
-        index_build_s (split at prefill + graph builds + later inserts; host time); train_queries_shifted: whether the
-        graphs were trained on the prompt's queries moved to the first decode position (RetrievalConfig.shift_train_queries
-        with a RoPE the package can move); knn_s: the GPU time of the
+        index_build_s (split at prefill + graph builds + later inserts; host time); train_queries_shifted: the share of the
+        graphs' training queries moved to the first decode position (RetrievalConfig.shift_train_queries where the
+        package can move the model's RoPE, else 0.0); knn_s: the GPU time of the
         prefill's kNN on the device (bipartite and key-to-key lists, projections, their copies; index_build_s grows
         until the layer's background build is done) and knn_parts_s, the same by part (knn_part_seconds); offload_s:
         the prefill's
@@ -943,7 +949,7 @@ class RetrievalCache(Cache):
             "scanned_frac": sum(x["scanned_frac"] * x["cpu_tokens"] for x in s) / cpu if cpu else 0.0,
             "search_beam": max((x["search_beam"] for x in s if x["search_beam"] is not None), default=None),
             "index_build_s": sum(x["index_build_s"] for x in s),
-            "train_queries_shifted": bool(s) and all(x["train_queries_shifted"] for x in s),
+            "train_queries_shifted": min((x["train_queries_shifted"] for x in s), default=0.0),
             "knn_s": sum(x["knn_s"] for x in s),
             "knn_parts_s": {p: sum(x["knn_parts_s"].get(p, 0.0) for x in s) for p in dict.fromkeys(p for x in s for p in x["knn_parts_s"])},
             "offload_s": sum(x["offload_s"] for x in s),

@@ -129,9 +129,8 @@ def rope_shift(queries: torch.Tensor, delta, inv_freq: torch.Tensor) -> torch.Te
 
     RoPE rotates each plane (i, i + r/2) by position * inv_freq[i], and rotations add, so rotating once more by delta *
     inv_freq gives position p + delta. RetrievalCache trains its graphs on the prompt's queries moved to the first
-    decode position this way (RetrievalConfig.shift_train_queries): each then scores the keys as a decode query would,
-    from the same relative positions (on the bundled model's 32K Q/K, 20% fewer keys scanned at recall@100 0.95;
-    docs/TUNING.md). Angles are computed in float64 (a position near 1M times a frequency near 1 would lose radians
+    decode position this way (RetrievalConfig.shift_train_queries, by default every other one): each then scores the
+    keys as a decode query would, from the same relative positions (docs/TUNING.md, "shift_train_queries"). Angles are computed in float64 (a position near 1M times a frequency near 1 would lose radians
     in float32)."""
     q = as_tensor(queries, "queries")
     check_float(q, "queries")
@@ -156,6 +155,13 @@ def rope_shift(queries: torch.Tensor, delta, inv_freq: torch.Tensor) -> torch.Te
         out[i, :, half : 2 * half] = hi * cos + lo * sin
         out[i, :, 2 * half :] = rows[i, :, 2 * half :]
     return out.reshape(q.shape)
+
+
+def shifted_rows(m: int, share: float, device=None) -> torch.Tensor:
+    """(m,) bool: which of m training queries a share in [0, 1] of them moves (RetrievalConfig.shift_train_queries),
+    spread evenly: row i moves when floor((i + 1) * share) > floor(i * share), so 0.5 moves the odd rows, 1 all, 0 none."""
+    i = torch.arange(m, dtype=torch.float64, device=device)
+    return torch.floor((i + 1) * share) > torch.floor(i * share)
 
 
 def _chunk_max_step(t: torch.Tensor, chunk: int) -> int:

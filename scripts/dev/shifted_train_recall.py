@@ -3,7 +3,8 @@ scanned?
 
 A prefill query at position p moved by N - p (retrieval_attention.index.rope_shift) scores every key as if it were
 asked at position N, where the decode queries are: the graph is then trained on queries whose relative positions to the
-keys are the decode queries' own. Variants: plain (the queries as they are), shifted, both (the two sets together).
+keys are the decode queries' own. Variants: plain (the queries as they are), shifted, both (the two sets
+together), alternate (every other query moved; as many queries as plain), fracX (a share X of them moved, e.g. frac0.25).
 
     python scripts/dev/shifted_train_recall.py --model-qk benchmarks/results/cache/model_qk_T32768.npz --layers 1,3,5 --heads 0,4
 
@@ -44,7 +45,14 @@ def main():
         kl = exact_key_knn(keys[None], 16, column_stride=KEY_LIST_COLUMN_STRIDE)[0]
         ex_ids, ex_sc = qk_data.exact_topk(p.keys, p.eval_q, 100)
         for name in a.variants.split(","):
-            train = {"plain": tq, "shifted": shifted, "both": torch.cat([tq, shifted])}[name].contiguous()
+            if name == "alternate" or name.startswith("frac"):  # a share of the queries moved, spread evenly
+                frac = 0.5 if name == "alternate" else float(name[4:])
+                i = torch.arange(tq.shape[0], dtype=torch.float64)
+                moved = torch.floor((i + 1) * frac) > torch.floor(i * frac)
+                train = torch.where(moved[:, None], shifted, tq)
+            else:
+                train = {"plain": tq, "shifted": shifted, "both": torch.cat([tq, shifted])}[name]
+            train = train.contiguous()
             t = time.perf_counter()
             knn = exact_knn(keys[None], train[None], a.k_train)[0]
             handle = _ext._C.KeyIndex.build(keys.bfloat16(), train, "query_guided", params, knn, kl)

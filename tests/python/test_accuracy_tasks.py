@@ -145,10 +145,10 @@ def test_resume_reuses_only_matching_cells(tmp_path):
     recs = [
         {"bench": "accuracy", "task": "passkey", "context": 1024, "method": "full", "samples": 2, "accuracy": 1.0},
         {"bench": "accuracy", "task": "passkey", "context": 1024, "method": "retrieval_attention", "samples": 2,
-         "accuracy": 1.0, "scanned_frac": 0.3, "index_sharing": "per_query_head", "train_shifted": True},
+         "accuracy": 1.0, "scanned_frac": 0.3, "index_sharing": "per_query_head", "train_shifted": 0.5},
         {"bench": "accuracy", "task": "passkey", "context": 2048, "method": "full", "samples": 50, "accuracy": 1.0},
         {"bench": "accuracy", "task": "kv", "context": 1024, "method": "retrieval_attention", "samples": 2,
-         "accuracy": 1.0, "scanned_frac": 0.3, "index_sharing": "per_kv_head", "train_shifted": True},
+         "accuracy": 1.0, "scanned_frac": 0.3, "index_sharing": "per_kv_head", "train_shifted": 0.5},
         {"bench": "accuracy_kl", "context": 1024, "method": "full", "kl": 0.0},
     ]
     path = tmp_path / "prev.jsonl"
@@ -175,7 +175,7 @@ def test_resume_reruns_cells_built_with_other_training_queries(tmp_path, monkeyp
     assert accuracy.train_queries(32768) == (ra.RetrievalConfig().max_train_queries or 32768)
     monkeypatch.setattr(accuracy, "train_queries", lambda context: min(context, 8192))  # as with a cap of 8192
     common = {"bench": "accuracy", "task": "passkey", "samples": 50, "accuracy": 1.0, "index_sharing": "per_query_head",
-              "train_shifted": True}
+              "train_shifted": 0.5}
     recs = [
         dict(common, context=1024, method="retrieval_attention", scanned_frac=0.9),  # 1024 <= cap: the same build
         dict(common, context=1024, method="ivf_topk", target_scan=0.9),
@@ -207,7 +207,7 @@ def test_resume_picks_the_matching_record_among_several(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "train_queries", lambda context: context)  # every prompt token
     common = {"bench": "accuracy", "task": "passkey", "samples": 50, "context": 16384, "index_sharing": "per_query_head",
-              "train_shifted": True}
+              "train_shifted": 0.5}
     recs = [
         dict(common, method="retrieval_attention", accuracy=1.0, scanned_frac=0.094),  # all queries (no field)
         dict(common, method="ivf_topk", accuracy=0.92, target_scan=0.094),
@@ -230,7 +230,7 @@ def test_render_flags_cells_below_97_percent_of_full(tmp_path, monkeypatch):
     import accuracy
 
     monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
-    common = {"bench": "accuracy", "samples": 50, "index_sharing": "per_query_head", "train_shifted": True}
+    common = {"bench": "accuracy", "samples": 50, "index_sharing": "per_query_head", "train_shifted": 0.5}
     recs = [
         dict(common, task="passkey", context=1024, method="full", accuracy=0.88, scanned_frac=1.0),
         dict(common, task="passkey", context=1024, method="retrieval_attention", accuracy=0.84, scanned_frac=0.05),
@@ -261,7 +261,7 @@ def test_resume_reruns_cells_of_another_beam_or_top_k(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
     common = {"bench": "accuracy", "task": "niah", "context": 1024, "samples": 50, "accuracy": 1.0,
-              "index_sharing": "per_query_head", "train_shifted": True}
+              "index_sharing": "per_query_head", "train_shifted": 0.5}
     recs = [dict(common, method="retrieval_attention", scanned_frac=0.9), dict(common, method="flat_topk", scanned_frac=1.0),
             dict(common, method="full", scanned_frac=1.0)]
     path = tmp_path / "prev.jsonl"
@@ -281,7 +281,7 @@ def test_resume_compares_the_beam_searched_with(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
     base = {"bench": "accuracy", "task": "niah", "samples": 50, "accuracy": 1.0, "index_sharing": "per_query_head",
-            "method": "retrieval_attention", "scanned_frac": 0.1, "train_shifted": True}
+            "method": "retrieval_attention", "scanned_frac": 0.1, "train_shifted": 0.5}
     path = tmp_path / "prev.jsonl"
     path.write_text(json.dumps(dict(base, context=1024, ef=128)) + "\n" + json.dumps(dict(base, context=32768, ef=128)) + "\n")
     args = accuracy.parse_args(["--contexts", "1024,32768", "--tasks", "niah", "--methods", "retrieval_attention",
@@ -296,7 +296,8 @@ def test_resume_compares_the_beam_searched_with(tmp_path, monkeypatch):
 
 def test_resume_reruns_cells_trained_on_unshifted_queries(tmp_path, monkeypatch):
     """A retrieval_attention cell is reused only if its graphs were trained as this run's would be: records without
-    "train_shifted" (written before the training queries were moved by RoPE) match --no-train-shift only."""
+    "train_shifted" (written before the training queries were moved by RoPE) match --train-shift 0 only, those with
+    True (all moved, twenty-first and twenty-second sessions) --train-shift 1 only, and the default share its own records."""
     import accuracy
 
     monkeypatch.setattr(accuracy, "train_queries", lambda context: context)
@@ -306,7 +307,10 @@ def test_resume_reruns_cells_trained_on_unshifted_queries(tmp_path, monkeypatch)
     path.write_text(json.dumps(common) + "\n")
     argv = ["--contexts", "1024", "--tasks", "niah", "--methods", "retrieval_attention", "--resume", str(path)]
     assert accuracy.load_resume(accuracy.parse_args(argv))[0] == {}
-    assert set(accuracy.load_resume(accuracy.parse_args(argv + ["--no-train-shift"]))[0]) == {("niah", 1024, "retrieval_attention")}
+    assert set(accuracy.load_resume(accuracy.parse_args(argv + ["--train-shift", "0"]))[0]) == {("niah", 1024, "retrieval_attention")}
     path.write_text(json.dumps(dict(common, train_shifted=True)) + "\n")
+    assert set(accuracy.load_resume(accuracy.parse_args(argv + ["--train-shift", "1"]))[0]) == {("niah", 1024, "retrieval_attention")}
+    assert accuracy.load_resume(accuracy.parse_args(argv))[0] == {}  # the default moves half of them
+    assert accuracy.load_resume(accuracy.parse_args(argv + ["--train-shift", "0"]))[0] == {}
+    path.write_text(json.dumps(dict(common, train_shifted=0.5)) + "\n")
     assert set(accuracy.load_resume(accuracy.parse_args(argv))[0]) == {("niah", 1024, "retrieval_attention")}
-    assert accuracy.load_resume(accuracy.parse_args(argv + ["--no-train-shift"]))[0] == {}

@@ -6,7 +6,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 import retrieval_attention as ra
 from retrieval_attention.compat import TRANSFORMERS_VERSION, Version, rope_inv_freq
-from retrieval_attention.index import rope_shift
+from retrieval_attention.index import rope_shift, shifted_rows
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
              vocab_size=97, max_position_embeddings=1 << 20)
@@ -101,10 +101,11 @@ class Recording(ra.RetrievalLayer):
             self.train = train_queries.clone()
 
 
-@pytest.mark.parametrize("shift,max_train", [(True, None), (True, 7), (False, None)])
+@pytest.mark.parametrize("shift,max_train", [(1.0, None), (1.0, 7), (0.5, None), (0.5, 7), (0.0, None)])
 def test_the_cache_trains_on_the_shifted_prompt_queries(shift, max_train, device):
-    """The graphs' training queries (as a subclass's on_cpu_tokens hook gets them) are the prompt's queries moved to the
-    first decode position; on a GPU the prefill shifts them on the device, beside its kNN."""
+    """The graphs' training queries (as a subclass's on_cpu_tokens hook gets them) are the prompt's queries, the share
+    `shift` of them (evenly spread) moved to the first decode position and the others exactly as they were; on a GPU
+    the prefill shifts them on the device, beside its kNN."""
     config = with_rope(LlamaConfig, rope_theta=2000000.0)
     hq, hkv, d, T = 4, 2, 32, 40
     cfg = ra.RetrievalConfig(n_sink=4, n_window=8, async_build=False, shift_train_queries=shift, max_train_queries=max_train)
@@ -117,23 +118,35 @@ def test_the_cache_trains_on_the_shifted_prompt_queries(shift, max_train, device
     layer.finish_prefill(query.to(device))
     cache.wait_for_indexes()
     pos = torch.arange(T) if max_train is None else torch.linspace(0, T - 1, max_train).round().long()
+    moved = shifted_rows(len(pos), shift)
+    assert int(moved.sum()) == int(len(pos) * shift)  # 0.5: every other row, 1: all, 0: none
+    if shift == 0.5:
+        assert moved.tolist() == [i % 2 == 1 for i in range(len(pos))]
     expect = query[:, :, pos]
     if shift:
-        expect = rope_shift(expect, T - pos, rope_inv_freq(config))
+        expect = rope_shift(expect, torch.where(moved, T - pos, 0), rope_inv_freq(config))
     assert layer.train.shape == (hq, len(pos), d)
-    torch.testing.assert_close(layer.train, expect.reshape(hq, len(pos), d), atol=1e-5, rtol=0)
-    assert layer.stats()["train_queries_shifted"] is shift
-    # the last prompt query moves by one position only, the first by T
-    if shift:
+    train = layer.train.reshape(1, hq, len(pos), d)
+    torch.testing.assert_close(train, expect, atol=1e-5, rtol=0)
+    assert torch.equal(train[:, :, ~moved], query[:, :, pos][:, :, ~moved])  # the others bit for bit
+    assert layer.stats()["train_queries_shifted"] == shift
+    # the last prompt query moves by one position only, the first (row 0: moved only when all are) by T
+    if shift == 1.0:
         assert not torch.allclose(layer.train[:, 0], query[0, :, 0], atol=1e-2)
 
 
-def test_shift_train_queries_must_be_a_bool():
+@pytest.mark.parametrize("bad", ["yes", None, -0.1, 1.5, float("nan")])
+def test_shift_train_queries_must_be_a_share(bad):
     with pytest.raises(TypeError, match="shift_train_queries"):
-        ra.RetrievalConfig(shift_train_queries=1)
+        ra.RetrievalConfig(shift_train_queries=bad)
 
 
-@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("good", [True, False, 0, 1, 0.25])
+def test_shift_train_queries_takes_bools_as_all_or_none(good):
+    assert ra.RetrievalConfig(shift_train_queries=good).shift_train_queries == good
+
+
+@pytest.mark.parametrize("shift", [0.5, 0.0])
 def test_the_bundled_model_trains_on_shifted_queries(model_dir, shift):
     """Through the HF path (the bundled Llama's own config): summary() reports the shift as configured, and the
     exact-top_k answer of the first decode step does not depend on it (top_k >= CPU tokens: exact attention)."""
@@ -149,6 +162,6 @@ def test_the_bundled_model_trains_on_shifted_queries(model_dir, shift):
         ref_cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=16, n_window=32, top_k=1000, index="flat"))
         model(ids, past_key_values=ref_cache)
         ref = model(logits.argmax().view(1, 1), past_key_values=ref_cache).logits[0, -1]
-    assert cache.summary()["train_queries_shifted"] is shift
-    assert ref_cache.summary()["train_queries_shifted"] is False  # a flat index has no training queries
+    assert cache.summary()["train_queries_shifted"] == shift
+    assert ref_cache.summary()["train_queries_shifted"] == 0.0  # a flat index has no training queries
     torch.testing.assert_close(nxt, ref, atol=1e-4, rtol=1e-4)
