@@ -441,14 +441,13 @@ def load_datasets(args):
         heads = heads if heads is not None else [0, 4]
     n = args.n or (4096 if args.quick else 16384)
     num = args.num_synthetic or (1 if args.quick else 4)
-    if args.train_shift is None:
-        import retrieval_attention as ra
+    import retrieval_attention as ra
 
-        train_shift = float(ra.RetrievalConfig().shift_train_queries)
-    else:
-        train_shift = args.train_shift
-    if not 0.0 <= train_shift <= 1.0:
-        raise SystemExit(f"--train-shift must be a share in [0, 1], got {train_shift}")
+    try:  # RetrievalConfig gives the default share and checks a given one
+        cfg = ra.RetrievalConfig(**({} if args.train_shift is None else {"shift_train_queries": args.train_shift}))
+    except TypeError as e:
+        raise SystemExit(f"--train-shift: {e}")
+    train_shift = float(cfg.shift_train_queries)
     out = {}
     for nm in names:
         t0 = time.perf_counter()

@@ -130,8 +130,8 @@ def rope_shift(queries: torch.Tensor, delta, inv_freq: torch.Tensor) -> torch.Te
     RoPE rotates each plane (i, i + r/2) by position * inv_freq[i], and rotations add, so rotating once more by delta *
     inv_freq gives position p + delta. RetrievalCache trains its graphs on the prompt's queries moved to the first
     decode position this way (RetrievalConfig.shift_train_queries, by default every other one): each then scores the
-    keys as a decode query would, from the same relative positions (docs/TUNING.md, "shift_train_queries"). Angles are computed in float64 (a position near 1M times a frequency near 1 would lose radians
-    in float32)."""
+    keys as a decode query would, from the same relative positions (docs/TUNING.md, "shift_train_queries"). Angles are
+    computed in float64 (a position near 1M times a frequency near 1 would lose radians in float32)."""
     q = as_tensor(queries, "queries")
     check_float(q, "queries")
     if q.dim() < 2:

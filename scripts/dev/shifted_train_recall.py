@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 import qk_data  # noqa: E402
 
 from retrieval_attention import _ext  # noqa: E402
-from retrieval_attention.index import KEY_LIST_COLUMN_STRIDE, _IndexBase, exact_key_knn, exact_knn  # noqa: E402
+from retrieval_attention.index import KEY_LIST_COLUMN_STRIDE, _IndexBase, exact_key_knn, exact_knn, shifted_rows  # noqa: E402
 
 
 def main():
@@ -47,9 +47,7 @@ def main():
         for name in a.variants.split(","):
             if name == "alternate" or name.startswith("frac"):  # a share of the queries moved, spread evenly
                 frac = 0.5 if name == "alternate" else float(name[4:])
-                i = torch.arange(tq.shape[0], dtype=torch.float64)
-                moved = torch.floor((i + 1) * frac) > torch.floor(i * frac)
-                train = torch.where(moved[:, None], shifted, tq)
+                train = torch.where(shifted_rows(tq.shape[0], frac)[:, None], shifted, tq)  # the rows the cache moves
             else:
                 train = {"plain": tq, "shifted": shifted, "both": torch.cat([tq, shifted])}[name]
             train = train.contiguous()
