@@ -155,6 +155,15 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
                           train_pos=qpos[train_idx])
 
 
+def cut_static_set(p: Problem, n_sink: int, n_window: int) -> Problem:
+    """The problem as the cache's CPU index sees it: keys [n_sink, n - n_window) only (the first n_sink and the last
+    n_window keys stay on the model's device and are attended exactly), queries unchanged. Key ids shift by -n_sink."""
+    if n_sink < 0 or n_window < 0 or n_sink + n_window >= p.n:
+        raise ValueError(f"static set of {n_sink} + {n_window} keys leaves no keys of {p.n} to index")
+    return Problem(name=p.name, keys=p.keys[n_sink:p.n - n_window], train_q=p.train_q, eval_q=p.eval_q,
+                   meta={**p.meta, "n_sink": n_sink, "n_window": n_window}, train_pos=p.train_pos)
+
+
 def bundled_model_rope():
     """(d/2,) float64 RoPE inverse frequencies of the bundled model (the source of the real and model_qk dumps)."""
     from transformers import AutoConfig

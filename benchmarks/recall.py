@@ -63,6 +63,10 @@ def parse_args(argv=None):
                     help="real/model_qk: the share of the query-guided graph's training queries moved by RoPE to the first "
                          "evaluation position, spread evenly (default: RetrievalConfig's shift_train_queries, as "
                          "RetrievalCache does; 0: all where they are in the prompt)")
+    ap.add_argument("--static-set", default=None, metavar="SINK,WINDOW",
+                    help="real/model_qk: index only keys [SINK, n - WINDOW), as RetrievalCache's CPU index holds them "
+                         "(the first SINK and last WINDOW keys stay on the model's device); 'default' = RetrievalConfig's "
+                         "n_sink,n_window. Recall and keys scanned are then over those keys (default: all keys)")
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--qg-args", default="{}", help="extra QueryGuidedIndex kwargs as JSON, e.g. '{\"device\":\"cuda\"}'")
@@ -448,6 +452,14 @@ def load_datasets(args):
     except TypeError as e:
         raise SystemExit(f"--train-shift: {e}")
     train_shift = float(cfg.shift_train_queries)
+    static = None
+    if args.static_set:
+        try:
+            static = ((cfg.n_sink, cfg.n_window) if args.static_set == "default"
+                      else tuple(int(x) for x in args.static_set.split(",")))
+            assert len(static) == 2 and min(static) >= 0
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--static-set: expected SINK,WINDOW (two integers >= 0) or 'default', got {args.static_set!r}")
     out = {}
     for nm in names:
         t0 = time.perf_counter()
@@ -476,6 +488,11 @@ def load_datasets(args):
             raise SystemExit(f"unknown data set {nm!r}; choose from {qk_data.DATA_NAMES}")
         if nm in ("real", "model_qk") and train_shift > 0:
             probs = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope(), train_shift)
+        if nm in ("real", "model_qk") and static is not None:  # after the shift, which moves queries to the key count
+            try:
+                probs = [qk_data.cut_static_set(p, *static) for p in probs]
+            except ValueError as e:
+                raise SystemExit(f"--static-set: {e}")
         p0 = probs[0]
         log(f"[recall] data {nm}: {len(probs)} problem(s), n={p0.n} d={p0.d} train={len(p0.train_q)} "
             f"eval={len(p0.eval_q)}  Mahalanobis(q)/Mahalanobis(k)={qk_data.mahalanobis_ratio(p0):.2f} "
@@ -574,6 +591,8 @@ def evaluate(datasets, adapters, ks, args):
                         "train_queries": int(np.mean([len(bp.train_q) for bp, _ in plan])) if ad.name == "query_guided"
                         else 0,
                     }
+                    if "n_sink" in probs[0].meta:  # --static-set: the keys are the CPU index's only
+                        row["static_set"] = [probs[0].meta["n_sink"], probs[0].meta["n_window"]]
                     if ad.name == "query_guided":
                         row["train_shifted"] = float(plan[0][0].meta.get("train_shifted", 0.0))
                     if by_age:
@@ -653,6 +672,8 @@ def summarize(rows, target):
                 "scanned_frac_at_target": None if interp is None else round(interp, 5),
                 "scanned_frac_measured": meas, "best_recall": best, "interpolation": how,
                 "build_s": rs[0]["build_s"]}
+        if "static_set" in rs[0]:
+            line["static_set"] = rs[0]["static_set"]
         if sharing is not None:
             line.update({"sharing": sharing, "build_s_total": rs[0]["build_s_total"]})
         out.append(line)

@@ -182,6 +182,8 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def("dense_attention(Tensor q, Tensor keys, Tensor values, float scale, bool causal=False) -> (Tensor, Tensor)");
   m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
   m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
+  // CUDA only (csrc/cuda): on the CPU, exact_key_knn scores in float32 through a matmul instead
+  m.def("score_top_candidates(Tensor left, Tensor right, Tensor? bias, int row_start, int rows, int self_stride, int m) -> Tensor");
   m.def("rerank_l2(Tensor keys, int row_start, Tensor cand, int k, bool check_ids=True) -> Tensor");
   m.def("projection_prune(Tensor keys, int per, Tensor begin, Tensor counts, Tensor pivot, Tensor near, Tensor near_dist, Tensor mips, int degree, int cap, bool check_ids=True) -> Tensor");
 }

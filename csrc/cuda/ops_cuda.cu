@@ -10,6 +10,8 @@
 //   dense_attention(q, keys, values, scale, causal) -> (out, lse)
 //   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
 //   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [16-bit scores; chunk_top.cuh]
+//   score_top_candidates(left, right, bias, row_start, rows, self_stride, m) -> cols (groups, rows, m) int64
+//       [float16 operands; the product is never written out; score_top.cuh]
 //   rerank_l2(keys, row_start, cand, k, check_ids) -> ids (groups, rows, k) int64   [check_ids: one sync]
 //   projection_prune(keys, per, begin, counts, ..., check_ids) -> lists (groups * per, n, degree) int32   [check_ids:
 //       a few syncs; projection_lists, which makes the segments, passes False; projection_prune.cuh]
@@ -30,6 +32,7 @@
 #include "retrieval_attention/cuda/chunk_top.cuh"
 #include "retrieval_attention/cuda/decode_attention.cuh"
 #include "retrieval_attention/cuda/projection_prune.cuh"
+#include "retrieval_attention/cuda/score_top.cuh"
 
 namespace {
 
@@ -260,6 +263,41 @@ Tensor chunk_top_candidates_cuda(const Tensor& scores_in, int64_t chunk, int64_t
   return out;
 }
 
+Tensor score_top_candidates_cuda(const Tensor& left_in, const Tensor& right_in, const std::optional<Tensor>& bias_in, int64_t row_start, int64_t rows, int64_t self_stride,
+                                 int64_t m) {
+  TORCH_CHECK_VALUE(left_in.is_cuda() && right_in.is_cuda() && left_in.device() == right_in.device(),
+                    "score_top_candidates: left and right must be CUDA tensors on one device, got ", left_in.device(), " and ", right_in.device());
+  TORCH_CHECK_TYPE(left_in.scalar_type() == at::kHalf && right_in.scalar_type() == at::kHalf,
+                   "score_top_candidates: left and right must be float16, got ", left_in.scalar_type(), " and ", right_in.scalar_type());
+  TORCH_CHECK_VALUE(left_in.dim() == 3 && right_in.dim() == 3 && left_in.size(0) == right_in.size(0) && left_in.size(2) == right_in.size(2),
+                    "score_top_candidates: left (groups, n_left, dim) and right (groups, n_right, dim) expected, got ", left_in.sizes(), " and ",
+                    right_in.sizes());
+  const int64_t groups = left_in.size(0), n_left = left_in.size(1), n_right = right_in.size(1), dim = left_in.size(2);
+  TORCH_CHECK_VALUE(row_start >= 0 && rows >= 0 && row_start + rows <= n_left, "score_top_candidates: rows [", row_start, ", ", row_start + rows,
+                    ") outside the ", n_left, " rows of left");
+  TORCH_CHECK_VALUE(self_stride >= 0, "score_top_candidates: self_stride must be >= 0, got ", self_stride);
+  TORCH_CHECK_VALUE(rac::score_top_supported(dim, n_right, m), "score_top_candidates needs dim 64, 128 or 256, 1 <= m <= ", rac::kScoreTopMaxM, " and n_right < 2^31; got dim ", dim, ", m ", m, ", n_right ", n_right);
+  Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK_TYPE(bias_in->scalar_type() == at::kFloat, "score_top_candidates: bias must be float32, got ", bias_in->scalar_type());
+    TORCH_CHECK_VALUE(bias_in->device() == left_in.device() && bias_in->dim() == 2 && bias_in->size(0) == groups && bias_in->size(1) == n_right,
+                      "score_top_candidates: bias (groups, n_right) on the operands' device expected, got ", bias_in->sizes(), " on ", bias_in->device());
+    bias = bias_in->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(left_in.device());
+  Tensor left = left_in.contiguous(), right = right_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(left.data_ptr()) % 16 != 0) left = left.clone();
+  if (reinterpret_cast<uintptr_t>(right.data_ptr()) % 16 != 0) right = right.clone();
+  Tensor out = at::empty({groups, rows, m}, left.options().dtype(at::kLong));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(left.get_device()).stream();
+  const cudaError_t err = rac::score_top_candidates(reinterpret_cast<const __half*>(left.data_ptr()), reinterpret_cast<const __half*>(right.data_ptr()),
+                                                    bias.defined() ? bias.data_ptr<float>() : nullptr, groups, n_left, n_right, dim, row_start, rows, self_stride, m, out.data_ptr<int64_t>(), stream);
+  TORCH_CHECK_VALUE(err != cudaErrorNotSupported, "score_top_candidates needs a GPU of compute capability 8.0 or newer");
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 Tensor rerank_l2_cuda(const Tensor& keys_in, int64_t row_start, const Tensor& cand_in, int64_t k, bool check_ids) {
   ra_ext::check_rerank_l2_args(keys_in, row_start, cand_in, k);
   TORCH_CHECK_VALUE(keys_in.is_cuda(), "keys must be a CUDA tensor, got device ", keys_in.device());
@@ -332,6 +370,7 @@ TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) {
   m.impl("dense_attention", &dense_attention_cuda);
   m.impl("merge_attention", &merge_attention_cuda);
   m.impl("chunk_top_candidates", &chunk_top_candidates_cuda);
+  m.impl("score_top_candidates", &score_top_candidates_cuda);
   m.impl("rerank_l2", &rerank_l2_cuda);
   m.impl("projection_prune", &projection_prune_cuda);
 }

@@ -479,7 +479,6 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     margin = 2 if half else 1
     kc = min(margin * k, n_chunks)
     m = min(2 * margin * k, kc * chunk)
-    step = _chunk_max_step(keys, chunk)
     kf = keys.float()
     # Distances do not change under a shift, and centring shrinks |x|^2 (LLM keys share a large offset), hence the
     # float16 scores' absolute rounding error. A power-of-two scale is exact and keeps the ranking; it puts
@@ -492,6 +491,9 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
     scale = torch.ldexp(torch.ones(groups, device=dev), torch.div(12 - exps, 2, rounding_mode="floor")).view(groups, 1, 1)
     x = x * scale
     sq = sq * (scale * scale).view(groups, 1)
+    if _fused_key_knn_fits(keys, k):
+        return _fused_key_knn(keys, kf, x, sq, k, stride, max_block_bytes)
+    step = _chunk_max_step(keys, chunk)
     left = torch.zeros((groups, n, d_aug), dtype=sdtype, device=dev)
     left[:, :, :d] = x
     left[:, :, d] = 1.0
@@ -527,6 +529,44 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
             out[:, s : s + b] = _nearest_candidates(keys, kf, s, cand, k)
     finally:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+    return out
+
+
+# kScoreTopMaxM of score_top.cuh: the fused kernel keeps at most this many candidates per row
+SCORE_TOP_MAX_M = 32
+
+
+def _fused_key_knn_fits(keys: torch.Tensor, k: int) -> bool:
+    """Whether exact_key_knn takes the fused score + top-m kernel (score_top.cuh): CUDA keys with the package's kernels
+    on a GPU of compute capability 8.0 or newer, head dim <= 256, k <= SCORE_TOP_MAX_M / 2."""
+    return (keys.is_cuda and _ext.HAS_CUDA_KERNELS and keys.shape[2] <= 256 and 2 * k <= SCORE_TOP_MAX_M
+            and keys.shape[1] < 2**31 and torch.cuda.get_device_capability(keys.device)[0] >= 8)
+
+
+def _fused_key_knn(keys: torch.Tensor, kf: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, k: int, stride: int,
+                   max_block_bytes: int) -> torch.Tensor:
+    """exact_key_knn on a GPU through the score_top_candidates op, from the centred and scaled keys x and their squared
+    norms sq: the scores 2 x_i.x_j - |x_j|^2 (float16 operands, float32 accumulation, the bias |x_j|^2 in float32) are
+    ranked inside the kernel and never written out; each key's m = 2k best columns are re-ranked by float32 distance
+    (_nearest_candidates). 2k, where the chunk-top path keeps 4k: only the operands' float16 rounding is left here (that
+    path also rounds every score, bias included, to float16)."""
+    groups, n, d = keys.shape
+    dim = 64 if d <= 64 else (128 if d <= 128 else 256)  # zero padding changes no product
+    m = 2 * k
+    left = torch.zeros((groups, n, dim), dtype=torch.float16, device=keys.device)
+    left[:, :, :d] = x
+    cols = x[:, ::stride]
+    right = torch.zeros((groups, cols.shape[1], dim), dtype=torch.float16, device=keys.device)
+    right[:, :, :d] = 2.0 * cols
+    bias = (-sq[:, ::stride]).contiguous()
+    del x, sq, cols
+    out = torch.empty((groups, n, k), dtype=torch.int64, device=keys.device)
+    block = max(1, min(n, max_block_bytes // (groups * m * 24)))  # candidates and the re-rank's ids per row
+    for s in range(0, n, block):
+        b = min(block, n - s)
+        col = torch.ops.retrieval_attention.score_top_candidates(left, right, bias, s, b, stride, m)  # (G, b, m), -1: none
+        cand = torch.where(col >= 0, col * stride, col)
+        out[:, s : s + b] = _nearest_candidates(keys, kf, s, cand, k)
     return out
 
 

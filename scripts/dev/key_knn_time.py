@@ -1,9 +1,9 @@
-"""Where exact_key_knn's time goes on a GPU: one 8B layer's keys (8 kv heads x --tokens x 128, bf16). Times the whole
-call (float16 candidate scores, float32 re-ranking) and, over the same key blocks, the score matmul alone and the
-matmul plus the chunk maxima, in float32 (TF32), bf16 and float16, and float16 with the chunk maxima in two steps
-as exact_key_knn takes them (median of --repeats each); and exact_key_knn with its candidates from the chunk-top
-kernel against the torch ops (alternated, with the share of equal list entries; the kernels are chunk_top_candidates and rerank_l2), and the
-matmul plus the chunk-top kernel alone. One JSON line.
+"""Where exact_key_knn's time goes on a GPU: one 8B layer's keys (8 kv heads x --tokens x 128, bf16, every
+--column-stride-th key a column as the builds take them). Times exact_key_knn through its three paths, alternated
+(median of --repeats each): the fused score + top-m kernel (score_top_candidates, the default on sm_80+), the float16
+score matrix with the chunk-top kernel (chunk_top_candidates), and torch ops (the fallback without the package's
+kernels); the share of list entries equal to the chunk-top path's, and how many of the fused path's list distances
+equal the chunk-top path's rank by rank. One JSON line.
     bash scripts/gpu_run.sh keyknn   (or PYTHONPATH=python python3 scripts/dev/key_knn_time.py)
 """
 import argparse
@@ -14,75 +14,62 @@ import time
 import torch
 
 import retrieval_attention.index as index
-from retrieval_attention.index import exact_key_knn
+from retrieval_attention.index import KEY_LIST_COLUMN_STRIDE, exact_key_knn
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return round(statistics.median(times), 4)
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, round(time.perf_counter() - t, 4)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=130432)
     ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--column-stride", type=int, default=KEY_LIST_COLUMN_STRIDE)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", default="fused,chunk_top,torch")
     a = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    keys = torch.randn((a.kv_heads, a.tokens, 128), device="cuda", generator=g).bfloat16()
-    G, n, d = keys.shape
-    n_pad, chunk = -(-n // 128) * 128, 128
-    left = torch.randn((G, n, 136), device="cuda", generator=g)
-    right = torch.randn((G, 136, n_pad), device="cuda", generator=g)
-    block = max(1, min(n, (1 << 30) // (G * n_pad * 4)))  # float32 scores: the block rows of the TF32 variants
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # as exact_key_knn runs it
-    halves = {torch.bfloat16: (left.bfloat16(), right.bfloat16()), torch.float16: (left.half(), right.half())}
+    # keys with a common offset and a drift along positions, as LLM keys have
+    n = a.tokens
+    drift = torch.linspace(0, 1, n, device="cuda").view(1, n, 1) * torch.randn((a.kv_heads, 1, 128), device="cuda", generator=g)
+    keys = (torch.randn((a.kv_heads, n, 128), device="cuda", generator=g) + 3 * drift + 2).bfloat16()
+    fused_fits = index._fused_key_knn_fits
 
-    def mm_only(amax=False, dtype=torch.float32, step=1):
-        lft, rgt = halves.get(dtype, (left, right))
-        rows = block * 4 // lft.element_size()  # the same score bytes per block
-        for s in range(0, n, rows):
-            sc = torch.bmm(lft[:, s : s + rows], rgt)
-            if amax:  # step 4: a max over strided groups of 4 columns, then over the 4 (as exact_key_knn on a GPU)
-                sc.view(-1, chunk // step, step).amax(1).amax(-1)
-
-    def key_lists(kernel):  # kernel=False: the torch ops the package falls back to without its CUDA kernels
+    def key_lists(path):
         had = index._ext.HAS_CUDA_KERNELS
-        index._ext.HAS_CUDA_KERNELS = had and kernel
+        index._ext.HAS_CUDA_KERNELS = had and path != "torch"
+        index._fused_key_knn_fits = fused_fits if path == "fused" else (lambda *_: False)
         try:
-            return exact_key_knn(keys, 16)
+            return exact_key_knn(keys, 16, column_stride=a.column_stride)
         finally:
             index._ext.HAS_CUDA_KERNELS = had
+            index._fused_key_knn_fits = fused_fits
 
-    kern, ref = key_lists(True), key_lists(False)
-    same = float((kern == ref).double().mean())
-    t_kern, t_torch = [], []
-    for _ in range(a.repeats):  # alternated: the host's noise falls on both
-        t_kern.append(timed(lambda: key_lists(True), 1))
-        t_torch.append(timed(lambda: key_lists(False), 1))
-    res = {"bench": "key_knn_time", "tokens": n, "kv_heads": G, "block_rows_fp32": block,
-           "exact_key_knn_s": statistics.median(t_kern), "exact_key_knn_torch_topk_s": statistics.median(t_torch),
-           "times": {"kernel": t_kern, "torch_topk": t_torch}, "same_entries": round(same, 5)}
-
-    def mm_kernel():
-        lft, rgt = halves[torch.float16]
-        rows = block * 2
-        for s in range(0, n, rows):
-            sc = torch.bmm(lft[:, s : s + rows], rgt)
-            torch.ops.retrieval_attention.chunk_top_candidates(sc.view(-1, n_pad), chunk, 32, 64)
-
-    res["matmul_fp16_plus_chunk_top_kernel_s"] = timed(mm_kernel, a.repeats)
-    for name, dt in (("", torch.float32), ("_bf16", torch.bfloat16), ("_fp16", torch.float16)):
-        res[f"matmul{name}_s"] = timed(lambda: mm_only(dtype=dt), a.repeats)
-        res[f"matmul{name}_plus_chunk_max_s"] = timed(lambda: mm_only(True, dt), a.repeats)
-    res["matmul_fp16_plus_chunk_max_2step_s"] = timed(lambda: mm_only(True, torch.float16, 4), a.repeats)
+    paths = a.paths.split(",")
+    lists = {p: key_lists(p) for p in paths}  # first calls: compile and warm up
+    times = {p: [] for p in paths}
+    for _ in range(a.repeats):  # alternated: the host's noise falls on every path
+        for p in paths:
+            times[p].append(timed(lambda: key_lists(p))[1])
+    res = {"bench": "key_knn_time", "tokens": n, "kv_heads": a.kv_heads, "column_stride": a.column_stride,
+           **{f"{p}_s": statistics.median(times[p]) for p in paths}, "times": times}
+    if "chunk_top" in lists:
+        ref = lists["chunk_top"]
+        for p in paths:
+            res[f"{p}_same_entries_as_chunk_top"] = round(float((lists[p] == ref).double().mean()), 5)
+        if "fused" in lists:  # distances rank by rank, on a sample of rows (float32)
+            rows = torch.randperm(n, device="cuda", generator=g)[:4096]
+            kf = keys.float()
+            dist = {p: torch.linalg.vector_norm(kf.gather(1, lists[p][:, rows].reshape(a.kv_heads, -1, 1).expand(-1, -1, 128))
+                                                .view(a.kv_heads, rows.numel(), -1, 128) - kf[:, rows, None, :], dim=-1)
+                    for p in ("fused", "chunk_top")}
+            res["fused_distance_le_chunk_top"] = round(float((dist["fused"] <= dist["chunk_top"] * (1 + 1e-6)).double().mean()), 5)
+            res["fused_distance_equal_chunk_top"] = round(float(torch.isclose(dist["fused"], dist["chunk_top"], rtol=1e-6).double().mean()), 5)
     print(json.dumps(res))
 
 

@@ -30,11 +30,16 @@ def main():
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--n-pivots", type=int, default=4)
+    ap.add_argument("--static-set", default=None, help="SINK,WINDOW: the index holds keys [SINK, N - WINDOW) only, as the "
+                    "cache's CPU index does (recall and scan over those keys)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     layers, heads = [int(x) for x in a.layers.split(",")], [int(x) for x in a.heads.split(",")]
     probs = qk_data.load_model_qk(a.model_qk, layers=layers, heads=heads)
     moved = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope())
+    if a.static_set:
+        sink, window = (int(x) for x in a.static_set.split(","))
+        probs = [qk_data.cut_static_set(p, sink, window) for p in probs]
     efs = [int(x) for x in a.efs.split(",")]
     params = {"degree": a.degree, "k_train": a.k_train, "ef_build": 128, "ef_weak": 16, "n_pivots": a.n_pivots}
     curves = {}

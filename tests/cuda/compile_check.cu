@@ -5,9 +5,10 @@
 // Each dense_attention<T> / sparse_attention<T> instantiation pulls in the three kernel shapes the
 // dispatcher can pick (16-byte vector path for d = dv = 64 and 128, generic warp-per-key path) plus the
 // split combine kernel; merge_attention instantiates the merge kernel; chunk_top_candidates the chunk-top kernel
-// for every supported chunk width and score type.
+// for every supported chunk width and score type; score_top_candidates the fused score + top-m kernel for every dim.
 #include "retrieval_attention/cuda/chunk_top.cuh"
 #include "retrieval_attention/cuda/decode_attention.cuh"
+#include "retrieval_attention/cuda/score_top.cuh"
 
 namespace rac = retrieval_attention::cuda;
 
@@ -40,5 +41,9 @@ cudaError_t retrieval_attention_compile_check_all(cudaStream_t stream) {
   if (err == cudaSuccess) err = rac::rerank_l2<float>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
   if (err == cudaSuccess) err = rac::rerank_l2<__half>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
   if (err == cudaSuccess) err = rac::rerank_l2<__nv_bfloat16>(nullptr, 1, 10, 8, 0, nullptr, 1, 4, 2, nullptr, stream);
+  (void)rac::score_top_supported(128, 1000, 64);
+  (void)rac::score_top_smem_bytes(128);
+  for (int64_t dim = 64; dim <= 256 && err == cudaSuccess; dim *= 2)
+    err = rac::score_top_candidates(nullptr, nullptr, nullptr, 1, 10, 10, dim, 0, 10, 2, 8, nullptr, stream);
   return err;
 }

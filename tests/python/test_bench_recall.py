@@ -196,3 +196,31 @@ def test_sharing_rejects_unknown_mode():
                         "--indexes", "flat", "--sharing", "per_layer"], capture_output=True, text=True, timeout=120,
                        cwd=REPO, env=env)
     assert p.returncode != 0 and "unknown --sharing" in p.stderr
+
+
+def test_cut_static_set_keeps_the_cpu_keys_only():
+    import qk_data
+    p = qk_data.load_real(layers=[3], heads=[0])[0]
+    cut = qk_data.cut_static_set(p, 128, 512)
+    assert cut.n == p.n - 640 and np.array_equal(cut.keys, p.keys[128 : p.n - 512])
+    assert np.array_equal(cut.train_q, p.train_q) and np.array_equal(cut.eval_q, p.eval_q)
+    assert cut.meta["n_sink"] == 128 and cut.meta["n_window"] == 512
+    with pytest.raises(ValueError, match="leaves no keys"):
+        qk_data.cut_static_set(p, 4000, p.n - 4000)
+
+
+def test_static_set_flag_measures_over_the_cpu_keys():
+    lines, err = _run("--json", "--data", "real", "--layers", "3", "--heads", "0", "--n-eval", "8", "--k", "10",
+                      "--indexes", "flat", "--static-set", "100,400")
+    import qk_data
+    n_all = qk_data.load_real(layers=[3], heads=[0], n_eval=8)[0].n
+    rows = [r for r in lines if r["bench"] == "recall"]
+    assert rows, err[-2000:]
+    for r in rows:
+        assert r["static_set"] == [100, 400] and r["n"] == n_all - 500
+        assert r["recall"] == pytest.approx(1.0)  # the flat scan is exact over the keys it holds
+    assert all(s["static_set"] == [100, 400] for s in lines if s["bench"] == "recall_summary")
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "python"))
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "recall.py"), "--json", "--data", "real", "--indexes", "flat",
+                        "--static-set", "100"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert p.returncode != 0 and "--static-set: expected SINK,WINDOW" in p.stderr

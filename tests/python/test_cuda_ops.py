@@ -492,6 +492,83 @@ def test_exact_key_knn_on_cuda_matches_the_cpu_lists():
         assert same >= 0.999, (factor, same)
 
 
+@pytest.mark.parametrize("dim,n_left,n_right,stride,m", [(64, 1000, 1000, 1, 32), (128, 777, 389, 2, 32), (256, 130, 45, 3, 30),
+                                                         (128, 64, 20, 0, 32), (128, 300, 5000, 0, 1)])
+def test_score_top_candidates_is_the_top_m_of_its_scores(dim, n_left, n_right, stride, m):
+    """The fused score + top-m kernel (score_top.cuh) against float64 scores of the same float16 operands: per row, the
+    returned columns are the m best (up to the kernel's float32 summation error, 1e-4 here), best first; the row itself
+    (column c with c * stride == row) never comes back; -1 fills the rows with fewer than m other columns; a sub-range
+    of rows gives the same lists as the whole; two calls give the same ids."""
+    g = torch.Generator().manual_seed(dim + n_left + stride)
+    left = (torch.randn(2, n_left, dim, generator=g) * 2).half()
+    right = (torch.randn(2, n_right, dim, generator=g) * 2).half()
+    bias = torch.randn(2, n_right, generator=g) * 10
+    ids = ops.score_top_candidates(left.cuda(), right.cuda(), bias.cuda(), 0, n_left, stride, m).cpu()
+    assert ids.shape == (2, n_left, m) and ids.dtype == torch.int64
+    ref = torch.einsum("gid,gjd->gij", left.double(), right.double()) + bias.double()[:, None, :]
+    if stride > 0:  # the row itself is out
+        r = torch.arange(n_left)
+        c = torch.arange(n_right)
+        ref.masked_fill_((c[None, :] * stride == r[:, None])[None], float("-inf"))
+    avail = torch.isfinite(ref).sum(-1)  # other columns per row
+    want = avail.clamp(max=m)
+    valid = torch.arange(m)[None, None, :] < want[..., None]
+    assert bool((ids[valid] >= 0).all()) and bool((ids[~valid] == -1).all())
+    got = ref.gather(-1, ids.clamp(min=0)).masked_fill(~valid, float("-inf"))
+    assert bool(torch.isfinite(got[valid]).all()), "an excluded or padding column came back"
+    best = torch.nn.functional.pad(ref, (0, m), value=float("-inf")).sort(-1, descending=True).values[..., :m]
+    tol = 1e-4 * ref.masked_fill(~torch.isfinite(ref), 0).abs().amax()
+    assert bool(((got - best).abs()[valid] <= tol).all()), "not the top m, best first"
+    ordered = ids.sort(-1).values
+    assert not bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()), "repeated ids"
+    part = ops.score_top_candidates(left.cuda(), right.cuda(), bias.cuda(), 7, n_left - 20, stride, m).cpu()
+    assert torch.equal(part, ids[:, 7 : n_left - 13])
+    again = ops.score_top_candidates(left.cuda(), right.cuda(), bias.cuda(), 0, n_left, stride, m).cpu()
+    assert torch.equal(again, ids)
+    nobias = ops.score_top_candidates(left.cuda(), right.cuda(), None, 0, n_left, stride, m).cpu()
+    ref0 = torch.einsum("gid,gjd->gij", left.double(), right.double()).masked_fill(~torch.isfinite(ref), float("-inf"))
+    top0 = ref0.gather(-1, nobias[..., :1].clamp(min=0))
+    assert bool(((top0 - ref0.amax(-1, keepdim=True)).abs() <= tol).all()), "without a bias: not the best column first"
+
+
+def test_score_top_candidates_rejects_bad_input():
+    """Clear errors: dims other than 64 / 128 / 256, m beyond 32, rows outside left, float32 operands, a bias of the
+    wrong shape."""
+    left = torch.zeros(1, 100, 128, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="dim 64, 128 or 256"):
+        ops.score_top_candidates(left[..., :96].contiguous(), left[..., :96].contiguous(), None, 0, 100, 1, 16)
+    with pytest.raises(ValueError, match="m <= 32"):
+        ops.score_top_candidates(left, left, None, 0, 100, 1, 33)
+    with pytest.raises(ValueError, match="outside"):
+        ops.score_top_candidates(left, left, None, 50, 51, 1, 16)
+    with pytest.raises(TypeError, match="float16"):
+        ops.score_top_candidates(left.float(), left.float(), None, 0, 100, 1, 16)
+    with pytest.raises(ValueError, match="bias"):
+        ops.score_top_candidates(left, left, torch.zeros(1, 99, device="cuda"), 0, 100, 1, 16)
+
+
+def test_exact_key_knn_fused_path_matches_the_cpu_lists_with_column_stride():
+    """exact_key_knn on a GPU takes the fused kernel for head dims up to 256: with every other key as a column (the
+    builds' KEY_LIST_COLUMN_STRIDE) and head dim 128, or 80 (the operands zero-padded to 128), its
+    lists are the CPU's float32 lists rank by rank for >= 99.9% of the entries."""
+    from retrieval_attention.index import _fused_key_knn_fits, exact_key_knn
+
+    g = torch.Generator().manual_seed(21)
+    for d in (128, 80):
+        keys = (torch.randn(2, 3001, d, generator=g) * 2 + torch.randn(2, 1, d, generator=g) * 4).bfloat16()
+        assert _fused_key_knn_fits(keys.cuda(), 16)
+        cpu = exact_key_knn(keys, 16, column_stride=2)
+        gpu = exact_key_knn(keys.cuda(), 16, column_stride=2).cpu()
+        assert gpu.shape == cpu.shape == (2, 3001, 16)
+        assert bool((gpu % 2 == 0).all()) and not bool((gpu == torch.arange(3001)[None, :, None]).any())
+        kd = keys.double()
+        dist = [torch.cdist(kd[h : h + 1], kd[h : h + 1])[0] for h in range(2)]
+        d_gpu = torch.stack([dist[h].gather(1, gpu[h]) for h in range(2)])
+        d_cpu = torch.stack([dist[h].gather(1, cpu[h]) for h in range(2)])
+        same = torch.isclose(d_gpu, d_cpu, rtol=1e-6, atol=0).double().mean().item()
+        assert same >= 0.999, (d, same)
+
+
 def test_exact_knn_on_cuda_is_the_topk_of_its_scores():
     """The training queries' neighbour lists on a GPU (16-bit GEMM, top-k over each row's best column chunks) are the
     exact top-k: with small integer entries every score is an integer that 16-bit floats hold exactly, so rank by

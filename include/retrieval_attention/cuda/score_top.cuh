@@ -1,0 +1,332 @@
+// retrieval_attention/cuda/score_top.cuh -- torch-free CUDA kernel: each row's m best columns of the product of two
+// float16 matrices, without writing the product out (the GPU prefill's key-to-key lists; twelfth-twentieth sessions
+// wrote a float16 score matrix of 8 x 130K x 65K entries per 8B layer at 128K, 136 GB, and read it back).
+//
+// Contract of score_top_candidates()
+//   * left (groups, n_left, dim) and right (groups, n_right, dim) __half, contiguous, 16-byte aligned; dim 64, 128 or
+//     256 (pad both with zeros); bias (groups, n_right) float32, contiguous, or null for none.
+//   * For each group g and left row r in [row_start, row_start + rows): the m columns c (rows of `right`) with the
+//     largest scores s(r, c) = sum_i left[g, r, i] * right[g, c, i] + bias[g, c], float16 products accumulated in
+//     float32 by the tensor cores (mma.sync m16n8k16), the bias added in float32, largest first, equal scores by smaller column (one total order: the result
+//     does not depend on thread timing). NaN scores are never returned. Column c is skipped when
+//     self_stride > 0 and c * self_stride == r (the row itself, when the columns are every self_stride-th row).
+//     out (groups, rows, m) int64, -1 after the columns found when fewer than m qualify.
+//   * Limits (score_top_supported()): 1 <= m <= kScoreTopMaxM; dim as above; n_right < 2^31; sm_80 or newer (the
+//     kernel is empty below sm_80 and the launch returns cudaErrorNotSupported).
+//   * Algorithm: a block of 8 warps owns 128 left rows; each warp keeps its 16 rows' A fragments in registers for
+//     the whole pass. The block streams `right` in tiles of 64 columns through double-buffered shared memory
+//     (cp.async), from the tile of its own rows' columns (with self_stride > 0) around to the one before it, each warp multiplies its rows by the tile (8 x dim/16 mma), and every score that beats its row's
+//     current bound (the m-th best 64-bit key kept so far; a key packs the ordered score bits above ~column; a float
+//     compare with the bound's score screens the entries first) is appended to the row's shared-memory buffer. A tile adds at most 64 entries per row, so when a buffer holds
+//     more than kScoreTopCap - 64 (>= m + 32) the owning warp ranks it (each entry counts the larger keys; keys are distinct),
+//     keeps the best m in order and raises the bound. Once the scores settle, few entries pass the bound.
+//   * Ownership / streams / threads: nothing is allocated; the launch goes to the given stream, asynchronously; the
+//     host function sets the kernel's dynamic shared-memory attribute (per call) and touches no other state.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace retrieval_attention {
+namespace cuda {
+
+constexpr int kScoreTopWarps = 8;  // 128 rows per block: each tile read from L2 serves 128 rows (64 were L2-bound)
+constexpr int kScoreTopRows = 16 * kScoreTopWarps;  // left rows per block
+constexpr int kScoreTopCols = 64;                    // columns per tile
+constexpr int kScoreTopMaxM = 32;
+// Buffer entries per row: the m kept, one tile's worth and as much again of slack, so that a row is ranked once per
+// 33+ entries that beat its bound rather than at every tile (with no slack, keys that drift along positions had
+// their buffers ranked at nearly every tile: 6x slower than writing the scores out).
+constexpr int kScoreTopCap = 128;
+static_assert(kScoreTopCap >= kScoreTopMaxM + kScoreTopCols + 32, "score_top: too little slack in the row buffers");
+
+inline bool score_top_supported(int64_t dim, int64_t n_right, int64_t m) {
+  return (dim == 64 || dim == 128 || dim == 256) && n_right < (int64_t{1} << 31) && m >= 1 && m <= kScoreTopMaxM;
+}
+
+inline size_t score_top_smem_bytes(int64_t dim) {
+  const size_t lds = static_cast<size_t>(dim) + 8;  // halves per tile row: conflict-free fragment loads
+  return 2 * kScoreTopCols * lds * sizeof(__half) + static_cast<size_t>(kScoreTopRows) * kScoreTopCap * sizeof(uint64_t) +
+         kScoreTopRows * (sizeof(uint64_t) + sizeof(int)) + 2 * kScoreTopCols * sizeof(float);
+}
+
+namespace score_top_detail {
+
+// Larger key = larger score, then smaller column. Never 0 (the low word ~col has its top bit set), so 0 is a bound
+// below every key; NaN maps to the lowest score bits.
+__device__ __forceinline__ uint64_t pack_key(float s, uint32_t col) {
+  uint32_t u = __float_as_uint(s);
+  u = (s != s) ? 0u : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~col);
+}
+
+// The score of a key (pack_key's inverse on the high word; keys of numbers only).
+__device__ __forceinline__ float key_score(uint64_t key) {
+  const uint32_t u = static_cast<uint32_t>(key >> 32);
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
+__device__ __forceinline__ int64_t key_column(uint64_t key) { return static_cast<int64_t>(~static_cast<uint32_t>(key)); }
+
+__device__ __forceinline__ uint32_t load_pair(const __half* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// The warp ranks buffer `buf` (c distinct keys, c <= kScoreTopCap), keeps the best `keep` in order at its front and
+// returns how many it kept.
+__device__ __forceinline__ int rank_keep(uint64_t* buf, int c, int keep, int lane) {
+  uint64_t own[kScoreTopCap / 32];
+  int rank[kScoreTopCap / 32];
+#pragma unroll
+  for (int t = 0; t < kScoreTopCap / 32; ++t) {
+    own[t] = (lane + 32 * t < c) ? buf[lane + 32 * t] : 0;
+    rank[t] = 0;
+  }
+  for (int j = 0; j < c; ++j) {
+    const uint64_t v = buf[j];  // the same address for the whole warp: a broadcast
+#pragma unroll
+    for (int t = 0; t < kScoreTopCap / 32; ++t) rank[t] += v > own[t];
+  }
+  __syncwarp();
+#pragma unroll
+  for (int t = 0; t < kScoreTopCap / 32; ++t)
+    if (lane + 32 * t < c && rank[t] < keep) buf[rank[t]] = own[t];
+  __syncwarp();
+  return c < keep ? c : keep;
+}
+
+template <int KSTEPS>
+__global__ void __launch_bounds__(32 * kScoreTopWarps) score_top_kernel(const __half* __restrict__ left, const __half* __restrict__ right,
+                                                                        const float* __restrict__ bias, int64_t n_left, int64_t n_right, int64_t row_start, int64_t rows,
+                                                                        int64_t self_stride, int m, int64_t* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int DIM = 16 * KSTEPS;
+  constexpr int LDS = DIM + 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* tiles = reinterpret_cast<__half*>(smem);                                   // [2][kScoreTopCols][LDS]
+  uint64_t* buf = reinterpret_cast<uint64_t*>(tiles + 2 * kScoreTopCols * LDS);      // [kScoreTopRows][kScoreTopCap]
+  uint64_t* bound = buf + kScoreTopRows * kScoreTopCap;                               // [kScoreTopRows]
+  float* tile_bias = reinterpret_cast<float*>(bound + kScoreTopRows);                  // [2][kScoreTopCols]
+  int* count = reinterpret_cast<int*>(tile_bias + 2 * kScoreTopCols);                 // [kScoreTopRows]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t g = blockIdx.y;
+  const __half* L = left + g * n_left * DIM;
+  const __half* R = right + g * n_right * DIM;
+  const float* B = bias ? bias + g * n_right : nullptr;
+  const int64_t row_end = row_start + rows;
+  const int64_t block_row = row_start + static_cast<int64_t>(blockIdx.x) * kScoreTopRows;
+
+  if (threadIdx.x < kScoreTopRows) {
+    const int64_t r = block_row + threadIdx.x;
+    bound[threadIdx.x] = r < row_end ? 0 : ~uint64_t{0};  // rows past the end take nothing
+    count[threadIdx.x] = 0;
+  }
+
+  // This thread's two rows of the warp's 16 (mma fragment layout: groupID = lane / 4).
+  const int local0 = warp * 16 + lane / 4, local1 = local0 + 8;
+  const int64_t r0 = block_row + local0, r1 = block_row + local1;
+  uint32_t a[KSTEPS][4];
+  {
+    const bool ok0 = r0 < row_end, ok1 = r1 < row_end;
+    const __half* p0 = L + (ok0 ? r0 : 0) * DIM + (lane % 4) * 2;
+    const __half* p1 = L + (ok1 ? r1 : 0) * DIM + (lane % 4) * 2;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      a[ks][0] = ok0 ? load_pair(p0 + ks * 16) : 0u;
+      a[ks][1] = ok1 ? load_pair(p1 + ks * 16) : 0u;
+      a[ks][2] = ok0 ? load_pair(p0 + ks * 16 + 8) : 0u;
+      a[ks][3] = ok1 ? load_pair(p1 + ks * 16 + 8) : 0u;
+    }
+  }
+
+  const int64_t n_tiles = (n_right + kScoreTopCols - 1) / kScoreTopCols;
+  // 16-byte pieces of one tile; columns past n_right are zero-filled (and never ranked)
+  auto load_tile = [&](int64_t t, int slot) {
+    constexpr int kPieces = kScoreTopCols * DIM / 8;
+    __half* dst = tiles + slot * kScoreTopCols * LDS;
+    for (int p = threadIdx.x; p < kPieces; p += 32 * kScoreTopWarps) {
+      const int c = p / (DIM / 8), off = (p % (DIM / 8)) * 8;
+      const int64_t col = t * kScoreTopCols + c;
+      const bool in = col < n_right;
+      const __half* src = R + (in ? col : 0) * DIM + off;
+      const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(dst + c * LDS + off));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(src), "r"(in ? 16 : 0));
+    }
+    if (threadIdx.x < kScoreTopCols) {  // plain stores: the barrier before the tile's use publishes them
+      const int64_t col = t * kScoreTopCols + threadIdx.x;
+      tile_bias[slot * kScoreTopCols + threadIdx.x] = (B && col < n_right) ? B[col] : 0.f;
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+
+  // the column that is the row itself (-1: none)
+  const int64_t self0 = (self_stride > 0 && r0 % self_stride == 0) ? r0 / self_stride : -1;
+  const int64_t self1 = (self_stride > 0 && r1 % self_stride == 0) ? r1 / self_stride : -1;
+  uint64_t bound0 = 0, bound1 = 0;
+  float bound_score0 = -INFINITY, bound_score1 = -INFINITY;
+  // The pass starts at the tile of the block's own rows and wraps around: keys that drift along positions have their
+  // nearest columns there, so the bounds rise at once and few later entries beat them (about 6 rankings per row on
+  // drifting keys at 128K instead of 30-70 from column 0; the order of the pass does not change the result).
+  const int64_t t_first = (self_stride > 0 && n_tiles > 0)
+                              ? ((block_row + kScoreTopRows / 2) / self_stride / kScoreTopCols) % n_tiles
+                              : 0;
+  if (n_tiles > 0) load_tile(t_first, 0);
+  __syncthreads();  // bounds and counts initialised
+  bound0 = bound[local0];
+  bound1 = bound[local1];
+  if (bound0 == ~uint64_t{0}) bound_score0 = INFINITY;  // rows past the end
+  if (bound1 == ~uint64_t{0}) bound_score1 = INFINITY;
+  for (int64_t i = 0; i < n_tiles; ++i) {
+    const int64_t t = (t_first + i) % n_tiles;
+    if (i + 1 < n_tiles) {
+      load_tile((t + 1) % n_tiles, static_cast<int>((i + 1) & 1));
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads();  // tile t is in shared memory for every thread
+    const __half* tile = tiles + (i & 1) * kScoreTopCols * LDS;
+    const float* tb = tile_bias + (i & 1) * kScoreTopCols;
+    float acc[kScoreTopCols / 8][4];
+#pragma unroll
+    for (int j = 0; j < kScoreTopCols / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // ldmatrix.x4: lane l gives the address of row l % 8 of 8x8 matrix l / 8 = (column block j + l / 16, k half
+    // (l / 8) % 2); register q of the result is matrix q in the B-fragment layout (k pair (lane % 4) * 2, column lane / 4)
+    const uint32_t frag_base = static_cast<uint32_t>(__cvta_generic_to_shared(
+        tile + ((lane / 16) * 8 + lane % 8) * LDS + ((lane / 8) % 2) * 8));
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+      for (int j = 0; j < kScoreTopCols / 8; j += 2) {
+        uint32_t b[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                     : "r"(frag_base + static_cast<uint32_t>((j * 8 * LDS + ks * 16) * sizeof(__half))));
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          asm volatile(
+              "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+              : "+f"(acc[j + h][0]), "+f"(acc[j + h][1]), "+f"(acc[j + h][2]), "+f"(acc[j + h][3])
+              : "r"(a[ks][0]), "r"(a[ks][1]), "r"(a[ks][2]), "r"(a[ks][3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+      }
+    }
+    // Entries that beat their row's bound go to the row's buffer (acc[j][0..1]: row r0, [2..3]: row r1). Screens:
+    // the row's best score of the tile against the bound's score (one compare per row and tile; NaN never passes),
+    // then each score, then the 64-bit key. Once the bounds have risen, few tiles pass the first screen.
+    float best0 = -INFINITY, best1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kScoreTopCols / 8; ++j) {
+      const float2 b = *reinterpret_cast<const float2*>(tb + j * 8 + (lane % 4) * 2);
+      acc[j][0] += b.x;
+      acc[j][1] += b.y;
+      acc[j][2] += b.x;
+      acc[j][3] += b.y;
+      best0 = fmaxf(best0, fmaxf(acc[j][0], acc[j][1]));
+      best1 = fmaxf(best1, fmaxf(acc[j][2], acc[j][3]));
+    }
+    bool full = false;  // a buffer of this lane's rows can no longer take a whole tile
+    if (best0 >= bound_score0 || best1 >= bound_score1) {
+      const bool full_tile = (t + 1) * kScoreTopCols <= n_right;
+#pragma unroll
+      for (int j = 0; j < kScoreTopCols / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = j * 8 + (lane % 4) * 2 + e;
+          const float v0 = acc[j][e], v1 = acc[j][2 + e];
+          if (v0 >= bound_score0 || v1 >= bound_score1) {
+            const int64_t col = t * kScoreTopCols + c;
+            if (full_tile || col < n_right) {
+              if (v0 >= bound_score0) {
+                const uint64_t k0 = pack_key(v0, static_cast<uint32_t>(col));
+                if (k0 > bound0 && col != self0) {
+                  const int slot = atomicAdd(&count[local0], 1);
+                  buf[local0 * kScoreTopCap + slot] = k0;
+                  full |= slot >= kScoreTopCap - kScoreTopCols;
+                }
+              }
+              if (v1 >= bound_score1) {
+                const uint64_t k1 = pack_key(v1, static_cast<uint32_t>(col));
+                if (k1 > bound1 && col != self1) {
+                  const int slot = atomicAdd(&count[local1], 1);
+                  buf[local1 * kScoreTopCap + slot] = k1;
+                  full |= slot >= kScoreTopCap - kScoreTopCols;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    // The warp ranks its full buffers (each row's entries come from this warp only).
+    if (__any_sync(0xffffffffu, full)) {
+      __syncwarp();
+      for (int i = 0; i < 16; ++i) {
+        const int lr = warp * 16 + i;
+        const int c = count[lr];
+        if (c > kScoreTopCap - kScoreTopCols) {
+          const int kept = rank_keep(buf + lr * kScoreTopCap, c, m, lane);
+          if (lane == 0) {
+            count[lr] = kept;
+            if (kept == m) bound[lr] = buf[lr * kScoreTopCap + m - 1];
+          }
+          __syncwarp();
+        }
+      }
+      if (bound0 != bound[local0]) {
+        bound0 = bound[local0];
+        bound_score0 = key_score(bound0);
+      }
+      if (bound1 != bound[local1]) {
+        bound1 = bound[local1];
+        bound_score1 = key_score(bound1);
+      }
+    }
+    __syncthreads();  // every warp is done with this slot before the pass's tile i + 2 overwrites it
+  }
+
+  for (int i = 0; i < 16; ++i) {
+    const int lr = warp * 16 + i;
+    const int64_t r = block_row + lr;
+    if (r >= row_end) break;
+    const int kept = rank_keep(buf + lr * kScoreTopCap, count[lr], m, lane);
+    int64_t* o = out + (g * rows + (r - row_start)) * m;
+    for (int s = lane; s < m; s += 32) o[s] = s < kept ? key_column(buf[lr * kScoreTopCap + s]) : -1;
+    __syncwarp();
+  }
+#endif
+}
+
+}  // namespace score_top_detail
+
+// See the contract at the top of this file.
+inline cudaError_t score_top_candidates(const __half* left, const __half* right, const float* bias, int64_t groups, int64_t n_left, int64_t n_right,
+                                        int64_t dim, int64_t row_start, int64_t rows, int64_t self_stride, int64_t m, int64_t* out,
+                                        cudaStream_t stream) {
+  if (!score_top_supported(dim, n_right, m)) return cudaErrorInvalidValue;
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  if (major < 8) return cudaErrorNotSupported;
+  if (groups == 0 || rows == 0) return cudaSuccess;
+  const size_t smem = score_top_smem_bytes(dim);
+  const dim3 grid(static_cast<unsigned>((rows + kScoreTopRows - 1) / kScoreTopRows), static_cast<unsigned>(groups));
+  auto launch = [&](auto kernel) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, 32 * kScoreTopWarps, smem, stream>>>(left, right, bias, n_left, n_right, row_start, rows, self_stride, static_cast<int>(m), out);
+    return cudaGetLastError();
+  };
+  switch (dim) {
+    case 64:
+      return launch(score_top_detail::score_top_kernel<4>);
+    case 128:
+      return launch(score_top_detail::score_top_kernel<8>);
+    default:
+      return launch(score_top_detail::score_top_kernel<16>);
+  }
+}
+
+}  // namespace cuda
+}  // namespace retrieval_attention
