@@ -536,11 +536,26 @@ def exact_key_knn(keys: torch.Tensor, k: int, max_block_bytes: int = 1 << 30, ch
 SCORE_TOP_MAX_M = 32
 
 
+def _score_top_dim(d: int) -> int:
+    """The operand width the fused kernel runs for head dim d (64, 128 or 256; zero padding changes no product)."""
+    return 64 if d <= 64 else (128 if d <= 128 else 256)
+
+
+def _score_top_smem_bytes(dim: int) -> int:
+    """score_top_smem_bytes() of score_top.cuh: two float16 column tiles of 64 x (dim + 8), 128 row buffers of 128
+    64-bit keys, the rows' bounds and counts, two tiles of float32 biases."""
+    return 2 * 64 * (dim + 8) * 2 + 128 * 128 * 8 + 128 * (8 + 4) + 2 * 64 * 4
+
+
 def _fused_key_knn_fits(keys: torch.Tensor, k: int) -> bool:
     """Whether exact_key_knn takes the fused score + top-m kernel (score_top.cuh): CUDA keys with the package's kernels
-    on a GPU of compute capability 8.0 or newer, head dim <= 256, k <= SCORE_TOP_MAX_M / 2."""
-    return (keys.is_cuda and _ext.HAS_CUDA_KERNELS and keys.shape[2] <= 256 and 2 * k <= SCORE_TOP_MAX_M
-            and keys.shape[1] < 2**31 and torch.cuda.get_device_capability(keys.device)[0] >= 8)
+    on a GPU of compute capability 8.0 or newer whose blocks may take its shared memory (164 KB at head dim 128: H100 /
+    H200 yes, A100 and consumer GPUs no), head dim <= 256, k <= SCORE_TOP_MAX_M / 2."""
+    if not (keys.is_cuda and _ext.HAS_CUDA_KERNELS and keys.shape[2] <= 256 and 2 * k <= SCORE_TOP_MAX_M
+            and keys.shape[1] < 2**31 and torch.cuda.get_device_capability(keys.device)[0] >= 8):
+        return False
+    props = torch.cuda.get_device_properties(keys.device)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= _score_top_smem_bytes(_score_top_dim(keys.shape[2]))
 
 
 def _fused_key_knn(keys: torch.Tensor, kf: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, k: int, stride: int,
@@ -551,7 +566,7 @@ def _fused_key_knn(keys: torch.Tensor, kf: torch.Tensor, x: torch.Tensor, sq: to
     (_nearest_candidates). 2k, where the chunk-top path keeps 4k: only the operands' float16 rounding is left here (that
     path also rounds every score, bias included, to float16)."""
     groups, n, d = keys.shape
-    dim = 64 if d <= 64 else (128 if d <= 128 else 256)  # zero padding changes no product
+    dim = _score_top_dim(d)
     m = 2 * k
     left = torch.zeros((groups, n, dim), dtype=torch.float16, device=keys.device)
     left[:, :, :d] = x

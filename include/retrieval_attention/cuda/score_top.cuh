@@ -12,7 +12,9 @@
 //     self_stride > 0 and c * self_stride == r (the row itself, when the columns are every self_stride-th row).
 //     out (groups, rows, m) int64, -1 after the columns found when fewer than m qualify.
 //   * Limits (score_top_supported()): 1 <= m <= kScoreTopMaxM; dim as above; n_right < 2^31; sm_80 or newer (the
-//     kernel is empty below sm_80 and the launch returns cudaErrorNotSupported).
+//     kernel is empty below sm_80 and the launch returns cudaErrorNotSupported); score_top_smem_bytes(dim) of shared
+//     memory per block (148 / 164 / 196 KB for dim 64 / 128 / 256: H100 and H200 take all three, A100 only dim 64;
+//     otherwise the attribute call fails and its error is returned).
 //   * Algorithm: a block of 8 warps owns 128 left rows; each warp keeps its 16 rows' A fragments in registers for
 //     the whole pass. The block streams `right` in tiles of 64 columns through double-buffered shared memory
 //     (cp.async), from the tile of its own rows' columns (with self_stride > 0) around to the one before it, each warp multiplies its rows by the tile (8 x dim/16 mma), and every score that beats its row's
