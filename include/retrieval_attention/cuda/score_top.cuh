@@ -6,22 +6,25 @@
 //   * left (groups, n_left, dim) and right (groups, n_right, dim) __half, contiguous, 16-byte aligned; dim 64, 128 or
 //     256 (pad both with zeros); bias (groups, n_right) float32, contiguous, or null for none.
 //   * For each group g and left row r in [row_start, row_start + rows): the m columns c (rows of `right`) with the
-//     largest scores s(r, c) = sum_i left[g, r, i] * right[g, c, i] + bias[g, c], float16 products accumulated in
-//     float32 by the tensor cores (mma.sync m16n8k16), the bias added in float32, largest first, equal scores by smaller column (one total order: the result
-//     does not depend on thread timing). NaN scores are never returned. Column c is skipped when
-//     self_stride > 0 and c * self_stride == r (the row itself, when the columns are every self_stride-th row).
-//     out (groups, rows, m) int64, -1 after the columns found when fewer than m qualify.
+//     largest scores s(r, c) = sum_i left[g, r, i] * right[g, c, i] + bias[g, c] (float16 products summed in float32
+//     by the tensor cores, mma.sync m16n8k16; the bias added in float32), largest first, equal scores by smaller
+//     column: one total order, so the result does not depend on thread timing or on the order of the pass. NaN
+//     scores are never returned. Column c is skipped when self_stride > 0 and c * self_stride == r (the row itself,
+//     when the columns are every self_stride-th row). out (groups, rows, m) int64, -1 after the columns found when
+//     fewer than m qualify.
 //   * Limits (score_top_supported()): 1 <= m <= kScoreTopMaxM; dim as above; n_right < 2^31; sm_80 or newer (the
 //     kernel is empty below sm_80 and the launch returns cudaErrorNotSupported); score_top_smem_bytes(dim) of shared
 //     memory per block (148 / 164 / 196 KB for dim 64 / 128 / 256: H100 and H200 take all three, A100 only dim 64;
 //     otherwise the attribute call fails and its error is returned).
 //   * Algorithm: a block of 8 warps owns 128 left rows; each warp keeps its 16 rows' A fragments in registers for
 //     the whole pass. The block streams `right` in tiles of 64 columns through double-buffered shared memory
-//     (cp.async), from the tile of its own rows' columns (with self_stride > 0) around to the one before it, each warp multiplies its rows by the tile (8 x dim/16 mma), and every score that beats its row's
-//     current bound (the m-th best 64-bit key kept so far; a key packs the ordered score bits above ~column; a float
-//     compare with the bound's score screens the entries first) is appended to the row's shared-memory buffer. A tile adds at most 64 entries per row, so when a buffer holds
-//     more than kScoreTopCap - 64 (>= m + 32) the owning warp ranks it (each entry counts the larger keys; keys are distinct),
-//     keeps the best m in order and raises the bound. Once the scores settle, few entries pass the bound.
+//     (cp.async), from the tile of its own rows' columns (with self_stride > 0) around to the one before it. Each
+//     warp multiplies its rows by the tile (B fragments by ldmatrix, 8 x dim/16 mma). A score that beats its row's
+//     bound (the m-th best 64-bit key kept so far; a key packs the ordered score bits above ~column) is appended to
+//     the row's shared-memory buffer; the row's best score of the tile, then each score, are first compared with the
+//     bound's score in float. A tile adds at most 64 entries per row, so when a buffer holds more than
+//     kScoreTopCap - 64 (>= m + 32) entries the owning warp ranks it (each entry counts the larger keys; keys are
+//     distinct), keeps the best m in order and raises the bound. Once the bounds have risen, few tiles pass.
 //   * Ownership / streams / threads: nothing is allocated; the launch goes to the given stream, asynchronously; the
 //     host function sets the kernel's dynamic shared-memory attribute (per call) and touches no other state.
 #pragma once
@@ -43,6 +46,7 @@ constexpr int kScoreTopMaxM = 32;
 // their buffers ranked at nearly every tile: 6x slower than writing the scores out).
 constexpr int kScoreTopCap = 128;
 static_assert(kScoreTopCap >= kScoreTopMaxM + kScoreTopCols + 32, "score_top: too little slack in the row buffers");
+static_assert(kScoreTopCap % 32 == 0, "score_top: rank_keep gives each lane kScoreTopCap / 32 entries");
 
 inline bool score_top_supported(int64_t dim, int64_t n_right, int64_t m) {
   return (dim == 64 || dim == 128 || dim == 256) && n_right < (int64_t{1} << 31) && m >= 1 && m <= kScoreTopMaxM;
@@ -50,8 +54,10 @@ inline bool score_top_supported(int64_t dim, int64_t n_right, int64_t m) {
 
 inline size_t score_top_smem_bytes(int64_t dim) {
   const size_t lds = static_cast<size_t>(dim) + 8;  // halves per tile row: conflict-free fragment loads
-  return 2 * kScoreTopCols * lds * sizeof(__half) + static_cast<size_t>(kScoreTopRows) * kScoreTopCap * sizeof(uint64_t) +
-         kScoreTopRows * (sizeof(uint64_t) + sizeof(int)) + 2 * kScoreTopCols * sizeof(float);
+  const size_t tiles = 2 * kScoreTopCols * lds * sizeof(__half);
+  const size_t buffers = static_cast<size_t>(kScoreTopRows) * kScoreTopCap * sizeof(uint64_t);
+  const size_t per_row = kScoreTopRows * (sizeof(uint64_t) + sizeof(int));  // bounds and counts
+  return tiles + buffers + per_row + 2 * kScoreTopCols * sizeof(float);     // + the tiles' biases
 }
 
 namespace score_top_detail {
@@ -98,9 +104,10 @@ __device__ __forceinline__ int rank_keep(uint64_t* buf, int c, int keep, int lan
 }
 
 template <int KSTEPS>
-__global__ void __launch_bounds__(32 * kScoreTopWarps) score_top_kernel(const __half* __restrict__ left, const __half* __restrict__ right,
-                                                                        const float* __restrict__ bias, int64_t n_left, int64_t n_right, int64_t row_start, int64_t rows,
-                                                                        int64_t self_stride, int m, int64_t* __restrict__ out) {
+__global__ void __launch_bounds__(32 * kScoreTopWarps)
+    score_top_kernel(const __half* __restrict__ left, const __half* __restrict__ right, const float* __restrict__ bias,
+                     int64_t n_left, int64_t n_right, int64_t row_start, int64_t rows, int64_t self_stride, int m,
+                     int64_t* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int DIM = 16 * KSTEPS;
   constexpr int LDS = DIM + 8;
@@ -194,7 +201,8 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps) score_top_kernel(const __
 #pragma unroll
     for (int j = 0; j < kScoreTopCols / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     // ldmatrix.x4: lane l gives the address of row l % 8 of 8x8 matrix l / 8 = (column block j + l / 16, k half
-    // (l / 8) % 2); register q of the result is matrix q in the B-fragment layout (k pair (lane % 4) * 2, column lane / 4)
+    // (l / 8) % 2); register q of the result is matrix q in the B-fragment layout (k pair (lane % 4) * 2, column
+    // lane / 4)
     const uint32_t frag_base = static_cast<uint32_t>(__cvta_generic_to_shared(
         tile + ((lane / 16) * 8 + lane % 8) * LDS + ((lane / 8) % 2) * 8));
 #pragma unroll
@@ -302,9 +310,9 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps) score_top_kernel(const __
 }  // namespace score_top_detail
 
 // See the contract at the top of this file.
-inline cudaError_t score_top_candidates(const __half* left, const __half* right, const float* bias, int64_t groups, int64_t n_left, int64_t n_right,
-                                        int64_t dim, int64_t row_start, int64_t rows, int64_t self_stride, int64_t m, int64_t* out,
-                                        cudaStream_t stream) {
+inline cudaError_t score_top_candidates(const __half* left, const __half* right, const float* bias, int64_t groups,
+                                        int64_t n_left, int64_t n_right, int64_t dim, int64_t row_start, int64_t rows,
+                                        int64_t self_stride, int64_t m, int64_t* out, cudaStream_t stream) {
   if (!score_top_supported(dim, n_right, m)) return cudaErrorInvalidValue;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -317,7 +325,8 @@ inline cudaError_t score_top_candidates(const __half* left, const __half* right,
   auto launch = [&](auto kernel) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
-    kernel<<<grid, 32 * kScoreTopWarps, smem, stream>>>(left, right, bias, n_left, n_right, row_start, rows, self_stride, static_cast<int>(m), out);
+    kernel<<<grid, 32 * kScoreTopWarps, smem, stream>>>(left, right, bias, n_left, n_right, row_start, rows, self_stride,
+                                                         static_cast<int>(m), out);
     return cudaGetLastError();
   };
   switch (dim) {
