@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--degree", type=int, default=32)
     ap.add_argument("--k-train", type=int, default=100)
     ap.add_argument("--n-pivots", type=int, default=4)
+    ap.add_argument("--ef-weak", type=int, default=16, help="ef_weak, and the key-to-key lists' length")
     ap.add_argument("--static-set", default=None, help="SINK,WINDOW: the index holds keys [SINK, N - WINDOW) only, as the "
                     "cache's CPU index does (recall and scan over those keys)")
     a = ap.parse_args()
@@ -41,13 +42,13 @@ def main():
         sink, window = (int(x) for x in a.static_set.split(","))
         probs = [qk_data.cut_static_set(p, sink, window) for p in probs]
     efs = [int(x) for x in a.efs.split(",")]
-    params = {"degree": a.degree, "k_train": a.k_train, "ef_build": 128, "ef_weak": 16, "n_pivots": a.n_pivots}
+    params = {"degree": a.degree, "k_train": a.k_train, "ef_build": 128, "ef_weak": a.ef_weak, "n_pivots": a.n_pivots}
     curves = {}
     for p, p_moved in zip(probs, moved):
         keys = torch.from_numpy(p.keys).float()
         tq = torch.from_numpy(p.train_q).float()
         shifted = torch.from_numpy(p_moved.train_q).float()
-        kl = exact_key_knn(keys[None], 16, column_stride=KEY_LIST_COLUMN_STRIDE)[0]
+        kl = exact_key_knn(keys[None], a.ef_weak, column_stride=KEY_LIST_COLUMN_STRIDE)[0]
         ex_ids, ex_sc = qk_data.exact_topk(p.keys, p.eval_q, 100)
         for name in a.variants.split(","):
             if name == "alternate" or name.startswith("frac"):  # a share of the queries moved, spread evenly
