@@ -453,13 +453,13 @@ def load_datasets(args):
         raise SystemExit(f"--train-shift: {e}")
     train_shift = float(cfg.shift_train_queries)
     static = None
-    if args.static_set:
-        try:
-            static = ((cfg.n_sink, cfg.n_window) if args.static_set == "default"
-                      else tuple(int(x) for x in args.static_set.split(",")))
-            assert len(static) == 2 and min(static) >= 0
-        except (ValueError, AssertionError):
+    if args.static_set == "default":
+        static = (cfg.n_sink, cfg.n_window)
+    elif args.static_set:
+        parts = args.static_set.split(",")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
             raise SystemExit(f"--static-set: expected SINK,WINDOW (two integers >= 0) or 'default', got {args.static_set!r}")
+        static = (int(parts[0]), int(parts[1]))
     out = {}
     for nm in names:
         t0 = time.perf_counter()

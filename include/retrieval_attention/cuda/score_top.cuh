@@ -236,6 +236,16 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
       best1 = fmaxf(best1, fmaxf(acc[j][2], acc[j][3]));
     }
     bool full = false;  // a buffer of this lane's rows can no longer take a whole tile
+    // score v of column col for local row `local`: appended when it beats the row's bound and is not the row itself
+    auto offer = [&](float v, int64_t col, float bound_score, uint64_t bound_key, int64_t self, int local) {
+      if (!(v >= bound_score)) return;
+      const uint64_t key = pack_key(v, static_cast<uint32_t>(col));
+      if (key > bound_key && col != self) {
+        const int slot = atomicAdd(&count[local], 1);
+        buf[local * kScoreTopCap + slot] = key;
+        full |= slot >= kScoreTopCap - kScoreTopCols;
+      }
+    };
     if (best0 >= bound_score0 || best1 >= bound_score1) {
       const bool full_tile = (t + 1) * kScoreTopCols <= n_right;
 #pragma unroll
@@ -247,22 +257,8 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
           if (v0 >= bound_score0 || v1 >= bound_score1) {
             const int64_t col = t * kScoreTopCols + c;
             if (full_tile || col < n_right) {
-              if (v0 >= bound_score0) {
-                const uint64_t k0 = pack_key(v0, static_cast<uint32_t>(col));
-                if (k0 > bound0 && col != self0) {
-                  const int slot = atomicAdd(&count[local0], 1);
-                  buf[local0 * kScoreTopCap + slot] = k0;
-                  full |= slot >= kScoreTopCap - kScoreTopCols;
-                }
-              }
-              if (v1 >= bound_score1) {
-                const uint64_t k1 = pack_key(v1, static_cast<uint32_t>(col));
-                if (k1 > bound1 && col != self1) {
-                  const int slot = atomicAdd(&count[local1], 1);
-                  buf[local1 * kScoreTopCap + slot] = k1;
-                  full |= slot >= kScoreTopCap - kScoreTopCols;
-                }
-              }
+              offer(v0, col, bound_score0, bound0, self0, local0);
+              offer(v1, col, bound_score1, bound1, self1, local1);
             }
           }
         }
