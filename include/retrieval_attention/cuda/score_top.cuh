@@ -52,6 +52,7 @@ inline bool score_top_supported(int64_t dim, int64_t n_right, int64_t m) {
   return (dim == 64 || dim == 128 || dim == 256) && n_right < (int64_t{1} << 31) && m >= 1 && m <= kScoreTopMaxM;
 }
 
+// Mirrored by retrieval_attention.index._score_top_smem_bytes (which decides where the fused path is taken).
 inline size_t score_top_smem_bytes(int64_t dim) {
   const size_t lds = static_cast<size_t>(dim) + 8;  // halves per tile row: conflict-free fragment loads
   const size_t tiles = 2 * kScoreTopCols * lds * sizeof(__half);
