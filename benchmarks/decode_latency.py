@@ -936,7 +936,9 @@ def run_e2e(args, dev, emit):
                 if method != "full":
                     # then the steady state: every layer indexed
                     cache.wait_for_indexes()
-                    ready_s = time.perf_counter() - t_prefilled
+                    # when the last layer's indexes were made (timed by the layers; the decode steps above may have
+                    # run past it); 0 when the prefill built them itself (CPU)
+                    ready_s = max(0.0, max(lay.indexed_at for lay in cache.layers) - t_prefilled)
                     after_s, _ = decode_steps(new)
                     indexed = {"indexes_ready_after_prefill_s": round(ready_s, 3),
                                "decode_tokens_per_s_indexed": round(len(after_s[1:]) / sum(after_s[1:]), 3) if new > 1 else None,

@@ -165,6 +165,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.n_sink_kept = 0
         self.offloaded = None
         self.build_seconds = 0.0
+        self.indexed_at = None  # time.perf_counter() when this layer's CPU indexes were last made (None: not yet)
         self._knn_events = []  # per prefill, (part, CUDA event at its end) of the device kNN: see knn_part_seconds
         self.offload_seconds = 0.0  # the prompt's CPU part leaving the device at prefill (on the critical path)
         self.build_wait_seconds = 0.0  # decode time spent waiting for an asynchronous build to finish
@@ -389,7 +390,8 @@ class RetrievalLayer(CacheLayerMixin):
             t1 = time.perf_counter()
             self._make_indexes()
             self.on_cpu_tokens(cpu_k, cpu_v, train)
-            self.build_seconds += time.perf_counter() - t1
+            self.indexed_at = time.perf_counter()
+            self.build_seconds += self.indexed_at - t1
             logger.info("layer %d: %d CPU tokens indexed (%s) in %.2f s", self.layer_idx, n_cpu, cfg.index,
                         time.perf_counter() - t1)
             if self.on_built is not None:

@@ -544,14 +544,15 @@ def _score_top_dim(d: int) -> int:
 
 
 def _score_top_smem_bytes(dim: int) -> int:
-    """score_top_smem_bytes() of score_top.cuh: two float16 column tiles of 64 x (dim + 8), 128 row buffers of 128
-    64-bit keys, the rows' bounds and counts, two tiles of float32 biases."""
-    return 2 * 64 * (dim + 8) * 2 + 128 * 128 * 8 + 128 * (8 + 4) + 2 * 64 * 4
+    """score_top_smem_bytes() of score_top.cuh: a ring of float16 column tiles of 64 x (dim + 8) (three for dim <= 128,
+    two for 256), 128 row buffers of 128 64-bit keys, the rows' bounds and counts, a tile of float32 biases per slot."""
+    stages = 3 if dim <= 128 else 2
+    return stages * 64 * (dim + 8) * 2 + 128 * 128 * 8 + 128 * (8 + 4) + stages * 64 * 4
 
 
 def _fused_key_knn_fits(keys: torch.Tensor, k: int) -> bool:
     """Whether exact_key_knn takes the fused score + top-m kernel (score_top.cuh): CUDA keys with the package's kernels
-    on a GPU of compute capability 8.0 or newer whose blocks may take its shared memory (164 KB at head dim 128: H100 /
+    on a GPU of compute capability 8.0 or newer whose blocks may take its shared memory (181 KiB at head dim 128: H100 /
     H200 yes, A100 and consumer GPUs no), head dim <= 256, k <= SCORE_TOP_MAX_M / 2."""
     if not (keys.is_cuda and _ext.HAS_CUDA_KERNELS and keys.shape[2] <= 256 and 2 * k <= SCORE_TOP_MAX_M
             and keys.shape[1] < 2**31 and torch.cuda.get_device_capability(keys.device)[0] >= 8):

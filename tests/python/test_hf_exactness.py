@@ -1,6 +1,8 @@
 """End to end through transformers: with top_k >= CPU tokens, RetrievalCache decoding equals full attention."""
 import sys
 
+import time
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -94,8 +96,11 @@ def test_background_index_build_is_exact(async_build):
     model = tiny_model("qwen2", seed=7)
     ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(8))
     cfg = ra.RetrievalConfig(n_sink=4, n_window=8, top_k=10_000, index="query_guided", ef=10_000, async_build=async_build)
+    t0 = time.perf_counter()
     cache = assert_exact(model, ids, cfg, 20)
     assert all(s["index_build_s"] > 0 for s in cache.stats())
+    # each layer records when its indexes were made (decode_latency.py's indexes_ready_after_prefill_s)
+    assert all(t0 < lay.indexed_at <= time.perf_counter() for lay in cache.layers)
 
 
 @pytest.mark.parametrize("max_unindexed", [0, 6, 4096])

@@ -14,11 +14,12 @@
 //     fewer than m qualify.
 //   * Limits (score_top_supported()): 1 <= m <= kScoreTopMaxM; dim as above; n_right < 2^31; sm_80 or newer (the
 //     kernel is empty below sm_80 and the launch returns cudaErrorNotSupported); score_top_smem_bytes(dim) of shared
-//     memory per block (148 / 164 / 196 KB for dim 64 / 128 / 256: H100 and H200 take all three, A100 only dim 64;
+//     memory per block (157 / 181 / 196 KiB for dim 64 / 128 / 256: H100 and H200 take all three, A100 only dim 64;
 //     otherwise the attribute call fails and its error is returned).
 //   * Algorithm: a block of 8 warps owns 128 left rows; each warp keeps its 16 rows' A fragments in registers for
-//     the whole pass. The block streams `right` in tiles of 64 columns through double-buffered shared memory
-//     (cp.async), from the tile of its own rows' columns (with self_stride > 0) around to the one before it. Each
+//     the whole pass. The block streams `right` (and the bias) in tiles of 64 columns through a ring of
+//     score_top_stages() shared-memory slots (cp.async; one barrier per tile), from the tile of its own rows' columns
+//     (with self_stride > 0) around to the one before it. Each
 //     warp multiplies its rows by the tile (B fragments by ldmatrix, 8 x dim/16 mma). A score that beats its row's
 //     bound (the m-th best 64-bit key kept so far; a key packs the ordered score bits above ~column) is appended to
 //     the row's shared-memory buffer; the row's best score of the tile, then each score, are first compared with the
@@ -48,6 +49,9 @@ constexpr int kScoreTopCap = 128;
 static_assert(kScoreTopCap >= kScoreTopMaxM + kScoreTopCols + 32, "score_top: too little slack in the row buffers");
 static_assert(kScoreTopCap % 32 == 0, "score_top: rank_keep gives each lane kScoreTopCap / 32 entries");
 
+// Column tiles in flight: three where shared memory allows (head dim <= 128), else two.
+constexpr int score_top_stages(int64_t dim) { return dim <= 128 ? 3 : 2; }
+
 inline bool score_top_supported(int64_t dim, int64_t n_right, int64_t m) {
   return (dim == 64 || dim == 128 || dim == 256) && n_right < (int64_t{1} << 31) && m >= 1 && m <= kScoreTopMaxM;
 }
@@ -55,10 +59,11 @@ inline bool score_top_supported(int64_t dim, int64_t n_right, int64_t m) {
 // Mirrored by retrieval_attention.index._score_top_smem_bytes (which decides where the fused path is taken).
 inline size_t score_top_smem_bytes(int64_t dim) {
   const size_t lds = static_cast<size_t>(dim) + 8;  // halves per tile row: conflict-free fragment loads
-  const size_t tiles = 2 * kScoreTopCols * lds * sizeof(__half);
+  const size_t stages = score_top_stages(dim);
+  const size_t tiles = stages * kScoreTopCols * lds * sizeof(__half);
   const size_t buffers = static_cast<size_t>(kScoreTopRows) * kScoreTopCap * sizeof(uint64_t);
-  const size_t per_row = kScoreTopRows * (sizeof(uint64_t) + sizeof(int));  // bounds and counts
-  return tiles + buffers + per_row + 2 * kScoreTopCols * sizeof(float);     // + the tiles' biases
+  const size_t per_row = kScoreTopRows * (sizeof(uint64_t) + sizeof(int));   // bounds and counts
+  return tiles + buffers + per_row + stages * kScoreTopCols * sizeof(float);  // + the tiles' biases
 }
 
 namespace score_top_detail {
@@ -112,12 +117,13 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int DIM = 16 * KSTEPS;
   constexpr int LDS = DIM + 8;
+  constexpr int kStages = score_top_stages(DIM);
   extern __shared__ __align__(16) unsigned char smem[];
-  __half* tiles = reinterpret_cast<__half*>(smem);                                   // [2][kScoreTopCols][LDS]
-  uint64_t* buf = reinterpret_cast<uint64_t*>(tiles + 2 * kScoreTopCols * LDS);      // [kScoreTopRows][kScoreTopCap]
+  __half* tiles = reinterpret_cast<__half*>(smem);                                   // [kStages][kScoreTopCols][LDS]
+  uint64_t* buf = reinterpret_cast<uint64_t*>(tiles + kStages * kScoreTopCols * LDS);      // [kScoreTopRows][kScoreTopCap]
   uint64_t* bound = buf + kScoreTopRows * kScoreTopCap;                               // [kScoreTopRows]
-  float* tile_bias = reinterpret_cast<float*>(bound + kScoreTopRows);                  // [2][kScoreTopCols]
-  int* count = reinterpret_cast<int*>(tile_bias + 2 * kScoreTopCols);                 // [kScoreTopRows]
+  float* tile_bias = reinterpret_cast<float*>(bound + kScoreTopRows);                  // [kStages][kScoreTopCols]
+  int* count = reinterpret_cast<int*>(tile_bias + kStages * kScoreTopCols);                 // [kScoreTopRows]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t g = blockIdx.y;
@@ -150,25 +156,34 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
     }
   }
 
-  const int64_t n_tiles = (n_right + kScoreTopCols - 1) / kScoreTopCols;
-  // 16-byte pieces of one tile; columns past n_right are zero-filled (and never ranked)
-  auto load_tile = [&](int64_t t, int slot) {
+  // Tile indices are 32-bit (n_right < 2^31) and advance by a compare: a 64-bit modulo per tile cost more issue slots
+  // than the tile's ldmatrix.
+  const int n_tiles = static_cast<int>((n_right + kScoreTopCols - 1) / kScoreTopCols);
+  // One tile into ring slot `slot`: 16-byte pieces of the columns by cp.async (columns past n_right are zero-filled
+  // and never ranked), the biases by 4-byte cp.async (a plain load would hold its warp until it lands).
+  auto load_tile = [&](int t, int slot) {
     constexpr int kPieces = kScoreTopCols * DIM / 8;
     __half* dst = tiles + slot * kScoreTopCols * LDS;
-    for (int p = threadIdx.x; p < kPieces; p += 32 * kScoreTopWarps) {
+    const int64_t col0 = static_cast<int64_t>(t) * kScoreTopCols;
+#pragma unroll
+    for (int q = 0; q < kPieces / (32 * kScoreTopWarps); ++q) {
+      const int p = threadIdx.x + q * 32 * kScoreTopWarps;
       const int c = p / (DIM / 8), off = (p % (DIM / 8)) * 8;
-      const int64_t col = t * kScoreTopCols + c;
-      const bool in = col < n_right;
-      const __half* src = R + (in ? col : 0) * DIM + off;
+      const bool in = col0 + c < n_right;
+      const __half* src = R + (in ? col0 + c : 0) * DIM + off;
       const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(dst + c * LDS + off));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(src), "r"(in ? 16 : 0));
     }
-    if (threadIdx.x < kScoreTopCols) {  // plain stores: the barrier before the tile's use publishes them
-      const int64_t col = t * kScoreTopCols + threadIdx.x;
-      tile_bias[slot * kScoreTopCols + threadIdx.x] = (B && col < n_right) ? B[col] : 0.f;
+    if (B && threadIdx.x < kScoreTopCols) {
+      const bool in = col0 + threadIdx.x < n_right;
+      const float* src = B + (in ? col0 + threadIdx.x : 0);
+      const uint32_t saddr =
+          static_cast<uint32_t>(__cvta_generic_to_shared(tile_bias + slot * kScoreTopCols + threadIdx.x));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr), "l"(src), "r"(in ? 4 : 0));
     }
-    asm volatile("cp.async.commit_group;\n" ::);
   };
+  if (!B)  // no bias: every slot's biases stay zero (published by the barrier below)
+    for (int i = threadIdx.x; i < kStages * kScoreTopCols; i += 32 * kScoreTopWarps) tile_bias[i] = 0.f;
 
   // the column that is the row itself (-1: none)
   const int64_t self0 = (self_stride > 0 && r0 % self_stride == 0) ? r0 / self_stride : -1;
@@ -178,26 +193,37 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
   // The pass starts at the tile of the block's own rows and wraps around: keys that drift along positions have their
   // nearest columns there, so the bounds rise at once and few later entries beat them (about 6 rankings per row on
   // drifting keys at 128K instead of 30-70 from column 0; the order of the pass does not change the result).
-  const int64_t t_first = (self_stride > 0 && n_tiles > 0)
-                              ? ((block_row + kScoreTopRows / 2) / self_stride / kScoreTopCols) % n_tiles
-                              : 0;
-  if (n_tiles > 0) load_tile(t_first, 0);
-  __syncthreads();  // bounds and counts initialised
+  const int t_first = (self_stride > 0 && n_tiles > 0)
+                          ? static_cast<int>(((block_row + kScoreTopRows / 2) / self_stride / kScoreTopCols) % n_tiles)
+                          : 0;
+  // A ring of kStages tile slots: the pass's tile i sits in slot i % kStages. Before the loop the first kStages - 1
+  // tiles are requested; iteration i requests tile i + kStages - 1 into the slot of tile i - 1, after the barrier
+  // that every warp reaches only when done with tile i - 1 (one barrier per tile). One cp.async group is committed
+  // per request, empty past the last tile, so "all but the newest kStages - 2 groups done" means tile i is in.
+  int t_load = t_first;
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) {
+      load_tile(t_load, s);
+      t_load = t_load + 1 == n_tiles ? 0 : t_load + 1;
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  __syncthreads();  // bounds, counts (and zero biases) initialised
   bound0 = bound[local0];
   bound1 = bound[local1];
   if (bound0 == ~uint64_t{0}) bound_score0 = INFINITY;  // rows past the end
   if (bound1 == ~uint64_t{0}) bound_score1 = INFINITY;
-  for (int64_t i = 0; i < n_tiles; ++i) {
-    const int64_t t = (t_first + i) % n_tiles;
-    if (i + 1 < n_tiles) {
-      load_tile((t + 1) % n_tiles, static_cast<int>((i + 1) & 1));
-      asm volatile("cp.async.wait_group 1;\n" ::);
-    } else {
-      asm volatile("cp.async.wait_group 0;\n" ::);
+  int t = t_first, slot = 0;
+  for (int i = 0; i < n_tiles; ++i) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    __syncthreads();  // tile i is in shared memory for every thread, and every warp is done with tile i - 1
+    if (i + kStages - 1 < n_tiles) {
+      load_tile(t_load, slot == 0 ? kStages - 1 : slot - 1);
+      t_load = t_load + 1 == n_tiles ? 0 : t_load + 1;
     }
-    __syncthreads();  // tile t is in shared memory for every thread
-    const __half* tile = tiles + (i & 1) * kScoreTopCols * LDS;
-    const float* tb = tile_bias + (i & 1) * kScoreTopCols;
+    asm volatile("cp.async.commit_group;\n" ::);
+    const __half* tile = tiles + slot * kScoreTopCols * LDS;
+    const float* tb = tile_bias + slot * kScoreTopCols;
     float acc[kScoreTopCols / 8][4];
 #pragma unroll
     for (int j = 0; j < kScoreTopCols / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -225,7 +251,7 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
     // Entries that beat their row's bound go to the row's buffer (acc[j][0..1]: row r0, [2..3]: row r1). Screens:
     // the row's best score of the tile against the bound's score (one compare per row and tile; NaN never passes),
     // then each score, then the 64-bit key. Once the bounds have risen, few tiles pass the first screen.
-    float best0 = -INFINITY, best1 = -INFINITY;
+    float max0[kScoreTopCols / 8], max1[kScoreTopCols / 8];
 #pragma unroll
     for (int j = 0; j < kScoreTopCols / 8; ++j) {
       const float2 b = *reinterpret_cast<const float2*>(tb + j * 8 + (lane % 4) * 2);
@@ -233,9 +259,17 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
       acc[j][1] += b.y;
       acc[j][2] += b.x;
       acc[j][3] += b.y;
-      best0 = fmaxf(best0, fmaxf(acc[j][0], acc[j][1]));
-      best1 = fmaxf(best1, fmaxf(acc[j][2], acc[j][3]));
+      max0[j] = fmaxf(acc[j][0], acc[j][1]);
+      max1[j] = fmaxf(acc[j][2], acc[j][3]);
     }
+#pragma unroll
+    for (int w = kScoreTopCols / 16; w >= 1; w /= 2)  // a tree, not a chain of dependent maxima
+#pragma unroll
+      for (int j = 0; j < w; ++j) {
+        max0[j] = fmaxf(max0[j], max0[j + w]);
+        max1[j] = fmaxf(max1[j], max1[j + w]);
+      }
+    const float best0 = max0[0], best1 = max1[0];
     bool full = false;  // a buffer of this lane's rows can no longer take a whole tile
     // score v of column col for local row `local`: appended when it beats the row's bound and is not the row itself
     auto offer = [&](float v, int64_t col, float bound_score, uint64_t bound_key, int64_t self, int local) {
@@ -248,7 +282,7 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
       }
     };
     if (best0 >= bound_score0 || best1 >= bound_score1) {
-      const bool full_tile = (t + 1) * kScoreTopCols <= n_right;
+      const bool full_tile = (static_cast<int64_t>(t) + 1) * kScoreTopCols <= n_right;
 #pragma unroll
       for (int j = 0; j < kScoreTopCols / 8; ++j) {
 #pragma unroll
@@ -256,7 +290,7 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
           const int c = j * 8 + (lane % 4) * 2 + e;
           const float v0 = acc[j][e], v1 = acc[j][2 + e];
           if (v0 >= bound_score0 || v1 >= bound_score1) {
-            const int64_t col = t * kScoreTopCols + c;
+            const int64_t col = static_cast<int64_t>(t) * kScoreTopCols + c;
             if (full_tile || col < n_right) {
               offer(v0, col, bound_score0, bound0, self0, local0);
               offer(v1, col, bound_score1, bound1, self1, local1);
@@ -289,8 +323,10 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
         bound_score1 = key_score(bound1);
       }
     }
-    __syncthreads();  // every warp is done with this slot before the pass's tile i + 2 overwrites it
+    t = t + 1 == n_tiles ? 0 : t + 1;
+    slot = slot + 1 == kStages ? 0 : slot + 1;
   }
+  asm volatile("cp.async.wait_group 0;\n" ::);  // nothing in flight at exit (only empty groups are left)
 
   for (int i = 0; i < 16; ++i) {
     const int lr = warp * 16 + i;
