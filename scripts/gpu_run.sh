@@ -89,7 +89,11 @@ bipknn) stamp bipknn; timeout 150 python3 scripts/dev/bipartite_knn_time.py > "$
 keyknn) stamp keyknn; timeout 120 python3 scripts/dev/key_knn_time.py > "$OUT/key_knn_time.jsonl" 2> "$OUT/key_knn_time.err"; echo "keyknn rc=$?"; cat "$OUT/key_knn_time.jsonl"; tail -3 "$OUT/key_knn_time.err";;
 ncu) stamp ncu  # Nsight Compute on one launch of the fused score + top-m kernel (scripts/dev/score_top_profile.py)
      timeout ${NCU_S:-150} /usr/local/cuda/bin/ncu -k regex:score_top --set detailed --metrics smsp__inst_executed_pipe_tensor.sum,smsp__inst_executed_op_shared_ld.sum,smsp__inst_executed_op_shared_atom.sum \
-       python3 scripts/dev/score_top_profile.py > "$OUT/ncu.txt" 2>&1; echo "ncu rc=$?"; grep -E "Duration|Executed Instructions  |Issued Warp|Warp Cycles Per Issued|Achieved Occupancy|pipe_tensor|Compute \(SM\) Throughput|Memory Throughput" "$OUT/ncu.txt" | head -12;;
+       python3 scripts/dev/score_top_profile.py > "$OUT/ncu.txt" 2>&1; echo "ncu rc=$?"; grep -E "Duration|Executed Instructions  |Issued Warp|Warp Cycles Per Issued|Achieved Occupancy|pipe_tensor|Compute \(SM\) Throughput|Memory Throughput" "$OUT/ncu.txt" | head -12
+     # per-instruction samples of where warps stall (SASS with stall reasons), for NCU_SOURCE=1
+     if [ "${NCU_SOURCE:-0}" = 1 ]; then timeout 150 /usr/local/cuda/bin/ncu -k regex:score_top --section WarpStateStats --section SourceCounters -f -o /tmp/st_rep python3 scripts/dev/score_top_profile.py > "$OUT/ncu_src.log" 2>&1
+       /usr/local/cuda/bin/ncu -i /tmp/st_rep.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_sass.csv" 2>> "$OUT/ncu_src.log"; echo "ncu source rc=$? $(wc -l < "$OUT/ncu_sass.csv") lines"
+       /usr/local/cuda/bin/ncu -i /tmp/st_rep.ncu-rep --page details > "$OUT/ncu_warpstate.txt" 2>&1; fi;;
 buildtime) stamp buildtime; timeout 150 python3 benchmarks/recall.py --build-time --json --bt-layers 2 --bt-heads 32 --bt-kv-heads 8 --bt-n 131072 --bt-d 128 --threads 16 --qg-device cuda > "$OUT/buildtime.jsonl" 2> "$OUT/buildtime.err"; echo "buildtime rc=$?"; tail -3 "$OUT/buildtime.jsonl" | cut -c1-300;;
 esac; done
 stamp done

@@ -443,10 +443,13 @@ class OffloadedLayer {
       return good;
     });
   }
-  // all_finite over the hkv heads' t x d key rows, one head per thread for a prompt.
+  // all_finite over the hkv heads' t x d key rows (contiguous), in blocks over the threads for a prompt.
   bool rows_finite(const T* keys, int64_t t) const {
-    if (t < kParallelRows) return all_finite(keys, hkv_ * t * d_);
-    return parallel_all_of(hkv_, [&](int64_t h) { return all_finite(keys + h * t * d_, t * d_); });
+    const int64_t count = hkv_ * t * d_;
+    if (t < kParallelRows) return all_finite(keys, count);
+    constexpr int64_t kBlock = int64_t{1} << 20;
+    return parallel_all_of((count + kBlock - 1) / kBlock,
+                           [&](int64_t b) { return all_finite(keys + b * kBlock, std::min(kBlock, count - b * kBlock)); });
   }
   // One index per query head or per kv head over the stores, from the kept training queries; reads only.
   std::vector<std::unique_ptr<KeyIndex<T>>> create_indexes(const int64_t* knn = nullptr, int64_t knn_k = 0, const int64_t* key_knn = nullptr,

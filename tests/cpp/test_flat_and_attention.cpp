@@ -37,6 +37,28 @@ TEST_CASE("half and bfloat16 round trips", "[scalar]") {
   for (uint32_t b = 0; b < 0x7c00; ++b) REQUIRE(from_float<Half>(to_float(Half{uint16_t(b)})).bits == b);
 }
 
+TEMPLATE_TEST_CASE("all_finite agrees with std::isfinite for every 16-bit pattern and float's special values", "[scalar]", Half,
+                   BFloat16, float) {
+  if constexpr (sizeof(TestType) == 2) {
+    for (uint32_t b = 0; b <= 0xffff; ++b) {
+      const TestType x{static_cast<uint16_t>(b)};
+      REQUIRE(all_finite(&x, 1) == std::isfinite(to_float(x)));
+    }
+  } else {
+    for (float x : {0.f, -0.f, 1e-45f, 3.4e38f, -3.4e38f, INFINITY, -INFINITY, NAN})
+      REQUIRE(all_finite(&x, 1) == std::isfinite(x));
+  }
+  // one bad value anywhere in a long run (past the first blocks, at a block's last slot) is found
+  std::vector<TestType> v(20000, from_float<TestType>(1.5f));
+  CHECK(all_finite(v.data(), static_cast<int64_t>(v.size())));
+  for (size_t at : {size_t{0}, size_t{4095}, size_t{4096}, size_t{19999}}) {
+    v[at] = from_float<TestType>(NAN);
+    CHECK_FALSE(all_finite(v.data(), static_cast<int64_t>(v.size())));
+    CHECK(all_finite(v.data(), static_cast<int64_t>(at)));  // the values before it
+    v[at] = from_float<TestType>(1.5f);
+  }
+}
+
 TEST_CASE("dot_row4 / simd::dot4 score four queries bit for bit as dot_row / simd::dot do", "[scalar]") {
   std::mt19937 rng(5);
   std::normal_distribution<float> nd;

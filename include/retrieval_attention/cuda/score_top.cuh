@@ -159,31 +159,38 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
   // Tile indices are 32-bit (n_right < 2^31) and advance by a compare: a 64-bit modulo per tile cost more issue slots
   // than the tile's ldmatrix.
   const int n_tiles = static_cast<int>((n_right + kScoreTopCols - 1) / kScoreTopCols);
-  // One tile into ring slot `slot`: 16-byte pieces of the columns by cp.async (columns past n_right are zero-filled
-  // and never ranked), the biases by 4-byte cp.async (a plain load would hold its warp until it lands).
+  // One tile into ring slot `slot`: 16-byte pieces of the columns by cp.async (columns past n_right are zero-filled),
+  // the biases by 4-byte cp.async (a plain load would hold its warp until it lands). Columns past n_right get a NaN
+  // bias, so their scores are NaN, which no screen passes: nothing else needs to know where the columns end.
+  const uint32_t tiles_saddr = static_cast<uint32_t>(__cvta_generic_to_shared(tiles));
+  const uint32_t bias_saddr = static_cast<uint32_t>(__cvta_generic_to_shared(tile_bias));
   auto load_tile = [&](int t, int slot) {
-    constexpr int kPieces = kScoreTopCols * DIM / 8;
-    __half* dst = tiles + slot * kScoreTopCols * LDS;
     const int64_t col0 = static_cast<int64_t>(t) * kScoreTopCols;
+    // the tile's columns before n_right (32-bit compares below)
+    const int left_cols = static_cast<int>(n_right - col0 < kScoreTopCols ? n_right - col0 : kScoreTopCols);
+    const __half* src0 = R + col0 * DIM;
+    const uint32_t dst0 = tiles_saddr + static_cast<uint32_t>(slot * kScoreTopCols * LDS * sizeof(__half));
 #pragma unroll
-    for (int q = 0; q < kPieces / (32 * kScoreTopWarps); ++q) {
+    for (int q = 0; q < kScoreTopCols * DIM / 8 / (32 * kScoreTopWarps); ++q) {
       const int p = threadIdx.x + q * 32 * kScoreTopWarps;
       const int c = p / (DIM / 8), off = (p % (DIM / 8)) * 8;
-      const bool in = col0 + c < n_right;
-      const __half* src = R + (in ? col0 + c : 0) * DIM + off;
-      const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(dst + c * LDS + off));
+      const bool in = c < left_cols;
+      const __half* src = src0 + (in ? c * DIM + off : 0);  // read nothing from (size 0), but a valid address
+      const uint32_t saddr = dst0 + static_cast<uint32_t>((c * LDS + off) * sizeof(__half));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(src), "r"(in ? 16 : 0));
     }
-    if (B && threadIdx.x < kScoreTopCols) {
-      const bool in = col0 + threadIdx.x < n_right;
-      const float* src = B + (in ? col0 + threadIdx.x : 0);
-      const uint32_t saddr =
-          static_cast<uint32_t>(__cvta_generic_to_shared(tile_bias + slot * kScoreTopCols + threadIdx.x));
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr), "l"(src), "r"(in ? 4 : 0));
+    if (threadIdx.x < kScoreTopCols) {
+      const int c = threadIdx.x;
+      if (c >= left_cols) {
+        tile_bias[slot * kScoreTopCols + c] = __int_as_float(0x7fc00000);  // NaN
+      } else if (B) {
+        const uint32_t saddr = bias_saddr + static_cast<uint32_t>((slot * kScoreTopCols + c) * sizeof(float));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(saddr), "l"(B + col0 + c));
+      } else {
+        tile_bias[slot * kScoreTopCols + c] = 0.f;
+      }
     }
   };
-  if (!B)  // no bias: every slot's biases stay zero (published by the barrier below)
-    for (int i = threadIdx.x; i < kStages * kScoreTopCols; i += 32 * kScoreTopWarps) tile_bias[i] = 0.f;
 
   // the column that is the row itself (-1: none)
   const int64_t self0 = (self_stride > 0 && r0 % self_stride == 0) ? r0 / self_stride : -1;
@@ -208,7 +215,7 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
-  __syncthreads();  // bounds, counts (and zero biases) initialised
+  __syncthreads();  // bounds and counts initialised
   bound0 = bound[local0];
   bound1 = bound[local1];
   if (bound0 == ~uint64_t{0}) bound_score0 = INFINITY;  // rows past the end
@@ -276,28 +283,24 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
       if (!(v >= bound_score)) return;
       const uint64_t key = pack_key(v, static_cast<uint32_t>(col));
       if (key > bound_key && col != self) {
-        const int slot = atomicAdd(&count[local], 1);
-        buf[local * kScoreTopCap + slot] = key;
-        full |= slot >= kScoreTopCap - kScoreTopCols;
+        const int at = atomicAdd(&count[local], 1);
+        buf[local * kScoreTopCap + at] = key;
+        full |= at >= kScoreTopCap - kScoreTopCols;
       }
     };
-    if (best0 >= bound_score0 || best1 >= bound_score1) {
-      const bool full_tile = (static_cast<int64_t>(t) + 1) * kScoreTopCols <= n_right;
+    // each row's scores only when this lane's best of them passes (most tiles, one row at most)
+    const int64_t lane_col0 = static_cast<int64_t>(t) * kScoreTopCols + (lane % 4) * 2;
+    if (best0 >= bound_score0) {
 #pragma unroll
-      for (int j = 0; j < kScoreTopCols / 8; ++j) {
+      for (int j = 0; j < kScoreTopCols / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = j * 8 + (lane % 4) * 2 + e;
-          const float v0 = acc[j][e], v1 = acc[j][2 + e];
-          if (v0 >= bound_score0 || v1 >= bound_score1) {
-            const int64_t col = static_cast<int64_t>(t) * kScoreTopCols + c;
-            if (full_tile || col < n_right) {
-              offer(v0, col, bound_score0, bound0, self0, local0);
-              offer(v1, col, bound_score1, bound1, self1, local1);
-            }
-          }
-        }
-      }
+        for (int e = 0; e < 2; ++e) offer(acc[j][e], lane_col0 + j * 8 + e, bound_score0, bound0, self0, local0);
+    }
+    if (best1 >= bound_score1) {
+#pragma unroll
+      for (int j = 0; j < kScoreTopCols / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) offer(acc[j][2 + e], lane_col0 + j * 8 + e, bound_score1, bound1, self1, local1);
     }
     // The warp ranks its full buffers (each row's entries come from this warp only).
     if (__any_sync(0xffffffffu, full)) {
