@@ -38,7 +38,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true", help="print JSON lines on stdout (else a table)")
     ap.add_argument("--out", default=None, help="directory for the .jsonl results and the .png plot")
     ap.add_argument("--data", default=None, help="comma list of: real,model_qk,synthetic_ood,in_distribution")
-    ap.add_argument("--indexes", default=",".join(INDEX_NAMES), help="comma list of " + ",".join(INDEX_NAMES))
+    ap.add_argument("--indexes", default=None, help="comma list of " + ",".join(INDEX_NAMES) + " (default: all; a "
+                    "baseline whose package is not installed is then left out with a note)")
     ap.add_argument("--k", default="100,10", help="comma list of k (recall@k)")
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for every index's build and search (default 1: qps per core, comparable)")
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     ap.add_argument("--bt-n", type=int, default=None, help="build-time keys per head (default 131072; quick 8192)")
     ap.add_argument("--bt-d", type=int, default=128, help="build-time head dim")
     ap.add_argument("--bt-train", type=int, default=None, help="training queries per head (default: n)")
-    ap.add_argument("--bt-indexes", default="query_guided,hnswlib,faiss_ivf,faiss_hnsw")
+    ap.add_argument("--bt-indexes", default=None, help="indexes whose build time is measured (default: "
+                    "query_guided,hnswlib,faiss_ivf,faiss_hnsw, those installed)")
     ap.add_argument("--bt-budget-s", type=float, default=None,
                     help="per-index time budget; builds left are extrapolated from the mean (reported as such)")
     ap.add_argument("--bt-per-query-head", action="store_true",
@@ -409,6 +411,28 @@ def _np(x):
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+# the package each baseline index comes from (pip name in brackets where it differs)
+BASELINE_PACKAGES = {"hnswlib": ("hnswlib", "hnswlib"), "faiss_ivf": ("faiss", "faiss-cpu"), "faiss_hnsw": ("faiss", "faiss-cpu")}
+
+
+def index_names(given, default):
+    """The indexes to run: `given` (a comma list) when set, where a baseline whose package is missing is an error;
+    else `default`, leaving such baselines out with a note."""
+    import importlib.util
+    names = (given or default).split(",")
+    keep = []
+    for nm in names:
+        module, pip_name = BASELINE_PACKAGES.get(nm, (None, None))
+        if module is None or importlib.util.find_spec(module) is not None:
+            keep.append(nm)
+            continue
+        msg = f"{nm} needs the {module} package, which is not installed (pip install {pip_name})"
+        if given:
+            raise SystemExit(f"{msg}; or leave {nm} out of the index list")
+        log(f"note: {msg}: left out")
+    return keep
 
 
 def make_adapters(names, args):
@@ -730,7 +754,7 @@ def build_time(args, emit):
     m = args.bt_train or n
     if H % KV:
         raise SystemExit("--bt-heads must be a multiple of --bt-kv-heads")
-    names = args.bt_indexes.split(",")
+    names = index_names(args.bt_indexes, "query_guided,hnswlib,faiss_ivf,faiss_hnsw")
     adapters = make_adapters(names, args)
     device = _device_str()
     log(f"[build_time] {L} layers x {H} query heads ({KV} kv heads), n={n}, d={d}, train={m}, "
@@ -817,7 +841,7 @@ def main(argv=None):
     else:
         ks = sorted(set(int(x) for x in args.k.split(",")), reverse=True)
         datasets = load_datasets(args)
-        adapters = make_adapters(args.indexes.split(","), args)
+        adapters = make_adapters(index_names(args.indexes, ",".join(INDEX_NAMES)), args)
         rows = evaluate(datasets, adapters, ks, args)
         for r in rows:
             emit(r)
