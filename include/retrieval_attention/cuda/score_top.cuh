@@ -119,11 +119,11 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
   constexpr int LDS = DIM + 8;
   constexpr int kStages = score_top_stages(DIM);
   extern __shared__ __align__(16) unsigned char smem[];
-  __half* tiles = reinterpret_cast<__half*>(smem);                                   // [kStages][kScoreTopCols][LDS]
-  uint64_t* buf = reinterpret_cast<uint64_t*>(tiles + kStages * kScoreTopCols * LDS);      // [kScoreTopRows][kScoreTopCap]
-  uint64_t* bound = buf + kScoreTopRows * kScoreTopCap;                               // [kScoreTopRows]
-  float* tile_bias = reinterpret_cast<float*>(bound + kScoreTopRows);                  // [kStages][kScoreTopCols]
-  int* count = reinterpret_cast<int*>(tile_bias + kStages * kScoreTopCols);                 // [kScoreTopRows]
+  __half* tiles = reinterpret_cast<__half*>(smem);                                // [kStages][kScoreTopCols][LDS]
+  uint64_t* buf = reinterpret_cast<uint64_t*>(tiles + kStages * kScoreTopCols * LDS);  // [kScoreTopRows][kScoreTopCap]
+  uint64_t* bound = buf + kScoreTopRows * kScoreTopCap;                            // [kScoreTopRows]
+  float* tile_bias = reinterpret_cast<float*>(bound + kScoreTopRows);               // [kStages][kScoreTopCols]
+  int* count = reinterpret_cast<int*>(tile_bias + kStages * kScoreTopCols);         // [kScoreTopRows]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t g = blockIdx.y;
