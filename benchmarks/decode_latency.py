@@ -937,8 +937,9 @@ def run_e2e(args, dev, emit):
                     # then the steady state: every layer indexed
                     cache.wait_for_indexes()
                     # when the last layer's indexes were made (timed by the layers; the decode steps above may have
-                    # run past it); 0 when the prefill built them itself (CPU)
-                    ready_s = max(0.0, max(lay.indexed_at for lay in cache.layers) - t_prefilled)
+                    # run past it); 0 when the prefill built them itself (CPU) or no layer had CPU tokens to index
+                    made = [lay.indexed_at for lay in cache.layers if lay.indexed_at is not None]
+                    ready_s = max(0.0, max(made) - t_prefilled) if made else 0.0
                     after_s, _ = decode_steps(new)
                     indexed = {"indexes_ready_after_prefill_s": round(ready_s, 3),
                                "decode_tokens_per_s_indexed": round(len(after_s[1:]) / sum(after_s[1:]), 3) if new > 1 else None,
