@@ -119,12 +119,12 @@ class OffloadedLayer {
       require(!indexed() && !build_pending_ && keys_[0]->size() == 0, "layer already built");
       train_q_.assign(train_q, train_q + hq_ * m * d_);
       n_train_ = m;
-      if (knn != nullptr && knn_k > 0) knn_.assign(knn, knn + hq_ * m * knn_k);
+      if (knn != nullptr && knn_k > 0) parallel_assign(knn_, knn, hq_ * m * knn_k);
       knn_k_ = knn != nullptr ? knn_k : 0;
-      if (key_knn != nullptr && key_knn_k > 0) key_knn_.assign(key_knn, key_knn + hkv_ * t * key_knn_k);
+      if (key_knn != nullptr && key_knn_k > 0) parallel_assign(key_knn_, key_knn, hkv_ * t * key_knn_k);
       key_knn_k_ = key_knn != nullptr ? key_knn_k : 0;
       key_knn_rows_ = t;
-      if (projection != nullptr && projection_k > 0 && knn_k > 0) projection_.assign(projection, projection + index_count() * t * projection_k);
+      if (projection != nullptr && projection_k > 0 && knn_k > 0) parallel_assign(projection_, projection, index_count() * t * projection_k);
       projection_k_ = projection_.empty() ? 0 : projection_k;
       append_rows(keys, values, t);
       build_pending_ = t > 0;
@@ -488,9 +488,9 @@ class OffloadedLayer {
   void install_indexes(std::vector<std::unique_ptr<KeyIndex<T>>> made) {
     indexes_ = std::move(made);
     std::vector<float>().swap(train_q_);  // the graphs keep no query vectors
-    std::vector<int64_t>().swap(knn_);
-    std::vector<int64_t>().swap(key_knn_);
-    std::vector<int32_t>().swap(projection_);
+    UninitVector<int64_t>().swap(knn_);
+    UninitVector<int64_t>().swap(key_knn_);
+    UninitVector<int32_t>().swap(projection_);
     projection_k_ = 0;
     n_train_ = 0;
     knn_k_ = 0;
@@ -505,11 +505,11 @@ class OffloadedLayer {
   std::vector<std::unique_ptr<KeyIndex<T>>> indexes_;
   std::vector<float> train_q_;
   int64_t n_train_ = 0;
-  std::vector<int64_t> knn_;  // the training queries' neighbour lists, kept for a pending build
+  UninitVector<int64_t> knn_;  // the training queries' neighbour lists, kept for a pending build
   int64_t knn_k_ = 0;
-  std::vector<int64_t> key_knn_;  // each key's nearest keys (Hkv x t x key_knn_k), kept for a pending build
+  UninitVector<int64_t> key_knn_;  // each key's nearest keys (Hkv x t x key_knn_k), kept for a pending build
   int64_t key_knn_k_ = 0;
-  std::vector<int32_t> projection_;  // each index's projection lists (index_count() x t x projection_k), for a pending build
+  UninitVector<int32_t> projection_;  // each index's projection lists (index_count() x t x projection_k), for a pending build
   int64_t projection_k_ = 0;
   int64_t key_knn_rows_ = 0;  // t of the build() that gave them
   bool build_pending_ = false;  // rows stored by build(..., index_now = false), indexes not made yet
