@@ -88,7 +88,7 @@ buildthreads) stamp buildthreads; for n in ${BT_NS:-16384 131072}; do RA_QG_PROF
 offload) stamp offload; timeout 150 python3 scripts/dev/offload_time.py > "$OUT/offload.jsonl" 2> "$OUT/offload.err"; echo "offload rc=$?"; cat "$OUT/offload.jsonl"; tail -3 "$OUT/offload.err";;
 projtime) stamp projtime; timeout 150 python3 scripts/dev/projection_time.py > "$OUT/projection_time.log" 2> "$OUT/projection_time.err"; echo "projtime rc=$?"; cut -c1-180 "$OUT/projection_time.log" | head -24; tail -3 "$OUT/projection_time.err";;
 bipknn) stamp bipknn; timeout 150 python3 scripts/dev/bipartite_knn_time.py > "$OUT/bipartite_knn_time.jsonl" 2> "$OUT/bipartite_knn_time.err"; echo "bipknn rc=$?"; cat "$OUT/bipartite_knn_time.jsonl"; tail -3 "$OUT/bipartite_knn_time.err";;
-storetime) stamp storetime; timeout 200 python3 scripts/dev/store_time.py > "$OUT/store_time.jsonl" 2> "$OUT/store_time.err"; echo "storetime rc=$?"; cat "$OUT/store_time.jsonl"; tail -3 "$OUT/store_time.err";;
+storetime) stamp storetime; timeout 200 python3 scripts/dev/store_copy_time.py --lists --tokens 131072 --repeats 5 > "$OUT/store_time.jsonl" 2> "$OUT/store_time.err"; echo "storetime rc=$?"; cat "$OUT/store_time.jsonl"; tail -3 "$OUT/store_time.err";;
 keyknn) stamp keyknn; timeout 120 python3 scripts/dev/key_knn_time.py > "$OUT/key_knn_time.jsonl" 2> "$OUT/key_knn_time.err"; echo "keyknn rc=$?"; cat "$OUT/key_knn_time.jsonl"; tail -3 "$OUT/key_knn_time.err";;
 ncu) stamp ncu  # Nsight Compute on one launch of the fused score + top-m kernel (scripts/dev/score_top_profile.py)
      timeout ${NCU_S:-150} /usr/local/cuda/bin/ncu -k regex:score_top --set detailed --metrics smsp__inst_executed_pipe_tensor.sum,smsp__inst_executed_op_shared_ld.sum,smsp__inst_executed_op_shared_atom.sum \
