@@ -19,8 +19,9 @@ REQUIRED = {"bench": str, "data": str, "index": str, "n": int, "d": int, "k": in
 def _installed_baselines():
     """The baseline indexes whose packages import here (all three in CI; the GPU machine has no hnswlib)."""
     import importlib.util
-    have = {m: importlib.util.find_spec(m) is not None for m in ("hnswlib", "faiss")}
-    return [n for n, m in (("hnswlib", "hnswlib"), ("faiss_ivf", "faiss"), ("faiss_hnsw", "faiss")) if have[m]]
+
+    import recall
+    return [n for n, (module, _) in recall.BASELINE_PACKAGES.items() if importlib.util.find_spec(module) is not None]
 
 
 def _has_query_guided():

@@ -288,20 +288,19 @@ __global__ void __launch_bounds__(32 * kScoreTopWarps)
         full |= at >= kScoreTopCap - kScoreTopCols;
       }
     };
-    // each row's scores only when this lane's best of them passes (most tiles, one row at most)
+    // each row's scores (side 0: acc[j][0..1], row r0; side 1: acc[j][2..3], row r1) only when this lane's best of
+    // them passes (most tiles, one row at most)
     const int64_t lane_col0 = static_cast<int64_t>(t) * kScoreTopCols + (lane % 4) * 2;
-    if (best0 >= bound_score0) {
+    auto offer_row = [&](int side, float best, float bound_score, uint64_t bound_key, int64_t self, int local) {
+      if (!(best >= bound_score)) return;
 #pragma unroll
       for (int j = 0; j < kScoreTopCols / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) offer(acc[j][e], lane_col0 + j * 8 + e, bound_score0, bound0, self0, local0);
-    }
-    if (best1 >= bound_score1) {
-#pragma unroll
-      for (int j = 0; j < kScoreTopCols / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) offer(acc[j][2 + e], lane_col0 + j * 8 + e, bound_score1, bound1, self1, local1);
-    }
+        for (int e = 0; e < 2; ++e)
+          offer(acc[j][2 * side + e], lane_col0 + j * 8 + e, bound_score, bound_key, self, local);
+    };
+    offer_row(0, best0, bound_score0, bound0, self0, local0);
+    offer_row(1, best1, bound_score1, bound1, self1, local1);
     // The warp ranks its full buffers (each row's entries come from this warp only).
     if (__any_sync(0xffffffffu, full)) {
       __syncwarp();
