@@ -84,7 +84,10 @@ def parse_args(argv=None):
                     help="time ours at the smallest --ef-sweep value reaching --target-recall instead of --ef")
     ap.add_argument("--target-recall", type=float, default=0.9, help="for --ef-auto")
     ap.add_argument("--probe-queries", type=int, default=None, help="extra decode-like queries for recall (default 32; quick 16)")
-    ap.add_argument("--needles", type=int, default=8, help="needle keys per query head")
+    ap.add_argument("--data", default="synthetic", choices=("synthetic", "model"),
+                    help="synthetic: SyntheticQK keys/queries + needles (default); model: the bundled model's own post-RoPE "
+                         "Q/K/V on a long passkey input, embedded in the --head-dim dims (ModelLayerData)")
+    ap.add_argument("--needles", type=int, default=8, help="needle keys per query head (--data synthetic)")
     ap.add_argument("--key-clusters", type=int, default=256, help="SyntheticQK clusters of the key mixture")
     ap.add_argument("--cluster-frac", type=float, default=0.9,
                     help="SyntheticQK share of key variance between cluster centres (high: IVF-friendly clustered keys)")
@@ -252,6 +255,7 @@ class LayerData:
         n_sink, cpu_end = min(args.n_sink, T), max(min(args.n_sink, T), T - args.n_window)
         rng = np.random.default_rng(args.seed * 100_003 + layer)
         self.needle_pos = {}
+        self.rope_inv_freq = None  # synthetic vectors carry no RoPE
         for g in range(Hkv):
             syn = SyntheticQK(d, seed=10_000 * args.seed + 100 * layer + g, clusters=args.key_clusters, cluster_frac=args.cluster_frac)
             f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=dev)
@@ -307,6 +311,83 @@ class LayerData:
         if self._cpu_kv is None:
             self._cpu_kv = (self.keys[0, :, self.n_sink :].cpu().contiguous(), self.values[0, :, self.n_sink :].cpu().contiguous())
         return self._cpu_kv
+
+
+class ModelLayerData(LayerData):
+    """One layer's attention inputs from the bundled model's own forward pass (--data model): real post-RoPE queries,
+    keys and values, so the search meets the structure of trained attention (keys that drift with position, queries
+    out of the keys' distribution, a few keys taking most of the mass) instead of a synthetic distribution's.
+
+    record_model_inputs() runs tinyllama-byte-32k once over a natural-text passkey input of T + S + P tokens (the
+    dump_model_qk.py haystack). Positions < T are the prompt, T..T+S-1 the decode steps, T+S.. the P extra probe
+    queries for recall (queries that no graph trained on). The model's heads are smaller than the benchmark's shapes
+    (6 layers x 2 kv heads x 3 query heads, dim 64), so:
+      - benchmark kv head g of layer l is model kv head (l * Hkv + g) mod 12 (layer-major), so 8 kv heads of one
+        benchmark layer come from four model layers;
+      - query head j of a group is the model's query head j mod 3 of that kv head (the fourth repeats the first);
+      - vectors fill the first 64 of the --head-dim dims, the rest are zeros: every inner product, hence every top-k
+        and every graph, is the model's own, while the kernels do the work of --head-dim dims. Queries are scaled by
+        sqrt(head_dim / 64) so that softmax(q.k / sqrt(head_dim)) is the model's softmax(q.k / 8);
+      - the model's RoPE frequencies come along (rope_inv_freq), so ours moves its share of training queries to the
+        decode position as RetrievalCache does for a real model.
+    Training queries are all T prompt queries; RetrievalConfig.max_train_queries subsamples them as in real use.
+    The model is trained up to 32,768 tokens; beyond that its RoPE angles are extrapolated, but the vectors remain its
+    own projections of real text."""
+
+    def __init__(self, args, T, S, layer, dev, rec):
+        import torch
+
+        Hq, Hkv, d = args.q_heads, args.kv_heads, args.head_dim
+        G = Hq // Hkv
+        P = args.probe_queries
+        Lm, (Hkv_m, _, dm) = len(rec["k"]), rec["k"][0].shape
+        Gm = rec["q"][0].shape[0] // Hkv_m
+        if d < dm:
+            raise SystemExit(f"--data model needs --head-dim >= the model's head dim {dm}")
+        self.T, self.S = T, S
+        qscale = math.sqrt(d / dm)
+        keys = torch.zeros((1, Hkv, T + S, d), dtype=torch.bfloat16, device=dev)
+        values = torch.zeros_like(keys)
+        train = torch.zeros((1, Hq, T, d), dtype=torch.bfloat16, device=dev)
+        dec = torch.zeros((Hq, S + P, d), dtype=torch.float32, device=dev)
+        for g in range(Hkv):
+            ml, mg = divmod((layer * Hkv + g) % (Lm * Hkv_m), Hkv_m)
+            keys[0, g, :, :dm] = rec["k"][ml][mg, : T + S]
+            values[0, g, :, :dm] = rec["v"][ml][mg, : T + S]
+            for j in range(G):
+                q = rec["q"][ml][mg * Gm + j % Gm].float() * qscale
+                train[0, g * G + j, :, :dm] = q[:T]
+                dec[g * G + j, :, :dm] = q[T : T + S + P].bfloat16().float()
+        self.keys, self.values, self.train_q = keys, values, train
+        self.dec_q = dec[:, :S].transpose(0, 1).reshape(S, 1, Hq, 1, d).bfloat16()
+        self.probe_q = dec.cpu()
+        self.n_sink = min(args.n_sink, T)
+        self.cpu_end = max(self.n_sink, T - args.n_window)
+        self.needle_pos = {}
+        self.rope_inv_freq = rec["rope_inv_freq"]
+        self._cpu_kv = None
+
+
+def record_model_inputs(args, T, S, dev) -> dict:
+    """The bundled model's Q/K/V over T + S + probe_queries tokens of the passkey input (ModelLayerData), on dev."""
+    import dump_model_qk
+
+    import retrieval_attention as ra
+
+    n = T + S + args.probe_queries
+    ids, span = dump_model_qk.build_prompt(n, 0.4, "48213")
+    t0 = time.perf_counter()
+    rec = dump_model_qk.record_attention_inputs(ids, str(dev), values=True)
+    rec["rope_inv_freq"] = ra.rope_inv_freq(rec.pop("config"))
+    log(f"context {T}: the bundled model's forward over {n} tokens in {time.perf_counter() - t0:.1f}s (needle at {span})")
+    return rec
+
+
+def make_layer_datas(args, T, S, L, dev) -> list:
+    if args.data == "synthetic":
+        return [LayerData(args, T, S, l, dev) for l in range(L)]
+    rec = record_model_inputs(args, T, S, dev)
+    return [ModelLayerData(args, T, S, l, dev, rec) for l in range(L)]
 
 
 def exact_topk(data: LayerData, q, n, k, heads=None):
@@ -590,6 +671,9 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     layers, build = [], []
     for l, data in enumerate(datas):
         layer = cls(cfg, Hq, args.kv_heads, d, l)
+        if data.rope_inv_freq is not None:  # as RetrievalCache sets them from a model's config
+            layer.rope_inv_freq = data.rope_inv_freq
+            layer.train_shift_share = float(cfg.shift_train_queries)
         k, v = data.prompt()
         layer.update(k, v)
         sync(dev)
@@ -787,6 +871,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         "build_s_per_layer": [round(b, 3) for b in build],
         "build_s_32_layers_extrapolated": round(sum(build) / L * L_rep, 1),
         "cpu_search_ms_measured": method == "ivf",
+        "train_queries_shifted": st[0]["train_queries_shifted"],
     }
     res.update(rec)
     res.update(extra)
@@ -803,7 +888,7 @@ def run_context(args, T, dev, shared, emit):
     flush = shared["flush"]
     classes = shared["classes"]
     t0 = time.perf_counter()
-    datas = [LayerData(args, T, S, l, dev) for l in range(L)]
+    datas = make_layer_datas(args, T, S, L, dev)
     sync(dev)
     log(f"context {T}: data for {L} layer(s) in {time.perf_counter() - t0:.1f}s")
     base = {"bench": "decode", "context": T, "device": device_desc(dev), "cpu": cpu_desc(), "threads": torch.get_num_threads(),
@@ -811,7 +896,9 @@ def run_context(args, T, dev, shared, emit):
             "scaling": f"per-layer mean over {L} measured layer(s) x {args.layers_reported}",
             "q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": "bfloat16",
             "top_k": args.top_k, "ef": args.ef, "n_sink": args.n_sink, "n_window": args.n_window,
-            "train_queries": int(datas[0].train_q.shape[2]), "steps": args.steps, "data": "synthetic_ood+needles", "key_clusters": args.key_clusters, "cluster_frac": args.cluster_frac,
+            "train_queries": min(int(datas[0].train_q.shape[2]), args.max_train_queries or T), "steps": args.steps,
+            **({"data": "synthetic_ood+needles", "key_clusters": args.key_clusters, "cluster_frac": args.cluster_frac} if args.data == "synthetic"
+               else {"data": "model_qk"}),
             "cpu_bw_gbs": round(shared["bw_gbs"], 2)}
     for method in args.methods:
         if args.budget_s is not None and time.perf_counter() - T0 > args.budget_s:

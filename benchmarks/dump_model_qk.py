@@ -96,6 +96,49 @@ def build_prompt(T: int, depth: float, passkey: str):
     return ids, span
 
 
+def record_attention_inputs(ids, device: str, model_path: str | None = None, q_pos=None, values: bool = False) -> dict:
+    """One forward pass of the bundled model over `ids` on `device` (bf16 on CUDA, float32 on the CPU), recording what
+    reaches each layer's attention kernel, post-RoPE (exactly what a KV cache holds). Returns {"q": [L] tensors
+    (Hq, P, d) at positions q_pos (all positions when None), "k": [L] (Hkv, T, d), "v": [L] (Hkv, T, d) when `values`,
+    "pred": the greedy next token after ids, "dtype", "config"}; the tensors stay on `device` in the forward's dtype.
+
+    A recording attention function registered with transformers.AttentionInterface (plus sdpa_mask under the same name
+    with AttentionMaskInterface, without which no causal mask is passed) captures the states and then runs SDPA, so the
+    forward pass is the model's normal one."""
+    import torch
+    from transformers import AttentionInterface, LlamaForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    path = model_path or default_model_path()
+    q_pos_t = None if q_pos is None else torch.as_tensor(np.asarray(q_pos), dtype=torch.long, device=device)
+    rec_q, rec_k, rec_v = {}, {}, {}
+
+    def recording_attention(module, query, key, value, attention_mask, **kw):
+        # query: [B, Hq, T, d], key/value: [B, Hkv, T, d], post-RoPE (what SDPA and a KV cache see)
+        li = module.layer_idx
+        rec_q[li] = query[0].clone() if q_pos_t is None else query[0].index_select(1, q_pos_t)
+        rec_k[li] = key[0].clone()
+        if values:
+            rec_v[li] = value[0].clone()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("qk_record", recording_attention)
+    AttentionMaskInterface.register("qk_record", sdpa_mask)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="qk_record").to(device).eval()
+    x = torch.tensor([list(ids)], device=device)
+    with torch.inference_mode():
+        logits = model(x, logits_to_keep=1).logits
+    L = len(rec_k)
+    out = {"q": [rec_q[i] for i in range(L)], "k": [rec_k[i] for i in range(L)], "pred": int(logits[0, -1].argmax()),
+           "dtype": dtype, "config": model.config}
+    if values:
+        out["v"] = [rec_v[i] for i in range(L)]
+    del model
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -108,42 +151,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
-    from transformers import AttentionInterface, LlamaForCausalLM
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     path = args.model or default_model_path()
     out = args.out or qk_data.default_model_qk_path(args.T)
     T = args.T
     q_pos = np.unique(np.concatenate([np.arange(args.q_stride - 1, T, args.q_stride), np.arange(T - 64, T)]))
-    q_pos_t = torch.from_numpy(q_pos).to(dev)
-    rec = {}
-
-    def recording_attention(module, query, key, value, attention_mask, **kw):
-        # query: [B, Hq, T, d], key: [B, Hkv, T, d], post-RoPE (what SDPA and a KV cache see)
-        li = module.layer_idx
-        rec[li] = (query[0].index_select(1, q_pos_t).to(torch.float16).cpu(), key[0].to(torch.float16).cpu())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("qk_record", recording_attention)
-    AttentionMaskInterface.register("qk_record", sdpa_mask)
-
     t0 = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="qk_record").to(dev).eval()
     ids, span = build_prompt(T, args.depth, args.passkey)
-    x = torch.tensor([ids], device=dev)
-    log(f"[dump_model_qk] {path} on {dev} ({dtype}), T={T}, needle at {span}, {len(q_pos)} query positions")
-    with torch.inference_mode():
-        logits = model(x, logits_to_keep=1).logits
-    pred = int(logits[0, -1].argmax())
+    log(f"[dump_model_qk] {path} on {dev}, T={T}, needle at {span}, {len(q_pos)} query positions")
+    r = record_attention_inputs(ids, dev, path, q_pos=q_pos)
+    pred = r["pred"]
+    dtype = r["dtype"]
     pred_s = chr(pred) if pred < 256 else f"<{pred}>"
     log(f"[dump_model_qk] forward {time.perf_counter() - t0:.1f}s; next byte {pred_s!r} "
         f"(passkey starts with {args.passkey[0]!r}: {'correct' if pred_s == args.passkey[0] else 'WRONG'})")
-    L = len(rec)
-    q = np.stack([rec[i][0].numpy() for i in range(L)])
-    k = np.stack([rec[i][1].numpy() for i in range(L)])
+    q = np.stack([x.to(torch.float16).cpu().numpy() for x in r["q"]])
+    k = np.stack([x.to(torch.float16).cpu().numpy() for x in r["k"]])
     meta = {"model": os.path.basename(os.path.normpath(path)), "T": T, "depth": args.depth, "passkey": args.passkey,
             "needle_span": list(span), "q_stride": args.q_stride, "device": dev, "dtype": str(dtype),
             "pred_next_byte": pred_s, "correct_first_digit": pred_s == args.passkey[0],

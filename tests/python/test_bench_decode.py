@@ -86,3 +86,54 @@ def test_ours_hook_retrieves_what_ours_retrieves(tmp_path):
     assert set(rows) == {"ours", "ours_hook"}
     for key in ("recall", "scanned_frac", "mass_frac_topk", "gpu_kv_bytes"):
         assert rows["ours"][key] == rows["ours_hook"][key], key
+
+
+def test_model_data_keeps_the_models_scores():
+    """--data model: the bundled model's own vectors fill the first 64 of the benchmark's dims, so every score (after the
+    query's sqrt(d / 64) scale) is the model's q.k / 8, the extra dims are zeros, and benchmark kv heads map to distinct
+    model heads layer-major."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import decode_latency as dl
+
+    args = dl.parse_args(["--quick", "--data", "model", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "128",
+                          "--probe-queries", "3"])
+    T, S = 400, 2
+    rec = dl.record_model_inputs(args, T, S, torch.device("cpu"))
+    assert rec["k"][0].shape == (2, T + S + 3, 64) and rec["q"][0].shape == (6, T + S + 3, 64)
+    assert rec["rope_inv_freq"] is not None and rec["rope_inv_freq"].numel() == 32
+    d0 = dl.ModelLayerData(args, T, S, 0, torch.device("cpu"), rec)
+    d1 = dl.ModelLayerData(args, T, S, 1, torch.device("cpu"), rec)
+    assert d0.keys.shape == (1, 2, T + S, 128) and d0.train_q.shape == (1, 8, T, 128)
+    assert not d0.keys[..., 64:].any() and not d0.train_q[..., 64:].any() and not d0.values[..., 64:].any()
+    # benchmark layer 1's kv head 0 is model kv head 2: model layer 1, kv head 0
+    assert torch.equal(d1.keys[0, 0, :, :64], rec["k"][1][0, : T + S].bfloat16())
+    assert not torch.equal(d0.keys[0, 0], d1.keys[0, 0])
+    # query head 5 = group 1, slot 1 -> model query head 1 * 3 + 1 of layer 0; its probe queries are positions T+S..
+    q_model = rec["q"][0][4, T + S :].float()
+    k_model = rec["k"][0][1, :T].float()
+    want = q_model @ k_model.T / 8.0
+    got = d0.probe_q[5, S:] @ d0.keys[0, 1, :T].float().T / math.sqrt(128)
+    assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
+    # the group's fourth query head repeats the first (the model has three per kv head)
+    assert torch.equal(d0.train_q[0, 3], d0.train_q[0, 0])
+
+
+def test_model_data_run():
+    """The whole --data model path on the CPU: lines say data=model_qk, flat is exact, ours moves half of its training
+    queries by the model's RoPE."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [x for x in (os.environ.get("PYTHONPATH", ""), os.path.join(REPO, "python")) if x]))
+    args = ["--quick", "--json", "--device", "cpu", "--data", "model", "--contexts", "1536", "--q-heads", "4", "--kv-heads", "2",
+            "--head-dim", "64", "--steps", "2", "--warmup", "1", "--probe-queries", "4", "--flush-mb", "0",
+            "--max-train-queries", "512", "--ef-sweep", "", "--methods", "flat,ours", "--no-plot"]
+    p = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["method"]: r for r in map(json.loads, p.stdout.splitlines()) if r["bench"] == "decode"}
+    assert set(rows) == {"flat", "ours"}
+    assert all(r["data"] == "model_qk" and r["train_queries"] == 512 for r in rows.values())
+    assert rows["flat"]["recall"] == pytest.approx(1.0)
+    assert rows["ours"]["train_queries_shifted"] == 0.5 and 0.0 < rows["ours"]["recall"] <= 1.0
