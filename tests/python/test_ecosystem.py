@@ -78,10 +78,12 @@ def test_pipeline_bundled_model_matches_full_attention(model_dir, index):
         assert 0.0 < s["cpu_mass_share"] < 1.0
 
 
-def test_pipeline_with_an_explicit_cache(bundled):
-    """A RetrievalCache handed to the pipeline call is passed on to generate and used (sparse mode here)."""
+def test_pipeline_with_an_explicit_cache(model_dir):
+    """A RetrievalCache handed to the pipeline call is passed on to generate and used (sparse mode here). The model is
+    this test's own: where a GPU exists, pipeline() moves the model it is given onto it, in place, which would change
+    the module-wide `bundled` model under the tests after this one."""
     tok = byte_tokenizer()
-    model = bundled
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="retrieval_attention").eval()
     cache = ra.RetrievalCache(model.config, ra.RetrievalConfig(n_sink=8, n_window=32, top_k=16, index="flat"))
     out = pipeline("text-generation", model=model, tokenizer=tok)(PASSKEY_TEXT, max_new_tokens=6, do_sample=False,
                                                                    past_key_values=cache)
@@ -132,9 +134,11 @@ def test_from_pretrained_generate_and_pipeline(arch, tmp_path):
 
 # -- attention-mass figures in cache.stats() --------------------------------------------------------------------------
 def _decode(model, ids, cfg, steps=8):
-    """Prefill `ids`, then feed `steps` fixed tokens one by one (teacher forcing) through a RetrievalCache."""
+    """Prefill `ids`, then feed `steps` fixed tokens one by one (teacher forcing) through a RetrievalCache, on the
+    model's device."""
     cache = ra.RetrievalCache(model.config, cfg)
-    cont = torch.tensor([list(b" 40712 is the key")[:steps]])
+    ids = ids.to(model.device)
+    cont = torch.tensor([list(b" 40712 is the key")[:steps]], device=model.device)
     kw = cache_kwarg(model)
     with torch.no_grad():
         model(ids, **{kw: cache})
