@@ -390,6 +390,18 @@ def make_layer_datas(args, T, S, L, dev) -> list:
     return [ModelLayerData(args, T, S, l, dev, rec) for l in range(L)]
 
 
+def retrieve_into(offloaded, q_cpu, dv, top_k, ef, scale, phase_ns):
+    """OffloadedLayer.retrieve_attend_into as decode_attention calls it (one float32 buffer: out then lse), adding the
+    call's [search, attend] thread nanoseconds to phase_ns -> (out (Hq, m, dv), lse (Hq, m))."""
+    import torch
+
+    rows, m, _ = q_cpu.shape
+    flat = torch.empty(rows * m * (dv + 1), dtype=torch.float32)
+    offloaded.retrieve_attend_into(q_cpu, top_k, ef, scale, flat, phase_ns=phase_ns)
+    n_out = rows * m * dv
+    return flat[:n_out].view(rows, m, -1), flat[n_out:].view(rows, m)
+
+
 def exact_topk(data: LayerData, q, n, k, heads=None):
     """Exact top-k over the first n CPU keys for q (Hq, m, d) float32 -> ids (Hq', m, k) CPU int64, kth score (Hq', m),
     lse of the top-k and of all n keys (Hq', m) (natural log, scores x scale). heads: subset of query heads."""
@@ -767,6 +779,8 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
 
     # --- timed decode steps ----------------------------------------------------------------------------------------
     acc = {k: 0.0 for k in ("e2e", "update", "q2cpu", "gpu", "cpu", "cpu_attn", "cpu_search", "back", "merge")}
+    phase_ns = torch.zeros(2, dtype=torch.int64)  # [search, attend] thread ns of one fused call
+    thread_ns = [0, 0]  # summed over the timed calls
     for s in range(S):
         timed = s >= W
         for l, (layer, data) in enumerate(zip(layers, datas)):
@@ -803,8 +817,12 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             sync(dev)
             t_gpu = time.perf_counter() - t
             flush()
+            builtin = type(layer).cpu_retrieve_attend is ra.RetrievalLayer.cpu_retrieve_attend  # ours, flat
             t = time.perf_counter()
-            o_c, l_c, _ = layer.cpu_retrieve_attend(q_cpu, scale)
+            if builtin:  # decode_attention's own fused call, with its thread time split into search and attention
+                o_c, l_c = retrieve_into(layer.offloaded, q_cpu, layer.values.shape[-1], layer.cfg.top_k, layer.cfg.search_beam(layer.offloaded.size), scale, phase_ns)
+            else:
+                o_c, l_c, _ = layer.cpu_retrieve_attend(q_cpu, scale)
             t_cpu = time.perf_counter() - t
             sync(dev)
             t = time.perf_counter()
@@ -819,16 +837,18 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
                 t_attn, t_search = layer.t_attn, layer.t_search
             elif method == "static":
                 t_attn = t_search = 0.0
-            else:
-                # CPU attention over top_k ids (the exact top-k of this query: same count, same random-access pattern),
-                # timed with ra.sparse_attention on CPU copies; search = the layer's retrieve_attend minus that.
-                ids, _, _, _ = exact_topk(data, q_cpu, n_cpu, args.top_k)
-                kc, vc = data.cpu_kv()
-                flush()
-                t = time.perf_counter()
-                ra.sparse_attention(q_cpu, kc, vc, ids, scale)
-                t_attn = time.perf_counter() - t
-                t_search = max(0.0, t_cpu - t_attn)
+            elif builtin:
+                # the fused call's wall time split in the proportion of its items' thread time (OffloadedLayer's
+                # RetrievePhaseTimes): search (index or exact scan, merge) against attention over the selected keys
+                ns = phase_ns.tolist()
+                share = ns[1] / max(1, ns[0] + ns[1])
+                t_attn, t_search = t_cpu * share, t_cpu * (1.0 - share)
+                if timed:
+                    thread_ns[0] += ns[0]
+                    thread_ns[1] += ns[1]
+                phase_ns.zero_()
+            else:  # a research hook's own call: not split
+                t_attn = t_search = float("nan")
             del out
             if timed:
                 for key, val in (("e2e", t_e2e), ("update", t_upd), ("q2cpu", t_q), ("gpu", t_gpu), ("cpu", t_cpu),
@@ -871,6 +891,9 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         "build_s_per_layer": [round(b, 3) for b in build],
         "build_s_32_layers_extrapolated": round(sum(build) / L * L_rep, 1),
         "cpu_search_ms_measured": method == "ivf",
+        "cpu_split": {"ivf": "measured", "static": None}.get(method, "thread_time" if method in ("ours", "flat") else None),
+        "cpu_search_thread_ms": round(1e3 * thread_ns[0] / 1e9 / args.steps / L * L_rep, 4),
+        "cpu_attention_thread_ms": round(1e3 * thread_ns[1] / 1e9 / args.steps / L * L_rep, 4),
         "train_queries_shifted": st[0]["train_queries_shifted"],
     }
     res.update(rec)

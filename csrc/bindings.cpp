@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <variant>
 
 #include "retrieval_attention/index_registry.h"
@@ -322,7 +323,10 @@ class PyOffloadedLayer {
   // staging buffer of a GPU query, widened here), out then lse written into `results` (float32, contiguous, at least
   // q_heads*m*(value_dim + 1) elements: e.g. the page-locked buffer the merge reads from), and the total number of keys
   // scored returned. It saves the Python-side copies and small tensors of retrieve_attend on every layer and token.
-  int64_t retrieve_attend_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, const at::Tensor& results) const {
+  // phase_ns (optional, int64 CPU tensor of 2): [search, attend] thread nanoseconds of this call are added to it
+  // (RetrievePhaseTimes; for benchmarks' breakdown of the fused call).
+  int64_t retrieve_attend_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, const at::Tensor& results,
+                               const std::optional<at::Tensor>& phase_ns) const {
     check_queries(q);
     TORCH_CHECK_VALUE(top_k >= 1, "top_k must be >= 1, got ", top_k);
     check_cpu(results, "results");
@@ -330,14 +334,26 @@ class PyOffloadedLayer {
     TORCH_CHECK_TYPE(results.scalar_type() == at::kFloat, "results must be float32");
     TORCH_CHECK_VALUE(results.is_contiguous() && results.numel() >= hq_ * m * (dv_ + 1), "results must be contiguous with at least ",
                       hq_ * m * (dv_ + 1), " elements, got ", results.numel());
+    if (phase_ns) {
+      check_cpu(*phase_ns, "phase_ns");
+      TORCH_CHECK_TYPE(phase_ns->scalar_type() == at::kLong, "phase_ns must be int64");
+      TORCH_CHECK_VALUE(phase_ns->is_contiguous() && phase_ns->numel() == 2, "phase_ns must be a contiguous tensor of 2 elements");
+    }
     const auto qf = q.to(at::kFloat).contiguous();
     std::vector<int64_t> visited(static_cast<size_t>(hq_ * m));
     float* out = results.data_ptr<float>();
+    ra::RetrievePhaseTimes times;
     const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
       ra::SearchParams p;
       p.ef = ef;
-      layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out, out + hq_ * m * dv_, visited.data(), nullptr);
+      layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out, out + hq_ * m * dv_, visited.data(), nullptr,
+                            phase_ns ? &times : nullptr);
     });
+    if (phase_ns) {
+      int64_t* acc = phase_ns->data_ptr<int64_t>();
+      acc[0] += times.search_ns.load();
+      acc[1] += times.attend_ns.load();
+    }
     return std::accumulate(visited.begin(), visited.end(), int64_t{0});
   }
 
@@ -452,7 +468,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)
       .def("retrieve_attend_into", &PyOffloadedLayer::retrieve_attend_into, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
-           py::arg("results"))
+           py::arg("results"), py::arg("phase_ns") = py::none())
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def("keys", &PyOffloadedLayer::keys)
       .def_property_readonly("size", &PyOffloadedLayer::size)

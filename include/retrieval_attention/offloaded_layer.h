@@ -24,7 +24,8 @@
 //   * retrieve_attend(): for each (query head, query) finds the top-k keys with its index and attends
 //     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact. Rows scored
 //     exactly (all of them with the flat index or before a pending build, else those not yet inserted) are read once
-//     per kv head for all queries of its GQA group.
+//     per kv head for all queries of its GQA group. Given a RetrievePhaseTimes, it adds the thread time its items
+//     spent finding keys (search, exact scan, merge) and attending them (for a benchmark's breakdown of the fused call).
 //   * save()/load_state(): one file in the serialize.h format (type name "offloaded_layer"): payload = shape, sharing,
 //     row counts, min_ids, pending training queries, every kv head's key and value rows, then each index's own
 //     payload (length-prefixed). Loading checks the stored shape and sharing against this (empty) layer's and every
@@ -38,6 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <shared_mutex>
@@ -55,6 +57,12 @@
 namespace retrieval_attention {
 
 enum class IndexSharing : uint32_t { PerQueryHead = 0, PerKvHead = 1 };
+
+// Thread time of retrieve_attend's (head, query) items, summed over the threads, in nanoseconds.
+struct RetrievePhaseTimes {
+  std::atomic<int64_t> search_ns{0};  // finding the top-k: index search, the exact scan's share, the merge
+  std::atomic<int64_t> attend_ns{0};  // attending the selected keys and values
+};
 
 template <class T>
 class OffloadedLayer {
@@ -183,7 +191,9 @@ class OffloadedLayer {
 
   // q (Hq, m, d) -> out (Hq, m, dv), lse (Hq, m); visited (Hq, m) and ids_out (Hq, m, top_k) may be null.
   void retrieve_attend(const float* q, int64_t m, int64_t top_k, const SearchParams& params, float scale, float* out, float* lse,
-                       int64_t* visited, int64_t* ids_out) const {
+                       int64_t* visited, int64_t* ids_out, RetrievePhaseTimes* times = nullptr) const {
+    using Clock = std::chrono::steady_clock;
+    const auto ns_since = [](Clock::time_point t) { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count(); };
     std::shared_lock<std::shared_mutex> lock(mu_);
     require(top_k > 0, "top_k must be positive");
     require(all_finite(q, hq_ * m * d_), "queries contain NaN or Inf");
@@ -196,7 +206,9 @@ class OffloadedLayer {
       const int64_t min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(h / group)];
       exact_from[static_cast<size_t>(h)] = std::max(index == nullptr || index->exact() ? 0 : index->size(), min_id);
     }
+    const Clock::time_point scan_start = times ? Clock::now() : Clock::time_point{};
     const ExactScan scan = k > 0 ? scan_exactly(q, m, k, exact_from) : ExactScan{};
+    if (times) times->search_ns += ns_since(scan_start) * max_threads();  // the scan runs on all threads
     parallel_for(hq_ * m, [&](int64_t hm) {
       const int64_t h = hm / m, kv = h / group;
       thread_local std::vector<int64_t> ids;
@@ -207,6 +219,7 @@ class OffloadedLayer {
         lse[hm] = kNegInf;
         if (visited) visited[hm] = 0;
       } else {
+        const Clock::time_point item_start = times ? Clock::now() : Clock::time_point{};
         ids.assign(static_cast<size_t>(k), -1);
         scores.assign(static_cast<size_t>(k), kNegInf);
         SearchParams p = params;
@@ -226,7 +239,12 @@ class OffloadedLayer {
         for (auto& id : ids)
           if (id >= 0 && id < p.min_id) id = -1;
         if (visited) visited[hm] = vis;
+        const Clock::time_point attend_start = times ? Clock::now() : Clock::time_point{};
         lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, ids.data(), k, scale, out + hm * dv_, sc, rows);
+        if (times) {
+          times->attend_ns += ns_since(attend_start);
+          times->search_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(attend_start - item_start).count();
+        }
       }
       if (ids_out) {
         for (int64_t j = 0; j < top_k; ++j) ids_out[hm * top_k + j] = j < k ? ids[static_cast<size_t>(j)] : -1;

@@ -68,6 +68,10 @@ def test_sanity_relations(lines):
     assert 0.0 < rows["ours"]["recall"] <= 1.0
     assert 0.0 < rows["ours"]["scanned_frac"] <= 1.0
     assert [e for e, _, _ in rows["ours"]["ef_sweep"]] == [32, 128]
+    for m in ("ours", "flat"):  # the fused call's time split by its thread time, which both phases take
+        assert rows[m]["cpu_split"] == "thread_time"
+        assert rows[m]["cpu_search_thread_ms"] > 0 and rows[m]["cpu_attention_thread_ms"] > 0
+        assert rows[m]["cpu_search_ms"] + rows[m]["cpu_attention_ms"] == pytest.approx(rows[m]["cpu_retrieve_attend_ms"], rel=1e-3)
     if "ivf" in rows:
         assert rows["ivf"]["ivf_nprobe"] >= 1 and rows["ivf"]["cpu_search_ms_measured"] is True
 

@@ -230,6 +230,30 @@ def test_retrieve_attend_into_matches_retrieve_attend(q_dtype):
         layer.retrieve_attend_into(q[:, :, :-1], k, 64, 0.25, flat)
 
 
+def test_retrieve_attend_into_phase_times():
+    """phase_ns gets the call's search and attention thread time added (benchmarks split the fused call's wall time
+    with it); the results are the same with and without it, and a bad accumulator is a clear error."""
+    hq, hkv, d, k = 6, 2, 32, 20
+    keys, train, test = _layer_problem()
+    layer = ra._ext._C.OffloadedLayer(torch.bfloat16, hq, hkv, d, d, "query_guided", {}, 0, "per_query_head")
+    layer.build(keys.bfloat16(), keys.bfloat16(), train)
+    q = test[:, :3]
+    plain = torch.empty(hq * 3 * (d + 1))
+    layer.retrieve_attend_into(q, k, 64, 0.25, plain)
+    timed = torch.empty_like(plain)
+    ns = torch.zeros(2, dtype=torch.int64)
+    layer.retrieve_attend_into(q, k, 64, 0.25, timed, phase_ns=ns)
+    assert torch.equal(plain, timed)
+    first = ns.clone()
+    assert first[0] > 0 and first[1] > 0
+    layer.retrieve_attend_into(q, k, 64, 0.25, timed, phase_ns=ns)  # added to, not overwritten
+    assert (ns > first).all()
+    for bad, err in ((torch.zeros(2, dtype=torch.int32), TypeError), (torch.zeros(3, dtype=torch.int64), ValueError),
+                     (torch.zeros(4, dtype=torch.int64)[::2], ValueError)):
+        with pytest.raises(err):
+            layer.retrieve_attend_into(q, k, 64, 0.25, timed, phase_ns=bad)
+
+
 def test_builtin_retrieval_equals_the_hook_path(device):
     """decode_attention's built-in retrieval (retrieve_attend_into) and the cpu_retrieve_attend hook that research
     subclasses override give the same tokens and logits, mass probes included."""
