@@ -16,7 +16,8 @@ queries) -> per step update(new K/V) + decode_attention(q)):
 
 Keys/values are synthetic with an out-of-distribution structure (benchmarks/qk_data.py's SyntheticQK: keys from an
 anisotropic Gaussian mixture, queries from another mean and covariance) plus a few "needle" keys per query head
-aligned with that head's decode queries, bf16 on the device. Only --layers layers are built and timed (graph builds at
+aligned with that head's decode queries, bf16 on the device. --data model uses the bundled model's own post-RoPE
+Q/K/V on a long natural-text input instead (ModelLayerData). Only --layers layers are built and timed (graph builds at
 128K-1M keys are slow); 32-layer figures are the per-layer mean x --layers-reported, stated in every JSON line.
 
 stdout (--json): one {"bench": "decode", ...} line per (context, method) (DESIGN.md section 6 fields + breakdown),
@@ -293,7 +294,6 @@ class LayerData:
         self.dec_q = dec[:, :S].transpose(0, 1).reshape(S, 1, Hq, 1, d).bfloat16()
         self.probe_q = dec.cpu()  # (Hq, S + P, d): the decode queries and the extra probes (recall, float32)
         self.n_sink, self.cpu_end = n_sink, cpu_end
-        self._cpu_kv = None
 
     def prompt(self):
         return self.keys[:, :, : self.T], self.values[:, :, : self.T]
@@ -304,13 +304,6 @@ class LayerData:
     def cpu_keys_dev(self, n):
         """(Hkv, n, d) device view of the first n CPU-part keys (CPU-local id i = position n_sink + i)."""
         return self.keys[0, :, self.n_sink : self.n_sink + n]
-
-    def cpu_kv(self):
-        """CPU copies (Hkv, T + S - n_sink, d) of every key/value from position n_sink on (contiguous): ids < n of a
-        step index the first n rows, so ra.sparse_attention can time CPU attention over exact top-k ids."""
-        if self._cpu_kv is None:
-            self._cpu_kv = (self.keys[0, :, self.n_sink :].cpu().contiguous(), self.values[0, :, self.n_sink :].cpu().contiguous())
-        return self._cpu_kv
 
 
 class ModelLayerData(LayerData):
@@ -365,7 +358,6 @@ class ModelLayerData(LayerData):
         self.cpu_end = max(self.n_sink, T - args.n_window)
         self.needle_pos = {}
         self.rope_inv_freq = rec["rope_inv_freq"]
-        self._cpu_kv = None
 
 
 def record_model_inputs(args, T, S, dev) -> dict:
@@ -820,7 +812,8 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             builtin = type(layer).cpu_retrieve_attend is ra.RetrievalLayer.cpu_retrieve_attend  # ours, flat
             t = time.perf_counter()
             if builtin:  # decode_attention's own fused call, with its thread time split into search and attention
-                o_c, l_c = retrieve_into(layer.offloaded, q_cpu, layer.values.shape[-1], layer.cfg.top_k, layer.cfg.search_beam(layer.offloaded.size), scale, phase_ns)
+                beam = layer.cfg.search_beam(layer.offloaded.size)
+                o_c, l_c = retrieve_into(layer.offloaded, q_cpu, layer.values.shape[-1], layer.cfg.top_k, beam, scale, phase_ns)
             else:
                 o_c, l_c, _ = layer.cpu_retrieve_attend(q_cpu, scale)
             t_cpu = time.perf_counter() - t
