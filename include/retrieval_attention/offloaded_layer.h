@@ -193,7 +193,7 @@ class OffloadedLayer {
   void retrieve_attend(const float* q, int64_t m, int64_t top_k, const SearchParams& params, float scale, float* out, float* lse,
                        int64_t* visited, int64_t* ids_out, RetrievePhaseTimes* times = nullptr) const {
     using Clock = std::chrono::steady_clock;
-    const auto ns_since = [](Clock::time_point t) { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count(); };
+    const auto ns_between = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count(); };
     std::shared_lock<std::shared_mutex> lock(mu_);
     require(top_k > 0, "top_k must be positive");
     require(all_finite(q, hq_ * m * d_), "queries contain NaN or Inf");
@@ -208,7 +208,7 @@ class OffloadedLayer {
     }
     const Clock::time_point scan_start = times ? Clock::now() : Clock::time_point{};
     const ExactScan scan = k > 0 ? scan_exactly(q, m, k, exact_from) : ExactScan{};
-    if (times) times->search_ns += ns_since(scan_start) * max_threads();  // the scan runs on all threads
+    if (times) times->search_ns += ns_between(scan_start, Clock::now()) * max_threads();  // the scan runs on all threads
     parallel_for(hq_ * m, [&](int64_t hm) {
       const int64_t h = hm / m, kv = h / group;
       thread_local std::vector<int64_t> ids;
@@ -242,8 +242,8 @@ class OffloadedLayer {
         const Clock::time_point attend_start = times ? Clock::now() : Clock::time_point{};
         lse[hm] = attend_selected(q + hm * d_, d_, keys_[kv]->data(), values_[kv]->data(), dv_, n, ids.data(), k, scale, out + hm * dv_, sc, rows);
         if (times) {
-          times->attend_ns += ns_since(attend_start);
-          times->search_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(attend_start - item_start).count();
+          times->attend_ns += ns_between(attend_start, Clock::now());
+          times->search_ns += ns_between(item_start, attend_start);
         }
       }
       if (ids_out) {
