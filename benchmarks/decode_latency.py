@@ -40,9 +40,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 DEFAULT_METHODS = ("full", "ours", "flat", "ivf", "static")
-METHODS = DEFAULT_METHODS + ("ours_hook",)
-LIB_INDEX = {"ours": "query_guided", "ours_hook": "query_guided", "flat": "flat", "ivf": "flat", "static": "flat"}
-OURS = ("ours", "ours_hook")  # ours_hook: the same index through the Python cpu_retrieve_attend hook (its overhead)
+METHODS = DEFAULT_METHODS + ("ours_hook", "ours_cold")
+LIB_INDEX = {"ours": "query_guided", "ours_hook": "query_guided", "ours_cold": "query_guided", "flat": "flat", "ivf": "flat",
+             "static": "flat"}
+# ours_hook: the same index through the Python cpu_retrieve_attend hook (its overhead); ours_cold: without the warm start
+# (RetrievalConfig.warm_start=False: every search from the graph's entry point only)
+OURS = ("ours", "ours_hook", "ours_cold")
 T0 = time.perf_counter()
 
 
@@ -382,36 +385,42 @@ def make_layer_datas(args, T, S, L, dev) -> list:
     return [ModelLayerData(args, T, S, l, dev, rec) for l in range(L)]
 
 
-def retrieve_into(offloaded, q_cpu, dv, top_k, ef, scale, phase_ns):
-    """OffloadedLayer.retrieve_attend_into as decode_attention calls it (one float32 buffer: out then lse), adding the
-    call's [search, attend] thread nanoseconds to phase_ns -> (out (Hq, m, dv), lse (Hq, m))."""
-    import torch
-
-    rows, m, _ = q_cpu.shape
-    flat = torch.empty(rows * m * (dv + 1), dtype=torch.float32)
-    offloaded.retrieve_attend_into(q_cpu, top_k, ef, scale, flat, phase_ns=phase_ns)
-    n_out = rows * m * dv
-    return flat[:n_out].view(rows, m, -1), flat[n_out:].view(rows, m)
-
-
 class StepCallTimer:
-    """Stands in for a layer's OffloadedLayer and adds the wall time of its retrieve_attend_into calls to `ns`: the
-    fused CPU call as decode_attention itself makes it, inside the timed step (cold caches, the GPU work beside it),
-    where the separately timed parts repeat it right after the step. Everything else is forwarded."""
+    """Stands in for a layer's OffloadedLayer and adds the wall time of its retrieve_attend_into calls to `ns` and
+    their [search, attend] thread time to `phase_ns`: the fused CPU call as decode_attention itself makes it, inside
+    the timed step. (Repeating the call after the step would time it with warm caches and, with the warm start, seeded
+    by its own results.) Everything else is forwarded."""
 
     def __init__(self, inner):
+        import torch
+
         self._inner = inner
         self.ns = 0
+        self.phase_ns = torch.zeros(2, dtype=torch.int64)
+        self.first_start = self.last_end = None  # perf_counter_ns at the first call's start and the last call's end
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
     def retrieve_attend_into(self, *args, **kwargs):
         t = time.perf_counter_ns()
+        if self.first_start is None:
+            self.first_start = t
         try:
-            return self._inner.retrieve_attend_into(*args, **kwargs)
+            return self._inner.retrieve_attend_into(*args, **kwargs, phase_ns=self.phase_ns)
         finally:
-            self.ns += time.perf_counter_ns() - t
+            self.last_end = time.perf_counter_ns()
+            self.ns += self.last_end - t
+
+
+def in_order_retrieve(offloaded, qp, top_k, ef, scale):
+    """OffloadedLayer.retrieve_attend over the probe queries qp (Hq, P, d), one call per position in order, starting
+    with no warm-start state -> out (Hq, P, dv), lse (Hq, P), visited (Hq, P), ids (Hq, P, top_k)."""
+    import torch
+
+    offloaded.clear_warm_start()
+    parts = [offloaded.retrieve_attend(qp[:, j : j + 1].contiguous(), top_k, ef, scale, return_ids=True) for j in range(qp.shape[1])]
+    return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(4))
 
 
 def exact_topk(data: LayerData, q, n, k, heads=None):
@@ -588,7 +597,7 @@ def make_layer_classes(args):
         def cpu_retrieve_attend(self, q_cpu, scaling):
             return super().cpu_retrieve_attend(q_cpu, scaling)
 
-    return {"ours": ra.RetrievalLayer, "ours_hook": ThroughHookLayer, "flat": ra.RetrievalLayer, "ivf": IVFLayer,
+    return {"ours": ra.RetrievalLayer, "ours_cold": ra.RetrievalLayer, "ours_hook": ThroughHookLayer, "flat": ra.RetrievalLayer, "ivf": IVFLayer,
             "static": StaticOnlyLayer}
 
 
@@ -685,7 +694,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
                              index_sharing=args.index_sharing if method in OURS else "per_query_head",
                              max_train_queries=None if args.max_train_queries == 0 else args.max_train_queries,
                              evict_chunk=1,  # one token moves to the CPU per step: CPU id i <-> position n_sink + i below
-                             max_unindexed_tokens=args.max_unindexed)
+                             max_unindexed_tokens=args.max_unindexed, warm_start=method != "ours_cold")
     cls = classes[method]
     extra = {}
     if method == "ivf":
@@ -752,29 +761,30 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         extra["ivf_nprobe"] = lay0.nprobe
         for lay in layers[1:]:
             lay.set_nprobe(lay0.nprobe)
-    out_c, lse_c, vis = lay0.cpu_retrieve_attend(qp, scale)
+    if method in ("ivf", "static"):
+        out_c, lse_c, vis = lay0.cpu_retrieve_attend(qp, scale)
     if method == "ivf":
         rec["recall"] = recall_of(lay0.last_ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
         lay0.record = False
     elif method == "static":
         rec["recall"] = 0.0
     else:
-        # the layer's own retrieved ids (OffloadedLayer.retrieve_attend(..., return_ids=True)), all heads
-        _, _, _, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, cfg.search_beam(n0), scale, return_ids=True)
+        # the layer's own retrieved ids, one call per probe position in order, as decode steps make them (the warm
+        # start carries each head's results to the next position)
+        out_c, lse_c, vis, ids = in_order_retrieve(lay0.offloaded, qp, cfg.top_k, cfg.search_beam(n0), scale)
         rec["recall"] = recall_of(ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
-        if method == "ours" and args.ef_sweep:
+        if method in ("ours", "ours_cold") and args.ef_sweep:
             sweep = []
             for ef in args.ef_sweep:
-                _, _, v_ef, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, ef, scale, return_ids=True)
+                _, _, v_ef, ids = in_order_retrieve(lay0.offloaded, qp, cfg.top_k, ef, scale)
                 sweep.append((ef, round(recall_of(ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq))), 4),
                               round(float(v_ef.double().mean()) / n0, 5)))
             rec["ef_sweep"] = sweep  # (ef, recall, scanned_frac) on layer 0, all heads
             if args.ef_auto:
                 ok = [e for e, r, _ in sweep if r >= args.target_recall]
                 cfg.ef = min(ok) if ok else max(e for e, _, _ in sweep)
-                log(f"  ours: ef={cfg.ef} chosen (smallest of the sweep with recall >= {args.target_recall})")
-                out_c, lse_c, vis = lay0.cpu_retrieve_attend(qp, scale)
-                _, _, _, ids = lay0.offloaded.retrieve_attend(qp, cfg.top_k, cfg.search_beam(n0), scale, return_ids=True)
+                log(f"  {method}: ef={cfg.ef} chosen (smallest of the sweep with recall >= {args.target_recall})")
+                out_c, lse_c, vis, ids = in_order_retrieve(lay0.offloaded, qp, cfg.top_k, cfg.search_beam(n0), scale)
                 rec["recall"] = recall_of(ids, d0, qp, n0, ex_kth, args.top_k, list(range(Hq)))
         rec["ef_used"] = cfg.search_beam(n0)
     if method == "ours" and rec["recall"] is not None:
@@ -790,12 +800,12 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
     rec["recall_queries_per_head"] = int(qp.shape[1])
 
     # --- timed decode steps ----------------------------------------------------------------------------------------
-    acc = {k: 0.0 for k in ("e2e", "update", "q2cpu", "gpu", "cpu", "cpu_attn", "cpu_search", "back", "merge", "cpu_in_step")}
+    acc = {k: 0.0 for k in ("e2e", "update", "q2cpu", "gpu", "cpu", "cpu_attn", "cpu_search", "back", "merge", "cpu_in_step",
+                            "before_cpu", "after_cpu", "sync")}
     builtin = type(layers[0]).cpu_retrieve_attend is ra.RetrievalLayer.cpu_retrieve_attend  # ours, flat
     if builtin:
         for layer in layers:
             layer.offloaded = StepCallTimer(layer.offloaded)
-    phase_ns = torch.zeros(2, dtype=torch.int64)  # [search, attend] thread ns of one fused call
     thread_ns = [0, 0]  # summed over the timed calls
     for s in range(S):
         timed = s >= W
@@ -817,11 +827,22 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
                 sync(dev)
             if builtin:
                 layer.offloaded.ns = 0
+                layer.offloaded.first_start = None
+                layer.offloaded.phase_ns.zero_()
+            t0_ns = time.perf_counter_ns()
             t = time.perf_counter()
             out = layer.decode_attention(q, scale)
+            t_ret_ns = time.perf_counter_ns()
             sync(dev)
             t_e2e = time.perf_counter() - t
-            t_in_step = layer.offloaded.ns / 1e9 if builtin else float("nan")
+            t_end_ns = time.perf_counter_ns()
+            t_in_step = t_before = t_after = float("nan")
+            if builtin:  # the step's wall time around its CPU call: before it, after it (Python, launches), the sync
+                timer = layer.offloaded
+                t_in_step = timer.ns / 1e9
+                t_before = (timer.first_start - t0_ns) / 1e9
+                t_after = (t_ret_ns - timer.last_end) / 1e9
+            t_sync = (t_end_ns - t_ret_ns) / 1e9
             # the parts, one by one (each after a cache flush)
             flush()
             sync(dev)
@@ -836,13 +857,14 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             sync(dev)
             t_gpu = time.perf_counter() - t
             flush()
-            t = time.perf_counter()
-            if builtin:  # decode_attention's own fused call, with its thread time split into search and attention
-                beam = layer.cfg.search_beam(layer.offloaded.size)
-                o_c, l_c = retrieve_into(layer.offloaded, q_cpu, layer.values.shape[-1], layer.cfg.top_k, beam, scale, phase_ns)
+            if builtin:  # decode_attention's own fused call, timed inside the step; results of its shape for the copy
+                t_cpu = t_in_step
+                o_c = torch.zeros(Hq, 1, layer.values.shape[-1])
+                l_c = torch.zeros(Hq, 1)
             else:
+                t = time.perf_counter()
                 o_c, l_c, _ = layer.cpu_retrieve_attend(q_cpu, scale)
-            t_cpu = time.perf_counter() - t
+                t_cpu = time.perf_counter() - t
             sync(dev)
             t = time.perf_counter()
             o_cd, l_cd = layer.results_to_device(o_c, l_c, o_g.device)
@@ -859,20 +881,20 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
             elif builtin:
                 # the fused call's wall time split in the proportion of its items' thread time (OffloadedLayer's
                 # RetrievePhaseTimes): search (index or exact scan, merge) against attention over the selected keys
-                ns = phase_ns.tolist()
+                ns = layer.offloaded.phase_ns.tolist()
                 share = ns[1] / max(1, ns[0] + ns[1])
                 t_attn, t_search = t_cpu * share, t_cpu * (1.0 - share)
                 if timed:
                     thread_ns[0] += ns[0]
                     thread_ns[1] += ns[1]
-                phase_ns.zero_()
+                layer.offloaded.phase_ns.zero_()
             else:  # a research hook's own call: not split
                 t_attn = t_search = float("nan")
             del out
             if timed:
                 for key, val in (("e2e", t_e2e), ("update", t_upd), ("q2cpu", t_q), ("gpu", t_gpu), ("cpu", t_cpu),
                                  ("cpu_attn", t_attn), ("cpu_search", t_search), ("back", t_back), ("merge", t_merge),
-                                 ("cpu_in_step", t_in_step)):
+                                 ("cpu_in_step", t_in_step), ("before_cpu", t_before), ("after_cpu", t_after), ("sync", t_sync)):
                     acc[key] += val
     L = len(layers)
     per = {k: 1e3 * v / args.steps / L * L_rep for k, v in acc.items()}  # ms per token over L_rep layers
@@ -901,6 +923,11 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         "cpu_retrieve_attend_ms": round(per["cpu"], 4),
         # the same fused call timed inside the decode step (None: not the built-in retrieval)
         "cpu_call_in_step_ms": None if math.isnan(per["cpu_in_step"]) else round(per["cpu_in_step"], 4),
+        # the rest of the timed step: from its start to the CPU call, from the call to decode_attention's return, the
+        # final device sync (the GPU work still queued then)
+        "step_before_cpu_ms": None if math.isnan(per["before_cpu"]) else round(per["before_cpu"], 4),
+        "step_after_cpu_ms": None if math.isnan(per["after_cpu"]) else round(per["after_cpu"], 4),
+        "step_sync_ms": round(per["sync"], 4),
         "transfer_ms": round(per["q2cpu"] + per["back"], 4),
         "transfer_q_to_cpu_ms": round(per["q2cpu"], 4),
         "transfer_out_to_gpu_ms": round(per["back"], 4),
@@ -913,7 +940,7 @@ def run_retrieval(args, method, T, datas, dev, flush, classes, L_rep, shared):
         "build_s_per_layer": [round(b, 3) for b in build],
         "build_s_32_layers_extrapolated": round(sum(build) / L * L_rep, 1),
         "cpu_search_ms_measured": method == "ivf",
-        "cpu_split": {"ivf": "measured", "static": None}.get(method, "thread_time" if method in ("ours", "flat") else None),
+        "cpu_split": {"ivf": "measured", "static": None}.get(method, "thread_time" if method in ("ours", "ours_cold", "flat") else None),
         "cpu_search_thread_ms": round(1e3 * thread_ns[0] / 1e9 / args.steps / L * L_rep, 4),
         "cpu_attention_thread_ms": round(1e3 * thread_ns[1] / 1e9 / args.steps / L * L_rep, 4),
         "train_queries_shifted": st[0]["train_queries_shifted"],

@@ -140,12 +140,18 @@ class PyIndex {
     });
   }
 
-  py::tuple search(const at::Tensor& queries, int64_t k, int64_t ef) const {
+  py::tuple search(const at::Tensor& queries, int64_t k, int64_t ef, const std::optional<at::Tensor>& seeds) const {
     return std::visit(
         [&](const auto& idx) {
           const at::Tensor q = rows_tensor(queries, idx->dim(), "queries");
           TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat, "queries must be float32 here");
           const int64_t m = q.size(0);
+          at::Tensor sd;
+          if (seeds.has_value()) {
+            sd = seeds->contiguous();
+            TORCH_CHECK_TYPE(sd.scalar_type() == at::kLong, "seeds must be int64");
+            TORCH_CHECK_VALUE(sd.device().is_cpu() && sd.dim() == 2 && sd.size(0) == m, "seeds must be a CPU tensor (m, s) with one row per query");
+          }
           auto ids = at::empty({m, k}, at::kLong);
           auto scores = at::empty({m, k}, at::kFloat);
           auto visited = at::empty({m}, at::kLong);
@@ -154,7 +160,8 @@ class PyIndex {
             translate_errors([&] {
               ra::SearchParams p;
               p.ef = ef;
-              idx->search(q.data_ptr<float>(), m, k, p, ids.data_ptr<int64_t>(), scores.data_ptr<float>(), visited.data_ptr<int64_t>());
+              idx->search(q.data_ptr<float>(), m, k, p, ids.data_ptr<int64_t>(), scores.data_ptr<float>(), visited.data_ptr<int64_t>(),
+                          sd.defined() ? sd.data_ptr<int64_t>() : nullptr, sd.defined() ? sd.size(1) : 0);
             });
           }
           return py::make_tuple(ids, scores, visited);
@@ -380,6 +387,10 @@ class PyOffloadedLayer {
     visit_layer([&](auto& layer, auto*) { layer.set_min_ids(c.data_ptr<int64_t>(), c.numel()); });
   }
 
+  bool warm_start() const { return std::visit([](const auto& l) { return l->warm_start(); }, v_); }
+  void set_warm_start(bool on) { std::visit([&](auto& l) { l->set_warm_start(on); }, v_); }
+  void clear_warm_start() { std::visit([](const auto& l) { l->clear_warm_start(); }, v_); }
+
   int64_t size() const { return std::visit([](const auto& l) { return l->size(); }, v_); }
   int64_t vector_bytes() const { return std::visit([](const auto& l) { return l->vector_bytes(); }, v_); }
   int64_t index_bytes() const { return std::visit([](const auto& l) { return l->index_bytes(); }, v_); }
@@ -442,7 +453,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("build", &PyIndex::build, py::arg("keys"), py::arg("train_queries"), py::arg("type"), py::arg("params"), py::arg("knn") = py::none(),
                   py::arg("key_knn") = py::none(), py::arg("projection") = py::none())
       .def_static("load", &PyIndex::load, py::arg("path"))
-      .def("search", &PyIndex::search, py::arg("queries"), py::arg("k"), py::arg("ef"))
+      .def("search", &PyIndex::search, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("seeds") = py::none())
       .def("add", &PyIndex::add, py::arg("new_keys"))
       .def("save", &PyIndex::save, py::arg("path"))
       .def_property_readonly("size", &PyIndex::size)
@@ -470,6 +481,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("retrieve_attend_into", &PyOffloadedLayer::retrieve_attend_into, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("results"), py::arg("phase_ns") = py::none())
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
+      .def_property("warm_start", &PyOffloadedLayer::warm_start, &PyOffloadedLayer::set_warm_start)
+      .def("clear_warm_start", &PyOffloadedLayer::clear_warm_start)
       .def("keys", &PyOffloadedLayer::keys)
       .def_property_readonly("size", &PyOffloadedLayer::size)
       .def_property_readonly("vector_bytes", &PyOffloadedLayer::vector_bytes)

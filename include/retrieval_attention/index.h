@@ -26,6 +26,10 @@ namespace retrieval_attention {
 struct SearchParams {
   int64_t ef = 128;     // beam width of graph search; ignored by exact indexes
   int64_t min_id = 0;   // rows below this id are excluded from results (e.g. left padding); exact indexes skip them
+  // Rows a graph search also starts from (e.g. the previous decode step's best ids of the same head), n_seeds of
+  // them; ids outside [0, size()) are skipped. Not owned; ignored by exact indexes.
+  const int64_t* seeds = nullptr;
+  int64_t n_seeds = 0;
 };
 
 template <class T>

@@ -54,7 +54,9 @@ class IndexedKeys {
   }
   const KeyIndex<T>& index() const { return *index_; }
 
-  void search(const float* queries, int64_t m, int64_t k, const SearchParams& params, int64_t* ids, float* scores, int64_t* visited) const {
+  // seeds: null, or m x n_seeds row ids each query's search also starts from (SearchParams::seeds).
+  void search(const float* queries, int64_t m, int64_t k, const SearchParams& params, int64_t* ids, float* scores, int64_t* visited,
+              const int64_t* seeds = nullptr, int64_t n_seeds = 0) const {
     std::shared_lock<std::shared_mutex> lock(mu_);
     const int64_t n = index_->size(), d = store_->dim();
     require(k >= 1 && k <= n, "k must be in [1, " + std::to_string(n) + "] (the number of indexed keys), got " + std::to_string(k));
@@ -62,7 +64,11 @@ class IndexedKeys {
     require(all_finite(queries, m * d), "queries contain NaN or Inf");
     SearchParams p = params;
     p.ef = std::min(p.ef, n);  // a beam wider than the index changes nothing
-    parallel_for(m, [&](int64_t i) { visited[i] = index_->search_one(queries + i * d, k, p, ids + i * k, scores + i * k); });
+    parallel_for(m, [&](int64_t i) {
+      SearchParams pi = p;
+      if (seeds != nullptr) pi.seeds = seeds + i * n_seeds, pi.n_seeds = n_seeds;
+      visited[i] = index_->search_one(queries + i * d, k, pi, ids + i * k, scores + i * k);
+    });
   }
 
   void add(const T* rows, int64_t count) {

@@ -332,7 +332,22 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     require(k > 0, "k must be positive");
     require(params.ef > 0, "ef must be positive");
     Scratch& s = scratch();
-    const int64_t visited = beam_search(keys_->data(), q, std::max(params.ef, k), s);
+    const T* base = keys_->data();
+    int64_t n_scored = 0;
+    if (params.n_seeds > 0) {  // score the caller's starting rows; beam_search counts only its own scores
+      const int64_t d = keys_->dim();
+      s.seeds.clear();
+      for (int64_t i = 0; i < params.n_seeds; ++i)
+        if (params.seeds[i] >= 0 && params.seeds[i] < n_) prefetch_bytes(base + params.seeds[i] * d, d * static_cast<int64_t>(sizeof(T)));
+      for (int64_t i = 0; i < params.n_seeds; ++i) {
+        const int64_t id = params.seeds[i];
+        if (id < 0 || id >= n_) continue;
+        const float sc = qg_detail::dot(q, base + id * d, d);
+        s.seeds.push_back({sc == sc ? sc : -std::numeric_limits<float>::infinity(), static_cast<uint32_t>(id), false});
+      }
+      n_scored = static_cast<int64_t>(s.seeds.size());
+    }
+    const int64_t visited = n_scored + beam_search(base, q, std::max(params.ef, k), s, false, s.seeds.data(), n_scored);
     const int64_t found = std::min<int64_t>(k, static_cast<int64_t>(s.beam.size()));
     for (int64_t j = 0; j < k; ++j) {
       ids[j] = j < found ? static_cast<int64_t>(s.beam[static_cast<size_t>(j)].id) : -1;
@@ -432,6 +447,7 @@ class QueryGuidedGraph final : public KeyIndex<T> {
     std::vector<uint32_t> fresh;
     std::vector<Cand> accepted;  // one expansion's scored new neighbours that may enter the beam
     std::vector<float> qf;
+    std::vector<Cand> seeds;  // search_one's scored starting rows (SearchParams::seeds)
   };
   // A sample of well-linked keys with their rows copied contiguously: a weak key's search first scores them
   // all (cheap: they stay in cache) and also starts from the nearest few, so a narrow beam is enough.

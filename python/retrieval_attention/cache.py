@@ -312,6 +312,7 @@ class RetrievalLayer(CacheLayerMixin):
             self.cpu_dtype, self.batch * self.q_heads, self.batch * self.kv_heads, self.head_dim, self.values.shape[-1], cfg.index,
             dict(cfg.index_params), cfg.max_unindexed_tokens, cfg.index_sharing,
         )
+        self.offloaded.warm_start = cfg.warm_start
         if self.cpu_pad is not None:
             self.offloaded.set_min_ids(self.cpu_pad.repeat_interleave(self.kv_heads))
         run_async = cfg.async_build if cfg.async_build is not None else self.keys.is_cuda
@@ -712,6 +713,7 @@ class RetrievalLayer(CacheLayerMixin):
             )
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"cannot load the CPU part of saved cache {where}: {exc}") from exc
+        self.offloaded.warm_start = cfg.warm_start
         if self.offloaded.size != int(entry["cpu_tokens"]):
             raise ValueError(f"saved cache {where}: CPU part holds {self.offloaded.size} tokens, manifest says {entry['cpu_tokens']}")
         self.device, self.dtype, self.batch, self.cpu_dtype = torch.device(device), kv_dtype, batch, cpu_dtype

@@ -55,6 +55,11 @@ class RetrievalConfig:
                  tokens come right after the prefill instead of after the builds, but what is retrieved then depends
                  on build timing: leave it off (the default) to measure the graph's accuracy. It also skips the
                  prefill's key-to-key lists on the GPU (a shorter prefill, longer CPU builds; docs/TUNING.md).
+    warm_start:  each query head's graph search also starts from the keys it retrieved at the previous decode step
+                 (consecutive queries share most of their top keys), besides the graph's entry point. On the bundled
+                 model's own 128K Q/K it reaches a given recall with fewer keys scored (docs/TUNING.md, "warm_start").
+                 What a step retrieves then depends on the step before it; False searches every step from the entry
+                 point alone. No effect on index="flat" or exactness mode.
     mass_probe_every: every this many decode steps (0: never, the default) each layer also computes, on the CPU, the
                  exact log-sum-exp over *all* its CPU keys and records the share of the true attention mass (over the
                  static set plus every CPU key) that the static set plus the retrieved top_k keys captured:
@@ -82,6 +87,7 @@ class RetrievalConfig:
     progress: bool | None = None
     index_sharing: str = "per_query_head"
     mass_probe_every: int = 0
+    warm_start: bool = True
 
     def __post_init__(self):
         import torch
@@ -124,6 +130,8 @@ class RetrievalConfig:
         share = self.shift_train_queries
         if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:  # bools count as 1 and 0
             raise TypeError(f"RetrievalConfig.shift_train_queries must be a number in [0, 1] (a share), got {share!r}")
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"RetrievalConfig.warm_start must be a bool, got {self.warm_start!r}")
         if not isinstance(self.decode_during_build, bool):
             raise TypeError(f"RetrievalConfig.decode_during_build must be a bool, got {self.decode_during_build!r}")
         if self.decode_during_build and self.async_build is False:
