@@ -40,7 +40,8 @@
 //   * Layouts: keys (Hkv, t, d), values (Hkv, t, dv), queries (Hq, m, d) float32; all row-major contiguous.
 //   * Threads: retrieve_attend and save may run concurrently with themselves and each other (shared lock);
 //     build/append/set_min_ids/load_state take the lock exclusively, so a search never sees a half-inserted token.
-//     Work inside each call is OpenMP-parallel over heads; the caller should not hold the Python GIL.
+//     Work inside each call is parallel over heads: retrieve_attend on BlockingPool (parallel.h: threads that block
+//     when idle, on the decode path), the rest through OpenMP; the caller should not hold the Python GIL.
 #pragma once
 
 #include <algorithm>
@@ -238,7 +239,7 @@ class OffloadedLayer {
              head_cost_[static_cast<size_t>(b / m)].load(std::memory_order_relaxed);
     });
     const bool warm = warm_start_.load();
-    parallel_for(hq_ * m, [&](int64_t item) {
+    BlockingPool::shared().run(hq_ * m, [&](int64_t item) {
       const int64_t hm = order[static_cast<size_t>(item)];
       const int64_t h = hm / m, kv = h / group;
       thread_local std::vector<int64_t> ids, seeds;
@@ -448,7 +449,7 @@ class OffloadedLayer {
     scan.blocks = std::clamp<int64_t>((2 * max_threads() + hkv_ - 1) / hkv_, 1, (n - lowest + kMinBlockRows - 1) / kMinBlockRows);
     scan.ids.assign(static_cast<size_t>(hkv_ * scan.blocks * scan.queries * k), -1);
     scan.scores.assign(scan.ids.size(), kNegInf);
-    parallel_for(hkv_ * scan.blocks, [&](int64_t item) {
+    BlockingPool::shared().run(hkv_ * scan.blocks, [&](int64_t item) {
       const int64_t kv = item / scan.blocks, b = item % scan.blocks;
       int64_t from = n;
       for (int64_t g = 0; g < group; ++g) from = std::min(from, exact_from[static_cast<size_t>(kv * group + g)]);

@@ -384,6 +384,45 @@ TEST_CASE("parallel_for_split: every item and inner iteration once, idle threads
   }
 }
 
+TEST_CASE("BlockingPool: every item once on several threads, errors reach the caller, busy or nested calls still run", "[parallel]") {
+  omp_set_num_threads(4);
+  BlockingPool& pool = BlockingPool::shared();
+  for (int round = 0; round < 50; ++round) {  // many back-to-back loops: no item lost or repeated across generations
+    const int64_t n = 1 + round % 37;
+    std::vector<std::atomic<int>> runs(static_cast<size_t>(n));
+    pool.run(n, [&](int64_t i) { runs[static_cast<size_t>(i)].fetch_add(1); });
+    for (auto& c : runs) CHECK(c.load() == 1);
+  }
+  // slow items spread over more than the calling thread
+  std::mutex mu;
+  std::set<std::thread::id> threads;
+  pool.run(16, [&](int64_t) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::lock_guard<std::mutex> lock(mu);
+    threads.insert(std::this_thread::get_id());
+  });
+  CHECK(threads.size() >= 2);
+  // the first exception is rethrown on the caller once the other items ran
+  std::vector<std::atomic<int>> ran(20);
+  CHECK_THROWS_AS(pool.run(20, [&](int64_t i) {
+                    ran[static_cast<size_t>(i)] = 1;
+                    if (i == 5) throw std::invalid_argument("item 5");
+                  }),
+                  std::invalid_argument);
+  for (auto& r : ran) CHECK(r.load() == 1);
+  // a loop inside a loop (the pool is busy) and loops from two threads at once all complete
+  std::atomic<int> inner{0};
+  pool.run(4, [&](int64_t) { pool.run(10, [&](int64_t) { inner.fetch_add(1); }); });
+  CHECK(inner.load() == 40);
+  std::atomic<int> total{0};
+  std::thread other([&] {
+    for (int r = 0; r < 20; ++r) pool.run(8, [&](int64_t) { total.fetch_add(1); });
+  });
+  for (int r = 0; r < 20; ++r) pool.run(8, [&](int64_t) { total.fetch_add(1); });
+  other.join();
+  CHECK(total.load() == 320);
+}
+
 TEST_CASE("chunk_top_candidates: the best entries of the best chunks, in one total order", "[chunk_top]") {
   std::mt19937 rng(31);
   std::uniform_int_distribution<int> small(-6, 6);  // few distinct values: ties everywhere
