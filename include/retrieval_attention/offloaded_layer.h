@@ -239,10 +239,15 @@ class OffloadedLayer {
              head_cost_[static_cast<size_t>(b / m)].load(std::memory_order_relaxed);
     });
     const bool warm = warm_start_.load();
+    std::vector<std::vector<int64_t>> start_ids;  // warm start: each head's ids from the previous call, read by all its queries
+    if (warm) {
+      std::lock_guard<std::mutex> lock(seeds_mu_);
+      start_ids = head_seeds_;
+    }
     BlockingPool::shared().run(hq_ * m, [&](int64_t item) {
       const int64_t hm = order[static_cast<size_t>(item)];
       const int64_t h = hm / m, kv = h / group;
-      thread_local std::vector<int64_t> ids, seeds;
+      thread_local std::vector<int64_t> ids;
       thread_local std::vector<float> scores, sc;
       thread_local std::vector<int64_t> rows;
       if (k == 0) {
@@ -259,10 +264,7 @@ class OffloadedLayer {
         const KeyIndex<T>* index = index_of(h);
         const bool graph = index && !index->exact();
         if (graph && warm) {
-          {
-            std::lock_guard<std::mutex> lock(seeds_mu_);
-            seeds = head_seeds_[static_cast<size_t>(h)];
-          }
+          const std::vector<int64_t>& seeds = start_ids[static_cast<size_t>(h)];
           p.seeds = seeds.data();
           p.n_seeds = static_cast<int64_t>(seeds.size());
         }

@@ -110,6 +110,37 @@ def _layer_problem(seed=0, n=3000, m=600, hq=6, hkv=2, d=32):
     return keys, train, test
 
 
+def test_warm_start_seeds_every_query_of_a_call_from_the_previous_call():
+    """Warm start: each head's search also starts from what it retrieved for its newest query at the previous call. All
+    m queries of one call start from the same ids (none from another query of that call, whatever the threads do), so
+    query j of a batch gets what a call with query j alone gets after the same previous call. It is off by default,
+    and off means no dependence on earlier calls."""
+    hq, hkv, d, k, ef = 6, 2, 32, 20, 24
+    keys, train, test = _layer_problem(seed=5)
+    layer = ra._ext._C.OffloadedLayer(torch.float32, hq, hkv, d, d, "query_guided", {}, 0, "per_query_head")
+    layer.build(keys, keys.clone(), train)
+    assert layer.warm_start is False
+    first, batch = test[:, :1].contiguous(), test[:, 1:9].contiguous()
+    cold = layer.retrieve_attend(batch, k, ef, 1.0, return_ids=True)[3]
+    layer.retrieve_attend(first, k, ef, 1.0)
+    assert torch.equal(layer.retrieve_attend(batch, k, ef, 1.0, return_ids=True)[3], cold)  # off: no history
+    layer.warm_start = True
+    layer.retrieve_attend(first, k, ef, 1.0)
+    out, lse, vis, ids = layer.retrieve_attend(batch, k, ef, 1.0, return_ids=True)
+    assert (vis > 0).all()
+    for j in range(batch.shape[1]):
+        layer.clear_warm_start()
+        layer.retrieve_attend(first, k, ef, 1.0)
+        _, _, vis_j, ids_j = layer.retrieve_attend(batch[:, j : j + 1].contiguous(), k, ef, 1.0, return_ids=True)
+        assert torch.equal(ids_j[:, 0], ids[:, j]) and torch.equal(vis_j[:, 0], vis[:, j])
+    # the seeds change where a search starts, not what counts: with the beam covering every key it stays exact
+    layer.clear_warm_start()
+    exact = torch.topk(torch.einsum("hmd,hnd->hmn", batch, keys.repeat_interleave(hq // hkv, 0)), k, dim=-1).indices
+    layer.retrieve_attend(first, k, 10_000, 1.0)
+    found = layer.retrieve_attend(batch, k, 10_000, 1.0, return_ids=True)[3]
+    assert torch.equal(found.sort(-1).values, exact.sort(-1).values)
+
+
 @pytest.mark.parametrize("sharing", ["per_query_head", "per_kv_head"])
 def test_sparse_recall_against_exact_topk(sharing):
     hq, hkv, d, k = 6, 2, 32, 20
