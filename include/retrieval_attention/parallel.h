@@ -57,6 +57,26 @@ class FirstException {
   std::mutex mu_;
 };
 
+// One loop shared by several threads: each takes the next iteration until none is left; the thread that ends the last
+// one wakes whoever waits on `finished`. A thread that comes late finds none left and never calls body.
+struct LoopJob {
+  LoopJob(int64_t n_, const std::function<void(int64_t)>* body_) : n(n_), body(body_) {}
+  void work() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      (*body)(i);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        finished.notify_all();
+      }
+    }
+  }
+  const int64_t n;
+  const std::function<void(int64_t)>* body;  // lives on the posting thread's stack until done == n
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable finished;
+};
+
 // The work pool of one parallel_for_split call. A parallel_for run by one of its items posts its iterations as a
 // job; the item's thread and every idle thread of the call take iterations from the posted jobs (the one with the
 // most left first) until all are taken, and the item's thread returns when its own job's iterations are done.
@@ -104,18 +124,7 @@ class SplitPool {
   }
 
  private:
-  struct Job {
-    Job(int64_t n_, const std::function<void(int64_t)>* body_) : n(n_), body(body_) {}
-    void work() {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-        (*body)(i);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-    const int64_t n;
-    const std::function<void(int64_t)>* body;  // lives on the posting thread's stack until done == n
-    std::atomic<int64_t> next{0}, done{0};
-  };
+  using Job = LoopJob;
   std::shared_ptr<Job> most_left() const {  // caller holds mu_
     std::shared_ptr<Job> best;
     int64_t left = 0;
@@ -207,23 +216,7 @@ class BlockingPool {
   }
 
  private:
-  struct Job {
-    Job(int64_t n_, const std::function<void(int64_t)>* body_) : n(n_), body(body_) {}
-    void work() {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-        (*body)(i);
-        if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
-          std::lock_guard<std::mutex> lock(mu);
-          finished.notify_all();
-        }
-      }
-    }
-    const int64_t n;
-    const std::function<void(int64_t)>* body;  // lives on the caller's stack until done == n
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable finished;
-  };
+  using Job = LoopJob;
 
   // True on the pool's threads, and on a caller while its loop runs: a loop started there runs through parallel_for.
   static bool& in_loop() {
