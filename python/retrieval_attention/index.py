@@ -63,8 +63,12 @@ class _IndexBase:
     def memory_bytes(self) -> dict:
         return {"vectors": self._handle.vector_bytes, "structure": self._handle.structure_bytes}
 
-    def search(self, queries, k: int = 100, ef: int = 128):
-        """Top-k keys by inner product for each query row. Returns (ids (m, k) int64, scores (m, k) float32)."""
+    def search(self, queries, k: int = 100, ef: int = 128, seeds=None):
+        """Top-k keys by inner product for each query row. Returns (ids (m, k) int64, scores (m, k) float32).
+
+        seeds (optional, (m, s) int64 key ids, or (s,) for every query): keys a graph search also starts from besides its
+        entry point, e.g. a previous, similar query's result (RetrievalConfig.warm_start does this per decode step).
+        They are scored and count as visited; ids outside [0, size) are skipped. Exact indexes ignore them."""
         q = as_tensor(queries, "queries")
         if q.dim() == 1:
             q = q.unsqueeze(0)
@@ -78,8 +82,17 @@ class _IndexBase:
             raise ValueError(f"k={k} exceeds the number of indexed keys ({self.size})")
         ef = min(check_positive_int(ef, "ef"), self.size)  # a beam wider than the index changes nothing
         q = q.detach().to("cpu", torch.float32).contiguous()
+        if seeds is not None:
+            seeds = as_tensor(seeds, "seeds")
+            if seeds.dtype != torch.int64:
+                raise TypeError(f"seeds must be int64 key ids, got {seeds.dtype}")
+            if seeds.dim() == 1:
+                seeds = seeds.unsqueeze(0).expand(q.shape[0], -1)
+            if seeds.dim() != 2 or seeds.shape[0] != q.shape[0]:
+                raise ValueError(f"seeds must be (m, s) with one row per query (m={q.shape[0]}), got {tuple(seeds.shape)}")
+            seeds = seeds.detach().to("cpu").contiguous()
         t0 = time.perf_counter()
-        ids, scores, visited = self._handle.search(q, k, ef)
+        ids, scores, visited = self._handle.search(q, k, ef, seeds)
         elapsed = time.perf_counter() - t0
         self.last_search_stats = {
             "visited": visited,

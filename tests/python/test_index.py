@@ -133,6 +133,29 @@ def test_bad_search_and_add_arguments():
     with pytest.raises(ValueError, match="dim"):
         idx.add(torch.randn(3, 5))
     assert idx.size == 10  # failed adds changed nothing
+    with pytest.raises(TypeError, match="seeds must be int64"):
+        idx.search(torch.randn(2, 4), k=1, seeds=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="one row per query"):
+        idx.search(torch.randn(2, 4), k=1, seeds=torch.zeros(3, 3, dtype=torch.int64))
+
+
+def test_search_seeds_start_the_graph_search():
+    """Seeds are extra starting points: seeded with the exact top-k, a beam of k keeps exactly them; seeds outside
+    [0, size) are skipped (the search is then the unseeded one); the flat index ignores seeds."""
+    g = torch.Generator().manual_seed(21)
+    keys = torch.randn(4000, 24, generator=g)
+    q = torch.randn(16, 24, generator=g) + 1.5
+    idx = ra.QueryGuidedIndex(keys, torch.randn(400, 24, generator=g) + 1.5, degree=12, k_train=16)
+    k = 10
+    exact = torch.topk(q @ keys.T, k, dim=1).indices
+    ids, _ = idx.search(q, k=k, ef=k, seeds=exact)
+    assert torch.equal(ids.sort(1).values, exact.sort(1).values)
+    plain, _ = idx.search(q, k=k, ef=k)
+    plain_visited = idx.last_search_stats["visited"]
+    skipped, _ = idx.search(q, k=k, ef=k, seeds=torch.tensor([-3, 4000, 10**9]))
+    assert torch.equal(skipped, plain) and torch.equal(idx.last_search_stats["visited"], plain_visited)
+    flat = ra.FlatIndex(keys)
+    assert torch.equal(flat.search(q, k=k, seeds=exact[:, :2])[0], flat.search(q, k=k)[0])
 
 
 @pytest.mark.parametrize("kind", list(INDEX_FACTORIES))

@@ -657,6 +657,7 @@ HF.add("config/max_train_queries_bool", "ra.RetrievalConfig(max_train_queries=Tr
 # index_params are checked by RetrievalConfig itself (through the C++ build's parameter check), not at the first prompt
 HF.add("config/index_params_unknown_key", "ra.RetrievalConfig(n_sink=2, n_window=4, index='flat', index_params={'bogus': 1})",
        ("ValueError", r"RetrievalConfig.index_params: unknown parameter 'bogus'"))
+HF.add("config/warm_start_not_bool", "ra.RetrievalConfig(warm_start=1)", ("TypeError", r"warm_start must be a bool"))
 HF.add("config/index_params_degree_0", "ra.RetrievalConfig(index='query_guided', index_params={'degree': 0})", ("ValueError", r"degree"))
 HF.add("config/index_params_degree_2_70", "ra.RetrievalConfig(index='query_guided', index_params={'degree': 2**70})",
        ("ValueError", r"'degree' is out of range"))
