@@ -22,8 +22,9 @@
 //   * Graph: each key has at most max_degree() = degree + slack out-neighbours (ids uint32), stored in one
 //     fixed-stride array (n x (max_degree + 1) uint32; slot 0 of a row holds its count) for locality. Pruned
 //     neighbour lists hold at most `degree`; the slack slots only take connectivity edges.
-//   * search_one(): best-first beam search with beam max(ef, k) from the entry point; returns the number of
-//     keys whose score was computed. Fewer than k keys -> the tail is (-1, -inf). const and thread-safe:
+//   * search_one(): best-first beam search with beam max(ef, k) from the entry point and the caller's seeds
+//     (SearchParams::seeds; scored first, ids outside [0, size()) skipped); returns the number of keys whose score was
+//     computed, seeds included. Fewer than k keys -> the tail is (-1, -inf). const and thread-safe:
 //     scratch (visited epochs, beam) lives in thread_local buffers, nothing O(n) is allocated per query
 //     once a thread's buffers have grown.
 //   * index_new_rows(): inserts rows appended to the store since the last call (also from an empty graph):
