@@ -180,11 +180,8 @@ class BlockingPool {
   template <class Fn>
   void run(int64_t n, Fn&& fn) {
     const int team = static_cast<int>(std::min<int64_t>(max_threads(), n));
-    if (team <= 1 || in_loop()) {  // (try_lock by the thread that holds run_mu_ would be undefined)
-      parallel_for(n, std::forward<Fn>(fn));
-      return;
-    }
-    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    std::unique_lock<std::mutex> busy;  // not tried inside a loop: try_lock by the thread holding run_mu_ is undefined
+    if (team > 1 && !in_loop()) busy = std::unique_lock<std::mutex>(run_mu_, std::try_to_lock);
     if (!busy.owns_lock()) {
       parallel_for(n, std::forward<Fn>(fn));
       return;
