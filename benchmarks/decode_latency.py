@@ -386,10 +386,11 @@ def make_layer_datas(args, T, S, L, dev) -> list:
 
 
 class StepCallTimer:
-    """Stands in for a layer's OffloadedLayer and adds the wall time of its retrieve_attend_into calls to `ns` and
-    their [search, attend] thread time to `phase_ns`: the fused CPU call as decode_attention itself makes it, inside
-    the timed step. (Repeating the call after the step would time it with warm caches and, with the warm start, seeded
-    by its own results.) Everything else is forwarded."""
+    """Stands in for a layer's OffloadedLayer and times the CPU part of its decode_step calls (the search and attention
+    decode_attention's one C++ call makes, inside the timed step): its wall time is added to `ns`, its [search,
+    attend] thread time to `phase_ns`, and its start and end (perf_counter_ns clock) kept. (Repeating the CPU part after
+    the step would time it with warm caches and, with the warm start, seeded by its own results.) Everything else is
+    forwarded."""
 
     def __init__(self, inner):
         import torch
@@ -397,20 +398,23 @@ class StepCallTimer:
         self._inner = inner
         self.ns = 0
         self.phase_ns = torch.zeros(2, dtype=torch.int64)
-        self.first_start = self.last_end = None  # perf_counter_ns at the first call's start and the last call's end
+        self._timing = torch.zeros(4, dtype=torch.int64)
+        self.first_start = self.last_end = None  # perf_counter_ns at the first call's CPU part's start, the last one's end
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def retrieve_attend_into(self, *args, **kwargs):
-        t = time.perf_counter_ns()
+    def decode_step(self, *args, **kwargs):
+        self._timing.zero_()
+        result = self._inner.decode_step(*args, **kwargs, timing=self._timing)
+        search, attend, start, end = self._timing.tolist()
+        self.phase_ns[0] += search
+        self.phase_ns[1] += attend
         if self.first_start is None:
-            self.first_start = t
-        try:
-            return self._inner.retrieve_attend_into(*args, **kwargs, phase_ns=self.phase_ns)
-        finally:
-            self.last_end = time.perf_counter_ns()
-            self.ns += self.last_end - t
+            self.first_start = start
+        self.last_end = end
+        self.ns += end - start
+        return result
 
 
 def in_order_retrieve(offloaded, qp, top_k, ef, scale):

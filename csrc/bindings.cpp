@@ -3,6 +3,10 @@
 // Python-side wrappers (python/retrieval_attention/index.py, cache.py) do the user-facing validation.
 #include <torch/extension.h>
 
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <chrono>
 #include <cstring>
 #include <numeric>
 #include <optional>
@@ -326,42 +330,94 @@ class PyOffloadedLayer {
     return py::make_tuple(out, lse, visited);
   }
 
-  // The decode path's form of retrieve_attend: q (q_heads, m, head_dim) in any float dtype (e.g. the bf16 page-locked
-  // staging buffer of a GPU query, widened here), out then lse written into `results` (float32, contiguous, at least
-  // q_heads*m*(value_dim + 1) elements: e.g. the page-locked buffer the merge reads from), and the total number of keys
-  // scored returned. It saves the Python-side copies and small tensors of retrieve_attend on every layer and token.
-  // phase_ns (optional, int64 CPU tensor of 2): [search, attend] thread nanoseconds of this call are added to it
-  // (RetrievePhaseTimes; for benchmarks' breakdown of the fused call).
-  int64_t retrieve_attend_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, const at::Tensor& results,
-                               const std::optional<at::Tensor>& phase_ns) const {
-    check_queries(q);
+  // One decode step of the layer's attention with the built-in retrieval, on the query's device (CPU or GPU):
+  //   query (batch, q_heads, m, head_dim) on the model's device, any float dtype; static_keys / static_values
+  //   (kv_rows, n_static, head_dim | value_dim) on that device, kv_rows = batch * kv_heads (slices of larger buffers
+  //   are read in place); static_out / static_lse: the static set's attention when the caller computed it (left-padded
+  //   batches, whose masking the kernels do not do), else it is computed here by causal dense_attention.
+  // On a GPU, in this order: the query is copied in its own dtype to a page-locked buffer kept by this object and an
+  // event is recorded; the static attention is queued; then, with the GIL released, the event is awaited, the CPU
+  // searches and attends into a second kept page-locked buffer (out then lse), that buffer is copied to the device and
+  // the merge is queued, writing the output in the query's dtype. The next step rewrites both buffers safely: its query
+  // copy is queued after this step's results copy, and its CPU part starts only after that query copy has finished.
+  // One C++ call per layer and token instead of a dozen Python-level tensor ops, and two kernel launches fewer (the
+  // kernels widen the query and narrow the output themselves).
+  // Returns (out (batch, m, q_heads, value_dim) in the query's dtype; float32 (rows, m) on the device: the static set's
+  // lse and the CPU part's lse; the CPU part's lse on the CPU; the query on the CPU (rows, m, head_dim) in its dtype,
+  // valid until the next call; the keys scored in total), rows = batch * q_heads.
+  // timing (optional, int64 CPU tensor of 4, for benchmarks): [search, attend] thread nanoseconds of the CPU part are
+  // added to [0] and [1] (RetrievePhaseTimes); [2] and [3] are set to the CPU part's start and end on the steady clock
+  // (CLOCK_MONOTONIC on Linux, the clock of Python's time.perf_counter_ns).
+  py::tuple decode_step(const at::Tensor& query, const at::Tensor& static_keys, const at::Tensor& static_values, double scale, int64_t top_k,
+                        int64_t ef, const std::optional<at::Tensor>& static_out, const std::optional<at::Tensor>& static_lse,
+                        const std::optional<at::Tensor>& timing) {
+    check_dim(query, 4, "query", "(batch, q_heads, queries, head_dim)");
+    check_dim(static_keys, 3, "static_keys", "(batch * kv_heads, n_static, head_dim)");
+    check_dim(static_values, 3, "static_values", "(batch * kv_heads, n_static, value_dim)");
+    TORCH_CHECK_TYPE(at::isFloatingType(query.scalar_type()), "query must be a floating tensor, got ", query.scalar_type());
+    const int64_t m = query.size(2), rows = query.size(0) * query.size(1);
+    TORCH_CHECK_VALUE(rows == hq_ && query.size(3) == d_, "query shape ", query.sizes(), " does not match (batch, q_heads, m, ", d_,
+                      ") with batch * q_heads = ", hq_);
+    TORCH_CHECK_VALUE(static_keys.size(0) == hkv_ && static_keys.size(2) == d_ && static_values.size(0) == hkv_ && static_values.size(2) == dv_,
+                      "static keys/values shapes ", static_keys.sizes(), " / ", static_values.sizes(), " do not match this layer (", hkv_,
+                      " kv rows, head_dim ", d_, ", value_dim ", dv_, ")");
     TORCH_CHECK_VALUE(top_k >= 1, "top_k must be >= 1, got ", top_k);
-    check_cpu(results, "results");
-    const int64_t m = q.size(1);
-    TORCH_CHECK_TYPE(results.scalar_type() == at::kFloat, "results must be float32");
-    TORCH_CHECK_VALUE(results.is_contiguous() && results.numel() >= hq_ * m * (dv_ + 1), "results must be contiguous with at least ",
-                      hq_ * m * (dv_ + 1), " elements, got ", results.numel());
-    if (phase_ns) {
-      check_cpu(*phase_ns, "phase_ns");
-      TORCH_CHECK_TYPE(phase_ns->scalar_type() == at::kLong, "phase_ns must be int64");
-      TORCH_CHECK_VALUE(phase_ns->is_contiguous() && phase_ns->numel() == 2, "phase_ns must be a contiguous tensor of 2 elements");
+    TORCH_CHECK_VALUE(static_out.has_value() == static_lse.has_value(), "static_out and static_lse go together");
+    if (timing) {
+      check_cpu(*timing, "timing");
+      TORCH_CHECK_TYPE(timing->scalar_type() == at::kLong, "timing must be int64");
+      TORCH_CHECK_VALUE(timing->is_contiguous() && timing->numel() == 4, "timing must be a contiguous tensor of 4 elements");
     }
-    const auto qf = q.to(at::kFloat).contiguous();
-    std::vector<int64_t> visited(static_cast<size_t>(hq_ * m));
-    float* out = results.data_ptr<float>();
-    ra::RetrievePhaseTimes times;
-    const_cast<PyOffloadedLayer*>(this)->visit_layer([&](auto& layer, auto*) {
-      ra::SearchParams p;
-      p.ef = ef;
-      layer.retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), out, out + hq_ * m * dv_, visited.data(), nullptr,
-                            phase_ns ? &times : nullptr);
-    });
-    if (phase_ns) {
-      int64_t* acc = phase_ns->data_ptr<int64_t>();
-      acc[0] += times.search_ns.load();
-      acc[1] += times.attend_ns.load();
+    const at::Device dev = query.device();
+    const bool on_gpu = !dev.is_cpu();
+    at::Tensor out, lse_static, lse_cpu_dev, lse_cpu, q_host;
+    int64_t visited_total = 0;
+    {
+      py::gil_scoped_release no_gil;
+      translate_errors([&] {
+        const at::Tensor q = query.reshape({rows, m, d_});
+        if (on_gpu) {
+          q_host = kept_host_buffer(q_staged_, {rows, m, d_}, query.scalar_type());
+          q_host.copy_(q, /*non_blocking=*/true);
+          if (!query_copied_ || query_copied_on_ != dev) {  // an event records on one device only
+            query_copied_.emplace(dev.type());
+            query_copied_on_ = dev;
+          }
+          query_copied_->record(c10::impl::getDeviceGuardImpl(dev.type())->getStream(dev));
+        } else {
+          q_host = q;
+        }
+        at::Tensor out_s;
+        if (static_out) {
+          out_s = *static_out, lse_static = *static_lse;
+        } else {
+          std::tie(out_s, lse_static) = dense_attention_op().call(q, static_keys, static_values, scale, /*causal=*/true);
+        }
+        if (on_gpu) query_copied_->synchronize();
+        const int64_t n_out = rows * m * dv_;
+        const at::Tensor results =
+            on_gpu ? kept_host_buffer(results_host_, {n_out + rows * m}, at::kFloat) : at::empty({n_out + rows * m}, at::kFloat);
+        ra::RetrievePhaseTimes times;
+        const int64_t t0 = steady_ns();
+        visited_total = retrieve_into(q_host, top_k, ef, scale, results.data_ptr<float>(), timing ? &times : nullptr);
+        if (timing) {
+          int64_t* acc = timing->data_ptr<int64_t>();
+          acc[0] += times.search_ns.load();
+          acc[1] += times.attend_ns.load();
+          acc[2] = t0;
+          acc[3] = steady_ns();
+        }
+        lse_cpu = results.narrow(0, n_out, rows * m).view({rows, m});
+        const at::Tensor on_dev = on_gpu ? results.to(at::TensorOptions().device(dev), /*non_blocking=*/true) : results;
+        lse_cpu_dev = on_dev.narrow(0, n_out, rows * m).view({rows, m});
+        at::Tensor merged, lse_merged;
+        std::tie(merged, lse_merged) = merge_attention_op().call(out_s, lse_static, on_dev.narrow(0, 0, n_out).view({rows, m, dv_}), lse_cpu_dev,
+                                                                 merge_output_dtype(query.scalar_type()));
+        out = merged.view({query.size(0), query.size(1), m, dv_}).transpose(1, 2);
+        if (out.scalar_type() != query.scalar_type()) out = out.to(query.scalar_type());
+      });
     }
-    return std::accumulate(visited.begin(), visited.end(), int64_t{0});
+    return py::make_tuple(out, lse_static, lse_cpu_dev, lse_cpu, q_host, visited_total);
   }
 
   // A copy of every kv head's CPU key rows: (kv_heads, size, head_dim) in the storage dtype (the exact mass probe of
@@ -418,6 +474,52 @@ class PyOffloadedLayer {
     TORCH_CHECK_VALUE(q.size(0) == hq_ && q.size(2) == d_, "q shape ", q.sizes(), " does not match (", hq_, ", m, ", d_, ")");
   }
 
+  // The CPU search and attention of decode_step: q (rows, m, head_dim) on the CPU in any float dtype, out then lse
+  // written to `results`; called with the GIL released. Returns the keys scored in total.
+  int64_t retrieve_into(const at::Tensor& q, int64_t top_k, int64_t ef, double scale, float* results, ra::RetrievePhaseTimes* times) {
+    const auto qf = q.to(at::kFloat).contiguous();
+    const int64_t m = q.size(1);
+    std::vector<int64_t> visited(static_cast<size_t>(hq_ * m));
+    std::visit(
+        [&](auto& layer) {
+          ra::SearchParams p;
+          p.ef = ef;
+          layer->retrieve_attend(qf.data_ptr<float>(), m, top_k, p, static_cast<float>(scale), results, results + hq_ * m * dv_, visited.data(),
+                                 nullptr, times);
+        },
+        v_);
+    return std::accumulate(visited.begin(), visited.end(), int64_t{0});
+  }
+
+  static int64_t steady_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+
+  // The merge writes the output in the query's dtype where the kernels can (float32/16, bfloat16), else float32.
+  static std::optional<at::ScalarType> merge_output_dtype(at::ScalarType q) {
+    if (q == at::kHalf || q == at::kBFloat16) return q;
+    return std::nullopt;
+  }
+
+  // A page-locked CPU tensor of this shape and dtype kept in `slot` across steps (made again when either changes).
+  static at::Tensor kept_host_buffer(at::Tensor& slot, at::IntArrayRef shape, at::ScalarType dtype) {
+    if (!slot.defined() || slot.sizes() != shape || slot.scalar_type() != dtype)
+      slot = at::empty(shape, at::TensorOptions().dtype(dtype).pinned_memory(true));
+    return slot;
+  }
+
+  using AttentionOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool);
+  using MergeOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     std::optional<at::ScalarType>);
+  static const c10::TypedOperatorHandle<AttentionOp>& dense_attention_op() {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::dense_attention", "").typed<AttentionOp>();
+    return op;
+  }
+  static const c10::TypedOperatorHandle<MergeOp>& merge_attention_op() {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::merge_attention", "").typed<MergeOp>();
+    return op;
+  }
+
   template <class Fn>
   void visit_layer(Fn&& fn) {
     std::visit(
@@ -439,6 +541,9 @@ class PyOffloadedLayer {
   int64_t hq_, hkv_, d_, dv_;
   std::string sharing_;
   Variant v_;
+  at::Tensor q_staged_, results_host_;         // decode_step's page-locked buffers (GPU queries only)
+  std::optional<c10::Event> query_copied_;     // decode_step: the query's copy to q_staged_ has finished
+  std::optional<at::Device> query_copied_on_;  // the device query_copied_ records on
 };
 
 }  // namespace
@@ -478,8 +583,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("append", &PyOffloadedLayer::append, py::arg("keys"), py::arg("values"))
       .def("retrieve_attend", &PyOffloadedLayer::retrieve_attend, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
            py::arg("return_ids") = false)
-      .def("retrieve_attend_into", &PyOffloadedLayer::retrieve_attend_into, py::arg("q"), py::arg("top_k"), py::arg("ef"), py::arg("scale"),
-           py::arg("results"), py::arg("phase_ns") = py::none())
+      .def("decode_step", &PyOffloadedLayer::decode_step, py::arg("query"), py::arg("static_keys"), py::arg("static_values"), py::arg("scale"),
+           py::arg("top_k"), py::arg("ef"), py::arg("static_out") = py::none(), py::arg("static_lse") = py::none(), py::arg("timing") = py::none())
       .def("set_min_ids", &PyOffloadedLayer::set_min_ids, py::arg("min_ids"))
       .def_property("warm_start", &PyOffloadedLayer::warm_start, &PyOffloadedLayer::set_warm_start)
       .def("clear_warm_start", &PyOffloadedLayer::clear_warm_start)

@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> dense_attention_cpu(const at::Tensor& q, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
-                                                       const at::Tensor& lse_b) {
+                                                       const at::Tensor& lse_b, std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK_VALUE(out_a.dim() >= 1 && out_a.sizes() == out_b.sizes(), "out_a ", out_a.sizes(), " and out_b ", out_b.sizes(),
                     " must have the same shape (..., value_dim)");
   TORCH_CHECK_VALUE(lse_a.sizes() == lse_b.sizes() && lse_a.sizes() == out_a.sizes().slice(0, out_a.dim() - 1), "lse_a ", lse_a.sizes(),
@@ -108,6 +108,10 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, 
   {
     ra::merge_batch(oa.data_ptr<float>(), la.data_ptr<float>(), ob.data_ptr<float>(), lb.data_ptr<float>(), rows, dv, out.data_ptr<float>(),
                     lse.data_ptr<float>());
+  }
+  if (out_dtype && *out_dtype != at::kFloat) {
+    TORCH_CHECK_TYPE(*out_dtype == at::kHalf || *out_dtype == at::kBFloat16, "out_dtype must be float32, float16 or bfloat16, got ", *out_dtype);
+    return {out.to(*out_dtype), lse};
   }
   return {out, lse};
 }
@@ -180,7 +184,7 @@ at::Tensor projection_prune_cpu(const at::Tensor& keys, int64_t per, const at::T
 TORCH_LIBRARY(retrieval_attention, m) {
   m.def("sparse_attention(Tensor q, Tensor keys, Tensor values, Tensor ids, float scale) -> (Tensor, Tensor)");
   m.def("dense_attention(Tensor q, Tensor keys, Tensor values, float scale, bool causal=False) -> (Tensor, Tensor)");
-  m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor, Tensor)");
+  m.def("merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, ScalarType? out_dtype=None) -> (Tensor, Tensor)");
   m.def("chunk_top_candidates(Tensor scores, int chunk, int kc, int m) -> Tensor");
   // CUDA only (csrc/cuda): on the CPU, exact_key_knn scores in float32 through a matmul instead
   m.def("score_top_candidates(Tensor left, Tensor right, Tensor? bias, int row_start, int rows, int self_stride, int m) -> Tensor");

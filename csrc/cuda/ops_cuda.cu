@@ -1,14 +1,14 @@
 // csrc/cuda/ops_cuda.cu -- CUDA implementations of the retrieval_attention ops (schemas live in csrc/ops.cpp).
 //
-// Thin launchers only: validate tensors (device, dtype, rank, shape, dims), convert the small inputs
-// (queries, ids, merge inputs) to contiguous float32 / int64, pass keys / values with their strides (copied
+// Thin launchers only: validate tensors (device, dtype, rank, shape, dims), make the small inputs contiguous
+// (queries in float32/16/bf16 as given, ids int64, merge inputs float32), pass keys / values with their strides (copied
 // only when the last dim is not unit-stride), allocate outputs and the split-K workspace with the caching
 // allocator, and enqueue the kernels of include/retrieval_attention/cuda/decode_attention.cuh on the current
 // CUDA stream of the inputs' device. The algorithms live in that header.
 //
 //   sparse_attention(q, keys, values, ids, scale) -> (out, lse)   [validates ids: one device->host sync]
 //   dense_attention(q, keys, values, scale, causal) -> (out, lse)
-//   merge_attention(out_a, lse_a, out_b, lse_b)   -> (out, lse)
+//   merge_attention(out_a, lse_a, out_b, lse_b, out_dtype) -> (out in out_dtype (float32 by default), lse)
 //   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [16-bit scores; chunk_top.cuh]
 //   score_top_candidates(left, right, bias, row_start, rows, self_stride, m) -> cols (groups, rows, m) int64
 //       [float16 operands; the product is never written out; score_top.cuh]
@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -92,15 +93,32 @@ int64_t stride_of(const Tensor& t, int64_t dim) {
   return s;
 }
 
+// The kernels read float32, float16 and bfloat16 queries as they are (widened as read): one launch fewer per call.
+Tensor queries_for_kernel(const Tensor& q) {
+  const auto s = q.scalar_type();
+  return (s == at::kFloat || s == at::kHalf || s == at::kBFloat16) ? q.contiguous() : q.to(at::kFloat).contiguous();
+}
+
+rac::Elem elem_of(at::ScalarType s) {
+  switch (s) {
+    case at::kHalf: return rac::Elem::kFloat16;
+    case at::kBFloat16: return rac::Elem::kBFloat16;
+    case at::kFloat: return rac::Elem::kFloat32;
+    default: TORCH_CHECK_TYPE(false, "expected float32, float16 or bfloat16, got ", s);
+  }
+  return rac::Elem::kFloat32;
+}
+
 template <class T>
-rac::AttentionParams<T> make_params(const Tensor& q32, const Tensor& keys, const Tensor& values, double scale, Tensor& out, Tensor& lse) {
+rac::AttentionParams<T> make_params(const Tensor& q, const Tensor& keys, const Tensor& values, double scale, Tensor& out, Tensor& lse) {
   rac::AttentionParams<T> p;
-  p.q = q32.data_ptr<float>();
+  p.q = q.data_ptr();
+  p.q_type = elem_of(q.scalar_type());
   p.keys = reinterpret_cast<const T*>(keys.data_ptr());
   p.values = reinterpret_cast<const T*>(values.data_ptr());
-  p.hq = q32.size(0);
-  p.m = q32.size(1);
-  p.d = q32.size(2);
+  p.hq = q.size(0);
+  p.m = q.size(1);
+  p.d = q.size(2);
   p.hkv = keys.size(0);
   p.n = keys.size(1);
   p.dv = values.size(2);
@@ -134,23 +152,23 @@ void run_attention(rac::AttentionParams<T>& p, bool sparse, const Tensor& like) 
 }
 
 template <class T>
-std::tuple<Tensor, Tensor> dense_typed(const Tensor& q32, const Tensor& keys, const Tensor& values, double scale, bool causal) {
-  Tensor out = at::empty({q32.size(0), q32.size(1), values.size(2)}, q32.options());
-  Tensor lse = at::empty({q32.size(0), q32.size(1)}, q32.options());
-  auto p = make_params<T>(q32, keys, values, scale, out, lse);
+std::tuple<Tensor, Tensor> dense_typed(const Tensor& q, const Tensor& keys, const Tensor& values, double scale, bool causal) {
+  Tensor out = at::empty({q.size(0), q.size(1), values.size(2)}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  auto p = make_params<T>(q, keys, values, scale, out, lse);
   p.causal = causal;
-  run_attention<T>(p, /*sparse=*/false, q32);
+  run_attention<T>(p, /*sparse=*/false, q);
   return {out, lse};
 }
 
 template <class T>
-std::tuple<Tensor, Tensor> sparse_typed(const Tensor& q32, const Tensor& keys, const Tensor& values, const Tensor& ids, double scale) {
-  Tensor out = at::empty({q32.size(0), q32.size(1), values.size(2)}, q32.options());
-  Tensor lse = at::empty({q32.size(0), q32.size(1)}, q32.options());
-  auto p = make_params<T>(q32, keys, values, scale, out, lse);
+std::tuple<Tensor, Tensor> sparse_typed(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& ids, double scale) {
+  Tensor out = at::empty({q.size(0), q.size(1), values.size(2)}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  auto p = make_params<T>(q, keys, values, scale, out, lse);
   p.ids = ids.numel() > 0 ? ids.data_ptr<int64_t>() : nullptr;
   p.k = ids.size(2);
-  run_attention<T>(p, /*sparse=*/true, q32);
+  run_attention<T>(p, /*sparse=*/true, q);
   return {out, lse};
 }
 
@@ -160,12 +178,12 @@ std::tuple<Tensor, Tensor> dense_attention_cuda(const Tensor& q, const Tensor& k
   check_qkv(q, keys_in, values_in);
   TORCH_CHECK_VALUE(!causal || q.size(1) <= keys_in.size(1), "causal attention needs at least as many keys (", keys_in.size(1),
                     ") as queries (", q.size(1), ")");
-  const Tensor q32 = q.to(at::kFloat).contiguous();
+  const Tensor qk = queries_for_kernel(q);
   const Tensor keys = unit_last_stride(keys_in), values = unit_last_stride(values_in);
   switch (keys.scalar_type()) {
-    case at::kFloat: return dense_typed<float>(q32, keys, values, scale, causal);
-    case at::kHalf: return dense_typed<__half>(q32, keys, values, scale, causal);
-    case at::kBFloat16: return dense_typed<__nv_bfloat16>(q32, keys, values, scale, causal);
+    case at::kFloat: return dense_typed<float>(qk, keys, values, scale, causal);
+    case at::kHalf: return dense_typed<__half>(qk, keys, values, scale, causal);
+    case at::kBFloat16: return dense_typed<__nv_bfloat16>(qk, keys, values, scale, causal);
     default: break;
   }
   TORCH_CHECK_TYPE(false, "keys: unsupported dtype ", keys.scalar_type());
@@ -192,19 +210,20 @@ std::tuple<Tensor, Tensor> sparse_attention_cuda(const Tensor& q, const Tensor& 
       TORCH_CHECK_VALUE(false, "ids: key id ", first, " is out of range [0, ", n, ")");
     }
   }
-  const Tensor q32 = q.to(at::kFloat).contiguous();
+  const Tensor qk = queries_for_kernel(q);
   const Tensor keys = unit_last_stride(keys_in), values = unit_last_stride(values_in);
   switch (keys.scalar_type()) {
-    case at::kFloat: return sparse_typed<float>(q32, keys, values, ids, scale);
-    case at::kHalf: return sparse_typed<__half>(q32, keys, values, ids, scale);
-    case at::kBFloat16: return sparse_typed<__nv_bfloat16>(q32, keys, values, ids, scale);
+    case at::kFloat: return sparse_typed<float>(qk, keys, values, ids, scale);
+    case at::kHalf: return sparse_typed<__half>(qk, keys, values, ids, scale);
+    case at::kBFloat16: return sparse_typed<__nv_bfloat16>(qk, keys, values, ids, scale);
     default: break;
   }
   TORCH_CHECK_TYPE(false, "keys: unsupported dtype ", keys.scalar_type());
   return {};
 }
 
-std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tensor& lse_a, const Tensor& out_b, const Tensor& lse_b) {
+std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tensor& lse_a, const Tensor& out_b, const Tensor& lse_b,
+                                                std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK_VALUE(out_a.defined() && out_a.is_cuda(), "out_a must be a CUDA tensor, got device ", out_a.device());
   const c10::cuda::CUDAGuard guard(out_a.device());
   check_on_device_of(lse_a, "lse_a", out_a, "out_a");
@@ -225,14 +244,16 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
 
   const Tensor oa = out_a.to(at::kFloat).contiguous(), ob = out_b.to(at::kFloat).contiguous();
   const Tensor la = lse_a.to(at::kFloat).contiguous(), lb = lse_b.to(at::kFloat).contiguous();
-  Tensor out = at::empty(out_a.sizes(), oa.options());
+  const at::ScalarType out_type = out_dtype.value_or(at::kFloat);
+  const rac::Elem out_elem = elem_of(out_type);  // the merged output is written in this dtype (lse stays float32)
+  Tensor out = at::empty(out_a.sizes(), oa.options().dtype(out_type));
   Tensor lse = at::empty(lead, la.options());
   const int64_t dv = out_a.size(-1);
   const int64_t rows = lse.numel();
   if (rows == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out_a.get_device()).stream();
   C10_CUDA_CHECK(rac::merge_attention(oa.data_ptr<float>(), la.data_ptr<float>(), ob.data_ptr<float>(), lb.data_ptr<float>(), rows, dv,
-                                      out.data_ptr<float>(), lse.data_ptr<float>(), stream));
+                                      out.data_ptr(), out_elem, lse.data_ptr<float>(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }

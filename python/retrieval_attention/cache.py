@@ -517,40 +517,52 @@ class RetrievalLayer(CacheLayerMixin):
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query (batch, q_heads, m, d) -> attention output (batch, m, q_heads, dv) in the query dtype."""
         B, H, m, d = query.shape
-        q = query.reshape(B * H, m, d)
         n_cpu = self.cpu_tokens
+        key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
+        keys, values = self._flat_heads(self.keys), self._flat_heads(self.values)
+        builtin = type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
+        if n_cpu and builtin and (query.device.type == "cpu" or _ext.HAS_CUDA_KERNELS):
+            # the built-in retrieval: one C++ call copies the query, queues the static attention, searches and attends on
+            # the CPU while the device works, copies the results back and queues the merge (OffloadedLayer.decode_step)
+            static = None
+            if key_start is not None:  # left padding: the kernels do not mask it, the torch math below does
+                static = dense_attention_any_device(query.reshape(B * H, m, d), keys, values, scaling, causal=True, key_start=key_start)
+            out, lse, lse_c_dev, lse_c, q_host, visited = self.offloaded.decode_step(
+                query, keys, values, scaling, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size),
+                *(static if static is not None else (None, None)))
+            self._account_cpu_part(lse, lse_c_dev, lse_c, visited / (B * H * m), n_cpu, lambda: q_host.float(), scaling)
+            self.steps += 1
+            return out
+        q = query.reshape(B * H, m, d)
         # Start the query's copy to the CPU, then launch the device's static attention (asynchronous on a GPU), so the
         # CPU search below overlaps the device work.
         staged = self.query_to_host(q) if n_cpu else None
-        key_start = None if self.static_pad is None else self.static_pad.repeat_interleave(self.kv_heads)
-        out, lse = dense_attention_any_device(q, self._flat_heads(self.keys), self._flat_heads(self.values), scaling, causal=True,
-                                              key_start=key_start)
+        out, lse = dense_attention_any_device(q, keys, values, scaling, causal=True, key_start=key_start)
         if n_cpu:
-            if type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend:
-                # the built-in retrieval: one C++ call reads the staged query and writes out/lse where the copy back reads
-                q_cpu = None
-                out_c_dev, lse_c_dev, lse_c, visited_mean = self._retrieve_attend_to_device(staged, scaling, out.device)
-            else:  # a subclass's cpu_retrieve_attend hook (research baselines)
-                q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
-                out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
-                out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
-                visited_mean = float(visited.double().mean())
-            if self.steps % CPU_SHARE_EVERY == 0:
-                # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
-                # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync,
-                # on every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
-                share = torch.sigmoid(lse_c_dev - lse.float()).mean()
-                self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
-                self.cpu_share_steps += 1
-            every = self.cfg.mass_probe_every
-            if every and self.steps % every == 0:
-                self._probe_mass(q_cpu if q_cpu is not None else self.wait_query(staged), scaling, lse, lse_c)
+            q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
+            out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
+            out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
+            self._account_cpu_part(lse, lse_c_dev, lse_c, float(visited.double().mean()), n_cpu, lambda: q_cpu, scaling)
             out, lse = merge_attention_any_device(out, lse, out_c_dev, lse_c_dev)
-            self.last_visited_mean = visited_mean
-            self.visited_sum += self.last_visited_mean
-            self.cpu_candidates_sum += n_cpu
         self.steps += 1
         return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
+
+    def _account_cpu_part(self, lse_static, lse_c_dev, lse_c, visited_mean: float, n_cpu: int, q_cpu_fn, scaling: float) -> None:
+        """decode_attention's statistics of the CPU part: keys scored, the CPU share of the attention mass (every
+        CPU_SHARE_EVERY-th step) and the mass probe (every mass_probe_every-th step; q_cpu_fn() -> the float32 query)."""
+        if self.steps % CPU_SHARE_EVERY == 0:
+            # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
+            # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync,
+            # on every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
+            share = torch.sigmoid(lse_c_dev - lse_static.float()).mean()
+            self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
+            self.cpu_share_steps += 1
+        every = self.cfg.mass_probe_every
+        if every and self.steps % every == 0:
+            self._probe_mass(q_cpu_fn(), scaling, lse_static, lse_c)
+        self.last_visited_mean = visited_mean
+        self.visited_sum += visited_mean
+        self.cpu_candidates_sum += n_cpu
 
     def _host_buffer(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
         buf = self._host_buffers.get(name)
@@ -586,20 +598,6 @@ class RetrievalLayer(CacheLayerMixin):
         if host.dtype == torch.float32:
             return host
         return self._host_buffer("q", host.shape).copy_(host)
-
-    def _retrieve_attend_to_device(self, staged, scaling: float, device):
-        """The built-in retrieval of decode_attention: (out (rows, m, dv), lse (rows, m)) over the CPU tokens on
-        `device`, the lse on the CPU, and the mean keys scored per (head, query). OffloadedLayer.retrieve_attend_into
-        widens the staged query itself and writes out then lse into one float32 buffer; on a GPU that is the
-        page-locked buffer that one asynchronous copy moves to the device, ordered before the merge (the next
-        step's query copy waits for it before the buffer is written again)."""
-        q_host = self._wait_staged(staged)
-        rows, m, _ = q_host.shape
-        shape = (rows * m * (self.values.shape[-1] + 1),)
-        flat = self._host_buffer("results", shape) if device.type == "cuda" else torch.empty(shape, dtype=torch.float32)
-        visited = self.offloaded.retrieve_attend_into(q_host, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size), scaling, flat)
-        out_c_dev, lse_c_dev = self._results_on_device(flat, rows, m, device)
-        return out_c_dev, lse_c_dev, flat[-rows * m :].view(rows, m), visited / (rows * m)
 
     def results_to_device(self, out_c: torch.Tensor, lse_c: torch.Tensor, device):
         """The CPU part's (out (rows, m, dv), lse (rows, m)) -> the model's device. On a GPU both go in one

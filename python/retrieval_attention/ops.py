@@ -69,8 +69,9 @@ def dense_attention(q, keys, values, scale: float, causal: bool = False):
     return _ops.dense_attention(q, keys, values, float(scale), bool(causal))
 
 
-def merge_attention(out_a, lse_a, out_b, lse_b):
-    """Exact log-sum-exp merge of two partial attention results over disjoint key sets."""
+def merge_attention(out_a, lse_a, out_b, lse_b, out_dtype: torch.dtype | None = None):
+    """Exact log-sum-exp merge of two partial attention results over disjoint key sets -> (out, lse), both float32,
+    or out in `out_dtype` (float16 / bfloat16: rounded from the float32 result, as `.to(out_dtype)` would)."""
     for t, name in ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -81,7 +82,9 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
         raise ValueError(f"lse_a {tuple(lse_a.shape)} and lse_b {tuple(lse_b.shape)} must have shape out.shape[:-1] = {tuple(out_a.shape[:-1])}")
     if len({t.device for t in (out_a, lse_a, out_b, lse_b)}) != 1:
         raise ValueError("merge_attention inputs must be on one device")
-    return _ops.merge_attention(out_a, lse_a, out_b, lse_b)
+    if out_dtype is not None and out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
+    return _ops.merge_attention(out_a, lse_a, out_b, lse_b, out_dtype)
 
 
 # Fake (meta) kernels so the ops trace under torch.compile / torch.export.
@@ -98,8 +101,8 @@ def _dense_attention_fake(q, keys, values, scale, causal=False):
 
 
 @torch.library.register_fake("retrieval_attention::merge_attention")
-def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
-    return out_a.new_empty(out_a.shape, dtype=torch.float32), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
+def _merge_attention_fake(out_a, lse_a, out_b, lse_b, out_dtype=None):
+    return out_a.new_empty(out_a.shape, dtype=out_dtype or torch.float32), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("retrieval_attention::chunk_top_candidates")

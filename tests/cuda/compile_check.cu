@@ -30,7 +30,7 @@ cudaError_t retrieval_attention_compile_check_all(cudaStream_t stream) {
   err = rac::dense_attention(ph, splits, nullptr, stream);
   rac::AttentionParams<__nv_bfloat16> pb;
   if (err == cudaSuccess) err = rac::sparse_attention(pb, splits, nullptr, stream);
-  if (err == cudaSuccess) err = rac::merge_attention(nullptr, nullptr, nullptr, nullptr, 0, 0, nullptr, nullptr, stream);
+  if (err == cudaSuccess) err = rac::merge_attention(nullptr, nullptr, nullptr, nullptr, 0, 0, nullptr, rac::Elem::kBFloat16, nullptr, stream);
   (void)rac::chunk_top_supported(1024, 128, 4, 64);
   (void)rac::chunk_top_smem_bytes(1024, 128, 4);
   for (int64_t chunk = 8; chunk <= 256 && err == cudaSuccess; chunk *= 2) {

@@ -417,6 +417,31 @@ def test_merge_cpu_and_cuda_agree():
     torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-6, atol=1e-6)
 
 
+def test_merge_out_dtype_on_cuda_rounds_like_to():
+    """The CUDA merge's out_dtype narrows in the kernel exactly as .to(out_dtype) of its float32 output does."""
+    g = gen("cuda-merge-out-dtype")
+    oa, ob = torch.randn(32, 3, 128, generator=g).cuda(), torch.randn(32, 3, 128, generator=g).cuda()
+    la, lb = (torch.randn(32, 3, generator=g) * 10).cuda(), (torch.randn(32, 3, generator=g) * 10).cuda()
+    la[2, 2] = lb[2, 2] = NEG_INF
+    out, lse = ops.merge_attention(oa, la, ob, lb)
+    for dt in (torch.float16, torch.bfloat16):
+        o, l = ops.merge_attention(oa, la, ob, lb, out_dtype=dt)
+        assert o.dtype == dt and torch.equal(o, out.to(dt)) and torch.equal(l, lse)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
+def test_narrow_queries_are_widened_in_the_kernel(q_dtype):
+    """dense/sparse attention read float16/bfloat16 queries as they are: the same results as their float32 copies."""
+    g = gen(f"narrow-q-{q_dtype}")
+    q = torch.randn(8, 2, 128, generator=g).to(q_dtype).cuda()
+    keys = torch.randn(2, 700, 128, generator=g).to(torch.bfloat16).cuda()
+    values = torch.randn(2, 700, 128, generator=g).to(torch.bfloat16).cuda()
+    ids = torch.randint(0, 700, (8, 2, 50), generator=g).cuda()
+    for a, b in ((ops.dense_attention(q, keys, values, 0.1, causal=True), ops.dense_attention(q.float(), keys, values, 0.1, causal=True)),
+                 (ops.sparse_attention(q, keys, values, ids, 0.1), ops.sparse_attention(q.float(), keys, values, ids, 0.1))):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 # --------------------------------------------------------------------------------------------------
 # bad inputs: clear Python errors, never a crash
 # --------------------------------------------------------------------------------------------------

@@ -165,6 +165,19 @@ def test_sparse_attention_bad_inputs(mutate, exc, match):
         ra.sparse_attention(*args, 0.5)
 
 
+def test_merge_out_dtype_rounds_the_float32_merge():
+    """merge_attention(..., out_dtype=) writes the output as .to(out_dtype) of the float32 merge would (lse float32)."""
+    g = torch.Generator().manual_seed(8)
+    oa, ob = torch.randn(4, 2, 16, generator=g), torch.randn(4, 2, 16, generator=g)
+    la, lb = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    out, lse = ra.merge_attention(oa, la, ob, lb)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        o, l = ra.merge_attention(oa, la, ob, lb, out_dtype=dt)
+        assert o.dtype == dt and torch.equal(o, out.to(dt)) and torch.equal(l, lse)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ra.merge_attention(oa, la, ob, lb, out_dtype=torch.float64)
+
+
 def test_dense_and_merge_bad_inputs():
     q, k, v, _ = _ok_args()
     with pytest.raises(ValueError, match="causal"):

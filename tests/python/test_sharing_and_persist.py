@@ -235,58 +235,78 @@ def test_key_index_build_takes_key_lists():
         ra._ext._C.KeyIndex.build(keys, train, "query_guided", {}, None, torch.full_like(lists, -5))
 
 
+def _decode_step_problem(device, q_dtype, batch=1):
+    hq, hkv, d, n_static = 6, 2, 32, 40
+    keys, train, test = _layer_problem()
+    layer = ra._ext._C.OffloadedLayer(torch.bfloat16, hq * batch, hkv * batch, d, d, "query_guided", {}, 0, "per_kv_head")
+    layer.build(keys.bfloat16().repeat(batch, 1, 1), keys.bfloat16().repeat(batch, 1, 1), train.repeat(batch, 1, 1))
+    g = torch.Generator().manual_seed(5)
+    skeys = torch.randn(hkv * batch, n_static, d, generator=g).to(device, torch.bfloat16)
+    svalues = torch.randn(hkv * batch, n_static, d, generator=g).to(device, torch.bfloat16)
+    query = test[:, :3].repeat(batch, 1, 1).reshape(batch, hq, 3, d).to(device, q_dtype)
+    return layer, skeys, svalues, query
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
-def test_retrieve_attend_into_matches_retrieve_attend(q_dtype):
-    """The decode path's call (staged query in its own dtype, out then lse into one buffer, keys scored summed)
-    gives what retrieve_attend gives, bit for bit; bad buffers are clear errors."""
-    hq, hkv, d, k = 6, 2, 32, 20
-    keys, train, test = _layer_problem()
-    layer = ra._ext._C.OffloadedLayer(torch.bfloat16, hq, hkv, d, d, "query_guided", {}, 0, "per_kv_head")
-    layer.build(keys.bfloat16(), keys.bfloat16(), train)
-    q = test[:, :3].to(q_dtype)
-    out, lse, visited = layer.retrieve_attend(q.float(), k, 64, 0.25)
-    flat = torch.full((hq * 3 * (d + 1) + 5,), float("nan"))
-    total = layer.retrieve_attend_into(q, k, 64, 0.25, flat)
-    assert total == int(visited.sum())
-    assert torch.equal(flat[: out.numel()].view_as(out), out)
-    assert torch.equal(flat[out.numel() : out.numel() + lse.numel()].view_as(lse), lse)
-    assert flat[-5:].isnan().all()  # nothing written past out and lse
-    with pytest.raises(ValueError, match="at least"):
-        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(hq * 3 * (d + 1) - 1))
-    with pytest.raises(TypeError, match="float32"):
-        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(hq * 3 * (d + 1), dtype=torch.float64))
-    with pytest.raises(ValueError, match="contiguous"):
-        layer.retrieve_attend_into(q, k, 64, 0.25, torch.empty(2 * hq * 3 * (d + 1))[::2])
-    with pytest.raises(ValueError, match="q shape"):
-        layer.retrieve_attend_into(q[:, :, :-1], k, 64, 0.25, flat)
+def test_decode_step_equals_its_parts(device, q_dtype):
+    """OffloadedLayer.decode_step (decode_attention's one call: query copy, static attention, CPU search and attention,
+    results copy, merge) gives what its parts give one op at a time, bit for bit, on the CPU and on a GPU; bad
+    arguments are clear errors."""
+    layer, skeys, svalues, query = _decode_step_problem(device, q_dtype, batch=2)
+    B, H, m, d = query.shape
+    k, ef, scale = 20, 64, 0.25
+    q = query.reshape(B * H, m, d)
+    out_s, lse_s = ra.ops.dense_attention(q, skeys, svalues, scale, causal=True)
+    out_c, lse_c, visited = layer.retrieve_attend(q.cpu().float(), k, ef, scale)
+    merged, _ = ra.ops.merge_attention(out_s, lse_s, out_c.to(device), lse_c.to(device))
+    want = merged.reshape(B, H, m, d).transpose(1, 2).to(q_dtype)
+    for _ in range(2):  # the second call reuses the kept page-locked buffers on a GPU
+        out, lse_static, lse_c_dev, lse_c_host, q_host, total = layer.decode_step(query, skeys, svalues, scale, k, ef)
+        assert out.dtype == q_dtype and out.device == query.device and out.shape == (B, m, H, d)
+        assert torch.equal(out, want)
+        assert torch.equal(lse_static, lse_s) and torch.equal(lse_c_dev.cpu(), lse_c) and torch.equal(lse_c_host, lse_c)
+        assert torch.equal(q_host, q.cpu()) and total == int(visited.sum())
+    # the caller's own static part (left-padded batches) is merged as given
+    out2 = layer.decode_step(query, skeys, svalues, scale, k, ef, out_s, lse_s)[0]
+    assert torch.equal(out2, want)
+    with pytest.raises(ValueError, match="query shape"):
+        layer.decode_step(query[..., :-1], skeys, svalues, scale, k, ef)
+    with pytest.raises(ValueError, match="static keys/values shapes"):
+        layer.decode_step(query, skeys[:1], svalues[:1], scale, k, ef)
+    with pytest.raises(ValueError, match="go together"):
+        layer.decode_step(query, skeys, svalues, scale, k, ef, static_out=out_s)
+    with pytest.raises(ValueError, match="top_k"):
+        layer.decode_step(query, skeys, svalues, scale, 0, ef)
+    with pytest.raises(ValueError, match="query"):
+        layer.decode_step(q, skeys, svalues, scale, k, ef)  # 3 dims
 
 
-def test_retrieve_attend_into_phase_times():
-    """phase_ns gets the call's search and attention thread time added (benchmarks split the fused call's wall time
-    with it); the results are the same with and without it, and a bad accumulator is a clear error."""
-    hq, hkv, d, k = 6, 2, 32, 20
-    keys, train, test = _layer_problem()
-    layer = ra._ext._C.OffloadedLayer(torch.bfloat16, hq, hkv, d, d, "query_guided", {}, 0, "per_query_head")
-    layer.build(keys.bfloat16(), keys.bfloat16(), train)
-    q = test[:, :3]
-    plain = torch.empty(hq * 3 * (d + 1))
-    layer.retrieve_attend_into(q, k, 64, 0.25, plain)
-    timed = torch.empty_like(plain)
-    ns = torch.zeros(2, dtype=torch.int64)
-    layer.retrieve_attend_into(q, k, 64, 0.25, timed, phase_ns=ns)
+def test_decode_step_timing():
+    """timing gets the CPU part's search and attention thread time added and its start and end set on the clock of
+    time.perf_counter_ns (benchmarks time the fused call inside the step with it); the results are the same with and
+    without it, and a bad accumulator is a clear error."""
+    import time
+
+    layer, skeys, svalues, query = _decode_step_problem("cpu", torch.float32)
+    plain = layer.decode_step(query, skeys, svalues, 0.25, 20, 64)[0]
+    ns = torch.zeros(4, dtype=torch.int64)
+    before = time.perf_counter_ns()
+    timed = layer.decode_step(query, skeys, svalues, 0.25, 20, 64, timing=ns)[0]
+    after = time.perf_counter_ns()
     assert torch.equal(plain, timed)
     first = ns.clone()
     assert first[0] > 0 and first[1] > 0
-    layer.retrieve_attend_into(q, k, 64, 0.25, timed, phase_ns=ns)  # added to, not overwritten
-    assert (ns > first).all()
-    for bad, err in ((torch.zeros(2, dtype=torch.int32), TypeError), (torch.zeros(3, dtype=torch.int64), ValueError),
-                     (torch.zeros(4, dtype=torch.int64)[::2], ValueError)):
+    assert before <= first[2] <= first[3] <= after
+    layer.decode_step(query, skeys, svalues, 0.25, 20, 64, timing=ns)  # thread times added to, not overwritten
+    assert (ns[:2] > first[:2]).all() and ns[2] >= first[3]
+    for bad, err in ((torch.zeros(4, dtype=torch.int32), TypeError), (torch.zeros(3, dtype=torch.int64), ValueError),
+                     (torch.zeros(8, dtype=torch.int64)[::2], ValueError)):
         with pytest.raises(err):
-            layer.retrieve_attend_into(q, k, 64, 0.25, timed, phase_ns=bad)
+            layer.decode_step(query, skeys, svalues, 0.25, 20, 64, timing=bad)
 
 
 def test_builtin_retrieval_equals_the_hook_path(device):
-    """decode_attention's built-in retrieval (retrieve_attend_into) and the cpu_retrieve_attend hook that research
+    """decode_attention's built-in retrieval (OffloadedLayer.decode_step) and the cpu_retrieve_attend hook that research
     subclasses override give the same tokens and logits, mass probes included."""
 
     class ThroughHook(ra.RetrievalLayer):

@@ -7,11 +7,11 @@
 //     buffers are contiguous. keys / values need unit stride only in the last dim: element (h, j, c) is at
 //     keys[h * k_head_stride + j * k_row_stride + c] (likewise v_*), so a slice of a larger cache buffer
 //     can be passed without a copy. Strides are in elements, >= 0.
-//       q       (Hq, m, d)   float32            (the caller converts other query dtypes to float32)
+//       q       (Hq, m, d)   float32, float16 or bfloat16 (q_type), widened to float32 as it is read
 //       keys    (Hkv, n, d)  T in {float, __half, __nv_bfloat16}
 //       values  (Hkv, n, dv) T (same T as keys)
 //       ids     (Hq, m, k)   int64, -1 = padding (sparse only)
-//       out     (Hq, m, dv)  float32, written completely
+//       out     (Hq, m, dv)  float32, written completely (the merge can write float16 / bfloat16 instead)
 //       lse     (Hq, m)      float32, written completely
 //     Row r = h * m + i is query i of query head h; it reads kv head h / (Hq / Hkv) (GQA; Hq % Hkv == 0).
 //   * For each row, with S its key set:
@@ -58,9 +58,14 @@ constexpr int kMinKeysPerSplit = 128;
 // ------------------------------------------------------------------------------------------------
 // Host-side parameters
 // ------------------------------------------------------------------------------------------------
+// Element type of the queries and of the merge's output: a decode query arrives in the model's dtype, and widening
+// it (or narrowing the merged output) in the kernel saves a launch per layer and token.
+enum class Elem : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 template <class T>
 struct AttentionParams {
-  const float* q = nullptr;          // (Hq, m, d)
+  const void* q = nullptr;           // (Hq, m, d) of q_type
+  Elem q_type = Elem::kFloat32;
   const T* keys = nullptr;           // (Hkv, n, d)
   const T* values = nullptr;         // (Hkv, n, dv)
   const int64_t* ids = nullptr;      // (Hq, m, k); null for dense
@@ -112,6 +117,21 @@ __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+__device__ __forceinline__ float load_elem(const void* p, Elem type, int64_t i) {
+  switch (type) {
+    case Elem::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case Elem::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+__device__ __forceinline__ void store_elem(void* p, Elem type, int64_t i, float v) {
+  switch (type) {
+    case Elem::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case Elem::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
 
 template <class T>
 __device__ __forceinline__ T zero_of();
@@ -207,13 +227,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionPara
   const int64_t* __restrict__ ids = kSparse ? p.ids + row * p.k : nullptr;
 
   float qf[EPL];
-  {
-    const float* __restrict__ qrow = p.q + row * p.d;
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) {
-      const int c = SH::elem(lig, e);
-      qf[e] = c < d ? qrow[c] : 0.f;
-    }
+  for (int e = 0; e < EPL; ++e) {
+    const int c = SH::elem(lig, e);
+    qf[e] = c < d ? load_elem(p.q, p.q_type, row * p.d + c) : 0.f;
   }
 
   float acc[EPL];
@@ -336,7 +353,8 @@ __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const float* _
 
 // Elementwise exact LSE merge; grid-stride over rows * dv elements (+ rows lse values).
 __global__ void merge_kernel(const float* __restrict__ out_a, const float* __restrict__ lse_a, const float* __restrict__ out_b,
-                             const float* __restrict__ lse_b, int64_t rows, int64_t dv, float* __restrict__ out, float* __restrict__ lse) {
+                             const float* __restrict__ lse_b, int64_t rows, int64_t dv, void* __restrict__ out, Elem out_type,
+                             float* __restrict__ lse) {
   const int64_t total = rows * dv;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
@@ -344,11 +362,11 @@ __global__ void merge_kernel(const float* __restrict__ out_a, const float* __res
     const float la = lse_a[r], lb = lse_b[r];
     const float mx = fmaxf(la, lb);
     if (mx == neg_inf()) {
-      out[t] = 0.f;
+      store_elem(out, out_type, t, 0.f);
       continue;
     }
     const float wa = expf(la - mx), wb = expf(lb - mx);
-    out[t] = (wa * out_a[t] + wb * out_b[t]) / (wa + wb);
+    store_elem(out, out_type, t, (wa * out_a[t] + wb * out_b[t]) / (wa + wb));
   }
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
     const float la = lse_a[r], lb = lse_b[r];
@@ -419,16 +437,17 @@ cudaError_t sparse_attention(const AttentionParams<T>& p, int splits, float* wor
   return detail::launch_attention<T, true>(p, splits, workspace, stream);
 }
 
-// Exact merge of two partial results, rows = number of (out, lse) pairs, out_* rows x dv float32.
+// Exact merge of two partial results, rows = number of (out, lse) pairs, out_* rows x dv float32; out (rows x dv) is
+// written in out_type (rounded to nearest even from the float32 result), lse in float32.
 inline cudaError_t merge_attention(const float* out_a, const float* lse_a, const float* out_b, const float* lse_b, int64_t rows, int64_t dv,
-                                   float* out, float* lse, cudaStream_t stream) {
+                                   void* out, Elem out_type, float* lse, cudaStream_t stream) {
   if (rows < 0 || dv < 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   constexpr int kMergeThreads = 256;
   const int64_t work = rows * (dv > 0 ? dv : 1);
   int64_t blocks = (work + kMergeThreads - 1) / kMergeThreads;
   if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest
-  detail::merge_kernel<<<static_cast<unsigned>(blocks), kMergeThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b, rows, dv, out, lse);
+  detail::merge_kernel<<<static_cast<unsigned>(blocks), kMergeThreads, 0, stream>>>(out_a, lse_a, out_b, lse_b, rows, dv, out, out_type, lse);
   return cudaGetLastError();
 }
 
