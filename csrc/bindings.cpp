@@ -345,9 +345,9 @@ class PyOffloadedLayer {
   // Returns (out (batch, m, q_heads, value_dim) in the query's dtype; float32 (rows, m) on the device: the static set's
   // lse and the CPU part's lse; the CPU part's lse on the CPU; the query on the CPU (rows, m, head_dim) in its dtype,
   // valid until the next call; the keys scored in total), rows = batch * q_heads.
-  // timing (optional, int64 CPU tensor of 4, for benchmarks): [search, attend] thread nanoseconds of the CPU part are
-  // added to [0] and [1] (RetrievePhaseTimes); [2] and [3] are set to the CPU part's start and end on the steady clock
-  // (CLOCK_MONOTONIC on Linux, the clock of Python's time.perf_counter_ns).
+  // timing (optional, int64 CPU tensor of 4, for benchmarks) is set to: the CPU part's [search, attend] thread
+  // nanoseconds (RetrievePhaseTimes), then its start and end on the steady clock (CLOCK_MONOTONIC on Linux, the clock
+  // of Python's time.perf_counter_ns).
   py::tuple decode_step(const at::Tensor& query, const at::Tensor& static_keys, const at::Tensor& static_values, double scale, int64_t top_k,
                         int64_t ef, const std::optional<at::Tensor>& static_out, const std::optional<at::Tensor>& static_lse,
                         const std::optional<at::Tensor>& timing) {
@@ -402,8 +402,8 @@ class PyOffloadedLayer {
         visited_total = retrieve_into(q_host, top_k, ef, scale, results.data_ptr<float>(), timing ? &times : nullptr);
         if (timing) {
           int64_t* acc = timing->data_ptr<int64_t>();
-          acc[0] += times.search_ns.load();
-          acc[1] += times.attend_ns.load();
+          acc[0] = times.search_ns.load();
+          acc[1] = times.attend_ns.load();
           acc[2] = t0;
           acc[3] = steady_ns();
         }

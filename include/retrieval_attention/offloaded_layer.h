@@ -24,7 +24,8 @@
 //   * retrieve_attend(): for each (query head, query) finds the top-k keys with its index and attends
 //     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact. Rows scored
 //     exactly (all of them with the flat index or before a pending build, else those not yet inserted) are read once
-//     per kv head for all queries of its GQA group. Given a RetrievePhaseTimes, it adds the thread time its items
+//     per kv head for all queries of its GQA group, in a loop of their own over the threads; up to kItemScanRows of
+//     them (a decode step's newest rows) are scanned by each search item for its query instead. Given a RetrievePhaseTimes, it adds the thread time its items
 //     spent finding keys (search, exact scan, merge) and attending them (for a benchmark's breakdown of the fused call).
 //     Items start in the order of their head's cost at the previous call (keys scored, largest first), so that the
 //     slowest searches do not start last and keep the team waiting (32 searches on 16 threads; heads' costs differ
@@ -227,9 +228,14 @@ class OffloadedLayer {
       const int64_t min_id = min_ids_.empty() ? 0 : min_ids_[static_cast<size_t>(h / group)];
       exact_from[static_cast<size_t>(h)] = std::max(index == nullptr || index->exact() ? 0 : index->size(), min_id);
     }
+    // A long exact part (a flat index, a pending build, many appended rows) is one scan over the threads that reads
+    // each row once for its GQA group; a short one (the rows appended since the last insert, during decode) is scanned
+    // by each item for its own query, which saves a loop over the threads (its wake-up and its end) per call.
+    const int64_t lowest_exact = *std::min_element(exact_from.begin(), exact_from.end());
+    const bool batched_scan = k > 0 && n - lowest_exact > kItemScanRows;
     const Clock::time_point scan_start = times ? Clock::now() : Clock::time_point{};
-    const ExactScan scan = k > 0 ? scan_exactly(q, m, k, exact_from) : ExactScan{};
-    if (times) times->search_ns += ns_between(scan_start, Clock::now()) * max_threads();  // the scan runs on all threads
+    const ExactScan scan = batched_scan ? scan_exactly(q, m, k, exact_from) : ExactScan{};
+    if (times && batched_scan) times->search_ns += ns_between(scan_start, Clock::now()) * max_threads();  // on all threads
     // Largest previous cost first (stable: equal costs keep head order). Dynamic scheduling then hands the cheap
     // searches to the threads that finish first.
     std::vector<int64_t> order(static_cast<size_t>(hq_ * m));
@@ -274,7 +280,15 @@ class OffloadedLayer {
           TopK best(k);
           for (int64_t j = 0; j < k; ++j)
             if (ids[static_cast<size_t>(j)] >= 0) best.push(scores[static_cast<size_t>(j)], ids[static_cast<size_t>(j)]);
-          scan.merge_into(best, kv, hm - kv * group * m, k);
+          if (batched_scan) {
+            scan.merge_into(best, kv, hm - kv * group * m, k);
+          } else {
+            const float* qh = q + hm * d_;
+            for (int64_t i = from; i < n; ++i) {
+              const float s = simd::dot(qh, keys_[kv]->row(i), d_);
+              if (!best.full() || s >= best.threshold()) best.push(s, i);
+            }
+          }
           best.sorted_into(ids.data(), scores.data());
           vis += n - from;
         }
@@ -440,6 +454,7 @@ class OffloadedLayer {
   // for all group * m queries of its group (GQA: group times fewer bytes than a scan per query head), in row blocks
   // spread over the threads. Ties go to the smaller id in every block and in the merge, so the result is the exact
   // top-k of one scan.
+  static constexpr int64_t kItemScanRows = 256;  // exact parts up to this many rows are scanned inside the search items
   ExactScan scan_exactly(const float* q, int64_t m, int64_t k, const std::vector<int64_t>& exact_from) const {
     const int64_t n = keys_[0]->size(), group = hq_ / hkv_;
     ExactScan scan;

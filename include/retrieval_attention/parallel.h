@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,15 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstdint>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -160,13 +170,55 @@ void parallel_for(int64_t n, Fn&& fn, bool dynamic = true, int team = 0) {
   error.rethrow();
 }
 
+// A 32-bit counter that threads sleep on until it changes. On Linux a futex: one bump wakes every sleeper at once,
+// with no mutex for them to take in turn on their way out (a condition variable's waiters reacquire its mutex one by
+// one). Elsewhere a mutex and a condition variable.
+class Generation {
+ public:
+  uint32_t load() const { return value_.load(std::memory_order_acquire); }
+  // value + 1, seen by a thread that then loads with acquire together with every write made before the bump
+  void bump_and_wake_all() {
+#if defined(__linux__)
+    value_.fetch_add(1, std::memory_order_release);
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&value_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+#else
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      value_.fetch_add(1, std::memory_order_release);
+    }
+    changed_.notify_all();
+#endif
+  }
+  // returns once the value differs from `seen` (at once if it already does)
+  void wait_while(uint32_t seen) {
+#if defined(__linux__)
+    while (load() == seen)  // FUTEX_WAIT returns at once if the value moved on, and may return spuriously
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&value_), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+#else
+    std::unique_lock<std::mutex> lock(mu_);
+    changed_.wait(lock, [&] { return load() != seen; });
+#endif
+  }
+
+ private:
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "the futex word is the atomic's storage");
+  std::atomic<uint32_t> value_{0};
+#if !defined(__linux__)
+  std::mutex mu_;
+  std::condition_variable changed_;
+#endif
+};
+
 // A process-wide pool for short parallel loops on the decode path (retrieve_attend: about a millisecond per layer and
-// token). Its threads block on a condition variable whenever they have no item, where OpenMP threads under libgomp's
-// default wait policy spin for a while after each region and at its end: on the H200 host (16 vCPUs) the spinning
-// took about 20% off every decode step (the threads finished early spin beside those still searching, and after the
-// call beside the Python thread). Items are handed out one at a time (dynamic), the calling thread takes part, and
-// the first exception is rethrown on it. One loop runs at a time; a caller that finds the pool busy (a concurrent
-// retrieve_attend) or is one of its threads (a loop inside a loop) runs the loop through parallel_for instead.
+// token). Its threads block whenever they have no item, where OpenMP threads under libgomp's default wait policy spin
+// for a while after each region and at its end: on the H200 host (16 vCPUs) the spinning took about 20% off every
+// decode step (the threads finished early spin beside those still searching, and after the call beside the Python
+// thread). Items are handed out one at a time (dynamic), the calling thread takes part, and the first exception is
+// rethrown on it. One loop runs at a time; a caller that finds the pool busy (a concurrent retrieve_attend) or is one
+// of its threads (a loop inside a loop) runs the loop through parallel_for instead.
+// Waking and waiting cost what a loop of a few hundred microseconds can feel, so: the threads sleep on a Generation,
+// which one post wakes all at once; the caller, the one thread the loop's end waits on, spins briefly on the items
+// other threads still hold before it blocks.
 class BlockingPool {
  public:
   // Never destroyed: its threads stay blocked until the process exits (joining them at exit could hang a forked child,
@@ -193,27 +245,36 @@ class BlockingPool {
     FirstException error;
     const std::function<void(int64_t)> body = [&](int64_t i) { error.run([&] { fn(i); }); };
     auto job = std::make_shared<Job>(n, &body);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      while (static_cast<int>(workers_.size()) < team - 1) {
-        const int index = static_cast<int>(workers_.size());
-        workers_.emplace_back([this, index] { serve(index); });
-      }
-      job_ = job;
-      helpers_ = team - 1;
-      ++generation_;
+    while (static_cast<int>(workers_.size()) < team - 1) {  // only the holder of run_mu_ touches workers_
+      const int index = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, index] { serve(index); });
     }
-    wake_.notify_all();
+    std::atomic_store_explicit(&job_, job, std::memory_order_release);
+    helpers_.store(team - 1, std::memory_order_release);
+    generation_.bump_and_wake_all();  // after job_ and helpers_: a thread that sees the new value sees them
     job->work();
-    {  // items other threads still hold; a helper that wakes after this finds none left and never calls body
-      std::unique_lock<std::mutex> lock(job->mu);
-      job->finished.wait(lock, [&] { return job->done.load(std::memory_order_acquire) == n; });
+    // items other threads still hold; a helper that wakes after this finds none left and never calls body
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(kCallerSpinMicros);
+    for (int i = 1; job->done.load(std::memory_order_acquire) != n; ++i) {
+      cpu_relax();
+      if (i % 64 == 0 && std::chrono::steady_clock::now() > spin_until) {
+        std::unique_lock<std::mutex> lock(job->mu);
+        job->finished.wait(lock, [&] { return job->done.load(std::memory_order_acquire) == n; });
+        break;
+      }
     }
     error.rethrow();
   }
 
  private:
   using Job = LoopJob;
+  static constexpr int64_t kCallerSpinMicros = 500;  // about the longest search item at 128K keys
+
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
 
   // True on the pool's threads, and on a caller while its loop runs: a loop started there runs through parallel_for.
   static bool& in_loop() {
@@ -223,26 +284,20 @@ class BlockingPool {
 
   void serve(int index) {
     in_loop() = true;
-    uint64_t seen = 0;
+    uint32_t seen = 0;
     for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return generation_ != seen && index < helpers_; });
-        seen = generation_;
-        job = job_;
-      }
-      job->work();
+      generation_.wait_while(seen);
+      seen = generation_.load();
+      if (index >= helpers_.load(std::memory_order_acquire)) continue;  // a smaller loop than this thread's rank
+      std::atomic_load_explicit(&job_, std::memory_order_acquire)->work();  // the copy keeps a late thread's job alive
     }
   }
 
-  std::mutex run_mu_;  // one loop at a time
-  std::mutex mu_;      // guards what follows
-  std::condition_variable wake_;
+  std::mutex run_mu_;                  // one loop at a time; its holder alone touches workers_
   std::vector<std::thread> workers_;
-  std::shared_ptr<Job> job_;
-  int helpers_ = 0;
-  uint64_t generation_ = 0;
+  std::shared_ptr<Job> job_;           // the newest loop, read and written through std::atomic_load/store
+  std::atomic<int> helpers_{0};        // pool threads the newest loop may use
+  Generation generation_;              // bumped by every post; the threads sleep on it
 };
 
 // Whether pred(i) holds for every i in [0, n), the items over the threads (each item is evaluated; a check over many
