@@ -337,14 +337,14 @@ class PyOffloadedLayer {
   //   batches, whose masking the kernels do not do), else it is computed here by causal dense_attention.
   // On a GPU, in this order: the query is copied in its own dtype to a page-locked buffer kept by this object and an
   // event is recorded; the static attention is queued; then, with the GIL released, the event is awaited, the CPU
-  // searches and attends into a second kept page-locked buffer (out then lse), that buffer is copied to the device and
-  // the merge is queued, writing the output in the query's dtype. The next step rewrites both buffers safely: its query
-  // copy is queued after this step's results copy, and its CPU part starts only after that query copy has finished.
-  // One C++ call per layer and token instead of a dozen Python-level tensor ops, and two kernel launches fewer (the
-  // kernels widen the query and narrow the output themselves).
-  // Returns (out (batch, m, q_heads, value_dim) in the query's dtype; float32 (rows, m) on the device: the static set's
-  // lse and the CPU part's lse; the CPU part's lse on the CPU; the query on the CPU (rows, m, head_dim) in its dtype,
-  // valid until the next call; the keys scored in total), rows = batch * q_heads.
+  // searches and attends into a second kept page-locked buffer (out then lse), and the merge is queued: its kernel
+  // reads that buffer in place and writes the output in the query's dtype. The next step rewrites both buffers safely:
+  // its query copy is queued after this step's merge, and its CPU part starts only after that query copy has finished.
+  // One C++ call per layer and token instead of a dozen Python-level tensor ops, and three launches fewer than one op
+  // at a time (the kernels widen the query, read the CPU results and narrow the output themselves).
+  // Returns (out (batch, m, q_heads, value_dim) in the query's dtype; the static set's lse, float32 (rows, m) on the
+  // device; the CPU part's lse (rows, m) on the CPU and the query on the CPU (rows, m, head_dim) in its dtype, both in
+  // the kept buffers, valid until the next call; the keys scored in total), rows = batch * q_heads.
   // timing (optional, int64 CPU tensor of 4, for benchmarks) is set to: the CPU part's [search, attend] thread
   // nanoseconds (RetrievePhaseTimes), then its start and end on the steady clock (CLOCK_MONOTONIC on Linux, the clock
   // of Python's time.perf_counter_ns).
@@ -370,7 +370,7 @@ class PyOffloadedLayer {
     }
     const at::Device dev = query.device();
     const bool on_gpu = !dev.is_cpu();
-    at::Tensor out, lse_static, lse_cpu_dev, lse_cpu, q_host;
+    at::Tensor out, lse_static, lse_cpu, q_host;
     int64_t visited_total = 0;
     {
       py::gil_scoped_release no_gil;
@@ -407,17 +407,17 @@ class PyOffloadedLayer {
           acc[2] = t0;
           acc[3] = steady_ns();
         }
+        // On a GPU the merge kernel reads out and lse from the page-locked buffer itself (merge_attention reads mapped
+        // CPU memory in place): no copy to queue, and the buffer is not rewritten before the kernel has run (above).
         lse_cpu = results.narrow(0, n_out, rows * m).view({rows, m});
-        const at::Tensor on_dev = on_gpu ? results.to(at::TensorOptions().device(dev), /*non_blocking=*/true) : results;
-        lse_cpu_dev = on_dev.narrow(0, n_out, rows * m).view({rows, m});
         at::Tensor merged, lse_merged;
-        std::tie(merged, lse_merged) = merge_attention_op().call(out_s, lse_static, on_dev.narrow(0, 0, n_out).view({rows, m, dv_}), lse_cpu_dev,
+        std::tie(merged, lse_merged) = merge_attention_op().call(out_s, lse_static, results.narrow(0, 0, n_out).view({rows, m, dv_}), lse_cpu,
                                                                  merge_output_dtype(query.scalar_type()));
         out = merged.view({query.size(0), query.size(1), m, dv_}).transpose(1, 2);
         if (out.scalar_type() != query.scalar_type()) out = out.to(query.scalar_type());
       });
     }
-    return py::make_tuple(out, lse_static, lse_cpu_dev, lse_cpu, q_host, visited_total);
+    return py::make_tuple(out, lse_static, lse_cpu, q_host, visited_total);
   }
 
   // A copy of every kv head's CPU key rows: (kv_heads, size, head_dim) in the storage dtype (the exact mass probe of

@@ -9,6 +9,7 @@
 //   sparse_attention(q, keys, values, ids, scale) -> (out, lse)   [validates ids: one device->host sync]
 //   dense_attention(q, keys, values, scale, causal) -> (out, lse)
 //   merge_attention(out_a, lse_a, out_b, lse_b, out_dtype) -> (out in out_dtype (float32 by default), lse)
+//       [out_b / lse_b may be CPU tensors: read in place from page-locked memory, else copied]
 //   chunk_top_candidates(scores, chunk, kc, m)    -> cols (rows, m) int64   [16-bit scores; chunk_top.cuh]
 //   score_top_candidates(left, right, bias, row_start, rows, self_stride, m) -> cols (groups, rows, m) int64
 //       [float16 operands; the product is never written out; score_top.cuh]
@@ -28,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "../chunk_top_checks.h"
 #include "retrieval_attention/cuda/chunk_top.cuh"
@@ -222,13 +224,29 @@ std::tuple<Tensor, Tensor> sparse_attention_cuda(const Tensor& q, const Tensor& 
   return {};
 }
 
+// A float32 contiguous form of t that a kernel on `ref`'s device reads: t's own memory when t is on that device or in
+// page-locked CPU memory (mapped into the device's address space: the kernel reads it over the bus, no copy is queued;
+// the caller keeps it unchanged until the kernel has run), else a copy on the device.
+std::pair<Tensor, const float*> readable_on_device(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.defined(), name, ": expected a tensor, got None");
+  if (t.is_cpu()) {
+    const Tensor c = t.to(at::kFloat).contiguous();
+    void* mapped = nullptr;
+    if (c.numel() > 0 && cudaHostGetDevicePointer(&mapped, c.data_ptr(), 0) == cudaSuccess) return {c, static_cast<const float*>(mapped)};
+    (void)cudaGetLastError();  // not page-locked (cudaErrorInvalidValue, not sticky): copy it
+    const Tensor d = c.to(ref.device());
+    return {d, d.data_ptr<float>()};
+  }
+  check_on_device_of(t, name, ref, ref_name);
+  const Tensor c = t.to(at::kFloat).contiguous();
+  return {c, c.data_ptr<float>()};
+}
+
 std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tensor& lse_a, const Tensor& out_b, const Tensor& lse_b,
                                                 std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK_VALUE(out_a.defined() && out_a.is_cuda(), "out_a must be a CUDA tensor, got device ", out_a.device());
   const c10::cuda::CUDAGuard guard(out_a.device());
   check_on_device_of(lse_a, "lse_a", out_a, "out_a");
-  check_on_device_of(out_b, "out_b", out_a, "out_a");
-  check_on_device_of(lse_b, "lse_b", out_a, "out_a");
   TORCH_CHECK_VALUE(out_a.dim() >= 1 && out_a.sizes() == out_b.sizes(), "out_a ", out_a.sizes(), " and out_b ", out_b.sizes(),
                     " must have the same shape (..., value_dim)");
   const auto lead = out_a.sizes().slice(0, out_a.dim() - 1);
@@ -242,8 +260,8 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
     TORCH_CHECK_TYPE(at::isFloatingType(e.t->scalar_type()), "merge_attention inputs must be floating tensors; ", e.name, " is ",
                      e.t->scalar_type());
 
-  const Tensor oa = out_a.to(at::kFloat).contiguous(), ob = out_b.to(at::kFloat).contiguous();
-  const Tensor la = lse_a.to(at::kFloat).contiguous(), lb = lse_b.to(at::kFloat).contiguous();
+  const Tensor oa = out_a.to(at::kFloat).contiguous(), la = lse_a.to(at::kFloat).contiguous();
+  const auto ob = readable_on_device(out_b, "out_b", out_a, "out_a"), lb = readable_on_device(lse_b, "lse_b", out_a, "out_a");
   const at::ScalarType out_type = out_dtype.value_or(at::kFloat);
   const rac::Elem out_elem = elem_of(out_type);  // the merged output is written in this dtype (lse stays float32)
   Tensor out = at::empty(out_a.sizes(), oa.options().dtype(out_type));
@@ -252,7 +270,7 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
   const int64_t rows = lse.numel();
   if (rows == 0) return {out, lse};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out_a.get_device()).stream();
-  C10_CUDA_CHECK(rac::merge_attention(oa.data_ptr<float>(), la.data_ptr<float>(), ob.data_ptr<float>(), lb.data_ptr<float>(), rows, dv,
+  C10_CUDA_CHECK(rac::merge_attention(oa.data_ptr<float>(), la.data_ptr<float>(), ob.second, lb.second, rows, dv,
                                       out.data_ptr(), out_elem, lse.data_ptr<float>(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

@@ -527,10 +527,10 @@ class RetrievalLayer(CacheLayerMixin):
             static = None
             if key_start is not None:  # left padding: the kernels do not mask it, the torch math below does
                 static = dense_attention_any_device(query.reshape(B * H, m, d), keys, values, scaling, causal=True, key_start=key_start)
-            out, lse, lse_c_dev, lse_c, q_host, visited = self.offloaded.decode_step(
+            out, lse, lse_c, q_host, visited = self.offloaded.decode_step(
                 query, keys, values, scaling, self.cfg.top_k, self.cfg.search_beam(self.offloaded.size),
                 *(static if static is not None else (None, None)))
-            self._account_cpu_part(lse, lse_c_dev, lse_c, visited / (B * H * m), n_cpu, lambda: q_host.float(), scaling)
+            self._account_cpu_part(lse, lse_c, visited / (B * H * m), n_cpu, lambda: q_host.float(), scaling)
             self.steps += 1
             return out
         q = query.reshape(B * H, m, d)
@@ -542,18 +542,21 @@ class RetrievalLayer(CacheLayerMixin):
             q_cpu = self.wait_query(staged)  # waits for the query's copy only, not for the static attention queued after it
             out_c, lse_c, visited = self.cpu_retrieve_attend(q_cpu, scaling)
             out_c_dev, lse_c_dev = self.results_to_device(out_c, lse_c, out.device)
-            self._account_cpu_part(lse, lse_c_dev, lse_c, float(visited.double().mean()), n_cpu, lambda: q_cpu, scaling)
+            self._account_cpu_part(lse, lse_c, float(visited.double().mean()), n_cpu, lambda: q_cpu, scaling)
             out, lse = merge_attention_any_device(out, lse, out_c_dev, lse_c_dev)
         self.steps += 1
         return out.reshape(B, H, m, -1).transpose(1, 2).to(query.dtype)
 
-    def _account_cpu_part(self, lse_static, lse_c_dev, lse_c, visited_mean: float, n_cpu: int, q_cpu_fn, scaling: float) -> None:
+    def _account_cpu_part(self, lse_static, lse_c, visited_mean: float, n_cpu: int, q_cpu_fn, scaling: float) -> None:
         """decode_attention's statistics of the CPU part: keys scored, the CPU share of the attention mass (every
-        CPU_SHARE_EVERY-th step) and the mass probe (every mass_probe_every-th step; q_cpu_fn() -> the float32 query)."""
+        CPU_SHARE_EVERY-th step) and the mass probe (every mass_probe_every-th step; q_cpu_fn() -> the float32 query).
+        lse_c: the CPU part's lse on the CPU (on a GPU, a page-locked buffer that the next step rewrites)."""
         if self.steps % CPU_SHARE_EVERY == 0:
             # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
-            # lse_static): a few element-wise ops on (heads, m) tensors, accumulated on the device without a sync,
-            # on every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
+            # lse_static): a copy and a few element-wise ops on (heads, m) tensors, accumulated on the device without a
+            # sync, on every CPU_SHARE_EVERY-th step only (each op is a kernel launch on a GPU, per layer and token).
+            # The copy is queued before the next step's query copy, which the next CPU part waits for.
+            lse_c_dev = lse_c.to(lse_static.device, non_blocking=True)
             share = torch.sigmoid(lse_c_dev - lse_static.float()).mean()
             self._cpu_share_sum = share if self._cpu_share_sum is None else self._cpu_share_sum + share
             self.cpu_share_steps += 1

@@ -429,6 +429,19 @@ def test_merge_out_dtype_on_cuda_rounds_like_to():
         assert o.dtype == dt and torch.equal(o, out.to(dt)) and torch.equal(l, lse)
 
 
+def test_merge_reads_cpu_partials_in_place_or_copies_them():
+    """out_b / lse_b on the CPU (the decode step's CPU half): read by the kernel from page-locked memory, copied from
+    pageable memory; the same result as from device tensors either way."""
+    g = gen("cuda-merge-host-b")
+    oa, la = torch.randn(32, 1, 128, generator=g).cuda(), torch.randn(32, 1, generator=g).cuda()
+    ob, lb = torch.randn(32, 1, 128, generator=g), torch.randn(32, 1, generator=g)
+    want = ops.merge_attention(oa, la, ob.cuda(), lb.cuda(), out_dtype=torch.bfloat16)
+    for b_out, b_lse in ((ob.pin_memory(), lb.pin_memory()), (ob, lb)):
+        got = ops.merge_attention(oa, la, b_out, b_lse, out_dtype=torch.bfloat16)
+        assert got[0].is_cuda and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 def test_narrow_queries_are_widened_in_the_kernel(q_dtype):
     """dense/sparse attention read float16/bfloat16 queries as they are: the same results as their float32 copies."""
