@@ -263,6 +263,8 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
   const Tensor oa = out_a.to(at::kFloat).contiguous(), la = lse_a.to(at::kFloat).contiguous();
   const auto ob = readable_on_device(out_b, "out_b", out_a, "out_a"), lb = readable_on_device(lse_b, "lse_b", out_a, "out_a");
   const at::ScalarType out_type = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(out_type == at::kFloat || out_type == at::kHalf || out_type == at::kBFloat16,
+                   "out_dtype must be float32, float16 or bfloat16, got ", out_type);
   const rac::Elem out_elem = elem_of(out_type);  // the merged output is written in this dtype (lse stays float32)
   Tensor out = at::empty(out_a.sizes(), oa.options().dtype(out_type));
   Tensor lse = at::empty(lead, la.options());

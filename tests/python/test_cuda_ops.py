@@ -486,9 +486,15 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="lse_a"):
         ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(5, device="cuda"), torch.zeros(4, 8, device="cuda"),
                             torch.zeros(5, device="cuda"))
-    with pytest.raises(ValueError, match="out_b must be a CUDA tensor"):
-        ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(4, device="cuda"), torch.zeros(4, 8),
+    with pytest.raises(ValueError, match="lse_a must be a CUDA tensor"):  # only out_b / lse_b may be CPU tensors
+        ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(4), torch.zeros(4, 8, device="cuda"),
                             torch.zeros(4, device="cuda"))
+    with pytest.raises(ValueError, match="same shape"):
+        ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(4, device="cuda"), torch.zeros(4, 7).pin_memory(),
+                            torch.zeros(4).pin_memory())
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.merge_attention(torch.zeros(4, 8, device="cuda"), torch.zeros(4, device="cuda"), torch.zeros(4, 8, device="cuda"),
+                            torch.zeros(4, device="cuda"), out_dtype=torch.float64)
     torch.cuda.synchronize()  # the context is still healthy
 
 
