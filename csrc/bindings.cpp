@@ -340,8 +340,8 @@ class PyOffloadedLayer {
   // searches and attends into a second kept page-locked buffer (out then lse), and the merge is queued: its kernel
   // reads that buffer in place and writes the output in the query's dtype. The next step rewrites both buffers safely:
   // its query copy is queued after this step's merge, and its CPU part starts only after that query copy has finished.
-  // One C++ call per layer and token instead of a dozen Python-level tensor ops, and three launches fewer than one op
-  // at a time (the kernels widen the query, read the CPU results and narrow the output themselves).
+  // One C++ call per layer and token instead of a dozen Python-level tensor ops, and two launches fewer than the same
+  // ops one at a time (the merge kernel reads the CPU results in place and writes the query's dtype itself).
   // Returns (out (batch, m, q_heads, value_dim) in the query's dtype; the static set's lse, float32 (rows, m) on the
   // device; the CPU part's lse (rows, m) on the CPU and the query on the CPU (rows, m, head_dim) in its dtype, both in
   // the kept buffers, valid until the next call; the keys scored in total), rows = batch * q_heads.

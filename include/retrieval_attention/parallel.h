@@ -27,9 +27,6 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include <climits>
-#include <cstdint>
 #endif
 #ifdef _OPENMP
 #include <omp.h>

@@ -523,7 +523,8 @@ class RetrievalLayer(CacheLayerMixin):
         builtin = type(self).cpu_retrieve_attend is RetrievalLayer.cpu_retrieve_attend
         if n_cpu and builtin and (query.device.type == "cpu" or _ext.HAS_CUDA_KERNELS):
             # the built-in retrieval: one C++ call copies the query, queues the static attention, searches and attends on
-            # the CPU while the device works, copies the results back and queues the merge (OffloadedLayer.decode_step)
+            # the CPU while the device works, and queues the merge, whose kernel reads the CPU results from page-locked
+            # memory in place (OffloadedLayer.decode_step)
             static = None
             if key_start is not None:  # left padding: the kernels do not mask it, the torch math below does
                 static = dense_attention_any_device(query.reshape(B * H, m, d), keys, values, scaling, causal=True, key_start=key_start)
@@ -550,7 +551,7 @@ class RetrievalLayer(CacheLayerMixin):
     def _account_cpu_part(self, lse_static, lse_c, visited_mean: float, n_cpu: int, q_cpu_fn, scaling: float) -> None:
         """decode_attention's statistics of the CPU part: keys scored, the CPU share of the attention mass (every
         CPU_SHARE_EVERY-th step) and the mass probe (every mass_probe_every-th step; q_cpu_fn() -> the float32 query).
-        lse_c: the CPU part's lse on the CPU (on a GPU, a page-locked buffer that the next step rewrites)."""
+        lse_c: the CPU part's lse on the CPU (from decode_step on a GPU: a page-locked buffer that the next step rewrites)."""
         if self.steps % CPU_SHARE_EVERY == 0:
             # Share of the merged attention mass that came from the CPU keys, exp(lse_cpu - lse) = sigmoid(lse_cpu -
             # lse_static): a copy and a few element-wise ops on (heads, m) tensors, accumulated on the device without a
