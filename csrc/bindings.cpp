@@ -377,13 +377,18 @@ class PyOffloadedLayer {
       translate_errors([&] {
         const at::Tensor q = query.reshape({rows, m, d_});
         if (on_gpu) {
+          const c10::Stream stream = c10::impl::getDeviceGuardImpl(dev.type())->getStream(dev);
+          // The previous step's merge may still read the kept buffers; on the same stream this step's copy is queued
+          // after it, on another one (the caller switched streams) it must end first.
+          if (last_stream_ && *last_stream_ != stream) last_stream_->synchronize();
+          last_stream_ = stream;
           q_host = kept_host_buffer(q_staged_, {rows, m, d_}, query.scalar_type());
           q_host.copy_(q, /*non_blocking=*/true);
           if (!query_copied_ || query_copied_on_ != dev) {  // an event records on one device only
             query_copied_.emplace(dev.type());
             query_copied_on_ = dev;
           }
-          query_copied_->record(c10::impl::getDeviceGuardImpl(dev.type())->getStream(dev));
+          query_copied_->record(stream);
         } else {
           q_host = q;
         }
@@ -544,6 +549,7 @@ class PyOffloadedLayer {
   at::Tensor q_staged_, results_host_;         // decode_step's page-locked buffers (GPU queries only)
   std::optional<c10::Event> query_copied_;     // decode_step: the query's copy to q_staged_ has finished
   std::optional<at::Device> query_copied_on_;  // the device query_copied_ records on
+  std::optional<c10::Stream> last_stream_;     // decode_step: the stream of the previous step's merge
 };
 
 }  // namespace

@@ -302,6 +302,21 @@ def test_unindexed_rows_are_scanned_exactly_short_or_long(tail):
     assert (visited >= tail).all()  # the tail's rows are all scored
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_on_changing_streams():
+    """decode_step on a GPU keeps two page-locked buffers across steps; steps on alternating CUDA streams (a caller that
+    switches streams) still give what one stream gives."""
+    layer, skeys, svalues, query = _decode_step_problem("cuda", torch.bfloat16, batch=2)
+    want = layer.decode_step(query, skeys, svalues, 0.25, 20, 64)[0].clone()
+    streams = [torch.cuda.Stream(), torch.cuda.current_stream(), torch.cuda.Stream()]
+    outs = []
+    for i in range(12):
+        with torch.cuda.stream(streams[i % 3]):
+            outs.append(layer.decode_step(query, skeys, svalues, 0.25, 20, 64)[0])
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, want) for o in outs)
+
+
 def test_decode_step_timing():
     """timing is set to the CPU part's search and attention thread time and its start and end on the clock of
     time.perf_counter_ns (benchmarks time the fused call inside the step with it); the results are the same with and
