@@ -150,6 +150,7 @@ class RetrievalLayer(CacheLayerMixin):
         self.q_heads, self.kv_heads, self.head_dim, self.layer_idx = q_heads, kv_heads, head_dim, layer_idx
         self._host_buffers = {}  # page-locked staging buffers of GPU decoding, reused across steps
         self._copy_event = None  # marks the end of the query's device-to-host copy (GPU decoding)
+        self._copy_stream = None  # the stream of the previous step's copies (GPU decoding)
         # the model's RoPE inverse frequencies when training queries are moved to the decode position, and the share of
         # them moved (RetrievalConfig.shift_train_queries; both set by RetrievalCache from the model config); None / 0.0
         # when none are
@@ -582,6 +583,11 @@ class RetrievalLayer(CacheLayerMixin):
         are overwritten by this layer's next decode step."""
         if not q.is_cuda:
             return q.to("cpu", torch.float32), None
+        stream = torch.cuda.current_stream(q.device)
+        if self._copy_stream is not None and self._copy_stream != stream:
+            # the previous step's results copy may still read the reused buffer on that stream: let it end first
+            self._copy_stream.synchronize()
+        self._copy_stream = stream
         host = self._host_buffer("q_staged", q.shape, q.dtype)
         host.copy_(q, non_blocking=True)
         if self._copy_event is None:
