@@ -100,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, 
     TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "merge_attention inputs must be floating tensors");
     check_cpu(*t, "merge_attention inputs");
   }
+  const bool out_dtype_ok = !out_dtype || *out_dtype == at::kFloat || *out_dtype == at::kHalf || *out_dtype == at::kBFloat16;
+  TORCH_CHECK_TYPE(out_dtype_ok, "out_dtype must be float32, float16 or bfloat16, got ", *out_dtype);
   const auto oa = out_a.to(at::kFloat).contiguous(), ob = out_b.to(at::kFloat).contiguous();
   const auto la = lse_a.to(at::kFloat).contiguous(), lb = lse_b.to(at::kFloat).contiguous();
   auto out = at::empty(out_a.sizes(), out_a.options().dtype(at::kFloat));
@@ -109,10 +111,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_cpu(const at::Tensor& out_a, 
     ra::merge_batch(oa.data_ptr<float>(), la.data_ptr<float>(), ob.data_ptr<float>(), lb.data_ptr<float>(), rows, dv, out.data_ptr<float>(),
                     lse.data_ptr<float>());
   }
-  if (out_dtype && *out_dtype != at::kFloat) {
-    TORCH_CHECK_TYPE(*out_dtype == at::kHalf || *out_dtype == at::kBFloat16, "out_dtype must be float32, float16 or bfloat16, got ", *out_dtype);
-    return {out.to(*out_dtype), lse};
-  }
+  if (out_dtype && *out_dtype != at::kFloat) return {out.to(*out_dtype), lse};
   return {out, lse};
 }
 

@@ -101,12 +101,13 @@ Tensor queries_for_kernel(const Tensor& q) {
   return (s == at::kFloat || s == at::kHalf || s == at::kBFloat16) ? q.contiguous() : q.to(at::kFloat).contiguous();
 }
 
-rac::Elem elem_of(at::ScalarType s) {
+// what: the argument named in the error for any other dtype
+rac::Elem elem_of(at::ScalarType s, const char* what) {
   switch (s) {
     case at::kHalf: return rac::Elem::kFloat16;
     case at::kBFloat16: return rac::Elem::kBFloat16;
     case at::kFloat: return rac::Elem::kFloat32;
-    default: TORCH_CHECK_TYPE(false, "expected float32, float16 or bfloat16, got ", s);
+    default: TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16, got ", s);
   }
   return rac::Elem::kFloat32;
 }
@@ -115,7 +116,7 @@ template <class T>
 rac::AttentionParams<T> make_params(const Tensor& q, const Tensor& keys, const Tensor& values, double scale, Tensor& out, Tensor& lse) {
   rac::AttentionParams<T> p;
   p.q = q.data_ptr();
-  p.q_type = elem_of(q.scalar_type());
+  p.q_type = elem_of(q.scalar_type(), "q");
   p.keys = reinterpret_cast<const T*>(keys.data_ptr());
   p.values = reinterpret_cast<const T*>(values.data_ptr());
   p.hq = q.size(0);
@@ -263,9 +264,7 @@ std::tuple<Tensor, Tensor> merge_attention_cuda(const Tensor& out_a, const Tenso
   const Tensor oa = out_a.to(at::kFloat).contiguous(), la = lse_a.to(at::kFloat).contiguous();
   const auto ob = readable_on_device(out_b, "out_b", out_a, "out_a"), lb = readable_on_device(lse_b, "lse_b", out_a, "out_a");
   const at::ScalarType out_type = out_dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(out_type == at::kFloat || out_type == at::kHalf || out_type == at::kBFloat16,
-                   "out_dtype must be float32, float16 or bfloat16, got ", out_type);
-  const rac::Elem out_elem = elem_of(out_type);  // the merged output is written in this dtype (lse stays float32)
+  const rac::Elem out_elem = elem_of(out_type, "out_dtype");  // the merged output is written in this dtype (lse stays float32)
   Tensor out = at::empty(out_a.sizes(), oa.options().dtype(out_type));
   Tensor lse = at::empty(lead, la.options());
   const int64_t dv = out_a.size(-1);

@@ -25,8 +25,9 @@
 //     them exactly (attention.h); k is clamped to the number of CPU tokens, so top_k >= n is exact. Rows scored
 //     exactly (all of them with the flat index or before a pending build, else those not yet inserted) are read once
 //     per kv head for all queries of its GQA group, in a loop of their own over the threads; up to kItemScanRows of
-//     them (a decode step's newest rows) are scanned by each search item for its query instead. Given a RetrievePhaseTimes, it adds the thread time its items
-//     spent finding keys (search, exact scan, merge) and attending them (for a benchmark's breakdown of the fused call).
+//     them (a decode step's newest rows) are scanned by each search item for its query instead. Given a
+//     RetrievePhaseTimes, it adds the thread time its items spent finding keys (search, exact scan, merge) and
+//     attending them (for a benchmark's breakdown of the fused call).
 //     Items start in the order of their head's cost at the previous call (keys scored, largest first), so that the
 //     slowest searches do not start last and keep the team waiting (32 searches on 16 threads; heads' costs differ
 //     up to 3.5x on the bundled model's vectors).
