@@ -307,14 +307,50 @@ def test_decode_step_on_changing_streams():
     """decode_step on a GPU keeps two page-locked buffers across steps; steps on alternating CUDA streams (a caller that
     switches streams) still give what one stream gives."""
     layer, skeys, svalues, query = _decode_step_problem("cuda", torch.bfloat16, batch=2)
-    want = layer.decode_step(query, skeys, svalues, 0.25, 20, 64)[0].clone()
+    queries = [query.roll(i, dims=1) for i in range(12)]  # a different query each step: a stale buffer would show
+    want = [layer.decode_step(q, skeys, svalues, 0.25, 20, 64)[0].clone() for q in queries]
     streams = [torch.cuda.Stream(), torch.cuda.current_stream(), torch.cuda.Stream()]
     outs = []
-    for i in range(12):
+    for i, q in enumerate(queries):
         with torch.cuda.stream(streams[i % 3]):
-            outs.append(layer.decode_step(query, skeys, svalues, 0.25, 20, 64)[0])
+            outs.append(layer.decode_step(q, skeys, svalues, 0.25, 20, 64)[0])
     torch.cuda.synchronize()
-    assert all(torch.equal(o, want) for o in outs)
+    assert all(torch.equal(o, w) for o, w in zip(outs, want))
+    assert not torch.equal(want[0], want[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_hook_path_on_changing_streams():
+    """The cpu_retrieve_attend hook path reuses one page-locked results buffer per layer. Steps on alternating CUDA
+    streams give what one stream gives, also when a step's results copy is held back on its stream (a GPU sleep queued
+    by the hook before the copy) while the next step, on another stream, writes the buffer again."""
+
+    class SlowCopyHook(ra.RetrievalLayer):
+        def cpu_retrieve_attend(self, q_cpu, scaling):
+            torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time ahead of this step's results copy
+            return super().cpu_retrieve_attend(q_cpu, scaling)
+
+    model = tiny_model(seed=11).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 140), generator=torch.Generator().manual_seed(12)).to("cuda")
+    queries = torch.randn(12, 1, TINY["num_attention_heads"], 1, TINY["hidden_size"] // TINY["num_attention_heads"],
+                          generator=torch.Generator().manual_seed(13)).to("cuda", torch.bfloat16)
+
+    def steps(streams):
+        cache = prefill(model, ids, ra.RetrievalConfig(**SPARSE))
+        layer = SlowCopyHook.__new__(SlowCopyHook)
+        layer.__dict__.update(cache.layers[0].__dict__)  # the prefilled layer, decoding through the hook
+        assert layer.cpu_tokens > 0
+        torch.cuda.synchronize()
+        outs = []
+        for i, q in enumerate(queries):
+            with torch.cuda.stream(streams[i % len(streams)]):
+                outs.append(layer.decode_attention(q, 0.25))
+        torch.cuda.synchronize()
+        return torch.stack(outs)
+
+    want = steps([torch.cuda.current_stream()])
+    got = steps([torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()])
+    assert torch.equal(got, want)
 
 
 def test_decode_step_timing():
