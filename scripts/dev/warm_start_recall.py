@@ -2,7 +2,7 @@
 head's last 64 positions searched one at a time in order, each seeded with the previous one's result (as
 RetrievalConfig.warm_start does per decode step), against the same searches unseeded; the first query is not scored.
 Training queries: every prompt query of the dump, half moved by RoPE (the library default).
-usage: python scripts/dev/warm_start_recall.py benchmarks/results/cache/model_qk_T32768_s1.npz > out.jsonl"""
+usage: python scripts/dev/warm_start_recall.py benchmarks/results/cache/model_qk_T32768_s1.npz [DEGREE] > out.jsonl"""
 import json
 import os
 import sys
@@ -16,13 +16,14 @@ import qk_data  # noqa: E402
 import retrieval_attention as ra  # noqa: E402
 
 path = sys.argv[1]
+degree = int(sys.argv[2]) if len(sys.argv) > 2 else 32
 probs = qk_data.load_model_qk(path, n_eval=64)
 probs = qk_data.shift_train_queries(probs, qk_data.bundled_model_rope(), 0.5)
 efs = (128, 192, 256, 320, 384, 512)
 out = {m: {ef: [] for ef in efs} for m in ("cold", "warm")}
 for i, p in enumerate(probs):
     K = torch.from_numpy(p.keys).float()
-    idx = ra.QueryGuidedIndex(K, torch.from_numpy(p.train_q).float(), ef_build=128)
+    idx = ra.QueryGuidedIndex(K, torch.from_numpy(p.train_q).float(), degree=degree, ef_build=128)
     q = torch.from_numpy(p.eval_q).float()
     ex, exs = qk_data.exact_topk(p.keys, p.eval_q, 100)
     for ef in efs:
@@ -39,5 +40,5 @@ for i, p in enumerate(probs):
     print(i, flush=True, file=sys.stderr)
 for m in out:
     pts = [(ef, float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v]))) for ef, v in out[m].items()]
-    print(json.dumps({"bench": "recall_warm_start", "data": os.path.basename(path), "heads": len(probs), "mode": m, "k": 100,
+    print(json.dumps({"bench": "recall_warm_start", "data": os.path.basename(path), "heads": len(probs), "mode": m, "degree": degree, "k": 100,
                       "eval_queries_per_head": 63, "points_ef_recall_scanned": pts}))
