@@ -139,6 +139,20 @@ def record_attention_inputs(ids, device: str, model_path: str | None = None, q_p
     return out
 
 
+def greedy_continuation(ids, n: int, device: str, model_path: str) -> list[int]:
+    """n tokens the bundled model generates greedily after ids (its own SDPA attention, a normal KV cache)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    x = torch.tensor([list(ids)], device=device)
+    with torch.inference_mode():
+        y = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id)
+    del model
+    return [int(t) for t in y[0, len(ids):]]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -146,6 +160,10 @@ def main(argv=None):
     ap.add_argument("--depth", type=float, default=0.4, help="needle depth in the haystack (0..1)")
     ap.add_argument("--passkey", default="48213")
     ap.add_argument("--q-stride", type=int, default=1, help="keep every s-th query (plus the last 64)")
+    ap.add_argument("--decode", type=int, default=0,
+                    help="generate this many tokens greedily after a prompt of T - N tokens and record them too: the "
+                         "last N queries are then real decode queries, and every query before them is the prompt's "
+                         "(the model_qk loader's default split trains on the whole prompt, question included)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -154,23 +172,35 @@ def main(argv=None):
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = args.model or default_model_path()
-    out = args.out or qk_data.default_model_qk_path(args.T)
+    out = args.out or qk_data.default_model_qk_path(args.T).replace(".npz", f"_decode{args.decode}.npz" if args.decode else ".npz")
     T = args.T
-    q_pos = np.unique(np.concatenate([np.arange(args.q_stride - 1, T, args.q_stride), np.arange(T - 64, T)]))
+    if not 0 <= args.decode < T // 2:
+        raise SystemExit(f"--decode must be in [0, T/2), got {args.decode}")
+    q_pos = np.unique(np.concatenate([np.arange(args.q_stride - 1, T, args.q_stride),
+                                      np.arange(T - max(64, args.decode), T)]))
     t0 = time.perf_counter()
-    ids, span = build_prompt(T, args.depth, args.passkey)
+    ids, span = build_prompt(T - args.decode, args.depth, args.passkey)
+    generated = ""
+    if args.decode:
+        ids = ids + greedy_continuation(ids, args.decode, dev, path)
+        generated = bytes(t for t in ids[T - args.decode:] if t < 256).decode("utf-8", "replace")
+        log(f"[dump_model_qk] generated {args.decode} tokens in {time.perf_counter() - t0:.1f}s: {generated!r}")
     log(f"[dump_model_qk] {path} on {dev}, T={T}, needle at {span}, {len(q_pos)} query positions")
     r = record_attention_inputs(ids, dev, path, q_pos=q_pos)
     pred = r["pred"]
     dtype = r["dtype"]
     pred_s = chr(pred) if pred < 256 else f"<{pred}>"
     log(f"[dump_model_qk] forward {time.perf_counter() - t0:.1f}s; next byte {pred_s!r} "
-        f"(passkey starts with {args.passkey[0]!r}: {'correct' if pred_s == args.passkey[0] else 'WRONG'})")
+        f"(passkey starts with {args.passkey[0]!r}: {'correct' if pred_s == args.passkey[0] else 'WRONG'})"
+        if not args.decode else
+        f"[dump_model_qk] forward {time.perf_counter() - t0:.1f}s; the continuation "
+        f"{'starts with' if generated.startswith(args.passkey) else 'does NOT start with'} the passkey")
     q = np.stack([x.to(torch.float16).cpu().numpy() for x in r["q"]])
     k = np.stack([x.to(torch.float16).cpu().numpy() for x in r["k"]])
     meta = {"model": os.path.basename(os.path.normpath(path)), "T": T, "depth": args.depth, "passkey": args.passkey,
             "needle_span": list(span), "q_stride": args.q_stride, "device": dev, "dtype": str(dtype),
             "pred_next_byte": pred_s, "correct_first_digit": pred_s == args.passkey[0],
+            "decode_tokens": args.decode, "prompt_tokens": T - args.decode, "generated": generated,
             "haystack": "/usr/share/common-licenses/* then Python stdlib *.py (sorted)",
             "gqa": f"query head h uses kv head h // {q.shape[1] // k.shape[1]}"}
     os.makedirs(os.path.dirname(out), exist_ok=True)

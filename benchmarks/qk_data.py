@@ -27,6 +27,7 @@ GQA: query head h of the bundled model uses kv head h // 3 (6 query heads, 2 kv 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -130,11 +131,17 @@ def load_model_qk(path: str, layers=None, heads=None, n_eval: int = 64, n_keys: 
     last 64) and k[L, Hkv, T, d] for all positions. With n_keys=N the problem is cut to a prefix: keys = positions
     < N and eval queries = positions N..N+n_eval-1 (valid because attention is causal: those queries never see
     later keys); if the dump's queries are subsampled, N moves up to the first run of n_eval stored positions.
-    Default: N = T - n_eval.
+    Default: N = T - n_eval, or for a dump with generated tokens (dump_model_qk.py --decode) the prompt's length, so
+    that the evaluation queries are the first n_eval decode queries and the whole prompt trains the graph.
     """
     z = np.load(path)
     K, Q, qpos = z["k"], z["q"], z["q_pos"].astype(np.int64)
     T = K.shape[2]
+    decode = json.loads(str(z["meta"])).get("decode_tokens", 0) if "meta" in z.files else 0
+    if decode and n_keys is None:
+        if n_eval > decode:
+            raise ValueError(f"n_eval={n_eval} > the dump's {decode} decode tokens")
+        n_keys = T - decode
     N = T - n_eval if n_keys is None else int(n_keys)
     if N + n_eval > T:
         raise ValueError(f"n_keys={N} + n_eval={n_eval} > T={T}")

@@ -168,6 +168,26 @@ def test_real_split_has_no_eval_queries_in_training():
     assert not any(np.array_equal(t, e) for t in p.train_q for e in p.eval_q)
 
 
+def test_decode_dump_appends_the_greedy_continuation(tmp_path):
+    # --decode N: the prompt is the one a plain dump of T - N tokens makes, followed by the model's greedy tokens; the
+    # loader's default split then evaluates the decode queries against the prompt's keys, trained on the whole prompt
+    import dump_model_qk
+    import qk_data
+    plain = np.load(dump_model_qk.main(["--T", "496", "--device", "cpu", "--out", str(tmp_path / "plain.npz")]))
+    dec = np.load(dump_model_qk.main(["--T", "512", "--decode", "16", "--device", "cpu",
+                                      "--out", str(tmp_path / "dec.npz")]))
+    assert np.array_equal(dec["tokens"][:496], plain["tokens"])
+    assert int(dec["tokens"][496]) == int(plain["pred"])        # the first generated token is the prompt's greedy one
+    np.testing.assert_allclose(dec["k"][:, :, :496].astype(np.float32), plain["k"].astype(np.float32), atol=2e-2)
+    meta = json.loads(str(dec["meta"]))
+    assert meta["decode_tokens"] == 16 and meta["prompt_tokens"] == 496
+    p = qk_data.load_model_qk(str(tmp_path / "dec.npz"), layers=[2], heads=[1], n_eval=8)[0]
+    assert p.keys.shape == (496, 64) and p.train_q.shape == (496, 64) and p.eval_q.shape == (8, 64)
+    np.testing.assert_array_equal(p.eval_q, dec["q"][2, 1, 496:504])   # the first 8 decode queries
+    with pytest.raises(ValueError, match="decode tokens"):
+        qk_data.load_model_qk(str(tmp_path / "dec.npz"), n_eval=17)
+
+
 def test_build_time_mode():
     lines, err = _run("--build-time", "--quick", "--json", "--bt-n", "1024", "--bt-d", "32", "--bt-heads", "2",
                       "--bt-kv-heads", "1", "--bt-layers", "1", "--bt-indexes",
