@@ -235,7 +235,7 @@ class OffloadedLayer {
     const int64_t lowest_exact = *std::min_element(exact_from.begin(), exact_from.end());
     const bool batched_scan = k > 0 && n - lowest_exact > kItemScanRows;
     const Clock::time_point scan_start = times ? Clock::now() : Clock::time_point{};
-    const ExactScan scan = batched_scan ? scan_exactly(q, m, k, exact_from) : ExactScan{};
+    const ExactScan scan = batched_scan ? scan_exactly(q, m, k, exact_from, lowest_exact) : ExactScan{};
     if (times && batched_scan) times->search_ns += ns_between(scan_start, Clock::now()) * max_threads();  // on all threads
     // Largest previous cost first (stable: equal costs keep head order). Dynamic scheduling then hands the cheap
     // searches to the threads that finish first.
@@ -456,12 +456,11 @@ class OffloadedLayer {
   // spread over the threads. Ties go to the smaller id in every block and in the merge, so the result is the exact
   // top-k of one scan.
   static constexpr int64_t kItemScanRows = 256;  // exact parts up to this many rows are scanned inside the search items
-  ExactScan scan_exactly(const float* q, int64_t m, int64_t k, const std::vector<int64_t>& exact_from) const {
+  // lowest: the smallest exact_from (the first row any head scans).
+  ExactScan scan_exactly(const float* q, int64_t m, int64_t k, const std::vector<int64_t>& exact_from, int64_t lowest) const {
     const int64_t n = keys_[0]->size(), group = hq_ / hkv_;
     ExactScan scan;
     scan.queries = group * m;
-    int64_t lowest = n;
-    for (int64_t f : exact_from) lowest = std::min(lowest, f);
     if (lowest >= n) return scan;
     constexpr int64_t kMinBlockRows = 1024;
     scan.blocks = std::clamp<int64_t>((2 * max_threads() + hkv_ - 1) / hkv_, 1, (n - lowest + kMinBlockRows - 1) / kMinBlockRows);
