@@ -3,6 +3,7 @@
 
     python benchmarks/dump_model_qk.py                    # T=16384 -> benchmarks/results/cache/model_qk_T16384.npz
     python benchmarks/dump_model_qk.py --T 32768 --q-stride 4
+    python benchmarks/dump_model_qk.py --T 32768 --decode 64   # + 64 generated tokens -> model_qk_T32768_decode64.npz
 
 The haystack is natural text that exists on any Debian machine with Python: /usr/share/common-licenses/* (GPL, Apache,
 Artistic, ... licence texts), then, if more is needed, the .py files of Python's standard library, concatenated in sorted
@@ -96,6 +97,16 @@ def build_prompt(T: int, depth: float, passkey: str):
     return ids, span
 
 
+def load_model(path: str, device: str, attn_implementation: str):
+    """(the bundled model on device in eval mode, its dtype): bf16 on CUDA, float32 on the CPU."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), dtype
+
+
 def record_attention_inputs(ids, device: str, model_path: str | None = None, q_pos=None, values: bool = False) -> dict:
     """One forward pass of the bundled model over `ids` on `device` (bf16 on CUDA, float32 on the CPU), recording what
     reaches each layer's attention kernel, post-RoPE (exactly what a KV cache holds). Returns {"q": [L] tensors
@@ -106,11 +117,10 @@ def record_attention_inputs(ids, device: str, model_path: str | None = None, q_p
     with AttentionMaskInterface, without which no causal mask is passed) captures the states and then runs SDPA, so the
     forward pass is the model's normal one."""
     import torch
-    from transformers import AttentionInterface, LlamaForCausalLM
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     path = model_path or default_model_path()
     q_pos_t = None if q_pos is None else torch.as_tensor(np.asarray(q_pos), dtype=torch.long, device=device)
     rec_q, rec_k, rec_v = {}, {}, {}
@@ -126,7 +136,7 @@ def record_attention_inputs(ids, device: str, model_path: str | None = None, q_p
 
     AttentionInterface.register("qk_record", recording_attention)
     AttentionMaskInterface.register("qk_record", sdpa_mask)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="qk_record").to(device).eval()
+    model, dtype = load_model(path, device, "qk_record")
     x = torch.tensor([list(ids)], device=device)
     with torch.inference_mode():
         logits = model(x, logits_to_keep=1).logits
@@ -142,10 +152,8 @@ def record_attention_inputs(ids, device: str, model_path: str | None = None, q_p
 def greedy_continuation(ids, n: int, device: str, model_path: str) -> list[int]:
     """n tokens the bundled model generates greedily after ids (its own SDPA attention, a normal KV cache)."""
     import torch
-    from transformers import LlamaForCausalLM
 
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = LlamaForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model, _ = load_model(model_path, device, "sdpa")
     x = torch.tensor([list(ids)], device=device)
     with torch.inference_mode():
         y = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id)
@@ -172,7 +180,9 @@ def main(argv=None):
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = args.model or default_model_path()
-    out = args.out or qk_data.default_model_qk_path(args.T).replace(".npz", f"_decode{args.decode}.npz" if args.decode else ".npz")
+    out = args.out or qk_data.default_model_qk_path(args.T)
+    if args.decode and not args.out:
+        out = out[:-len(".npz")] + f"_decode{args.decode}.npz"
     T = args.T
     if not 0 <= args.decode < T // 2:
         raise SystemExit(f"--decode must be in [0, T/2), got {args.decode}")
@@ -190,16 +200,15 @@ def main(argv=None):
     pred = r["pred"]
     dtype = r["dtype"]
     pred_s = chr(pred) if pred < 256 else f"<{pred}>"
-    log(f"[dump_model_qk] forward {time.perf_counter() - t0:.1f}s; next byte {pred_s!r} "
-        f"(passkey starts with {args.passkey[0]!r}: {'correct' if pred_s == args.passkey[0] else 'WRONG'})"
-        if not args.decode else
-        f"[dump_model_qk] forward {time.perf_counter() - t0:.1f}s; the continuation "
-        f"{'starts with' if generated.startswith(args.passkey) else 'does NOT start with'} the passkey")
+    # the answer's first byte: the prompt's greedy next byte, or the first generated one
+    answer_s = generated[:1] if args.decode else pred_s
+    log(f"[dump_model_qk] forward {time.perf_counter() - t0:.1f}s; the answer starts with {answer_s!r} "
+        f"(passkey starts with {args.passkey[0]!r}: {'correct' if answer_s == args.passkey[0] else 'WRONG'})")
     q = np.stack([x.to(torch.float16).cpu().numpy() for x in r["q"]])
     k = np.stack([x.to(torch.float16).cpu().numpy() for x in r["k"]])
     meta = {"model": os.path.basename(os.path.normpath(path)), "T": T, "depth": args.depth, "passkey": args.passkey,
             "needle_span": list(span), "q_stride": args.q_stride, "device": dev, "dtype": str(dtype),
-            "pred_next_byte": pred_s, "correct_first_digit": pred_s == args.passkey[0],
+            "pred_next_byte": pred_s, "correct_first_digit": answer_s == args.passkey[0],
             "decode_tokens": args.decode, "prompt_tokens": T - args.decode, "generated": generated,
             "haystack": "/usr/share/common-licenses/* then Python stdlib *.py (sorted)",
             "gqa": f"query head h uses kv head h // {q.shape[1] // k.shape[1]}"}
